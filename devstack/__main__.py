@@ -1,0 +1,99 @@
+"""``python -m devstack up``: the local stack, kept running until Ctrl-C (see up.sh)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import urllib.error
+from pathlib import Path
+
+from .maubot import Maubot, build_mbp
+from .procs import REPO
+from .synapse import Synapse
+
+INSTANCE_ID = "lambda"
+BOT = "lambda"
+DEMO_USER, DEMO_PASSWORD = "demo", "demo"
+
+
+def _register_or_login(synapse: Synapse, localpart: str, password: str) -> dict:
+    try:
+        synapse.register(localpart, password)
+    except urllib.error.HTTPError as e:
+        if e.code != 400:  # 400 M_USER_IN_USE: kept from an earlier run
+            raise
+    return synapse.login(f"@{localpart}:localhost", password)
+
+
+async def up(state: Path, hs_port: int, maubot_port: int) -> None:
+    synapse = Synapse(state / "synapse", port=hs_port)
+    maubot = Maubot(state / "maubot", synapse.url, "", port=maubot_port, admin_password="admin")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print("==> starting Synapse", flush=True)
+        synapse.start()
+        maubot.registration_secret = synapse.shared_secret
+        print("==> starting maubot", flush=True)
+        maubot.start()
+        await maubot.login()
+        mbp = build_mbp()
+        await maubot.upload_plugin(mbp)
+        bot = _register_or_login(synapse, BOT, "bot-password")
+        await maubot.create_client(bot["user_id"], bot["access_token"], bot["device_id"])
+        await maubot.api(
+            "PUT",
+            f"/instance/{INSTANCE_ID}",
+            json={
+                "type": "ai.lambda.matrix",
+                "primary_user": bot["user_id"],
+                "enabled": True,
+                "started": True,
+            },
+        )
+        _register_or_login(synapse, DEMO_USER, DEMO_PASSWORD)
+        print(
+            f"""
+Lambda for Matrix is running (state in {state}).
+
+  Homeserver:     {synapse.url}   (server name: localhost)
+  Demo user:      @{DEMO_USER}:localhost   password: {DEMO_PASSWORD}
+  Bot:            {bot["user_id"]}   (plugin {mbp.name}, agent: echo)
+  maubot admin:   {maubot.url}/_matrix/maubot   login: admin / admin
+
+Connect a Matrix client (e.g. Element desktop) to {synapse.url}, log in as the demo user,
+start a direct chat with {bot["user_id"]}, and accept the Space invite that follows.
+Logs: {maubot.log}  and  {synapse.dir / "homeserver.log"}
+Press Ctrl-C to stop everything.""",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        print("\n==> stopping", flush=True)
+        await maubot.close()
+        maubot.stop()
+        synapse.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m devstack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up_parser = sub.add_parser("up", help="start the local stack until Ctrl-C")
+    up_parser.add_argument("--state", type=Path, default=REPO / ".stack")
+    up_parser.add_argument(
+        "--hs-port", type=int, default=int(os.environ.get("LAMBDA_HS_PORT", 8008))
+    )
+    up_parser.add_argument(
+        "--maubot-port", type=int, default=int(os.environ.get("LAMBDA_MAUBOT_PORT", 29316))
+    )
+    args = parser.parse_args()
+    if args.command == "up":
+        asyncio.run(up(args.state.resolve(), args.hs_port, args.maubot_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""A real maubot server, and its management API used exactly as the admin UI uses it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from ruamel.yaml import YAML
+
+from .procs import REPO, free_port, http_ok, start_process, stop_process, wait_until
+
+API = "/_matrix/maubot/v1"
+PLUGIN_ID = "ai.lambda.matrix"
+
+
+def maubot_python() -> str:
+    return os.environ.get("LAMBDA_MAUBOT_PYTHON") or sys.executable
+
+
+def build_mbp() -> Path:
+    """Runs build.sh, as an operator would, and returns the .mbp it printed."""
+    out = subprocess.run(
+        [str(REPO / "build.sh")], check=True, capture_output=True, text=True, cwd=REPO
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class ManagementError(RuntimeError):
+    pass
+
+
+class Maubot:
+    def __init__(
+        self,
+        state_dir: Path,
+        homeserver_url: str,
+        registration_secret: str,
+        postgres_url: str | None = None,
+        port: int | None = None,
+        admin_password: str = "admin",
+    ) -> None:
+        self.dir = state_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.homeserver_url = homeserver_url
+        self.registration_secret = registration_secret
+        self.postgres_url = postgres_url
+        self.admin_password = admin_password
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "maubot.log"
+        self.token: str | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    def _write_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("plugins", "trash", "dbs"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        config = {
+            "database": f"sqlite:{self.dir / 'maubot.db'}",
+            "crypto_database": "default",
+            "plugin_directories": {
+                "upload": str(self.dir / "plugins"),
+                "load": [str(self.dir / "plugins")],
+                "trash": str(self.dir / "trash"),
+            },
+            "plugin_databases": {
+                "sqlite": str(self.dir / "dbs"),
+                "postgres": self.postgres_url,
+                "postgres_max_conns_per_plugin": 3,
+                "postgres_opts": {},
+            },
+            "server": {
+                "hostname": "127.0.0.1",
+                "port": self.port,
+                "public_url": self.url,
+                "ui_base_path": "/_matrix/maubot",
+                "plugin_base_path": "/_matrix/maubot/plugin/",
+                "override_resource_path": False,
+                "unshared_secret": "generate",
+            },
+            "homeservers": {
+                "local": {"url": self.homeserver_url, "secret": self.registration_secret}
+            },
+            "admins": {"admin": self.admin_password},
+            "api_features": {
+                key: True
+                for key in (
+                    "login",
+                    "plugin",
+                    "plugin_upload",
+                    "instance",
+                    "instance_database",
+                    "client",
+                    "client_proxy",
+                    "client_auth",
+                    "dev_open",
+                    "log",
+                )
+            },
+            "logging": {
+                "version": 1,
+                "formatters": {
+                    "normal": {"format": "[%(asctime)s] [%(levelname)s@%(name)s] %(message)s"}
+                },
+                "handlers": {
+                    "file": {
+                        "class": "logging.FileHandler",
+                        "formatter": "normal",
+                        "filename": str(self.log),
+                    }
+                },
+                "loggers": {
+                    "maubot": {"level": "DEBUG"},
+                    "mau": {"level": "DEBUG"},
+                    "aiohttp": {"level": "INFO"},
+                },
+                "root": {"level": "DEBUG", "handlers": ["file"]},
+            },
+        }
+        (self.dir / "config.yaml").write_text(json.dumps(config, indent=2))
+
+    def start(self) -> None:
+        self._write_config()
+        self.proc = start_process(
+            [maubot_python(), "-m", "maubot", "-c", str(self.dir / "config.yaml")],
+            self.dir / "maubot.out",
+            self.dir,
+        )
+        wait_until(
+            lambda: http_ok(self.url + API + "/version"),
+            timeout=120,
+            what="maubot",
+            proc=self.proc,
+            log=self.dir / "maubot.out",
+        )
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    # management API (what the admin UI calls)
+
+    async def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self.http is None:
+            self.http = aiohttp.ClientSession()
+        headers = kwargs.pop("headers", {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        async with self.http.request(
+            method, self.url + API + path, headers=headers, **kwargs
+        ) as resp:
+            body = await resp.text()
+            if resp.status >= 400:
+                raise ManagementError(f"{method} {path}: {resp.status} {body[:500]}")
+            return json.loads(body) if body else None
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+    async def login(self) -> None:
+        self.token = None
+        result = await self.api(
+            "POST", "/auth/login", json={"username": "admin", "password": self.admin_password}
+        )
+        self.token = result["token"]
+
+    async def upload_plugin(self, mbp: Path) -> dict:
+        return await self.api(
+            "POST",
+            "/plugins/upload",
+            params={"allow_override": "true"},
+            data=mbp.read_bytes(),
+            headers={"Content-Type": "application/zip"},
+        )
+
+    async def create_client(self, user_id: str, access_token: str, device_id: str) -> dict:
+        # autojoin off: the plugin itself decides whom to join (access policy).
+        return await self.api(
+            "PUT",
+            f"/client/{user_id}",
+            json={
+                "homeserver": self.homeserver_url,
+                "access_token": access_token,
+                "device_id": device_id,
+                "autojoin": False,
+                "sync": True,
+                "enabled": True,
+                "online": True,
+                "displayname": "Lambda",
+                "avatar_url": "disable",
+            },
+        )
+
+    async def create_instance(
+        self, instance_id: str, user_id: str, config: dict | None = None
+    ) -> dict:
+        body: dict[str, Any] = {
+            "type": PLUGIN_ID,
+            "primary_user": user_id,
+            "enabled": True,
+            "started": True,
+        }
+        result = await self.api("PUT", f"/instance/{instance_id}", json=body)
+        if config:
+            result = await self.update_config(instance_id, config)
+        return result
+
+    async def get_instance(self, instance_id: str) -> dict:
+        return await self.api("GET", f"/instance/{instance_id}")
+
+    async def update_config(self, instance_id: str, changes: dict) -> dict:
+        """Merges nested ``changes`` into the instance config and saves it, as the UI does."""
+        instance = await self.get_instance(instance_id)
+        yaml = YAML()
+        config = yaml.load(instance["config"]) or {}
+        _merge(config, changes)
+        buf = io.StringIO()
+        yaml.dump(config, buf)
+        return await self.api("PUT", f"/instance/{instance_id}", json={"config": buf.getvalue()})
+
+    async def set_started(self, instance_id: str, started: bool) -> dict:
+        return await self.api("PUT", f"/instance/{instance_id}", json={"started": started})
+
+
+def _merge(target: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value

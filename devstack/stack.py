@@ -1,0 +1,81 @@
+"""The whole local stack: Synapse, optionally PostgreSQL, maubot, and the plugin deployed in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .matrix import MatrixUser
+from .maubot import Maubot, build_mbp
+from .postgres import Postgres
+from .synapse import Synapse
+
+
+@dataclass
+class Deployment:
+    """One bot account running the plugin in one maubot, with its plugin database engine."""
+
+    maubot: Maubot
+    synapse: Synapse
+    engine: str
+    bot_id: str
+    instance_id: str
+    users: list[MatrixUser] = field(default_factory=list)
+
+    async def user(self, localpart: str, password: str = "password") -> MatrixUser:
+        """Registers a user and returns it logged in; closed with the deployment."""
+        user_id = self.synapse.register(localpart, password)
+        login = self.synapse.login(user_id, password)
+        user = MatrixUser(self.synapse.url, user_id, login["access_token"])
+        self.users.append(user)
+        return user
+
+    async def configure(self, changes: dict) -> None:
+        await self.maubot.update_config(self.instance_id, changes)
+
+    async def restart_instance(self) -> None:
+        await self.maubot.set_started(self.instance_id, False)
+        await self.maubot.set_started(self.instance_id, True)
+
+    async def close_users(self) -> None:
+        for user in self.users:
+            await user.close()
+        self.users.clear()
+
+
+async def deploy(
+    state_dir: Path,
+    synapse: Synapse,
+    postgres: Postgres | None,
+    bot_localpart: str,
+    instance_id: str = "lambda",
+    config: dict | None = None,
+) -> Deployment:
+    """Starts maubot, uploads the built .mbp and creates the bot client and instance."""
+    postgres_url = postgres.create_database(f"maubot_{bot_localpart}") if postgres else None
+    maubot = Maubot(state_dir, synapse.url, synapse.shared_secret, postgres_url=postgres_url)
+    maubot.start()
+    try:
+        await maubot.login()
+        await maubot.upload_plugin(build_mbp())
+        bot_id = synapse.register(bot_localpart, "bot-password")
+        login = synapse.login(bot_id, "bot-password")
+        await maubot.create_client(bot_id, login["access_token"], login["device_id"])
+        await maubot.create_instance(instance_id, bot_id, config)
+    except BaseException:
+        await maubot.close()
+        maubot.stop()
+        raise
+    return Deployment(
+        maubot=maubot,
+        synapse=synapse,
+        engine="postgres" if postgres else "sqlite",
+        bot_id=bot_id,
+        instance_id=instance_id,
+    )
+
+
+async def undeploy(deployment: Deployment) -> None:
+    await deployment.close_users()
+    await deployment.maubot.close()
+    deployment.maubot.stop()

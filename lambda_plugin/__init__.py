@@ -1,0 +1,3 @@
+from .bot import LambdaBot
+
+__all__ = ["LambdaBot"]

@@ -1,0 +1,3 @@
+from .help import HelpCommands
+
+__all__ = ["HelpCommands"]

@@ -1,0 +1,149 @@
+"""The plugin's config: the proxy maubot edits, and the checked settings derived from it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
+
+LANGUAGES = ("en", "ru")
+BACKENDS = ("echo", "openai", "lambda")
+_USER_ID = re.compile(r"^@[^:\s]+:\S+$")
+_USER_PATTERN = re.compile(r"^@\*:\S+$")
+
+
+class Config(BaseProxyConfig):
+    def do_update(self, helper: ConfigUpdateHelper) -> None:
+        helper.copy("language")
+        helper.copy("access.allowed_users")
+        helper.copy("access.admins")
+        helper.copy("access.max_chats_per_user")
+        helper.copy("access.shared_rooms")
+        helper.copy("spaces.space_name")
+        helper.copy("spaces.chat_name")
+        helper.copy("agents.default")
+        helper.copy_dict("agents.registry")
+        helper.copy("files.workspace_root")
+        helper.copy("files.max_size_mb")
+        helper.copy("replies.stream_edit_interval_s")
+
+
+class UserMatcher:
+    """Matches user ids against exact ids, ``@*:server`` patterns and ``*``."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.everyone = False
+        self.exact: set[str] = set()
+        self.servers: set[str] = set()
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise ValueError(f"user entry {entry!r} is not a string")
+            entry = entry.strip()
+            if entry == "*":
+                self.everyone = True
+            elif _USER_PATTERN.match(entry):
+                self.servers.add(entry.split(":", 1)[1])
+            elif _USER_ID.match(entry):
+                self.exact.add(entry)
+            else:
+                raise ValueError(
+                    f"user entry {entry!r} is neither a user id, an @*:server pattern nor *"
+                )
+
+    def __contains__(self, user_id: str) -> bool:
+        if self.everyone or user_id in self.exact:
+            return True
+        _, _, server = user_id.partition(":")
+        return server in self.servers
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    agent_id: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive_number(value: Any, key: str, integer: bool = False) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise ValueError(f"{key} must be a positive {'whole ' if integer else ''}number")
+    return value
+
+
+def _template(value: Any, key: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be a non-empty text")
+    try:
+        value.format(**{name: "x" for name in allowed})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{key} may only use the placeholders {allowed}: {e}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Checked, typed values derived from the config; rebuilt on every config save."""
+
+    language: str
+    allowed_users: UserMatcher
+    admins: UserMatcher
+    max_chats_per_user: int
+    shared_rooms: bool
+    space_name: str
+    chat_name: str
+    default_agent: str
+    agents: dict[str, AgentSpec]
+    workspace_root: str | None
+    max_file_bytes: int
+    stream_edit_interval_s: float
+
+    @classmethod
+    def from_config(cls, config: BaseProxyConfig) -> Settings:
+        """Builds settings, or raises ValueError naming the first bad key."""
+        language = config["language"]
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {LANGUAGES}, not {language!r}")
+        registry = config["agents.registry"] or {}
+        if not isinstance(registry, dict) or not registry:
+            raise ValueError("agents.registry must map at least one agent id to its settings")
+        agents: dict[str, AgentSpec] = {}
+        for agent_id, options in registry.items():
+            if not isinstance(options, dict) or options.get("backend") not in BACKENDS:
+                raise ValueError(f"agents.registry.{agent_id}.backend must be one of {BACKENDS}")
+            opts = {k: v for k, v in options.items() if k != "backend"}
+            agents[str(agent_id)] = AgentSpec(str(agent_id), options["backend"], opts)
+        default_agent = config["agents.default"]
+        if default_agent not in agents:
+            raise ValueError(f"agents.default {default_agent!r} is not in agents.registry")
+        workspace_root = config["files.workspace_root"]
+        if workspace_root is not None and not isinstance(workspace_root, str):
+            raise ValueError("files.workspace_root must be a path or null")
+        shared_rooms = config["access.shared_rooms"]
+        if not isinstance(shared_rooms, bool):
+            raise ValueError("access.shared_rooms must be true or false")
+        max_mb = _positive_number(config["files.max_size_mb"], "files.max_size_mb")
+        return cls(
+            language=language,
+            allowed_users=UserMatcher(config["access.allowed_users"] or []),
+            admins=UserMatcher(config["access.admins"] or []),
+            max_chats_per_user=_positive_number(
+                config["access.max_chats_per_user"], "access.max_chats_per_user", integer=True
+            ),
+            shared_rooms=shared_rooms,
+            space_name=_template(
+                config["spaces.space_name"], "spaces.space_name", ("displayname", "user_id")
+            ),
+            chat_name=_template(config["spaces.chat_name"], "spaces.chat_name", ("n",)),
+            default_agent=default_agent,
+            agents=agents,
+            workspace_root=workspace_root or None,
+            max_file_bytes=int(max_mb * 1024 * 1024),
+            stream_edit_interval_s=float(
+                _positive_number(
+                    config["replies.stream_edit_interval_s"], "replies.stream_edit_interval_s"
+                )
+            ),
+        )

@@ -1,0 +1,14 @@
+from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow
+from .store import UNIQUE_VIOLATION, Store, now_ms
+from .upgrade import upgrade_table
+
+__all__ = [
+    "UNIQUE_VIOLATION",
+    "ChatRoomRow",
+    "HistoryRow",
+    "SnapshotRow",
+    "Store",
+    "UserRow",
+    "now_ms",
+    "upgrade_table",
+]

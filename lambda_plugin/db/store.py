@@ -1,0 +1,232 @@
+"""All SQL of the plugin, one method per query, identical on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import asyncpg
+from mautrix.util.async_db import Database
+
+from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow
+
+# Raised on a unique or primary-key violation, whichever engine runs.
+UNIQUE_VIOLATION = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # users
+
+    async def get_user(self, user_id: str) -> UserRow | None:
+        row = await self.db.fetchrow(
+            f"SELECT {UserRow.columns} FROM lambda_user WHERE user_id=$1", user_id
+        )
+        return UserRow.from_row(row) if row else None
+
+    async def get_user_by_space(self, space_id: str) -> UserRow | None:
+        row = await self.db.fetchrow(
+            f"SELECT {UserRow.columns} FROM lambda_user WHERE space_id=$1", space_id
+        )
+        return UserRow.from_row(row) if row else None
+
+    async def all_users(self) -> list[UserRow]:
+        rows = await self.db.fetch(f"SELECT {UserRow.columns} FROM lambda_user")
+        return [UserRow.from_row(row) for row in rows]
+
+    async def ensure_user(self, user_id: str) -> UserRow:
+        await self.db.execute(
+            "INSERT INTO lambda_user (user_id, space_id, next_chat_index, created_at)"
+            " VALUES ($1, NULL, 1, $2) ON CONFLICT (user_id) DO NOTHING",
+            user_id,
+            now_ms(),
+        )
+        user = await self.get_user(user_id)
+        assert user is not None
+        return user
+
+    async def upsert_user(self, user_id: str, space_id: str | None, next_chat_index: int) -> None:
+        """Writes a user; next_chat_index only ever grows."""
+        await self.db.execute(
+            "INSERT INTO lambda_user (user_id, space_id, next_chat_index, created_at)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE SET"
+            " space_id = excluded.space_id,"
+            " next_chat_index = CASE WHEN excluded.next_chat_index > lambda_user.next_chat_index"
+            " THEN excluded.next_chat_index ELSE lambda_user.next_chat_index END",
+            user_id,
+            space_id,
+            next_chat_index,
+            now_ms(),
+        )
+
+    async def set_space(self, user_id: str, space_id: str) -> None:
+        await self.db.execute(
+            "UPDATE lambda_user SET space_id=$2 WHERE user_id=$1", user_id, space_id
+        )
+
+    async def take_chat_index(self, user_id: str) -> int:
+        """Reserves the user's next chat number (C<n>) and returns it, atomically."""
+        taken = await self.db.fetchval(
+            "UPDATE lambda_user SET next_chat_index = next_chat_index + 1"
+            " WHERE user_id=$1 RETURNING next_chat_index - 1",
+            user_id,
+        )
+        if taken is None:
+            raise KeyError(user_id)
+        return int(taken)
+
+    # chat rooms
+
+    async def get_room(self, room_id: str) -> ChatRoomRow | None:
+        row = await self.db.fetchrow(
+            f"SELECT {ChatRoomRow.columns} FROM chat_room WHERE room_id=$1", room_id
+        )
+        return ChatRoomRow.from_row(row) if row else None
+
+    async def rooms_of(self, user_id: str) -> list[ChatRoomRow]:
+        rows = await self.db.fetch(
+            f"SELECT {ChatRoomRow.columns} FROM chat_room WHERE user_id=$1 ORDER BY created_at",
+            user_id,
+        )
+        return sorted((ChatRoomRow.from_row(r) for r in rows), key=lambda r: r.chat_number)
+
+    async def all_rooms(self) -> list[ChatRoomRow]:
+        rows = await self.db.fetch(f"SELECT {ChatRoomRow.columns} FROM chat_room")
+        return [ChatRoomRow.from_row(row) for row in rows]
+
+    async def upsert_room(self, room: ChatRoomRow) -> None:
+        """Writes a chat room and keeps the owner's counter past its chat number."""
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO chat_room ({ChatRoomRow.columns})"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " ON CONFLICT (room_id) DO UPDATE SET"
+                " user_id = excluded.user_id, chat_id = excluded.chat_id,"
+                " name = excluded.name, agent_id = excluded.agent_id,"
+                " platform_chat_id = excluded.platform_chat_id,"
+                " archived = excluded.archived, gone = excluded.gone",
+                room.room_id,
+                room.user_id,
+                room.chat_id,
+                room.name,
+                room.agent_id,
+                room.platform_chat_id,
+                room.archived,
+                room.gone,
+                room.created_at,
+            )
+            await conn.execute(
+                "UPDATE lambda_user SET next_chat_index=$2"
+                " WHERE user_id=$1 AND next_chat_index < $2",
+                room.user_id,
+                room.chat_number + 1,
+            )
+
+    async def delete_room(self, room_id: str) -> None:
+        await self.db.execute("DELETE FROM chat_room WHERE room_id=$1", room_id)
+
+    # snapshots
+
+    async def save_snapshot(self, snap: SnapshotRow) -> None:
+        await self.db.execute(
+            f"INSERT INTO snapshot ({SnapshotRow.columns}) VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT (user_id, name) DO UPDATE SET agent_id = excluded.agent_id,"
+            " platform_chat_id = excluded.platform_chat_id, messages = excluded.messages,"
+            " created_at = excluded.created_at",
+            snap.user_id,
+            snap.name,
+            snap.agent_id,
+            snap.platform_chat_id,
+            snap.messages,
+            snap.created_at,
+        )
+
+    async def get_snapshot(self, user_id: str, name: str) -> SnapshotRow | None:
+        row = await self.db.fetchrow(
+            f"SELECT {SnapshotRow.columns} FROM snapshot WHERE user_id=$1 AND name=$2",
+            user_id,
+            name,
+        )
+        return SnapshotRow.from_row(row) if row else None
+
+    async def snapshots_of(self, user_id: str) -> list[SnapshotRow]:
+        rows = await self.db.fetch(
+            f"SELECT {SnapshotRow.columns} FROM snapshot WHERE user_id=$1 ORDER BY name",
+            user_id,
+        )
+        return [SnapshotRow.from_row(row) for row in rows]
+
+    # history of stateless backends
+
+    async def history(self, platform_chat_id: str, limit: int | None = None) -> list[HistoryRow]:
+        """The conversation in order; with a limit, only its newest ``limit`` messages."""
+        query = f"SELECT {HistoryRow.columns} FROM history WHERE platform_chat_id=$1"
+        if limit is None:
+            rows = await self.db.fetch(query + " ORDER BY seq", platform_chat_id)
+        else:
+            rows = await self.db.fetch(
+                query + " ORDER BY seq DESC LIMIT $2", platform_chat_id, limit
+            )
+            rows = list(reversed(rows))
+        return [HistoryRow.from_row(row) for row in rows]
+
+    async def append_history(self, platform_chat_id: str, messages: list[tuple[str, str]]) -> None:
+        """Appends (role, content) pairs after the conversation's last message, atomically."""
+        async with self.db.acquire() as conn, conn.transaction():
+            last = await conn.fetchval(
+                "SELECT MAX(seq) FROM history WHERE platform_chat_id=$1", platform_chat_id
+            )
+            seq = 0 if last is None else int(last) + 1
+            stamp = now_ms()
+            for offset, (role, content) in enumerate(messages):
+                await conn.execute(
+                    f"INSERT INTO history ({HistoryRow.columns}) VALUES ($1, $2, $3, $4, $5)",
+                    platform_chat_id,
+                    seq + offset,
+                    role,
+                    content,
+                    stamp,
+                )
+
+    async def drop_history(self, platform_chat_id: str) -> None:
+        await self.db.execute("DELETE FROM history WHERE platform_chat_id=$1", platform_chat_id)
+
+    # handled events
+
+    async def mark_handled(self, event_id: str, room_id: str) -> bool:
+        """Records an event as handled; False when it already was (a redelivery)."""
+        try:
+            await self.db.execute(
+                "INSERT INTO handled_event (event_id, room_id, handled_at) VALUES ($1, $2, $3)",
+                event_id,
+                room_id,
+                now_ms(),
+            )
+        except UNIQUE_VIOLATION:
+            return False
+        return True
+
+    async def is_handled(self, event_id: str) -> bool:
+        return bool(
+            await self.db.fetchval("SELECT 1 FROM handled_event WHERE event_id=$1", event_id)
+        )
+
+    # maintenance
+
+    async def counts(self) -> dict[str, int]:
+        result = {}
+        for table in ("lambda_user", "chat_room", "snapshot", "history", "handled_event"):
+            result[table] = int(await self.db.fetchval(f"SELECT COUNT(*) FROM {table}"))
+        return result
+
+    async def clear_all(self) -> None:
+        """Drops every row of the plugin's tables (the dev reset); the schema stays."""
+        async with self.db.acquire() as conn, conn.transaction():
+            for table in ("chat_room", "lambda_user", "snapshot", "history", "handled_event"):
+                await conn.execute(f"DELETE FROM {table}")

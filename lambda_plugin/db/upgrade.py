@@ -1,0 +1,68 @@
+"""Schema migrations. Shipped steps are never edited: add ``upgrade_vN+1`` instead."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Connection, UpgradeTable
+
+upgrade_table = UpgradeTable()
+
+
+@upgrade_table.register(description="Initial schema: users, chat rooms, snapshots, history")
+async def upgrade_v1(conn: Connection) -> None:
+    # One row per user who has (or is getting) a Space. space_id is unique: one Space per user.
+    await conn.execute(
+        """CREATE TABLE lambda_user (
+            user_id          TEXT PRIMARY KEY,
+            space_id         TEXT UNIQUE,
+            next_chat_index  INTEGER NOT NULL DEFAULT 1,
+            created_at       BIGINT NOT NULL
+        )"""
+    )
+    # One row per managed chat room; chat_id (C1, C2, ...) is unique per user and
+    # platform_chat_id, the only key the agent side sees, is unique everywhere.
+    await conn.execute(
+        """CREATE TABLE chat_room (
+            room_id           TEXT PRIMARY KEY,
+            user_id           TEXT NOT NULL REFERENCES lambda_user(user_id) ON DELETE CASCADE,
+            chat_id           TEXT NOT NULL,
+            name              TEXT NOT NULL,
+            agent_id          TEXT NOT NULL,
+            platform_chat_id  TEXT NOT NULL UNIQUE,
+            archived          BOOLEAN NOT NULL DEFAULT false,
+            gone              BOOLEAN NOT NULL DEFAULT false,
+            created_at        BIGINT NOT NULL,
+            UNIQUE (user_id, chat_id)
+        )"""
+    )
+    # Named conversation snapshots of a user (!save / !load); held only here.
+    await conn.execute(
+        """CREATE TABLE snapshot (
+            user_id           TEXT NOT NULL,
+            name              TEXT NOT NULL,
+            agent_id          TEXT NOT NULL,
+            platform_chat_id  TEXT NOT NULL,
+            messages          TEXT NOT NULL,
+            created_at        BIGINT NOT NULL,
+            PRIMARY KEY (user_id, name)
+        )"""
+    )
+    # Conversation history of stateless backends (echo, openai), per platform_chat_id.
+    await conn.execute(
+        """CREATE TABLE history (
+            platform_chat_id  TEXT NOT NULL,
+            seq               INTEGER NOT NULL,
+            role              TEXT NOT NULL,
+            content           TEXT NOT NULL,
+            created_at        BIGINT NOT NULL,
+            PRIMARY KEY (platform_chat_id, seq)
+        )"""
+    )
+    # Events already handled, so a redelivery or a restart never answers twice.
+    await conn.execute(
+        """CREATE TABLE handled_event (
+            event_id    TEXT PRIMARY KEY,
+            room_id     TEXT NOT NULL,
+            handled_at  BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX handled_event_room_idx ON handled_event (room_id, handled_at)")
