@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from maubot import Plugin
+from mautrix.types import Format, MessageType, TextMessageEventContent
+from mautrix.util import markdown
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
-from .commands import HelpCommands
+from .commands import ChatCommands, HelpCommands
 from .config import Config, Settings
 from .db import Store, upgrade_table
-from .spaces import Onboarding
+from .matrix import HomeserverError, Matrix
+from .onboarding import Onboarding
+from .registry import Registry
+from .spaces import Spaces
 
 
 class LambdaBot(Plugin):
     config: Config
     settings: Settings
     store: Store
+    registry: Registry
+    mx: Matrix
+    spaces: Spaces
+    onboarding: Onboarding
 
     @classmethod
     def get_config_class(cls) -> type[BaseProxyConfig]:
@@ -30,12 +41,55 @@ class LambdaBot(Plugin):
         self.config.load_and_update()
         self.settings = self._initial_settings()
         self.store = Store(self.database)
+        self.registry = Registry(self.store)
+        self.mx = Matrix(self.client, self.log)
+        self.spaces = Spaces(self)
+        self.onboarding = Onboarding(self)
+        self._tasks: set[asyncio.Task] = set()
+        await self.registry.load()
         self.register_handler_class(HelpCommands(self))
-        self.register_handler_class(Onboarding(self))
+        self.register_handler_class(ChatCommands(self))
+        self.register_handler_class(self.onboarding)
+        self.background(self._pickup_invites())
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     async def stop(self) -> None:
-        pass
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def background(self, coro) -> asyncio.Task:
+        """Runs ``coro`` as a task that stop() cancels; its failure is logged."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("Background task failed", exc_info=task.exception())
+
+    async def _pickup_invites(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.onboarding.pickup_invites()
+                return
+            except HomeserverError as e:
+                self.log.warning("Invite pickup failed (%s); retrying in %.0fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60)
+
+    async def notify(self, room_id: str, text: str) -> str:
+        """Sends a notice (Markdown rendered to HTML); notices never make other bots answer."""
+        content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
+        html = markdown.render(text)
+        if html.strip() != text.strip():
+            content.format = Format.HTML
+            content.formatted_body = html
+        return await self.mx.send(room_id, content.serialize())
 
     def _initial_settings(self) -> Settings:
         try:

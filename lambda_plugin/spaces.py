@@ -1,34 +1,257 @@
-"""Onboarding: what happens when someone invites the bot."""
+"""Spaces and chat rooms: provisioning exactly once per user, chat creation, links and invites."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import re
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from maubot.handlers import event
-from mautrix.errors import MatrixError
-from mautrix.types import EventType, Membership, StateEvent
+from .db import ChatRoomRow, now_ms
+from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from .matrix import HomeserverError
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
 
+USER_LEVEL = 50  # talk, rename, invite; below every state event the plugin relies on
+BOT_LEVEL = 100
+NAME_MAX = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-class Onboarding:
+
+def matrix_to(room_id: str, server: str) -> str:
+    return f"https://matrix.to/#/{room_id}?via={server}"
+
+
+def new_platform_chat_id() -> str:
+    return f"mx-{uuid.uuid4().hex}"
+
+
+def clean_name(raw: str) -> str:
+    """A room name as typed, trimmed and on one line (control characters become spaces)."""
+    return " ".join(_CONTROL.sub(" ", raw).split())
+
+
+def creators_privileged(room_version: str) -> bool:
+    """Room version 12 on (and its hydra pre-releases) give creators unlimited power, and
+    forbid listing them in the power-level users map."""
+    if room_version.startswith("org.matrix.hydra"):
+        return True
+    return room_version.isdigit() and int(room_version) >= 12
+
+
+def space_child(server: str, chat_number: int) -> dict[str, Any]:
+    # order keeps rooms listed in creation order (compared as strings).
+    return {"via": [server], "order": f"{chat_number:08d}"}
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    space_id: str
+    created_space: bool
+    first_room: ChatRoomRow | None
+
+
+class TooManyChats(Exception):
+    pass
+
+
+class Spaces:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._privileged: bool | None = None
 
-    @event.on(EventType.ROOM_MEMBER)
-    async def on_member(self, evt: StateEvent) -> None:
-        if evt.state_key != self.bot.client.mxid or evt.content.membership != Membership.INVITE:
+    @property
+    def mx(self):
+        return self.bot.mx
+
+    @property
+    def registry(self):
+        return self.bot.registry
+
+    def lock(self, user_id: str) -> asyncio.Lock:
+        """Held while a user's Space or rooms are created: one provisioning at a time per user."""
+        return self._locks[user_id]
+
+    async def power_levels(self, owner: str) -> dict[str, Any]:
+        if self._privileged is None:
+            self._privileged = creators_privileged(await self.mx.default_room_version())
+        users = {owner: USER_LEVEL}
+        if not self._privileged:
+            users[self.mx.user_id] = BOT_LEVEL
+        protected = (
+            MARKER_TYPE, "m.space.child", "m.space.parent", "m.room.power_levels",
+            "m.room.tombstone", "m.room.encryption", "m.room.server_acl", "m.room.join_rules",
+            "m.room.history_visibility", "m.room.canonical_alias",
+        )  # fmt: skip
+        events = {event_type: BOT_LEVEL for event_type in protected}
+        events.update({"m.room.name": USER_LEVEL, "m.room.topic": USER_LEVEL})
+        events["m.room.avatar"] = USER_LEVEL
+        return {
+            "users": users,
+            "users_default": 0,
+            "events_default": 0,
+            "state_default": BOT_LEVEL,
+            "invite": USER_LEVEL,
+            "redact": USER_LEVEL,
+            "kick": BOT_LEVEL,
+            "ban": BOT_LEVEL,
+            "events": events,
+        }
+
+    async def provision(self, user_id: str) -> Provisioned:
+        """Gives the user their Space and first chat, once; completes a half-made one."""
+        async with self.lock(user_id):
+            user = self.registry.users.get(user_id) or await self.registry.ensure_user(user_id)
+            created = False
+            space_id = user.space_id
+            if not space_id:
+                space_id = await self._create_space(user_id)
+                # Written at once: a retry after this point finds the Space, never makes another.
+                await self.registry.set_space(user_id, space_id)
+                created = True
+                self.bot.log.info("Provisioned Space %s for %s", space_id, user_id)
+            first_room = None
+            if not self.registry.rooms_of(user_id):
+                first_room = await self._create_chat(user_id, space_id)
+            if not created:
+                await self.reinvite(user_id)
+            return Provisioned(space_id, created, first_room)
+
+    async def new_chat(
+        self,
+        user_id: str,
+        name: str | None = None,
+        agent_id: str | None = None,
+        platform_chat_id: str | None = None,
+    ) -> ChatRoomRow:
+        """A new chat room in the user's Space (made first if needed), the user invited."""
+        provisioned = await self.provision(user_id)
+        if provisioned.first_room is not None and name is None and agent_id is None:
+            return provisioned.first_room
+        async with self.lock(user_id):
+            if len(self.registry.rooms_of(user_id)) >= self.bot.settings.max_chats_per_user:
+                raise TooManyChats()
+            return await self._create_chat(
+                user_id, provisioned.space_id, name, agent_id, platform_chat_id
+            )
+
+    async def _create_space(self, user_id: str) -> str:
+        displayname = await self.mx.displayname(user_id) or user_id.split(":")[0].lstrip("@")
+        settings = self.bot.settings
+        name = settings.space_name.format(displayname=displayname, user_id=user_id)
+        return await self.mx.create_room(
+            {
+                "name": clean_name(name)[:255],
+                "preset": "private_chat",
+                "visibility": "private",
+                "creation_content": {"type": "m.space"},
+                "invite": [user_id],
+                "initial_state": [Marker(kind=KIND_SPACE, owner=user_id).state_event()],
+                "power_level_content_override": await self.power_levels(user_id),
+            }
+        )
+
+    async def _create_chat(
+        self,
+        user_id: str,
+        space_id: str,
+        name: str | None = None,
+        agent_id: str | None = None,
+        platform_chat_id: str | None = None,
+    ) -> ChatRoomRow:
+        number = await self.bot.store.take_chat_index(user_id)
+        settings = self.bot.settings
+        chat_id = f"C{number}"
+        name = name or settings.chat_name.format(n=number)
+        agent_id = agent_id or settings.default_agent
+        platform_chat_id = platform_chat_id or new_platform_chat_id()
+        marker = Marker(
+            kind=KIND_CHAT,
+            owner=user_id,
+            space_id=space_id,
+            chat_id=chat_id,
+            agent_id=agent_id,
+            platform_chat_id=platform_chat_id,
+        )
+        room_id = await self.mx.create_room(
+            {
+                "name": name,
+                "preset": "private_chat",
+                "visibility": "private",
+                "invite": [user_id],
+                "initial_state": [
+                    marker.state_event(),
+                    {
+                        "type": "m.space.parent",
+                        "state_key": space_id,
+                        "content": {"via": [self.mx.server_name], "canonical": True},
+                    },
+                ],
+                "power_level_content_override": await self.power_levels(user_id),
+            }
+        )
+        room = ChatRoomRow(
+            room_id=room_id,
+            user_id=user_id,
+            chat_id=chat_id,
+            name=name,
+            agent_id=agent_id,
+            platform_chat_id=platform_chat_id,
+            archived=False,
+            gone=False,
+            created_at=now_ms(),
+        )
+        await self.registry.save_room(room)
+        await self.mx.send_state(
+            space_id, "m.space.child", space_child(self.mx.server_name, number), room_id
+        )
+        self.bot.log.info("Created chat %s (%s) for %s in %s", chat_id, room_id, user_id, space_id)
+        return room
+
+    async def write_marker(self, room: ChatRoomRow, space_id: str) -> None:
+        marker = Marker(
+            kind=KIND_CHAT,
+            owner=room.user_id,
+            space_id=space_id,
+            chat_id=room.chat_id,
+            agent_id=room.agent_id,
+            platform_chat_id=room.platform_chat_id,
+            archived=room.archived,
+        )
+        await self.mx.send_state(room.room_id, MARKER_TYPE, marker.content())
+
+    async def set_archived(self, room: ChatRoomRow, archived: bool) -> ChatRoomRow:
+        """Takes the room out of the Space (a child event without via) or puts it back."""
+        space_id = self.registry.users[room.user_id].space_id
+        assert space_id is not None
+        child = {} if archived else space_child(self.mx.server_name, room.chat_number)
+        await self.mx.send_state(space_id, "m.space.child", child, room.room_id)
+        room = await self.registry.update_room(room.room_id, archived=archived)
+        await self.write_marker(room, space_id)
+        self.bot.log.info(
+            "%s chat %s (%s)", "Archived" if archived else "Unarchived", room.chat_id, room.room_id
+        )
+        return room
+
+    async def rename(self, room: ChatRoomRow, name: str) -> ChatRoomRow:
+        await self.mx.send_state(room.room_id, "m.room.name", {"name": name})
+        return await self.registry.update_room(room.room_id, name=name)
+
+    async def reinvite(self, user_id: str) -> None:
+        """Invites the user back into their Space and active rooms wherever they left."""
+        user = self.registry.users.get(user_id)
+        if not user or not user.space_id:
             return
-        await self.handle_invite(evt.room_id, evt.sender)
-
-    async def handle_invite(self, room_id: str, inviter: str) -> None:
-        if inviter not in self.bot.settings.allowed_users:
-            self.bot.log.info("Refused invite from %s to %s", inviter, room_id)
+        targets = [user.space_id] + [r.room_id for r in self.registry.active_rooms_of(user_id)]
+        for room_id in targets:
             try:
-                await self.bot.client.leave_room(room_id, reason="not allowed to use this bot")
-            except MatrixError:
-                self.bot.log.warning("Could not reject the invite to %s", room_id, exc_info=True)
-            return
-        await self.bot.client.join_room(room_id)
-        self.bot.log.info("Joined %s on the invite of %s", room_id, inviter)
+                if await self.mx.membership(room_id, user_id) not in ("join", "invite"):
+                    await self.mx.invite(room_id, user_id)
+                    self.bot.log.info("Re-invited %s to %s", user_id, room_id)
+            except HomeserverError as e:
+                self.bot.log.warning("Could not re-invite %s to %s: %s", user_id, room_id, e)

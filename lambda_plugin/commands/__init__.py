@@ -1,3 +1,4 @@
+from .chats import ChatCommands
 from .help import HelpCommands
 
-__all__ = ["HelpCommands"]
+__all__ = ["ChatCommands", "HelpCommands"]

@@ -1,0 +1,124 @@
+"""Chat management: !new, !chats, !rename, !archive, !unarchive."""
+
+from __future__ import annotations
+
+from maubot import MessageEvent
+from maubot.handlers import command
+
+from ..matrix import HomeserverError
+from ..spaces import NAME_MAX, TooManyChats, clean_name, matrix_to
+from ..texts import text
+from .base import CommandBase
+
+
+class ChatCommands(CommandBase):
+    async def valid_name(self, evt: MessageEvent, raw: str, example: str) -> str | None:
+        """The cleaned name, or None after telling the user what is wrong with it."""
+        name = clean_name(raw or "")
+        if not name:
+            await self.reply(evt, "name.empty", example=example)
+            return None
+        if len(name) > NAME_MAX:
+            await self.reply(evt, "name.too_long", max=NAME_MAX)
+            return None
+        return name
+
+    @command.new("new", help="New chat room in your Space: !new [name]")
+    @command.argument("name", pass_raw=True, required=False)
+    async def new(self, evt: MessageEvent, name: str = "") -> None:
+        if not await self.allowed(evt):
+            return
+        wanted = None
+        if name and name.strip():
+            wanted = await self.valid_name(evt, name, "!new Research")
+            if wanted is None:
+                return
+        try:
+            room = await self.bot.spaces.new_chat(evt.sender, wanted)
+        except TooManyChats:
+            await self.reply(evt, "new.too_many", max=self.bot.settings.max_chats_per_user)
+            return
+        except HomeserverError as e:
+            self.bot.log.warning("!new for %s failed: %s", evt.sender, e)
+            await self.reply(evt, "error.homeserver")
+            return
+        await self.reply(
+            evt,
+            "new.created",
+            name=room.name,
+            link=matrix_to(room.room_id, self.bot.mx.server_name),
+        )
+
+    @command.new("chats", help="Your chats: !chats [archived]")
+    @command.argument("which", pass_raw=True, required=False)
+    async def chats(self, evt: MessageEvent, which: str = "") -> None:
+        if not await self.allowed(evt):
+            return
+        which = (which or "").strip().lower()
+        if which not in ("", "archived"):
+            await self.reply(evt, "chats.usage")
+            return
+        archived = which == "archived"
+        rooms = [
+            r
+            for r in self.bot.registry.rooms_of(evt.sender)
+            if not r.gone and r.archived == archived
+        ]
+        lang = self.bot.settings.language
+        if not rooms:
+            await self.reply(evt, "chats.none_archived" if archived else "chats.none")
+            return
+        lines = [text(lang, "chats.archived_title" if archived else "chats.title")]
+        for room in rooms:
+            line = text(
+                lang,
+                "chats.line",
+                name=f"**{room.name}**",
+                chat_id=room.chat_id,
+                link=matrix_to(room.room_id, self.bot.mx.server_name),
+                agent=room.agent_id,
+            )
+            if room.room_id == evt.room_id:
+                line += " " + text(lang, "chats.current")
+            lines.append(f"- {line}")
+        await self.bot.notify(evt.room_id, "\n".join(lines))
+
+    @command.new("rename", help="Rename this chat: !rename <name>")
+    @command.argument("name", pass_raw=True, required=False)
+    async def rename(self, evt: MessageEvent, name: str = "") -> None:
+        room = await self.owned_chat(evt)
+        if room is None:
+            return
+        new_name = await self.valid_name(evt, name, "!rename Research")
+        if new_name is None:
+            return
+        try:
+            room = await self.bot.spaces.rename(room, new_name)
+        except HomeserverError as e:
+            self.bot.log.warning("!rename in %s failed: %s", evt.room_id, e)
+            await self.reply(evt, "error.homeserver")
+            return
+        await self.reply(evt, "renamed", name=room.name)
+
+    @command.new("archive", help="Archive this chat (history kept)")
+    async def archive(self, evt: MessageEvent) -> None:
+        await self._set_archived(evt, True)
+
+    @command.new("unarchive", help="Bring this chat back into your Space")
+    async def unarchive(self, evt: MessageEvent) -> None:
+        await self._set_archived(evt, False)
+
+    async def _set_archived(self, evt: MessageEvent, archived: bool) -> None:
+        room = await self.owned_chat(evt)
+        if room is None:
+            return
+        if room.archived == archived:
+            await self.reply(evt, "already_archived" if archived else "not_archived")
+            return
+        try:
+            room = await self.bot.spaces.set_archived(room, archived)
+        except HomeserverError as e:
+            self.bot.log.warning("Archive change in %s failed: %s", evt.room_id, e)
+            await self.reply(evt, "error.homeserver")
+            return
+        await self.reply(evt, "archived" if archived else "unarchived", name=room.name)

@@ -1,0 +1,192 @@
+"""Every homeserver call the plugin makes, with rate limits waited out as the server asks.
+
+mautrix raises M_LIMIT_EXCEEDED at once and drops ``retry_after_ms``, so the plugin sends its
+requests itself, through the bot client's own session and token, and honours both the
+``Retry-After`` header and ``retry_after_ms`` (each wait bounded, and the number of tries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from mautrix.client import Client
+from mautrix.types import JSON
+
+MAX_WAIT_S = 30.0
+MAX_TRIES = 8
+_txn_counter = itertools.count()
+
+
+class HomeserverError(Exception):
+    def __init__(self, status: int, errcode: str | None, message: str) -> None:
+        super().__init__(f"{status} {errcode}: {message}")
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+class Matrix:
+    """A thin, typed client-server API for the bot, used instead of direct mautrix calls."""
+
+    def __init__(self, client: Client, log: logging.Logger) -> None:
+        self.client = client
+        self.log = log
+        self.requests = 0  # counted, for benchmarks and the status command
+
+    @property
+    def user_id(self) -> str:
+        return self.client.mxid
+
+    @property
+    def server_name(self) -> str:
+        return self.client.mxid.split(":", 1)[1]
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: JSON | None = None,
+        query: dict[str, str] | None = None,
+        timeout_s: float = 60,
+    ) -> Any:
+        api = self.client.api
+        url = str(api.base_url).rstrip("/") + path
+        headers = {"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"}
+        data = json.dumps(body) if body is not None else None
+        for attempt in range(1, MAX_TRIES + 1):
+            self.requests += 1
+            try:
+                async with api.session.request(
+                    method,
+                    url,
+                    data=data,
+                    params=query,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                ) as resp:
+                    text = await resp.text()
+                    payload = _parse(text)
+                    if resp.status == 429 and attempt < MAX_TRIES:
+                        wait = _retry_after(resp, payload, attempt)
+                        self.log.debug("Rate limited on %s %s; waiting %.2fs", method, path, wait)
+                        await asyncio.sleep(wait)
+                        continue
+                    if resp.status >= 400:
+                        errcode = payload.get("errcode") if isinstance(payload, dict) else None
+                        message = payload.get("error", "") if isinstance(payload, dict) else text
+                        raise HomeserverError(resp.status, errcode, str(message)[:300])
+                    return payload
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if attempt >= 3:
+                    raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
+                await asyncio.sleep(0.5 * attempt)
+        raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+
+    # rooms
+
+    async def create_room(self, body: dict[str, Any]) -> str:
+        return (await self.request("POST", "/_matrix/client/v3/createRoom", body))["room_id"]
+
+    async def join(self, room_id: str) -> None:
+        await self.request("POST", f"/_matrix/client/v3/join/{_q(room_id)}", {})
+
+    async def leave(self, room_id: str, reason: str | None = None) -> None:
+        body = {"reason": reason} if reason else {}
+        await self.request("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/leave", body)
+
+    async def invite(self, room_id: str, user_id: str) -> None:
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/invite"
+        await self.request("POST", path, {"user_id": user_id})
+
+    async def kick(self, room_id: str, user_id: str, reason: str) -> None:
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/kick"
+        await self.request("POST", path, {"user_id": user_id, "reason": reason})
+
+    async def joined_rooms(self) -> list[str]:
+        return (await self.request("GET", "/_matrix/client/v3/joined_rooms"))["joined_rooms"]
+
+    async def state(self, room_id: str) -> list[dict[str, Any]]:
+        return await self.request("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state")
+
+    async def state_event(self, room_id: str, event_type: str, state_key: str = "") -> dict | None:
+        """The content of one state event, or None when the room has none."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}"
+        try:
+            return await self.request("GET", path)
+        except HomeserverError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def send_state(
+        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
+    ) -> str:
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}"
+        return (await self.request("PUT", path, content))["event_id"]
+
+    async def send(
+        self, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
+    ) -> str:
+        txn = f"lambda-{time.time_ns()}-{next(_txn_counter)}"
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{txn}"
+        return (await self.request("PUT", path, content))["event_id"]
+
+    async def typing(self, room_id: str, typing: bool, timeout_ms: int = 30_000) -> None:
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/typing/{_q(self.user_id)}"
+        body: dict[str, Any] = {"typing": typing}
+        if typing:
+            body["timeout"] = timeout_ms
+        await self.request("PUT", path, body)
+
+    async def displayname(self, user_id: str) -> str | None:
+        try:
+            profile = await self.request("GET", f"/_matrix/client/v3/profile/{_q(user_id)}")
+        except HomeserverError:
+            return None
+        name = profile.get("displayname") if isinstance(profile, dict) else None
+        return name if isinstance(name, str) and name.strip() else None
+
+    async def membership(self, room_id: str, user_id: str) -> str | None:
+        """``user_id``'s membership in the room (join, invite, leave, ban) or None."""
+        content = await self.state_event(room_id, "m.room.member", user_id)
+        return content.get("membership") if content else None
+
+    async def default_room_version(self) -> str:
+        caps = await self.request("GET", "/_matrix/client/v3/capabilities")
+        return str(caps.get("capabilities", {}).get("m.room_versions", {}).get("default", "10"))
+
+    async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
+        return await self.request(
+            "GET", "/_matrix/client/v3/sync", query=query, timeout_s=timeout_s
+        )
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
+def _retry_after(resp: aiohttp.ClientResponse, payload: Any, attempt: int) -> float:
+    """The wait the server asked for (header or body), else a growing default; bounded."""
+    wait: float | None = None
+    header = resp.headers.get("Retry-After")
+    if header and header.strip().isdigit():
+        wait = float(header)
+    elif isinstance(payload, dict) and isinstance(payload.get("retry_after_ms"), (int, float)):
+        wait = payload["retry_after_ms"] / 1000
+    if wait is None:
+        wait = 0.5 * 2 ** (attempt - 1)
+    return max(0.05, min(wait, MAX_WAIT_S))
