@@ -199,6 +199,18 @@ class MatrixUser:
         await self.send_text(room_id, text)
         return await self.wait_for_reply(room_id, bot, mark, timeout)
 
+    async def wait_until_reply_contains(
+        self, room_id: str, text: str, bot: str, expected: str, timeout: float = 60
+    ) -> str:
+        """Repeats a command until the bot's answer contains ``expected`` (for state the bot
+        learns asynchronously, such as a rename done in the client)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = await self.command(room_id, text, bot, timeout)
+            body = reply["content"]["body"]
+            if expected in body or time.monotonic() > deadline:
+                return body
+
     async def wait_for_invite(
         self, predicate: Callable[[str, list[Event]], bool] = lambda r, s: True, timeout: float = 60
     ) -> str:
