@@ -66,6 +66,17 @@ class AgentSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def _users(value: Any, key: str) -> UserMatcher:
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list of user ids or patterns")
+    try:
+        return UserMatcher(value)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 def _positive_number(value: Any, key: str, integer: bool = False) -> Any:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
@@ -78,7 +89,7 @@ def _template(value: Any, key: str, allowed: tuple[str, ...]) -> str:
         raise ValueError(f"{key} must be a non-empty text")
     try:
         value.format(**{name: "x" for name in allowed})
-    except (KeyError, IndexError, ValueError) as e:
+    except (LookupError, AttributeError, ValueError) as e:
         raise ValueError(f"{key} may only use the placeholders {allowed}: {e}") from None
     return value
 
@@ -127,8 +138,8 @@ class Settings:
         max_mb = _positive_number(config["files.max_size_mb"], "files.max_size_mb")
         return cls(
             language=language,
-            allowed_users=UserMatcher(config["access.allowed_users"] or []),
-            admins=UserMatcher(config["access.admins"] or []),
+            allowed_users=_users(config["access.allowed_users"], "access.allowed_users"),
+            admins=_users(config["access.admins"], "access.admins"),
             max_chats_per_user=_positive_number(
                 config["access.max_chats_per_user"], "access.max_chats_per_user", integer=True
             ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 
@@ -21,6 +22,10 @@ def now_ms() -> int:
 class Store:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # MAX(seq)+1 is read then written: two appends must not interleave (PostgreSQL runs
+        # them on separate connections). One plugin instance owns its database, so a
+        # process-local lock is enough.
+        self._history_lock = asyncio.Lock()
 
     # users
 
@@ -178,7 +183,7 @@ class Store:
 
     async def append_history(self, platform_chat_id: str, messages: list[tuple[str, str]]) -> None:
         """Appends (role, content) pairs after the conversation's last message, atomically."""
-        async with self.db.acquire() as conn, conn.transaction():
+        async with self._history_lock, self.db.acquire() as conn, conn.transaction():
             last = await conn.fetchval(
                 "SELECT MAX(seq) FROM history WHERE platform_chat_id=$1", platform_chat_id
             )

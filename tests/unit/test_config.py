@@ -1,0 +1,321 @@
+"""The plugin config: defaults of base-config.yaml, do_update, validation and user matching."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mautrix.util.config import RecursiveDict
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from lambda_plugin.config import AgentSpec, Config, Settings, UserMatcher
+
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "base-config.yaml"
+yaml = YAML()
+
+
+def load_base() -> RecursiveDict[CommentedMap]:
+    return RecursiveDict(yaml.load(BASE_CONFIG.read_text(encoding="utf-8")), CommentedMap)
+
+
+def as_yaml_map(data: dict[str, Any]) -> CommentedMap:
+    """``data`` as maubot hands it over: a CommentedMap parsed from the instance's YAML."""
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    return yaml.load(buf.getvalue())
+
+
+def make_config(user: dict[str, Any] | None = None) -> Config:
+    """A Config wired as maubot wires it: the user's YAML, base-config cloned on every load."""
+    base = load_base()
+    user_map = as_yaml_map(user) if user else CommentedMap()
+    saved: list[Any] = []
+    config = Config(load=lambda: user_map, load_base=base.clone, save=saved.append)
+    config.load_and_update()
+    return config
+
+
+def settings(**overrides: Any) -> Settings:
+    """Settings from base-config with dotted keys overridden (``access__admins=...``)."""
+    config = make_config()
+    for key, value in overrides.items():
+        config[key.replace("__", ".")] = value
+    return Settings.from_config(config)
+
+
+def leaf_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every dotted key of a config; agents.registry counts as one key (a map of agents)."""
+    keys = set()
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path != "agents.registry":
+            keys |= leaf_keys(value, f"{path}.")
+        else:
+            keys.add(path)
+    return keys
+
+
+# A custom value, different from the default, for every key of base-config.yaml.
+CUSTOM: dict[str, Any] = {
+    "language": "ru",
+    "access.allowed_users": ["@alice:example.org", "@*:corp.example"],
+    "access.admins": ["@root:example.org"],
+    "access.max_chats_per_user": 7,
+    "access.shared_rooms": True,
+    "spaces.space_name": "Space of {user_id}",
+    "spaces.chat_name": "Talk #{n}",
+    "agents.default": "gpt",
+    "agents.registry": {
+        "echo": {"backend": "echo", "note": "kept"},
+        "gpt": {
+            "backend": "openai",
+            "base_url": "http://127.0.0.1:11434/v1",
+            "model": "llama3",
+            "max_history": 12,
+        },
+    },
+    "files.workspace_root": "/srv/workspace",
+    "files.max_size_mb": 3,
+    "replies.stream_edit_interval_s": 0.25,
+}
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+# defaults
+
+
+def test_base_config_defaults() -> None:
+    s = Settings.from_config(load_base())
+    assert s.language == "en"
+    assert "@anyone:anywhere.org" in s.allowed_users
+    assert "@root:example.org" not in s.admins
+    assert s.max_chats_per_user == 50
+    assert s.shared_rooms is False
+    assert s.space_name == "Lambda — {displayname}"
+    assert s.chat_name == "Chat {n}"
+    assert s.default_agent == "echo"
+    assert s.agents == {"echo": AgentSpec("echo", "echo", {})}
+    assert s.workspace_root is None
+    assert s.max_file_bytes == 50 * 1024 * 1024
+    assert s.stream_edit_interval_s == 1.0
+    assert type(s.stream_edit_interval_s) is float
+
+
+def test_empty_user_config_gets_the_defaults() -> None:
+    config = make_config()
+    for key in leaf_keys(load_base()._data):
+        assert plain(config[key]) == plain(load_base()[key]), key
+    s = Settings.from_config(config)
+    assert (s.language, s.default_agent, s.max_chats_per_user) == ("en", "echo", 50)
+
+
+# do_update
+
+
+def test_custom_values_cover_every_key_of_base_config() -> None:
+    assert set(CUSTOM) == leaf_keys(load_base()._data)
+    base = load_base()
+    for key, value in CUSTOM.items():
+        assert plain(base[key]) != value, f"{key}: the custom value must differ from the default"
+
+
+def test_do_update_copies_every_key() -> None:
+    config = make_config(nested(CUSTOM))
+    for key, value in CUSTOM.items():
+        assert plain(config[key]) == value, key
+
+
+def test_do_update_replaces_the_registry() -> None:
+    user = nested({"agents.default": "only", "agents.registry": {"only": {"backend": "echo"}}})
+    config = make_config(user)
+    assert plain(config["agents.registry"]) == {"only": {"backend": "echo"}}
+
+
+def test_do_update_drops_unknown_keys() -> None:
+    config = make_config({"language": "ru", "obsolete": {"key": 1}})
+    assert config["obsolete"] is None
+    assert config["language"] == "ru"
+    assert config["access.max_chats_per_user"] == 50
+
+
+def test_do_update_keeps_false_and_empty_values() -> None:
+    # helper.copy skips None only: false, 0 and [] are real user choices.
+    config = make_config(
+        nested({"access.shared_rooms": False, "access.allowed_users": [], "access.admins": []})
+    )
+    assert config["access.shared_rooms"] is False
+    assert plain(config["access.allowed_users"]) == []
+
+
+def test_custom_config_gives_custom_settings() -> None:
+    s = Settings.from_config(make_config(nested(CUSTOM)))
+    assert s.language == "ru"
+    assert "@alice:example.org" in s.allowed_users
+    assert "@bob:corp.example" in s.allowed_users
+    assert "@bob:example.org" not in s.allowed_users
+    assert "@root:example.org" in s.admins
+    assert "@alice:example.org" not in s.admins
+    assert s.max_chats_per_user == 7
+    assert s.shared_rooms is True
+    assert s.space_name == "Space of {user_id}"
+    assert s.chat_name == "Talk #{n}"
+    assert s.default_agent == "gpt"
+    assert s.agents["gpt"] == AgentSpec(
+        "gpt",
+        "openai",
+        {"base_url": "http://127.0.0.1:11434/v1", "model": "llama3", "max_history": 12},
+    )
+    assert s.agents["echo"] == AgentSpec("echo", "echo", {"note": "kept"})
+    assert s.workspace_root == "/srv/workspace"
+    assert s.max_file_bytes == 3 * 1024 * 1024
+    assert s.stream_edit_interval_s == 0.25
+
+
+def test_valid_edge_values() -> None:
+    s = settings(
+        files__max_size_mb=0.5,
+        replies__stream_edit_interval_s=2,
+        files__workspace_root="",
+        spaces__space_name="{displayname} ({user_id}) {{literal}}",
+        access__allowed_users=None,
+    )
+    assert s.max_file_bytes == 512 * 1024
+    assert s.stream_edit_interval_s == 2.0
+    assert s.workspace_root is None
+    assert "@alice:example.org" not in s.allowed_users
+
+
+# validation: each bad value is refused with a message naming its key
+
+
+INVALID: list[tuple[str, Any]] = [
+    ("language", "de"),
+    ("language", "EN"),
+    ("language", None),
+    ("agents.registry", {"echo": {"backend": "telepathy"}}),
+    ("agents.registry", {"echo": {}}),
+    ("agents.registry", {"echo": "echo"}),
+    ("agents.registry", {}),
+    ("agents.default", "gpt"),
+    ("access.max_chats_per_user", -1),
+    ("access.max_chats_per_user", 0),
+    ("access.max_chats_per_user", True),
+    ("access.max_chats_per_user", 2.5),
+    ("access.max_chats_per_user", "10"),
+    ("access.allowed_users", ["alice"]),
+    ("access.allowed_users", ["@*"]),
+    ("access.allowed_users", ["@alice:example.org", "@*:"]),
+    ("access.allowed_users", [42]),
+    ("access.admins", ["alice"]),
+    ("spaces.space_name", "Lambda {name}"),
+    ("spaces.space_name", "Lambda {n}"),
+    ("spaces.space_name", "Lambda {0}"),
+    ("spaces.space_name", "Lambda {displayname"),
+    ("spaces.space_name", "Lambda {displayname.nope}"),
+    ("spaces.space_name", ""),
+    ("spaces.chat_name", "Chat {displayname}"),
+    ("access.shared_rooms", "yes"),
+    ("access.shared_rooms", 1),
+    ("replies.stream_edit_interval_s", -0.5),
+    ("replies.stream_edit_interval_s", 0),
+    ("files.max_size_mb", 0),
+    ("files.workspace_root", 5),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), INVALID, ids=[f"{k}={v!r}" for k, v in INVALID])
+def test_invalid_value_is_refused_naming_its_key(key: str, value: Any) -> None:
+    config = make_config()
+    config[key] = value
+    with pytest.raises(ValueError) as info:
+        Settings.from_config(config)
+    assert key in str(info.value)
+
+
+def test_unknown_backend_names_the_agent() -> None:
+    config = make_config(nested(CUSTOM))
+    config["agents.registry.gpt.backend"] = "gpt4"
+    with pytest.raises(ValueError, match=r"agents\.registry\.gpt\.backend"):
+        Settings.from_config(config)
+
+
+def test_bad_default_agent_is_named() -> None:
+    with pytest.raises(ValueError, match=r"agents\.default 'missing'"):
+        settings(agents__default="missing")
+
+
+# UserMatcher
+
+
+def test_matcher_exact() -> None:
+    m = UserMatcher(["@alice:example.org", " @bob:example.org "])
+    assert "@alice:example.org" in m
+    assert "@bob:example.org" in m
+    assert "@carol:example.org" not in m
+    assert "@alice:example.org.evil" not in m
+    assert "@alice:example.orgx" not in m
+    assert "@alice2:example.org" not in m
+    assert "@alic:example.org" not in m
+    assert "@alice:other.org" not in m
+
+
+def test_matcher_server_pattern() -> None:
+    m = UserMatcher(["@*:example.org"])
+    assert "@alice:example.org" in m
+    assert "@bob:example.org" in m
+    assert "@alice:other.org" not in m
+    assert "@alice:example.org.evil" not in m
+    assert "@alice:evil.example.org" not in m
+    assert "@alice:notexample.org" not in m
+    assert "@alice:example.org:8448" not in m
+    assert "@example.org:evil.org" not in m
+    assert "example.org" not in m
+    assert "" not in m
+
+
+def test_matcher_everyone() -> None:
+    m = UserMatcher(["*"])
+    assert "@alice:example.org" in m
+    assert "@anyone:anywhere.net" in m
+
+
+def test_matcher_mixed() -> None:
+    m = UserMatcher(["@root:admin.org", "@*:example.org"])
+    assert "@root:admin.org" in m
+    assert "@someone:example.org" in m
+    assert "@other:admin.org" not in m
+
+
+def test_matcher_empty_matches_nobody() -> None:
+    m = UserMatcher([])
+    assert "@alice:example.org" not in m
+    assert "*" not in m
+
+
+@pytest.mark.parametrize(
+    "entry", ["alice", "@*", "@alice", "*:example.org", "@*:", "", "@alice :x", "@:x", 7, None]
+)
+def test_matcher_refuses_bad_entries(entry: Any) -> None:
+    with pytest.raises(ValueError):
+        UserMatcher([entry])
