@@ -8,6 +8,7 @@ from pathlib import Path
 from .matrix import MatrixUser
 from .maubot import Maubot, build_mbp
 from .postgres import Postgres
+from .procs import wait_until
 from .synapse import Synapse
 
 
@@ -36,6 +37,31 @@ class Deployment:
     async def restart_instance(self) -> None:
         await self.maubot.set_started(self.instance_id, False)
         await self.maubot.set_started(self.instance_id, True)
+
+    async def sql(self, query: str) -> list[dict]:
+        """Runs SQL in the plugin's database through maubot's database API (the UI's tab)."""
+        result = await self.maubot.api(
+            "POST", f"/instance/{self.instance_id}/database/query", json={"query": query}
+        )
+        columns = result.get("columns") or []
+        return [dict(zip(columns, row, strict=False)) for row in result.get("rows") or []]
+
+    def log_mark(self) -> int:
+        return len(self.maubot.log_text())
+
+    def wait_for_log(self, needle: str, after: int = 0, timeout: float = 120) -> str:
+        """The first log line containing ``needle`` written after offset ``after``."""
+        found: list[str] = []
+
+        def check() -> bool:
+            for line in self.maubot.log_text()[after:].splitlines():
+                if needle in line:
+                    found.append(line)
+                    return True
+            return False
+
+        wait_until(check, timeout, f"log line {needle!r}", log=self.maubot.log)
+        return found[0]
 
     async def close_users(self) -> None:
         for user in self.users:

@@ -13,8 +13,9 @@ from mautrix.util.config import BaseProxyConfig
 from .commands import ChatCommands, HelpCommands
 from .config import Config, Settings
 from .db import Store, upgrade_table
-from .matrix import HomeserverError, Matrix
+from .matrix import Matrix
 from .onboarding import Onboarding
+from .reconcile import Reconciler
 from .registry import Registry
 from .spaces import Spaces
 
@@ -27,6 +28,8 @@ class LambdaBot(Plugin):
     mx: Matrix
     spaces: Spaces
     onboarding: Onboarding
+    reconciler: Reconciler
+    ready: asyncio.Event
 
     @classmethod
     def get_config_class(cls) -> type[BaseProxyConfig]:
@@ -45,12 +48,15 @@ class LambdaBot(Plugin):
         self.mx = Matrix(self.client, self.log)
         self.spaces = Spaces(self)
         self.onboarding = Onboarding(self)
+        self.reconciler = Reconciler(self)
+        # Handlers are live from here on, but wait for this before acting: nothing is routed
+        # on half-built state, and what arrives meanwhile is handled afterwards.
+        self.ready = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        await self.registry.load()
         self.register_handler_class(HelpCommands(self))
         self.register_handler_class(ChatCommands(self))
         self.register_handler_class(self.onboarding)
-        self.background(self._pickup_invites())
+        self.background(self._startup())
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     async def stop(self) -> None:
@@ -71,16 +77,24 @@ class LambdaBot(Plugin):
         if not task.cancelled() and task.exception() is not None:
             self.log.error("Background task failed", exc_info=task.exception())
 
-    async def _pickup_invites(self) -> None:
+    async def _startup(self) -> None:
+        """Rebuilds the database from Matrix, then opens the gate; retried while it fails."""
         delay = 1.0
         while True:
             try:
-                await self.onboarding.pickup_invites()
-                return
-            except HomeserverError as e:
-                self.log.warning("Invite pickup failed (%s); retrying in %.0fs", e, delay)
+                await self.registry.load()
+                report, invites = await self.reconciler.run()
+                break
+            except Exception as e:  # homeserver or database down: never give up, never raise
+                self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
+        self.log.info("Reconciled: %s", report.line())
+        self.ready.set()
+        # Invites maubot never dispatched (it drops the first sync after a start).
+        for room_id, inviter in invites:
+            self.log.info("Picking up the pending invite of %s to %s", inviter, room_id)
+            await self.onboarding.handle_invite(room_id, inviter)
 
     async def notify(self, room_id: str, text: str) -> str:
         """Sends a notice (Markdown rendered to HTML); notices never make other bots answer."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from maubot.handlers import event
@@ -16,21 +15,6 @@ from .texts import text
 if TYPE_CHECKING:
     from .bot import LambdaBot
 
-# Only what invite pickup needs: invited rooms with their stripped state, nothing else.
-_INVITES_FILTER = json.dumps(
-    {
-        "room": {
-            "timeline": {"limit": 0},
-            "state": {"types": []},
-            "ephemeral": {"not_types": ["*"]},
-            "account_data": {"not_types": ["*"]},
-            "include_leave": False,
-        },
-        "presence": {"not_types": ["*"]},
-        "account_data": {"not_types": ["*"]},
-    }
-)
-
 
 class Onboarding:
     def __init__(self, bot: LambdaBot) -> None:
@@ -38,6 +22,7 @@ class Onboarding:
 
     @event.on(EventType.ROOM_MEMBER)
     async def on_member(self, evt: StateEvent) -> None:
+        await self.bot.ready.wait()
         bot_id = self.bot.client.mxid
         membership = evt.content.membership
         if evt.state_key == bot_id and membership == Membership.INVITE:
@@ -54,6 +39,7 @@ class Onboarding:
 
     @event.on(EventType.ROOM_NAME)
     async def on_name(self, evt: StateEvent) -> None:
+        await self.bot.ready.wait()
         room = self.bot.registry.room(evt.room_id)
         if room is None or evt.sender == self.bot.client.mxid:
             return
@@ -104,23 +90,6 @@ class Onboarding:
             self.bot.log.info("Removed from chat %s by %s; marked gone", room_id, by)
         elif room_id in self.bot.registry.spaces:
             self.bot.log.warning("Removed from the Space %s by %s", room_id, by)
-
-    async def pickup_invites(self) -> None:
-        """Handles invites maubot never dispatched (it drops the first sync after a start)."""
-        data = await self.bot.mx.sync({"filter": _INVITES_FILTER, "timeout": "0"})
-        bot_id = self.bot.client.mxid
-        for room_id, room in data.get("rooms", {}).get("invite", {}).items():
-            inviter = next(
-                (
-                    e.get("sender")
-                    for e in room.get("invite_state", {}).get("events", [])
-                    if e.get("type") == "m.room.member" and e.get("state_key") == bot_id
-                ),
-                None,
-            )
-            if inviter:
-                self.bot.log.info("Picking up the missed invite of %s to %s", inviter, room_id)
-                await self.handle_invite(room_id, inviter)
 
     async def _encrypted(self, room_id: str) -> bool:
         try:

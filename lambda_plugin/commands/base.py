@@ -18,6 +18,12 @@ class CommandBase:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
 
+    async def begin(self, evt: MessageEvent) -> bool:
+        """Every command starts here: waits until the plugin is ready, and says whether the
+        event is new (a redelivered or already handled one is not answered twice)."""
+        await self.bot.ready.wait()
+        return await self.bot.store.mark_handled(evt.event_id, evt.room_id)
+
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
         await self.bot.notify(evt.room_id, text(self.bot.settings.language, key, **values))
 

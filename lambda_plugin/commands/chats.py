@@ -26,6 +26,8 @@ class ChatCommands(CommandBase):
     @command.new("new", help="New chat room in your Space: !new [name]")
     @command.argument("name", pass_raw=True, required=False)
     async def new(self, evt: MessageEvent, name: str = "") -> None:
+        if not await self.begin(evt):
+            return
         if not await self.allowed(evt):
             return
         wanted = None
@@ -52,6 +54,8 @@ class ChatCommands(CommandBase):
     @command.new("chats", help="Your chats: !chats [archived]")
     @command.argument("which", pass_raw=True, required=False)
     async def chats(self, evt: MessageEvent, which: str = "") -> None:
+        if not await self.begin(evt):
+            return
         if not await self.allowed(evt):
             return
         which = (which or "").strip().lower()
@@ -86,6 +90,8 @@ class ChatCommands(CommandBase):
     @command.new("rename", help="Rename this chat: !rename <name>")
     @command.argument("name", pass_raw=True, required=False)
     async def rename(self, evt: MessageEvent, name: str = "") -> None:
+        if not await self.begin(evt):
+            return
         room = await self.owned_chat(evt)
         if room is None:
             return
@@ -109,6 +115,8 @@ class ChatCommands(CommandBase):
         await self._set_archived(evt, False)
 
     async def _set_archived(self, evt: MessageEvent, archived: bool) -> None:
+        if not await self.begin(evt):
+            return
         room = await self.owned_chat(evt)
         if room is None:
             return

@@ -14,6 +14,8 @@ PENDING_COMMANDS = ("clear", "save", "load", "cancel", "retry", "context", "agen
 class HelpCommands(CommandBase):
     @command.new("help", help="List the commands")
     async def help(self, evt: MessageEvent) -> None:
+        if not await self.begin(evt):
+            return
         await self.bot.notify(evt.room_id, help_text(self.bot.settings.language))
 
     @command.new(
@@ -25,5 +27,7 @@ class HelpCommands(CommandBase):
     )
     @command.argument("rest", pass_raw=True, required=False)
     async def pending(self, evt: MessageEvent, rest: str) -> None:
+        if not await self.begin(evt):
+            return
         name = evt.content.body.split(maxsplit=1)[0]
         await self.reply(evt, "not_yet", command=name)

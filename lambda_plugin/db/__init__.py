@@ -1,4 +1,4 @@
-from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow
+from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow, chat_number
 from .store import UNIQUE_VIOLATION, Store, now_ms
 from .upgrade import upgrade_table
 
@@ -9,6 +9,7 @@ __all__ = [
     "SnapshotRow",
     "Store",
     "UserRow",
+    "chat_number",
     "now_ms",
     "upgrade_table",
 ]

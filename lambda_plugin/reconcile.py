@@ -1,0 +1,417 @@
+"""Rebuilds the database from the rooms themselves: Matrix topology is the truth.
+
+The topology is read with one ``/joined_rooms``, bounded concurrent ``/state`` reads and one
+small ``/sync`` for pending invites. (A filtered full-state ``/sync`` would be one request,
+but Synapse's answer with a short timeline leaves out the newest state events, such as the
+last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()`` is a pure function of
+what was read and the database's rows, so it is tested and benchmarked without a homeserver;
+``Reconciler.run()`` applies the plan. It never
+creates a room or a Space; it writes missing plugin state and links into rooms the bot
+already manages, and a second run on a consistent database writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .db import ChatRoomRow, UserRow, chat_number
+from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from .matrix import HomeserverError
+
+if TYPE_CHECKING:
+    from .bot import LambdaBot
+
+STATE_TYPES = [
+    MARKER_TYPE,
+    "m.room.create",
+    "m.room.name",
+    "m.room.tombstone",
+    "m.space.child",
+    "m.space.parent",
+    "m.room.member",
+]
+
+
+READ_CONCURRENCY = 16
+
+
+def invites_filter() -> str:
+    """Pending invites only: no timeline, no state, nothing else. Synapse caches a sync answer
+    per request (two minutes by default) and a restart must not read the last run's invites,
+    so each read names a room that cannot exist, making its request unique."""
+    return json.dumps(
+        {
+            "room": {
+                "not_rooms": [f"!reconcile-{uuid.uuid4().hex}:invalid"],
+                "timeline": {"limit": 0},
+                "state": {"types": []},
+                "ephemeral": {"not_types": ["*"]},
+                "account_data": {"not_types": ["*"]},
+                "include_leave": False,
+            },
+            "presence": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]},
+        },
+        separators=(",", ":"),
+    )
+
+
+_WANTED = frozenset(STATE_TYPES)
+
+
+@dataclass
+class Report:
+    joined_rooms: int = 0
+    restored_user_meta: int = 0  # user rows written (missing or different)
+    restored_room_meta: int = 0  # plugin markers written into rooms (backfill, fixes)
+    restored_chat_rows: int = 0  # chat rows that were missing from the database
+    repaired_chat_rows: int = 0  # chat rows that differed from the rooms
+    skipped_rooms: int = 0  # joined rooms that are not the plugin's
+    conflicts: int = 0  # contradictions resolved deterministically (see log)
+    repaired_links: int = 0  # m.space.child / m.space.parent written
+    gone_rooms: int = 0  # rooms in the database the bot is no longer in
+    invites: int = 0  # pending invites handed to onboarding
+    writes: int = 0  # every write, database and homeserver
+    requests: int = 0  # homeserver requests made
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+@dataclass
+class RoomState:
+    room_id: str
+    creator: str | None = None
+    created_ts: int = 0
+    is_space: bool = False
+    name: str | None = None
+    tombstoned: bool = False
+    marker: Marker | None = None
+    children: dict[str, dict] = field(default_factory=dict)
+    parents: dict[str, dict] = field(default_factory=dict)
+    members: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    users: dict[str, UserRow] = field(default_factory=dict)
+    rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
+    # (room id, event type, state key, content): state the bot writes into its own rooms
+    state_writes: list[tuple[str, str, str, dict]] = field(default_factory=list)
+    invites: list[tuple[str, str]] = field(default_factory=list)  # (room id, inviter)
+    report: Report = field(default_factory=Report)
+
+
+def parse_rooms(states: dict[str, list[dict[str, Any]]], bot_id: str) -> dict[str, RoomState]:
+    """Room id -> its current state events, as /state gives them."""
+    rooms: dict[str, RoomState] = {}
+    for room_id, events in states.items():
+        room = RoomState(room_id)
+        for event in events:
+            etype, key, content = event.get("type"), event.get("state_key"), event.get("content")
+            if not isinstance(content, dict):
+                continue
+            if etype == "m.room.create":
+                room.creator = content.get("creator") or event.get("sender")
+                room.created_ts = int(event.get("origin_server_ts") or 0)
+                room.is_space = content.get("type") == "m.space"
+            elif etype == "m.room.name":
+                room.name = content.get("name") if isinstance(content.get("name"), str) else None
+            elif etype == "m.room.tombstone":
+                room.tombstoned = bool(content.get("replacement_room"))
+            elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
+                # Only the bot's own marker counts; anyone else's is ignored.
+                room.marker = Marker.from_content(content)
+            elif etype == "m.space.child" and isinstance(key, str):
+                room.children[key] = content
+            elif etype == "m.space.parent" and isinstance(key, str):
+                room.parents[key] = content
+            elif etype == "m.room.member" and isinstance(key, str):
+                room.members[key] = str(content.get("membership"))
+        rooms[room_id] = room
+    return rooms
+
+
+def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
+    invites = []
+    for room_id, data in sync.get("rooms", {}).get("invite", {}).items():
+        for event in data.get("invite_state", {}).get("events", []):
+            if event.get("type") == "m.room.member" and event.get("state_key") == bot_id:
+                invites.append((room_id, event.get("sender", "")))
+                break
+    return invites
+
+
+def adopted_platform_chat_id(room_id: str) -> str:
+    """Deterministic: the same room always gets the same id, whichever run adopts it."""
+    return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
+
+
+def plan(
+    states: dict[str, list[dict[str, Any]]],
+    invites: list[tuple[str, str]],
+    bot_id: str,
+    server: str,
+    known_users: dict[str, UserRow],
+    known_rooms: dict[str, ChatRoomRow],
+    default_agent: str,
+) -> Plan:
+    """What the database and the rooms should hold, from one sync answer; no I/O."""
+    result = Plan()
+    report = result.report
+    rooms = parse_rooms(states, bot_id)
+    report.joined_rooms = len(rooms)
+    result.invites = invites
+    report.invites = len(result.invites)
+    now = int(time.time() * 1000)
+
+    def trusted(room: RoomState) -> bool:
+        return room.marker is not None and room.creator == bot_id and not room.tombstoned
+
+    # Spaces: one per owner; on a conflict the database's choice wins, else the oldest.
+    spaces: dict[str, RoomState] = {}
+    for room in sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id)):
+        if not (trusted(room) and room.marker.kind == KIND_SPACE and room.is_space):
+            continue
+        owner = room.marker.owner
+        if owner in spaces:
+            report.conflicts += 1
+            known = known_users.get(owner)
+            if known and known.space_id == room.room_id:
+                spaces[owner] = room
+            continue
+        spaces[owner] = room
+    space_owner = {space.room_id: owner for owner, space in spaces.items()}
+
+    # Chat rooms: marked ones, then unmarked children of a managed Space (older versions).
+    chats: dict[str, list[tuple[RoomState, Marker, bool]]] = {}
+    for room in sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id)):
+        if room.room_id in space_owner or room.is_space:
+            continue
+        if trusted(room) and room.marker.kind == KIND_CHAT:
+            chats.setdefault(room.marker.owner, []).append((room, room.marker, False))
+            continue
+        parent = next(
+            (
+                space_owner[s]
+                for s in sorted(room.parents)
+                if s in space_owner and room.room_id in rooms[s].children
+            ),
+            None,
+        )
+        parent = parent or next(
+            (
+                owner
+                for space_id, owner in sorted(space_owner.items())
+                if room.room_id in rooms[space_id].children
+            ),
+            None,
+        )
+        if parent and room.creator == bot_id and not room.tombstoned and room.marker is None:
+            chats.setdefault(parent, []).append((room, None, True))  # type: ignore[arg-type]
+        else:
+            report.skipped_rooms += 1
+
+    seen_pcids: set[str] = set()
+    owners = set(spaces) | set(chats)
+    for owner in sorted(owners):
+        space = spaces.get(owner)
+        space_id = space.room_id if space else None
+        taken: set[int] = set()
+        rows: list[tuple[RoomState, ChatRoomRow, bool]] = []
+        adopt: list[RoomState] = []
+        for room, marker, unmarked in chats.get(owner, []):
+            if unmarked:
+                adopt.append(room)
+                continue
+            number = chat_number(marker.chat_id or "")
+            pcid = marker.platform_chat_id or adopted_platform_chat_id(room.room_id)
+            rewrite = False
+            if number <= 0 or number in taken:
+                report.conflicts += 1
+                adopt.append(room)  # renumbered below, with a fresh marker
+                continue
+            if pcid in seen_pcids:
+                report.conflicts += 1
+                pcid = adopted_platform_chat_id(room.room_id)
+                rewrite = True
+            taken.add(number)
+            seen_pcids.add(pcid)
+            row = ChatRoomRow(
+                room_id=room.room_id,
+                user_id=owner,
+                chat_id=f"C{number}",
+                name=room.name or _known_name(known_rooms, room.room_id, number),
+                agent_id=marker.agent_id or default_agent,
+                platform_chat_id=pcid,
+                archived=marker.archived,
+                gone=False,
+                created_at=room.created_ts or now,
+            )
+            moved = space_id is not None and marker.space_id != space_id
+            rows.append((room, row, rewrite or moved))
+        next_free = max(taken, default=0) + 1
+        for room in adopt:
+            pcid = adopted_platform_chat_id(room.room_id)
+            if room.marker and room.marker.platform_chat_id not in seen_pcids:
+                pcid = room.marker.platform_chat_id or pcid
+            seen_pcids.add(pcid)
+            row = ChatRoomRow(
+                room_id=room.room_id,
+                user_id=owner,
+                chat_id=f"C{next_free}",
+                name=room.name or f"C{next_free}",
+                agent_id=(room.marker.agent_id if room.marker else None) or default_agent,
+                platform_chat_id=pcid,
+                archived=bool(room.marker.archived) if room.marker else False,
+                gone=False,
+                created_at=room.created_ts or now,
+            )
+            taken.add(next_free)
+            next_free += 1
+            rows.append((room, row, True))
+
+        known_user = known_users.get(owner)
+        next_index = max(max(taken, default=0) + 1, known_user.next_chat_index if known_user else 1)
+        user = UserRow(
+            owner, space_id or (known_user.space_id if known_user else None), next_index, now
+        )
+        if (
+            known_user is None
+            or known_user.space_id != user.space_id
+            or known_user.next_chat_index != next_index
+        ):
+            result.users[owner] = user
+            report.restored_user_meta += 1
+
+        for room, row, write_marker in rows:
+            known = known_rooms.get(row.room_id)
+            if known is None:
+                result.rooms[row.room_id] = row
+                report.restored_chat_rows += 1
+            elif replace(known, created_at=row.created_at) != row:
+                result.rooms[row.room_id] = replace(row, created_at=known.created_at)
+                report.repaired_chat_rows += 1
+            if write_marker:
+                marker = Marker(
+                    kind=KIND_CHAT,
+                    owner=owner,
+                    space_id=space_id,
+                    chat_id=row.chat_id,
+                    agent_id=row.agent_id,
+                    platform_chat_id=row.platform_chat_id,
+                    archived=row.archived,
+                )
+                result.state_writes.append((row.room_id, MARKER_TYPE, "", marker.content()))
+                report.restored_room_meta += 1
+            if space is None:
+                continue
+            # Links: active rooms are listed in the Space (with via) and point back to it.
+            child = space.children.get(row.room_id) or {}
+            if not row.archived and not child.get("via"):
+                content = {"via": [server], "order": f"{row.chat_number:08d}"}
+                result.state_writes.append((space.room_id, "m.space.child", row.room_id, content))
+                report.repaired_links += 1
+            elif row.archived and child.get("via"):
+                result.state_writes.append((space.room_id, "m.space.child", row.room_id, {}))
+                report.repaired_links += 1
+            if not (room.parents.get(space.room_id) or {}).get("via"):
+                content = {"via": [server], "canonical": True}
+                result.state_writes.append((row.room_id, "m.space.parent", space.room_id, content))
+                report.repaired_links += 1
+
+    # Rooms the database knows but the bot is no longer in (kicked while it was down).
+    for room_id, known in known_rooms.items():
+        left = room_id not in rooms or rooms[room_id].tombstoned
+        if left and not known.gone:
+            result.rooms[room_id] = replace(known, gone=True)
+            report.gone_rooms += 1
+    report.writes = len(result.users) + len(result.rooms) + len(result.state_writes)
+    return result
+
+
+def _known_name(known_rooms: dict[str, ChatRoomRow], room_id: str, number: int) -> str:
+    known = known_rooms.get(room_id)
+    return known.name if known else f"C{number}"
+
+
+class Reconciler:
+    def __init__(self, bot: LambdaBot) -> None:
+        self.bot = bot
+        self.last_report: Report | None = None
+
+    async def run(self, dry_run: bool = False) -> tuple[Report, list[tuple[str, str]]]:
+        """Reconciles once; returns the report and the pending invites it saw."""
+        started = time.monotonic()
+        requests_before = self.bot.mx.requests
+        states, invites = await self.read_topology()
+        registry = self.bot.registry
+        result = plan(
+            states,
+            invites,
+            self.bot.mx.user_id,
+            self.bot.mx.server_name,
+            dict(registry.users),
+            dict(registry.rooms),
+            self.bot.settings.default_agent,
+        )
+        report = result.report
+        report.dry_run = dry_run
+        if not dry_run:
+            await self._apply(result)
+        report.requests = self.bot.mx.requests - requests_before
+        report.seconds = time.monotonic() - started
+        self.last_report = report
+        return report, result.invites
+
+    async def read_topology(self) -> tuple[dict[str, list[dict]], list[tuple[str, str]]]:
+        """Every joined room's state (only the types reconciliation reads), and the invites."""
+        mx = self.bot.mx
+        room_ids = await mx.joined_rooms()
+        limit = asyncio.Semaphore(READ_CONCURRENCY)
+        states: dict[str, list[dict]] = {}
+
+        async def read(room_id: str) -> None:
+            async with limit:
+                try:
+                    events = await mx.state(room_id)
+                except HomeserverError as e:
+                    if e.status in (403, 404):  # left between the two calls
+                        return
+                    raise
+            states[room_id] = [e for e in events if e.get("type") in _WANTED]
+
+        await asyncio.gather(*(read(room_id) for room_id in room_ids))
+        sync = await mx.sync({"filter": invites_filter(), "timeout": "0"})
+        return states, parse_invites(sync, mx.user_id)
+
+    async def _apply(self, result: Plan) -> None:
+        store = self.bot.store
+        for user in result.users.values():
+            await store.upsert_user(user.user_id, user.space_id, user.next_chat_index)
+        for room in result.rooms.values():
+            await store.upsert_room(room)
+        for room_id, event_type, state_key, content in result.state_writes:
+            self.bot.log.debug(
+                "Reconciliation writes %s/%s into %s", event_type, state_key, room_id
+            )
+            try:
+                await self.bot.mx.send_state(room_id, event_type, content, state_key)
+            except HomeserverError as e:
+                self.bot.log.warning(
+                    "Reconciliation could not write %s into %s: %s", event_type, room_id, e
+                )
+        await self.bot.registry.load()

@@ -1,0 +1,150 @@
+"""The database is a cache: wiped, it is rebuilt from the rooms at start, exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from devstack.matrix import MatrixUser
+from devstack.stack import Deployment
+from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+
+from .helpers import is_room_invite, is_space_invite, notice_text, onboard
+
+pytestmark = pytest.mark.real
+ROWS = "SELECT room_id, user_id, chat_id, name, agent_id, platform_chat_id, archived, gone FROM chat_room"
+
+
+async def restart(stack: Deployment) -> str:
+    """Restarts the instance and returns its reconciliation log line."""
+    mark = stack.log_mark()
+    await stack.restart_instance()
+    return stack.wait_for_log("Reconciled: ", after=mark)
+
+
+def report_value(line: str, key: str) -> str:
+    return (
+        line.split(f" {key}=")[1].split()[0]
+        if f" {key}=" in line
+        else line.split(f"{key}=")[1].split()[0]
+    )
+
+
+async def bot_device(stack: Deployment) -> MatrixUser:
+    """The bot's own account on a second device: what the plugin itself could have done."""
+    login = stack.synapse.login(stack.bot_id, "bot-password")
+    user = MatrixUser(stack.synapse.url, stack.bot_id, login["access_token"])
+    stack.users.append(user)
+    return user
+
+
+def normalise(rows: list[dict]) -> list[dict]:
+    return sorted(
+        ({**r, "archived": bool(r["archived"]), "gone": bool(r["gone"])} for r in rows),
+        key=lambda r: r["room_id"],
+    )
+
+
+async def test_wiped_database_is_rebuilt(stack: Deployment, new_user) -> None:
+    ida = await new_user("ida")
+    got = await onboard(ida, stack)
+    bot = stack.bot_id
+    reply = notice_text(await ida.command(got.room, "!new Research", bot))
+    research = reply.split("https://matrix.to/#/")[1].split("?")[0]
+    await ida.join(research)
+    assert "Archived" in notice_text(await ida.command(research, "!archive", bot))
+    await ida.send_state(got.room, "m.room.name", {"name": "Renamed by hand"})
+    await ida.wait_until_reply_contains(got.dm, "!chats", bot, "Renamed by hand")
+    before = normalise(await stack.sql(f"{ROWS} WHERE user_id='{ida.user_id}'"))
+    assert len(before) == 2
+    user_before = await stack.sql(
+        f"SELECT space_id, next_chat_index FROM lambda_user WHERE user_id='{ida.user_id}'"
+    )
+
+    await stack.sql("DELETE FROM chat_room")
+    await stack.sql("DELETE FROM lambda_user")
+    line = await restart(stack)
+    assert int(report_value(line, "restored_chat_rows")) >= 2
+    assert report_value(line, "conflicts") == "0"
+
+    after = normalise(await stack.sql(f"{ROWS} WHERE user_id='{ida.user_id}'"))
+    assert after == before
+    user_after = await stack.sql(
+        f"SELECT space_id, next_chat_index FROM lambda_user WHERE user_id='{ida.user_id}'"
+    )
+    assert user_after == user_before
+    listing = notice_text(await ida.command(got.room, "!chats archived", bot))
+    assert "Research" in listing
+    # Nothing new was created: still one Space and the two rooms.
+    await ida.sync_once(0)
+    assert len([r for r, s in ida.invites.items() if is_space_invite(r, s)]) == 0
+
+    # A second start on a consistent database writes nothing.
+    line = await restart(stack)
+    assert report_value(line, "writes") == "0", line
+
+
+async def test_half_made_space_is_completed_not_duplicated(stack: Deployment, new_user) -> None:
+    jo = await new_user("jo")
+    bot = await bot_device(stack)
+    # The plugin died right after creating the Space: no database row, no chat room.
+    space = await bot.create_room(
+        name="Lambda — jo",
+        preset="private_chat",
+        creation_content={"type": "m.space"},
+        invite=[jo.user_id],
+        initial_state=[Marker(kind=KIND_SPACE, owner=jo.user_id).state_event()],
+    )
+    await restart(stack)
+    await jo.dm(stack.bot_id)
+    room = await jo.wait_for_invite(is_room_invite)
+    await jo.join(room)
+    marker = await jo.state_event(room, MARKER_TYPE)
+    assert marker["content"]["space_id"] == space
+    assert [r for r, s in jo.invites.items() if is_space_invite(r, s)] == [space]
+
+
+async def test_unmarked_child_rooms_are_adopted(stack: Deployment, new_user) -> None:
+    kim = await new_user("kim")
+    bot = await bot_device(stack)
+    space = await bot.create_room(
+        name="Lambda — kim",
+        preset="private_chat",
+        creation_content={"type": "m.space"},
+        invite=[kim.user_id],
+        initial_state=[Marker(kind=KIND_SPACE, owner=kim.user_id).state_event()],
+    )
+    # A room an older version made: in the Space, but without the plugin's marker.
+    old = await bot.create_room(name="Old chat", preset="private_chat", invite=[kim.user_id])
+    await bot.send_state(space, "m.space.child", {"via": ["localhost"]}, old)
+    line = await restart(stack)
+    assert int(report_value(line, "restored_room_meta")) >= 1
+    marker = await bot.state_event(old, MARKER_TYPE)
+    assert marker["sender"] == stack.bot_id
+    assert marker["content"]["kind"] == KIND_CHAT
+    assert marker["content"]["chat_id"] == "C1"
+    first_id = marker["content"]["platform_chat_id"]
+    parent = await bot.state_event(old, "m.space.parent", space)
+    assert parent["content"]["via"] == ["localhost"]
+    # Deterministic: wiped and adopted again, the room keeps its id; then nothing to write.
+    await stack.sql(f"DELETE FROM chat_room WHERE user_id='{kim.user_id}'")
+    await restart(stack)
+    rows = await stack.sql(f"SELECT platform_chat_id FROM chat_room WHERE room_id='{old}'")
+    assert rows == [{"platform_chat_id": first_id}]
+    line = await restart(stack)
+    assert report_value(line, "writes") == "0", line
+
+
+async def test_markers_not_sent_by_the_bot_are_ignored(stack: Deployment, new_user) -> None:
+    mal = await new_user("mal")
+    got = await onboard(mal, stack)
+    # Mallory makes her own room, forges the plugin's marker in it, and invites the bot.
+    forged = Marker(
+        kind=KIND_CHAT, owner=mal.user_id, space_id=got.space, chat_id="C7",
+        agent_id="echo", platform_chat_id="stolen-id",
+    )  # fmt: skip
+    own = await mal.create_room(name="Forged", initial_state=[forged.state_event()])
+    await mal.invite(own, stack.bot_id)
+    await restart(stack)
+    rows = await stack.sql(f"SELECT room_id FROM chat_room WHERE user_id='{mal.user_id}'")
+    assert [r["room_id"] for r in rows] == [got.room]
+    assert "Forged" not in notice_text(await mal.command(got.room, "!chats", stack.bot_id))
