@@ -1,0 +1,405 @@
+"""What every agent backend offers the router, and the pieces the backends share.
+
+An agent answers one message of one conversation at a time; the conversation is named by
+its ``platform_chat_id`` only. Every failure an agent can have reaches the router as an
+:class:`AgentError`, whose ``user_message`` is safe to show in the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from ..config import AgentSpec
+from ..db import Store
+
+# English texts of every AgentError, by key; the router may translate by the same keys.
+ERROR_TEXTS: dict[str, str] = {
+    "agent.failed": "The agent failed.",
+    "agent.unreachable": "The agent is unreachable right now.",
+    "agent.timeout": "The agent took too long to answer.",
+    "agent.http_error": "The agent answered with an error (HTTP {status}).",
+    "agent.unreadable": "The agent's answer could not be read.",
+    "agent.empty": "The agent gave an empty answer.",
+    "agent.file_type": "This agent cannot take files of type {mime_type}.",
+    "agent.file_too_large": "The file {name} is too large for this agent.",
+    "agent.no_workspace": "This agent takes files only through a shared workspace, "
+    "and none is configured.",
+    "agent.bad_snapshot": "This snapshot cannot be used with this agent.",
+}
+
+# Bounds on what an agent may send back, so a broken endpoint cannot exhaust memory.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+ERROR_BODY_BYTES = 1024
+CAUSE_BODY_CHARS = 200
+HEALTH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str
+    mime_type: str
+    size: int
+    # Relative path under the shared workspace root, when one is configured.
+    workspace_path: str | None = None
+    # Inline bytes when no workspace is configured (only the openai backend takes them).
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    platform_chat_id: str
+    text: str
+    user_id: str
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    text: str
+    # Relative workspace paths of files the agent returns; the router checks and uploads them.
+    attachments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    messages: int
+    chars: int
+
+
+class AgentError(Exception):
+    """An agent failed.
+
+    ``user_message`` is short and safe to show in the room (never a secret, a URL or a
+    token); ``key`` and ``values`` name the same text in :data:`ERROR_TEXTS` for
+    translation; ``str(error)`` is the cause, for the log (secrets already redacted).
+    """
+
+    def __init__(
+        self,
+        user_message: str,
+        cause: str,
+        *,
+        key: str = "agent.failed",
+        values: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(cause)
+        self.user_message = user_message
+        self.cause = cause
+        self.key = key
+        self.values = values or {}
+
+    @classmethod
+    def of(cls, key: str, cause: str, **values: Any) -> AgentError:
+        return cls(ERROR_TEXTS[key].format(**values), cause, key=key, values=values)
+
+
+# Called with the whole text so far while an answer streams.
+PartialCallback = Callable[[str], Awaitable[None]]
+
+
+class Agent(ABC):
+    """One configured agent; the router keeps one instance per registry entry."""
+
+    backend: str
+    # The option keys this backend reads; others get a warning.
+    OPTIONS: tuple[str, ...] = ()
+
+    def __init__(self, spec: AgentSpec, log: logging.Logger) -> None:
+        self.agent_id = spec.agent_id
+        self.log = log
+        Options(spec).warn_unknown(log, self.OPTIONS)
+
+    @abstractmethod
+    async def respond(
+        self, request: AgentRequest, on_partial: PartialCallback | None = None
+    ) -> AgentReply:
+        """Answers one message. Cancelling the task leaves the conversation unchanged."""
+
+    @abstractmethod
+    async def drop(self, platform_chat_id: str) -> None:
+        """Forgets a conversation (``!clear``); forgetting an unknown one is no error."""
+
+    @abstractmethod
+    async def context(self, platform_chat_id: str) -> ContextInfo: ...
+
+    @abstractmethod
+    async def snapshot(self, platform_chat_id: str) -> str:
+        """The conversation as opaque JSON text, for the plugin to store under a name."""
+
+    @abstractmethod
+    async def restore(self, platform_chat_id: str, snapshot: str) -> None:
+        """Makes a new conversation continue from a snapshot this backend made."""
+
+    @abstractmethod
+    async def health(self) -> str | None:
+        """None when the agent works, else a short problem text (safe to show admins)."""
+
+    async def close(self) -> None:  # noqa: B027 - deliberately empty: most agents hold nothing
+        pass
+
+
+class StoreAgent(Agent):
+    """An agent whose conversations are kept as history rows in the plugin database."""
+
+    def __init__(self, spec: AgentSpec, store: Store, log: logging.Logger) -> None:
+        super().__init__(spec, log)
+        self.store = store
+
+    async def remember(self, platform_chat_id: str, user_text: str, answer: str) -> None:
+        # One atomic write after the whole answer: a failed or cancelled attempt leaves no
+        # half exchange behind, so !retry never duplicates a message.
+        await self.store.append_history(
+            platform_chat_id, [("user", user_text), ("assistant", answer)]
+        )
+
+    async def drop(self, platform_chat_id: str) -> None:
+        await self.store.drop_history(platform_chat_id)
+
+    async def context(self, platform_chat_id: str) -> ContextInfo:
+        rows = await self.store.history(platform_chat_id)
+        return ContextInfo(messages=len(rows), chars=sum(len(row.content) for row in rows))
+
+    async def snapshot(self, platform_chat_id: str) -> str:
+        rows = await self.store.history(platform_chat_id)
+        messages = [{"role": row.role, "content": row.content} for row in rows]
+        return json.dumps({"version": 1, "messages": messages}, ensure_ascii=False)
+
+    async def restore(self, platform_chat_id: str, snapshot: str) -> None:
+        messages = _history_of(snapshot)
+        await self.store.drop_history(platform_chat_id)
+        if messages:
+            await self.store.append_history(platform_chat_id, messages)
+
+
+def _history_of(snapshot: str) -> list[tuple[str, str]]:
+    try:
+        data = json.loads(snapshot)
+        messages = [(m["role"], m["content"]) for m in data["messages"]]
+    except (ValueError, TypeError, KeyError) as e:
+        raise AgentError.of("agent.bad_snapshot", f"snapshot is not a history: {e!r}") from e
+    if not all(isinstance(r, str) and isinstance(c, str) for r, c in messages):
+        raise AgentError.of("agent.bad_snapshot", "snapshot history holds non-text entries")
+    return messages
+
+
+class Options:
+    """Reads one agent's options, naming the exact config key in every error."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        self.values = spec.options
+        self.prefix = f"agents.registry.{spec.agent_id}"
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        value = self.values.get(key)
+        if value is None or value == "":
+            if required:
+                raise ValueError(f"{self.prefix}.{key} is required")
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{self.prefix}.{key} must be a text")
+        return value
+
+    def url(self, key: str) -> URL:
+        value = self.text(key, required=True)
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{self.prefix}.{key} must be an http(s) URL")
+        if url.user is not None or url.password is not None:
+            # Secrets belong in their own option, which goes into a header and nowhere else.
+            raise ValueError(f"{self.prefix}.{key} must not hold credentials")
+        return url
+
+    def number(self, key: str, default: float) -> float:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{self.prefix}.{key} must be a positive number")
+        return float(value)
+
+    def count(self, key: str, default: int) -> int:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{self.prefix}.{key} must be a whole number, 0 or more")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.values.get(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.prefix}.{key} must be true or false")
+        return value
+
+    def warn_unknown(self, log: logging.Logger, known: Collection[str]) -> None:
+        # Only a warning: refusing unknown keys would break configs written for other versions.
+        for key in sorted(set(self.values) - set(known)):
+            log.warning("Ignoring unknown option %s.%s", self.prefix, key)
+
+
+class HttpClient:
+    """The one way agents talk HTTP: maubot's session, per-request time-outs, and every
+    failure turned into an AgentError whose cause never holds the secret."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: URL,
+        log: logging.Logger,
+        *,
+        secret: str | None,
+        timeout_s: float,
+    ) -> None:
+        self.http = http
+        self.log = log
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self._secret = secret
+        # The secret travels only in this header; it is never part of a URL or a body.
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+
+    def url(self, *segments: str) -> URL:
+        """``base_url`` with path segments appended, each quoted whole ("/" included)."""
+        path = self.base_url.raw_path.rstrip("/")
+        path += "".join("/" + quote(segment, safe="") for segment in segments)
+        return URL.build(
+            scheme=self.base_url.scheme,
+            authority=self.base_url.raw_authority,
+            path=path,
+            query_string=self.base_url.raw_query_string,
+            encoded=True,
+        )
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def unreadable(self, what: str, data: Any) -> AgentError:
+        """The error for an answer of the wrong shape; ``what`` says what was expected."""
+        return AgentError.of(
+            "agent.unreadable", self.redact(f"expected {what}, got {_shorten(data)}")
+        )
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        body: Any = None,
+        stream: bool = False,
+        timeout_s: float | None = None,
+        accept: Collection[int] = (),
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Sends a request and yields the response once its status is 2xx or in ``accept``.
+
+        Errors raised while the caller reads the response inside the ``async with`` block
+        (a stalled or cut stream, bad JSON) are turned into AgentErrors here too.
+        """
+        timeout_s = timeout_s or self.timeout_s
+        if stream:
+            # A streamed answer may take longer than timeout_s in all, as long as it keeps
+            # coming: the limit is on connecting and on every wait for the next bytes.
+            timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
+        else:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # No query and no user info in causes: either could carry a credential.
+        where = f"{method} {url.with_user(None).with_query(None)}"
+        try:
+            async with self.http.request(
+                method,
+                url,
+                json=body,
+                headers=self._headers,
+                timeout=timeout,
+                # A redirect could carry the Authorization header to another host.
+                allow_redirects=False,
+            ) as resp:
+                if not (200 <= resp.status < 300 or resp.status in accept):
+                    snippet = await resp.content.read(ERROR_BODY_BYTES)
+                    raise AgentError.of(
+                        "agent.http_error",
+                        self.redact(f"{where}: HTTP {resp.status}: {_shorten(snippet)}"),
+                        status=resp.status,
+                    )
+                yield resp
+        except AgentError:
+            raise
+        # Time-outs first: aiohttp's read time-outs are connection errors as well.
+        # (asyncio.TimeoutError, not the builtin: they differ on Python 3.10.)
+        except asyncio.TimeoutError as e:
+            raise AgentError.of("agent.timeout", f"{where}: no answer in {timeout_s:g} s") from e
+        except (aiohttp.ClientPayloadError, ValueError) as e:
+            raise AgentError.of("agent.unreadable", self.redact(f"{where}: {_name(e)}")) from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise AgentError.of("agent.unreachable", self.redact(f"{where}: {_name(e)}")) from e
+
+    async def call(
+        self, method: str, url: URL, *, body: Any = None, accept: Collection[int] = ()
+    ) -> None:
+        """A request whose answer body does not matter."""
+        async with self.request(method, url, body=body, accept=accept):
+            pass
+
+    async def json(
+        self,
+        method: str,
+        url: URL,
+        *,
+        body: Any = None,
+        accept: Collection[int] = (),
+    ) -> Any:
+        """The parsed JSON answer, or None for a status in ``accept``."""
+        async with self.request(method, url, body=body, accept=accept) as resp:
+            if resp.status in accept:
+                return None
+            return json.loads(await read_body(resp))
+
+    async def health(
+        self, url: URL, check: Callable[[Any], str | None] = lambda _: None
+    ) -> str | None:
+        """Probes ``url`` quickly: None when it answers 2xx and ``check`` finds no problem
+        in its JSON (None when the body is not JSON), else a short problem text."""
+        try:
+            async with self.request(
+                "GET", url, timeout_s=min(HEALTH_TIMEOUT_S, self.timeout_s)
+            ) as resp:
+                body = await read_body(resp)
+        except AgentError as e:
+            self.log.warning("Health check failed: %s", e)
+            return e.user_message
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        return check(data)
+
+
+async def read_body(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ValueError(f"answer is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _name(error: BaseException) -> str:
+    return _shorten(f"{type(error).__name__}: {error}")
+
+
+def _shorten(data: Any) -> str:
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", errors="replace")
+    elif not isinstance(data, str):
+        data = repr(data)
+    text = " ".join(data.split())
+    return text if len(text) <= CAUSE_BODY_CHARS else text[:CAUSE_BODY_CHARS] + "…"

@@ -1,0 +1,36 @@
+"""The embedded default agent: answers from the message itself, with no network.
+
+It keeps history like a real agent, so ``!clear``, ``!save``, ``!load`` and ``!context``
+show real effects without any agent deployed.
+"""
+
+from __future__ import annotations
+
+from .base import AgentReply, AgentRequest, PartialCallback, StoreAgent
+
+
+class EchoAgent(StoreAgent):
+    backend = "echo"
+
+    async def respond(
+        self, request: AgentRequest, on_partial: PartialCallback | None = None
+    ) -> AgentReply:
+        history = await self.store.history(request.platform_chat_id)
+        number = 1 + sum(1 for row in history if row.role == "user")
+        parts = [f"echo: {request.text}"]
+        if request.attachments:
+            parts.append(
+                "\n".join(
+                    f"- {file.name} ({file.mime_type}, {file.size} bytes): "
+                    f"{file.workspace_path or 'inline'}"
+                    for file in request.attachments
+                )
+            )
+        parts.append(f"(message {number} in this conversation)")
+        # Blank lines between the parts: the reply is rendered as Markdown.
+        answer = "\n\n".join(parts)
+        await self.remember(request.platform_chat_id, request.text, answer)
+        return AgentReply(answer)
+
+    async def health(self) -> str | None:
+        return None

@@ -1,0 +1,193 @@
+"""Any OpenAI-compatible chat completions endpoint: OpenAI, Ollama, vLLM, llama.cpp, LiteLLM,
+OpenRouter. The endpoint is stateless, so the history lives in the plugin database."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from ..config import AgentSpec
+from ..db import Store
+from .base import (
+    AgentError,
+    AgentReply,
+    AgentRequest,
+    HttpClient,
+    Options,
+    PartialCallback,
+    StoreAgent,
+    read_body,
+)
+
+# Files go inline only within these bounds: a chat model's context is small.
+TEXT_INLINE_BYTES = 100 * 1024
+IMAGE_INLINE_BYTES = 20 * 1024 * 1024
+# Types that are text in all but name.
+TEXT_TYPES = frozenset(
+    {
+        "application/json",
+        "application/xml",
+        "application/yaml",
+        "application/x-yaml",
+        "application/javascript",
+        "application/x-sh",
+    }
+)
+
+
+class OpenAIAgent(StoreAgent):
+    backend = "openai"
+    OPTIONS = (
+        "base_url",
+        "model",
+        "api_key",
+        "system_prompt",
+        "max_history",
+        "stream",
+        "timeout_s",
+    )
+
+    def __init__(
+        self, spec: AgentSpec, store: Store, http: aiohttp.ClientSession, log: logging.Logger
+    ) -> None:
+        super().__init__(spec, store, log)
+        options = Options(spec)
+        self.model = options.text("model", required=True)
+        self.system_prompt = options.text("system_prompt")
+        self.max_history = options.count("max_history", 40)
+        self.stream = options.flag("stream", True)
+        self.client = HttpClient(
+            http,
+            options.url("base_url"),
+            log,
+            secret=options.text("api_key"),
+            timeout_s=options.number("timeout_s", 120),
+        )
+
+    async def respond(
+        self, request: AgentRequest, on_partial: PartialCallback | None = None
+    ) -> AgentReply:
+        # Built first: a file this agent cannot take fails before any request is sent.
+        user_text, images = self._user_message(request)
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        if self.max_history:
+            history = await self.store.history(request.platform_chat_id, limit=self.max_history)
+            messages.extend({"role": row.role, "content": row.content} for row in history)
+        content: str | list[dict[str, Any]] = user_text
+        if images:
+            content = [{"type": "text", "text": user_text}, *images]
+        messages.append({"role": "user", "content": content})
+        payload = {"model": self.model, "messages": messages, "stream": self.stream}
+
+        url = self.client.url("chat", "completions")
+        async with self.client.request("POST", url, body=payload, stream=self.stream) as resp:
+            # By the answer's type, not the request: some servers ignore "stream".
+            if resp.content_type == "text/event-stream":
+                answer = await self._read_stream(resp, on_partial)
+            else:
+                answer, _ = self._content(json.loads(await read_body(resp)), "message")
+        if not answer.strip():
+            raise AgentError.of("agent.empty", f"POST {url.path}: the answer has no text")
+        await self.remember(request.platform_chat_id, user_text, answer)
+        return AgentReply(answer)
+
+    async def health(self) -> str | None:
+        return await self.client.health(self.client.url("models"))
+
+    def _user_message(self, request: AgentRequest) -> tuple[str, list[dict[str, Any]]]:
+        """The user's text, as kept in history, and the image parts sent along with it."""
+        texts = [request.text] if request.text else []
+        images: list[dict[str, Any]] = []
+        for file in request.attachments:
+            mime = file.mime_type.split(";")[0].strip().lower()
+            label = f"{file.name} ({mime}, {file.size} bytes)"
+            if file.data is None:
+                # The path is all there is; an agent with workspace tools can read it.
+                where = file.workspace_path or "not available"
+                texts.append(f"[attached file: {label}, workspace path: {where}]")
+            elif mime.startswith("image/"):
+                if len(file.data) > IMAGE_INLINE_BYTES:
+                    raise AgentError.of(
+                        "agent.file_too_large",
+                        f"image {file.name!r} has {len(file.data)} bytes",
+                        name=file.name,
+                    )
+                encoded = base64.b64encode(file.data).decode("ascii")
+                images.append(
+                    {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{encoded}"}}
+                )
+                # History keeps this marker, not the image: it would not fit a context.
+                texts.append(f"[attached image: {label}]")
+            elif mime.startswith("text/") or mime in TEXT_TYPES:
+                body = file.data[:TEXT_INLINE_BYTES].decode("utf-8", errors="replace")
+                cut = ", truncated" if len(file.data) > TEXT_INLINE_BYTES else ""
+                texts.append(f"[attached file: {label}{cut}]\n{body}\n[end of {file.name}]")
+            else:
+                raise AgentError.of(
+                    "agent.file_type", f"file {file.name!r} is {mime}", mime_type=mime
+                )
+        return "\n\n".join(texts), images
+
+    async def _read_stream(
+        self, resp: aiohttp.ClientResponse, on_partial: PartialCallback | None
+    ) -> str:
+        text = ""
+        finished = False
+        async for data in _sse_data(resp.content):
+            if data == "[DONE]":
+                return text
+            delta, done = self._content(json.loads(data), "delta")
+            finished = finished or done
+            if delta:
+                text += delta
+                if on_partial is not None:
+                    await self._show(on_partial, text)
+        # Without [DONE] or a finish reason the stream was cut: the text may be partial.
+        if not finished:
+            raise AgentError.of("agent.unreadable", "the stream ended before [DONE]")
+        return text
+
+    async def _show(self, on_partial: PartialCallback, text: str) -> None:
+        try:
+            await on_partial(text)
+        except Exception:
+            # A failed preview edit must not lose the answer: the whole of it comes at the end.
+            self.log.warning("Showing a partial answer failed", exc_info=True)
+
+    def _content(self, data: Any, field: str) -> tuple[str, bool]:
+        """The text of ``choices[0][field]`` and whether that choice is finished."""
+        try:
+            choices = data["choices"]
+            if not choices:  # e.g. the usage chunk at the end of a stream
+                return "", False
+            choice = choices[0]
+            content = (choice.get(field) or {}).get("content") or ""
+            finished = choice.get("finish_reason") is not None
+        except (LookupError, TypeError, AttributeError):
+            raise self.client.unreadable(f"choices[0].{field}.content", data) from None
+        if not isinstance(content, str):
+            raise self.client.unreadable(f"text in choices[0].{field}.content", content)
+        return content, finished
+
+
+async def _sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The data of each server-sent event; comments and other fields are skipped."""
+    lines: list[str] = []
+    async for raw in stream:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+        elif line.startswith("data:"):
+            value = line[len("data:") :]
+            lines.append(value[1:] if value.startswith(" ") else value)
+    if lines:
+        yield "\n".join(lines)

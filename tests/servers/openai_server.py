@@ -1,0 +1,87 @@
+"""An OpenAI-compatible chat completions endpoint that answers from the last user message.
+
+Modes (see the package doc): "ok" answers as asked (JSON, or SSE when the request says
+``"stream": true``); "stream" always answers in SSE, ``chunks`` pieces ``chunk_delay_s``
+apart; "garbage" sends text that is not JSON (or SSE events that are not); "shape" sends
+JSON without ``choices``; "empty" an answer with no text; "cut" ends a stream after its
+first piece without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from . import LocalServer, text_response
+
+
+class OpenAIServer(LocalServer):
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/chat/completions", self._completions),
+            web.get("/v1/models", self._models),
+        ]
+
+    async def start(self, host: str = "127.0.0.1") -> str:
+        """Serves under /v1, like most OpenAI-compatible servers; returns that base URL."""
+        self.base_url = await super().start(host) + "/v1"
+        return self.base_url
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "test-model"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if self.mode in ("stream", "cut") or body.get("stream"):
+            return await self._stream(request, self._answer(body))
+        if self.mode == "garbage":
+            return text_response("this is not JSON {")
+        if self.mode == "shape":
+            return web.json_response({"unexpected": True})
+        message = {"role": "assistant", "content": self._answer(body)}
+        return web.json_response(
+            {"object": "chat.completion", "choices": [_choice(message=message, finish="stop")]}
+        )
+
+    def _answer(self, body: dict[str, Any]) -> str:
+        if self.mode == "empty":
+            return ""
+        last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
+        content = last["content"]
+        if isinstance(content, list):  # text and image parts
+            content = " ".join(p["text"] for p in content if p.get("type") == "text")
+        return self.answer_for(content)
+
+    async def _stream(self, request: web.Request, answer: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(data: Any) -> None:
+            text = data if isinstance(data, str) else json.dumps(data)
+            await resp.write(f"data: {text}\n\n".encode())
+
+        if self.mode == "garbage":
+            await event("{not json")
+            await resp.write_eof()
+            return resp
+        await event({"choices": [_choice(delta={"role": "assistant"})]})
+        size = max(1, -(-len(answer) // self.chunks))  # ceiling division
+        pieces = [answer[i : i + size] for i in range(0, len(answer), size)]
+        for index, piece in enumerate(pieces):
+            if index and await self.pause(self.chunk_delay_s):
+                return resp  # stopping
+            delta = {"content": piece} if self.mode != "shape" else {"content": 42}
+            await event({"choices": [_choice(delta=delta)]})
+            if self.mode == "cut":
+                await resp.write_eof()
+                return resp
+        await event({"choices": [_choice(delta={}, finish="stop")]})
+        await event("[DONE]")
+        await resp.write_eof()
+        return resp
+
+
+def _choice(finish: str | None = None, **content: Any) -> dict[str, Any]:
+    return {"index": 0, "finish_reason": finish, **content}
