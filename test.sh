@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 source scripts/env.sh
 ensure_python_envs
 ensure_postgres
+scripts/install-browser.sh
 .venvs/maubot/bin/ruff check .
 exec env LAMBDA_SYNAPSE_PYTHON="$ROOT/.venvs/synapse/bin/python" \
   .venvs/maubot/bin/python -m pytest "$@"

@@ -131,11 +131,13 @@ class MatrixUser:
         return {room_id: len(events) for room_id, events in self.timelines.items()}
 
     async def sync_once(self, timeout_ms: int = 1000) -> None:
-        params: dict[str, Any] = {"timeout": str(timeout_ms)}
+        # A big timeline limit on every sync: a burst must not be cut to a "limited" window.
+        params: dict[str, Any] = {
+            "timeout": str(timeout_ms),
+            "filter": json.dumps({"room": {"timeline": {"limit": 1000}}}),
+        }
         if self.next_batch:
             params["since"] = self.next_batch
-        else:
-            params["filter"] = json.dumps({"room": {"timeline": {"limit": 100}}})
         data = await self.request("GET", "/_matrix/client/v3/sync", **params)
         self.next_batch = data["next_batch"]
         rooms = data.get("rooms", {})

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,19 @@ def maubot_python() -> str:
     return os.environ.get("LAMBDA_MAUBOT_PYTHON") or sys.executable
 
 
+@functools.cache
 def build_mbp() -> Path:
-    """Runs build.sh, as an operator would, and returns the .mbp it printed."""
+    """Runs build.sh, as an operator would, once per process, and returns a private copy of
+    the .mbp it printed (so later edits or builds never change what this process uploads)."""
     out = subprocess.run(
         [str(REPO / "build.sh")], check=True, capture_output=True, text=True, cwd=REPO
     )
-    return Path(out.stdout.strip().splitlines()[-1])
+    built = Path(out.stdout.strip().splitlines()[-1])
+    folder = tempfile.mkdtemp(prefix="lambda-mbp-")
+    atexit.register(shutil.rmtree, folder, True)
+    copy = Path(folder) / built.name
+    shutil.copyfile(built, copy)
+    return copy
 
 
 class ManagementError(RuntimeError):
@@ -132,13 +143,17 @@ class Maubot:
             self.dir / "maubot.out",
             self.dir,
         )
-        wait_until(
-            lambda: http_ok(self.url + API + "/version"),
-            timeout=120,
-            what="maubot",
-            proc=self.proc,
-            log=self.dir / "maubot.out",
-        )
+        try:
+            wait_until(
+                lambda: http_ok(self.url + API + "/version"),
+                timeout=120,
+                what="maubot",
+                proc=self.proc,
+                log=self.dir / "maubot.out",
+            )
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
 
     def stop(self) -> None:
         stop_process(self.proc)

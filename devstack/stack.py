@@ -38,6 +38,15 @@ class Deployment:
         await self.maubot.set_started(self.instance_id, False)
         await self.maubot.set_started(self.instance_id, True)
 
+    async def restart_server(self, while_down=None) -> None:
+        """Stops the whole maubot process, runs ``while_down()`` if given, starts it again."""
+        await self.maubot.close()
+        self.maubot.stop()
+        if while_down is not None:
+            await while_down()
+        self.maubot.start()
+        await self.maubot.login()
+
     async def sql(self, query: str) -> list[dict]:
         """Runs SQL in the plugin's database through maubot's database API (the UI's tab)."""
         result = await self.maubot.api(

@@ -143,13 +143,17 @@ class Synapse:
         self.proc = start_process(
             [py, "-m", "synapse.app.homeserver", "-c", str(self.config_path)], self.log, self.dir
         )
-        wait_until(
-            lambda: http_ok(self.url + "/_matrix/client/versions"),
-            timeout=120,
-            what="synapse",
-            proc=self.proc,
-            log=self.dir / "homeserver.log",
-        )
+        try:
+            wait_until(
+                lambda: http_ok(self.url + "/_matrix/client/versions"),
+                timeout=120,
+                what="synapse",
+                proc=self.proc,
+                log=self.dir / "homeserver.log",
+            )
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 
 from maubot import Plugin
-from mautrix.types import Format, MessageType, TextMessageEventContent
-from mautrix.util import markdown
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
-from .commands import ChatCommands, HelpCommands
+from .agents import Agent, create_agent
+from .catchup import CatchUp
+from .commands import AdminCommands, ChatCommands, ContextCommands, HelpCommands
 from .config import Config, Settings
 from .db import Store, upgrade_table
 from .matrix import Matrix
 from .onboarding import Onboarding
 from .reconcile import Reconciler
 from .registry import Registry
+from .replies import notice_content
+from .routing import Router
 from .spaces import Spaces
 
 
@@ -29,6 +31,7 @@ class LambdaBot(Plugin):
     spaces: Spaces
     onboarding: Onboarding
     reconciler: Reconciler
+    router: Router
     ready: asyncio.Event
 
     @classmethod
@@ -41,9 +44,10 @@ class LambdaBot(Plugin):
 
     async def start(self) -> None:
         # start() must never raise: maubot disables an instance whose start failed, for good.
-        self.config.load_and_update()
-        self.settings = self._initial_settings()
         self.store = Store(self.database)
+        self.router = Router(self)
+        self.config.load_and_update()
+        self.settings, self.router.agents = self._initial_settings()
         self.registry = Registry(self.store)
         self.mx = Matrix(self.client, self.log)
         self.spaces = Spaces(self)
@@ -55,11 +59,15 @@ class LambdaBot(Plugin):
         self._tasks: set[asyncio.Task] = set()
         self.register_handler_class(HelpCommands(self))
         self.register_handler_class(ChatCommands(self))
+        self.register_handler_class(ContextCommands(self))
+        self.register_handler_class(AdminCommands(self))
+        self.register_handler_class(self.router)
         self.register_handler_class(self.onboarding)
         self.background(self._startup())
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     async def stop(self) -> None:
+        await self.router.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -95,27 +103,42 @@ class LambdaBot(Plugin):
         for room_id, inviter in invites:
             self.log.info("Picking up the pending invite of %s to %s", inviter, room_id)
             await self.onboarding.handle_invite(room_id, inviter)
+        try:
+            caught = await CatchUp(self).run(self.settings.catch_up_s)
+        except Exception:
+            self.log.exception("Catch-up failed; messages sent while down stay unanswered")
+        else:
+            self.log.info("Caught up %d message(s) sent while the bot was away", caught)
+
+    def message_handlers(self) -> list:
+        """The handlers maubot dispatches events to, as registered by this instance."""
+        return list(self._handlers_at_startup)
 
     async def notify(self, room_id: str, text: str) -> str:
         """Sends a notice (Markdown rendered to HTML); notices never make other bots answer."""
-        content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
-        html = markdown.render(text)
-        if html.strip() != text.strip():
-            content.format = Format.HTML
-            content.formatted_body = html
-        return await self.mx.send(room_id, content.serialize())
+        return await self.mx.send(room_id, notice_content(text))
 
-    def _initial_settings(self) -> Settings:
+    def _build(self, config: BaseProxyConfig) -> tuple[Settings, dict[str, Agent]]:
+        """Checked settings and their agents, or ValueError naming the first bad key."""
+        settings = Settings.from_config(config)
+        agents_log = self.log.getChild("agents")
+        agents = {
+            agent_id: create_agent(spec, self.store, self.http, agents_log)
+            for agent_id, spec in settings.agents.items()
+        }
+        return settings, agents
+
+    def _initial_settings(self) -> tuple[Settings, dict[str, Agent]]:
         try:
-            return Settings.from_config(self.config)
+            return self._build(self.config)
         except ValueError as e:
             self.log.error("Config refused (%s); starting with the defaults of base-config", e)
-            return Settings.from_config(self.config.load_base())
+            return self._build(self.config.load_base())
 
     def on_external_config_update(self) -> None:
         self.config.load_and_update()
         try:
-            self.settings = Settings.from_config(self.config)
+            self.settings, self.router.agents = self._build(self.config)
         except ValueError as e:
             self.log.error("Config refused (%s); the previous config stays in force", e)
             return

@@ -28,6 +28,7 @@ class Config(BaseProxyConfig):
         helper.copy("files.workspace_root")
         helper.copy("files.max_size_mb")
         helper.copy("replies.stream_edit_interval_s")
+        helper.copy("reconcile.catch_up_minutes")
 
 
 class UserMatcher:
@@ -110,6 +111,7 @@ class Settings:
     workspace_root: str | None
     max_file_bytes: int
     stream_edit_interval_s: float
+    catch_up_s: float
 
     @classmethod
     def from_config(cls, config: BaseProxyConfig) -> Settings:
@@ -152,6 +154,8 @@ class Settings:
             agents=agents,
             workspace_root=workspace_root or None,
             max_file_bytes=int(max_mb * 1024 * 1024),
+            catch_up_s=60.0
+            * _positive_number(config["reconcile.catch_up_minutes"], "reconcile.catch_up_minutes"),
             stream_edit_interval_s=float(
                 _positive_number(
                     config["replies.stream_edit_interval_s"], "replies.stream_edit_interval_s"

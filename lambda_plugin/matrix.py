@@ -12,6 +12,8 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -142,6 +144,14 @@ class Matrix:
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{txn}"
         return (await self.request("PUT", path, content))["event_id"]
 
+    async def receipt(self, room_id: str, event_id: str) -> None:
+        """A read receipt: the user sees their message reached the bot."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/receipt/m.read/{_q(event_id)}"
+        try:
+            await self.request("POST", path, {})
+        except HomeserverError as e:
+            self.log.debug("Read receipt in %s failed: %s", room_id, e)
+
     async def typing(self, room_id: str, typing: bool, timeout_ms: int = 30_000) -> None:
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/typing/{_q(self.user_id)}"
         body: dict[str, Any] = {"typing": typing}
@@ -170,6 +180,93 @@ class Matrix:
         return await self.request(
             "GET", "/_matrix/client/v3/sync", query=query, timeout_s=timeout_s
         )
+
+    # media
+
+    @asynccontextmanager
+    async def download(
+        self, server_name: str, media_id: str, timeout_s: float = 60
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The 2xx response to a media download, its body to read (``resp.content``) inside
+        the block; the connection is closed when the block ends, read or not.
+
+        The authenticated endpoint first, the legacy one where the server lacks it.
+        ``timeout_s`` bounds connecting and each wait for more bytes, not the whole body.
+        Rate limits are waited out as for :meth:`request`; other errors raise HomeserverError.
+        """
+        media = f"{_q(server_name)}/{_q(media_id)}"
+        try:
+            resp = await self._media_get(f"/_matrix/client/v1/media/download/{media}", timeout_s)
+        except HomeserverError as e:
+            if not (e.status in (404, 405) or e.errcode == "M_UNRECOGNIZED"):
+                raise
+            resp = await self._media_get(f"/_matrix/media/v3/download/{media}", timeout_s)
+        try:
+            yield resp
+        finally:
+            resp.close()
+
+    async def _media_get(self, path: str, timeout_s: float) -> aiohttp.ClientResponse:
+        api = self.client.api
+        url = str(api.base_url).rstrip("/") + path
+        headers = {"Authorization": f"Bearer {api.token}"}
+        timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
+        for attempt in range(1, MAX_TRIES + 1):
+            self.requests += 1
+            try:
+                resp = await api.session.get(url, headers=headers, timeout=timeout)
+                if resp.status < 400:
+                    return resp
+                try:
+                    text = (await resp.content.read(4096)).decode("utf-8", errors="replace")
+                finally:
+                    resp.close()
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if attempt >= 3:
+                    raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
+                await asyncio.sleep(0.5 * attempt)
+                continue
+            payload = _parse(text)
+            if resp.status == 429 and attempt < MAX_TRIES:
+                await asyncio.sleep(_retry_after(resp, payload, attempt))
+                continue
+            errcode = payload.get("errcode") if isinstance(payload, dict) else None
+            message = payload.get("error", "") if isinstance(payload, dict) else text
+            raise HomeserverError(resp.status, errcode, str(message)[:300])
+        raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+
+    async def upload(
+        self, data: bytes, mime_type: str, filename: str, timeout_s: float = 120
+    ) -> str:
+        """Uploads media; its ``mxc://`` URI. ``timeout_s`` bounds connecting and each wait."""
+        api = self.client.api
+        url = str(api.base_url).rstrip("/") + "/_matrix/media/v3/upload"
+        headers = {"Authorization": f"Bearer {api.token}", "Content-Type": mime_type}
+        timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
+        for attempt in range(1, MAX_TRIES + 1):
+            self.requests += 1
+            try:
+                async with api.session.post(
+                    url, data=data, params={"filename": filename}, headers=headers, timeout=timeout
+                ) as resp:
+                    text = await resp.text()
+                    payload = _parse(text)
+                    if resp.status == 429 and attempt < MAX_TRIES:
+                        await asyncio.sleep(_retry_after(resp, payload, attempt))
+                        continue
+                    if resp.status >= 400:
+                        errcode = payload.get("errcode") if isinstance(payload, dict) else None
+                        message = payload.get("error", "") if isinstance(payload, dict) else text
+                        raise HomeserverError(resp.status, errcode, str(message)[:300])
+                    uri = payload.get("content_uri") if isinstance(payload, dict) else None
+                    if not isinstance(uri, str) or not uri.startswith("mxc://"):
+                        raise HomeserverError(resp.status, None, "upload gave no content_uri")
+                    return uri
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if attempt >= 3:
+                    raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
+                await asyncio.sleep(0.5 * attempt)
+        raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
 
 
 def _parse(text: str) -> Any:

@@ -131,7 +131,7 @@ class Spaces:
     ) -> ChatRoomRow:
         """A new chat room in the user's Space (made first if needed), the user invited."""
         provisioned = await self.provision(user_id)
-        if provisioned.first_room is not None and name is None and agent_id is None:
+        if provisioned.first_room is not None and not (name or agent_id or platform_chat_id):
             return provisioned.first_room
         async with self.lock(user_id):
             if len(self.registry.rooms_of(user_id)) >= self.bot.settings.max_chats_per_user:
@@ -255,3 +255,23 @@ class Spaces:
                     self.bot.log.info("Re-invited %s to %s", user_id, room_id)
             except HomeserverError as e:
                 self.bot.log.warning("Could not re-invite %s to %s: %s", user_id, room_id, e)
+
+    async def leave_everything(self, keep_room: str | None = None) -> int:
+        """The dev server reset: removes the users from every managed room and Space and
+        leaves them; returns how many rooms were left."""
+        registry = self.registry
+        targets = {room.room_id: room.user_id for room in registry.rooms.values() if not room.gone}
+        targets.update({space_id: owner for space_id, owner in registry.spaces.items()})
+        left = 0
+        for room_id, owner in targets.items():
+            if room_id == keep_room:
+                continue
+            try:
+                if await self.mx.membership(room_id, owner) in ("join", "invite"):
+                    await self.mx.kick(room_id, owner, "reset")
+                await self.mx.leave(room_id)
+                left += 1
+            except HomeserverError as e:
+                self.bot.log.warning("Reset could not leave %s: %s", room_id, e)
+        self.bot.log.info("Server reset: left %d rooms", left)
+        return left

@@ -5,9 +5,9 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 
-_venv() {  # _venv NAME STAMP_SOURCE PACKAGES...
-  local name="$1" dir="$ROOT/.venvs/$1" stamp_src="$2"; shift 2
-  local stamp; stamp="$(sha256sum "$stamp_src" | cut -c1-16)"
+_venv() {  # _venv NAME PACKAGES...: (re)installs only when the package list changed
+  local name="$1" dir="$ROOT/.venvs/$1"; shift
+  local stamp; stamp="$(echo "$*" | sha256sum | cut -c1-16)"
   if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ]; then return; fi
   echo "==> installing the $name environment (.venvs/$name)" >&2
   "$PY" -m venv "$dir"
@@ -19,8 +19,9 @@ ensure_python_envs() {
   local deps
   deps="$("$PY" -c 'import tomllib; p = tomllib.load(open("'"$ROOT"'/pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')"
   # shellcheck disable=SC2086
-  _venv maubot "$ROOT/pyproject.toml" $deps
-  _venv synapse "$ROOT/requirements-synapse.txt" -r "$ROOT/requirements-synapse.txt"
+  _venv maubot $deps
+  # shellcheck disable=SC2046
+  _venv synapse $(grep -v '^#' "$ROOT/requirements-synapse.txt")
 }
 
 ensure_postgres() {

@@ -22,21 +22,10 @@ from yarl import URL
 
 from ..config import AgentSpec
 from ..db import Store
+from ..texts import TEXTS
 
-# English texts of every AgentError, by key; the router may translate by the same keys.
-ERROR_TEXTS: dict[str, str] = {
-    "agent.failed": "The agent failed.",
-    "agent.unreachable": "The agent is unreachable right now.",
-    "agent.timeout": "The agent took too long to answer.",
-    "agent.http_error": "The agent answered with an error (HTTP {status}).",
-    "agent.unreadable": "The agent's answer could not be read.",
-    "agent.empty": "The agent gave an empty answer.",
-    "agent.file_type": "This agent cannot take files of type {mime_type}.",
-    "agent.file_too_large": "The file {name} is too large for this agent.",
-    "agent.no_workspace": "This agent takes files only through a shared workspace, "
-    "and none is configured.",
-    "agent.bad_snapshot": "This snapshot cannot be used with this agent.",
-}
+# English texts of every AgentError, by key (texts.py holds them, with their translations).
+ERROR_TEXTS: dict[str, str] = {k: v for k, v in TEXTS["en"].items() if k.startswith("agent.")}
 
 # Bounds on what an agent may send back, so a broken endpoint cannot exhaust memory.
 MAX_BODY_BYTES = 16 * 1024 * 1024

@@ -5,8 +5,9 @@ from __future__ import annotations
 from maubot import MessageEvent
 from maubot.handlers import command
 
+from ..agents import AgentError
 from ..matrix import HomeserverError
-from ..spaces import NAME_MAX, TooManyChats, clean_name, matrix_to
+from ..spaces import NAME_MAX, TooManyChats, clean_name, matrix_to, new_platform_chat_id
 from ..texts import text
 from .base import CommandBase
 
@@ -23,20 +24,27 @@ class ChatCommands(CommandBase):
             return None
         return name
 
-    @command.new("new", help="New chat room in your Space: !new [name]")
-    @command.argument("name", pass_raw=True, required=False)
-    async def new(self, evt: MessageEvent, name: str = "") -> None:
+    @command.new("new", help="New chat room in your Space: !new [name] [--from <snapshot>]")
+    @command.argument("args", pass_raw=True, required=False)
+    async def new(self, evt: MessageEvent, args: str = "") -> None:
         if not await self.begin(evt):
             return
         if not await self.allowed(evt):
             return
+        name, _, snapshot_name = (args or "").partition("--from")
         wanted = None
-        if name and name.strip():
+        if name.strip():
             wanted = await self.valid_name(evt, name, "!new Research")
             if wanted is None:
                 return
+        agent_id = platform_chat_id = None
+        if _:
+            fork = await self.fork(evt, snapshot_name)
+            if fork is None:
+                return
+            agent_id, platform_chat_id = fork
         try:
-            room = await self.bot.spaces.new_chat(evt.sender, wanted)
+            room = await self.bot.spaces.new_chat(evt.sender, wanted, agent_id, platform_chat_id)
         except TooManyChats:
             await self.reply(evt, "new.too_many", max=self.bot.settings.max_chats_per_user)
             return
@@ -50,6 +58,33 @@ class ChatCommands(CommandBase):
             name=room.name,
             link=matrix_to(room.room_id, self.bot.mx.server_name),
         )
+
+    async def fork(self, evt: MessageEvent, raw_name: str) -> tuple[str, str] | None:
+        """A new conversation restored from a snapshot: (agent id, platform_chat_id)."""
+        name = clean_name(raw_name)
+        snap = await self.bot.store.get_snapshot(evt.sender, name) if name else None
+        if snap is None:
+            snaps = await self.bot.store.snapshots_of(evt.sender)
+            names = ", ".join(f"`{s.name}`" for s in snaps)
+            await self.reply(
+                evt,
+                "new.from_unknown",
+                name=name[:64],
+                names=names or text(self.bot.settings.language, "none"),
+            )
+            return None
+        agent_id = snap.agent_id
+        if agent_id not in self.bot.router.agents:
+            agent_id = self.bot.settings.default_agent
+        platform_chat_id = new_platform_chat_id()
+        try:
+            await self.bot.router.agents[agent_id].restore(platform_chat_id, snap.messages)
+        except AgentError as e:
+            self.bot.log.warning("Forking snapshot %s failed: %s", name, e)
+            message = text(self.bot.settings.language, e.key, **e.values)
+            await self.reply(evt, "agent.error", error=message)
+            return None
+        return agent_id, platform_chat_id
 
     @command.new("chats", help="Your chats: !chats [archived]")
     @command.argument("which", pass_raw=True, required=False)

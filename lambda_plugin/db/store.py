@@ -217,6 +217,18 @@ class Store:
             return False
         return True
 
+    async def handled_among(self, event_ids: list[str]) -> set[str]:
+        """Which of these events were handled already (checked in batches)."""
+        found: set[str] = set()
+        for start in range(0, len(event_ids), 500):
+            batch = event_ids[start : start + 500]
+            marks = ", ".join(f"${i}" for i in range(1, len(batch) + 1))
+            rows = await self.db.fetch(
+                f"SELECT event_id FROM handled_event WHERE event_id IN ({marks})", *batch
+            )
+            found.update(row["event_id"] for row in rows)
+        return found
+
     async def is_handled(self, event_id: str) -> bool:
         return bool(
             await self.db.fetchval("SELECT 1 FROM handled_event WHERE event_id=$1", event_id)

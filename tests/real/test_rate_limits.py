@@ -35,12 +35,14 @@ LOW_LIMITS = {
 async def limited():
     state = _state_dir("lambda-limited-")
     synapse = Synapse(state / "synapse", limits=LOW_LIMITS)
-    synapse.start()
-    deployment = await deploy(state / "maubot", synapse, None, bot_localpart="lambda_limited")
-    yield deployment
-    await undeploy(deployment)
-    synapse.stop()
-    shutil.rmtree(state, ignore_errors=True)
+    try:
+        synapse.start()
+        deployment = await deploy(state / "maubot", synapse, None, bot_localpart="lambda_limited")
+        yield deployment
+        await undeploy(deployment)
+    finally:
+        synapse.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_provisioning_under_low_rate_limits(limited) -> None:

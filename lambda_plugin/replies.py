@@ -1,0 +1,127 @@
+"""Getting an answer into a room: Markdown to Matrix HTML, splitting past the event size
+limit, and streaming as throttled edits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mautrix.util import markdown
+
+# Matrix caps an event at 64 KiB of JSON; body and HTML both count, and HTML can be about
+# twice the Markdown. 12 KB of Markdown per event leaves room for both and the envelope.
+CHUNK_BYTES = 12_000
+STREAM_CURSOR = " …"
+
+
+def notice_content(text: str) -> dict[str, Any]:
+    """An m.notice (other bots don't answer those) with the Markdown rendered as HTML."""
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": text}
+    html = markdown.render(text)
+    if html.strip() and html.strip() != f"<p>{text.strip()}</p>" and html.strip() != text.strip():
+        content["format"] = "org.matrix.custom.html"
+        content["formatted_body"] = html
+    return content
+
+
+def edit_content(event_id: str, text: str) -> dict[str, Any]:
+    new = notice_content(text)
+    return {
+        **new,
+        "body": f"* {text}",
+        "m.new_content": new,
+        "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+    }
+
+
+def split_text(text: str, limit: int = CHUNK_BYTES) -> list[str]:
+    """Cuts text into pieces of at most ``limit`` UTF-8 bytes, at paragraph, line or word
+    boundaries where it can; a code block cut in two is closed and reopened. Nothing is lost."""
+    if len(text.encode()) <= limit:
+        return [text]
+    pieces: list[str] = []
+    rest = text
+    fence: str | None = None  # the opening fence line of a code block cut at the last piece
+    while rest:
+        head = (fence + "\n") if fence else ""
+        budget = limit - len(head.encode()) - 8  # room for a closing fence
+        if len(rest.encode()) <= budget:
+            pieces.append(head + rest)
+            break
+        cut = _cut_point(rest, budget)
+        piece, rest = rest[:cut], rest[cut:].lstrip("\n")
+        body = head + piece
+        fence = _open_fence(body)
+        if fence:
+            body = body.rstrip("\n") + "\n```"
+        pieces.append(body)
+    return pieces
+
+
+def _cut_point(text: str, budget: int) -> int:
+    """The largest index whose prefix fits ``budget`` bytes, moved back to a boundary."""
+    low, high = 0, len(text)
+    while low < high:  # binary search on characters for the byte budget
+        mid = (low + high + 1) // 2
+        if len(text[:mid].encode()) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    window = text[:low]
+    for separator in ("\n\n", "\n", " "):
+        at = window.rfind(separator)
+        if at > low // 2:
+            return at + len(separator)
+    return max(low, 1)
+
+
+def _open_fence(text: str) -> str | None:
+    fence = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = None if fence else stripped
+    return fence
+
+
+class StreamingReply:
+    """Shows an answer while it streams: one message, edited at most once per interval,
+    ending with the whole answer (split into more messages past the size limit)."""
+
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any]], Awaitable[str]],
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.send = send
+        self.interval_s = interval_s
+        self.clock = clock
+        self.event_id: str | None = None
+        self.last_edit = 0.0
+        self.edits = 0
+
+    async def partial(self, text_so_far: str) -> None:
+        if not text_so_far.strip() or len(text_so_far.encode()) > CHUNK_BYTES:
+            return  # past one event: the final answer will be split instead
+        now = self.clock()
+        if self.event_id is None:
+            self.event_id = await self.send(notice_content(text_so_far + STREAM_CURSOR))
+            self.last_edit = now
+        elif now - self.last_edit >= self.interval_s:
+            await self.send(edit_content(self.event_id, text_so_far + STREAM_CURSOR))
+            self.last_edit = now
+            self.edits += 1
+
+    async def finish(self, text: str) -> list[str]:
+        """Sends the whole answer; returns the ids of the messages that hold it."""
+        pieces = split_text(text)
+        ids = []
+        if self.event_id is not None:
+            await self.send(edit_content(self.event_id, pieces[0]))
+            ids.append(self.event_id)
+            pieces = pieces[1:]
+        for piece in pieces:
+            ids.append(await self.send(notice_content(piece)))
+        return ids

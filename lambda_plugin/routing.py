@@ -1,0 +1,220 @@
+"""Messages to agents: one worker per room, in order, never holding up another room."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from maubot import MessageEvent
+from maubot.handlers import event
+from mautrix.types import EventType, MessageType
+
+from .agents import Agent, AgentError, AgentRequest
+from .matrix import HomeserverError
+from .replies import StreamingReply
+from .spaces import matrix_to
+from .texts import text
+
+if TYPE_CHECKING:
+    from .bot import LambdaBot
+
+TYPING_REFRESH_S = 20
+POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
+TEXT_TYPES = (MessageType.TEXT, MessageType.EMOTE)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A user's message waiting for its answer."""
+
+    event_id: str
+    sender: str
+    text: str
+
+
+Control = Callable[[], Awaitable[None]]
+# What a room's queue holds: a message, or a command's slot, filled with what the command
+# wants done in turn (or None) once it has checked its arguments.
+QueueItem = Job | asyncio.Future
+
+
+class RoomWorker:
+    """Answers one room's messages one after another; commands that change the
+    conversation run in the same queue, so they apply between the right messages."""
+
+    def __init__(self, router: Router, room_id: str) -> None:
+        self.router = router
+        self.bot = router.bot
+        self.room_id = room_id
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        self.current: asyncio.Task | None = None
+        self.unanswered: Job | None = None  # the last message whose answer failed
+        self.task = asyncio.create_task(self._run())
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or not self.queue.empty()
+
+    def cancel(self) -> bool:
+        if self.current is None or self.current.done():
+            return False
+        self.current.cancel()
+        return True
+
+    def retry(self) -> bool:
+        """Answers the last unanswered message again, in turn; False when there is none."""
+        job, self.unanswered = self.unanswered, None
+        if job is None:
+            return False
+        again = asyncio.get_running_loop().create_future()
+        again.set_result(lambda: self._answer(job))  # already checked and marked handled
+        self.queue.put_nowait(again)
+        return True
+
+    async def stop(self) -> None:
+        self.cancel()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                if isinstance(item, Job):
+                    await self._message(item)
+                elif (control := await item) is not None:
+                    await control()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.bot.log.exception("Handling a message in %s failed", self.room_id)
+
+    async def _message(self, job: Job) -> None:
+        """Decides what a message gets, in the order the room's messages arrived."""
+        await self.bot.ready.wait()
+        settings = self.bot.settings
+        room = self.bot.registry.room(self.room_id)
+        if room is None or room.gone:
+            await self.router.point_to_space(self.room_id, job.sender)
+            return
+        if job.sender != room.user_id and not settings.shared_rooms:
+            return
+        if job.sender not in settings.allowed_users:
+            return
+        if not await self.bot.store.mark_handled(job.event_id, self.room_id):
+            return  # already answered (a redelivery, or caught up after a restart)
+        if room.archived:
+            await self.bot.notify(self.room_id, text(settings.language, "archived.no_answer"))
+            return
+        await self.bot.mx.receipt(self.room_id, job.event_id)
+        await self._answer(job)
+
+    async def _answer(self, job: Job) -> None:
+        room = self.bot.registry.room(self.room_id)
+        if room is None or room.gone:
+            return
+        lang = self.bot.settings.language
+        agent = self.router.agents.get(room.agent_id)
+        if agent is None:
+            self.unanswered = job
+            await self.bot.notify(self.room_id, text(lang, "agent.unknown", agent=room.agent_id))
+            return
+        request = AgentRequest(room.platform_chat_id, job.text, job.sender)
+        reply = StreamingReply(self._send, self.bot.settings.stream_edit_interval_s)
+        typing = asyncio.create_task(self._keep_typing())
+        self.current = asyncio.create_task(agent.respond(request, reply.partial))
+        try:
+            await asyncio.wait({self.current})
+        finally:
+            typing.cancel()
+            await asyncio.gather(typing, return_exceptions=True)
+            await self._typing(False)
+        call, self.current = self.current, None
+        if call.cancelled():
+            self.unanswered = job
+            await self.bot.notify(self.room_id, text(lang, "cancelled"))
+            return
+        error = call.exception()
+        if isinstance(error, AgentError):
+            self.unanswered = job
+            self.bot.log.warning(
+                "Agent %s failed in %s (%s): %s", agent.agent_id, self.room_id, room.chat_id, error
+            )
+            message = text(lang, error.key, **error.values) if error.key else error.user_message
+            await self.bot.notify(self.room_id, text(lang, "agent.error", error=message))
+            return
+        if error is not None:
+            self.unanswered = job
+            raise error
+        self.unanswered = None
+        await reply.finish(call.result().text)
+
+    async def _send(self, content: dict) -> str:
+        return await self.bot.mx.send(self.room_id, content)
+
+    async def _keep_typing(self) -> None:
+        while True:
+            await self._typing(True)
+            await asyncio.sleep(TYPING_REFRESH_S)
+
+    async def _typing(self, on: bool) -> None:
+        try:
+            await self.bot.mx.typing(self.room_id, on, timeout_ms=(TYPING_REFRESH_S + 10) * 1000)
+        except HomeserverError as e:
+            self.bot.log.debug("Typing notification in %s failed: %s", self.room_id, e)
+
+
+class Router:
+    def __init__(self, bot: LambdaBot) -> None:
+        self.bot = bot
+        self.agents: dict[str, Agent] = {}
+        self.workers: dict[str, RoomWorker] = {}
+        self._pointed: dict[str, float] = {}
+
+    def worker(self, room_id: str) -> RoomWorker:
+        worker = self.workers.get(room_id)
+        if worker is None:
+            worker = self.workers[room_id] = RoomWorker(self, room_id)
+        return worker
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        self.workers.clear()
+
+    @asynccontextmanager
+    async def in_turn(self, room_id: str) -> AsyncIterator[asyncio.Future]:
+        """A place in the room's queue, taken at once (so in the order events arrived); the
+        command sets the future's result to what should run there, or leaves it empty."""
+        slot = asyncio.get_running_loop().create_future()
+        self.worker(room_id).queue.put_nowait(slot)
+        try:
+            yield slot
+        finally:
+            if not slot.done():
+                slot.set_result(None)
+
+    @event.on(EventType.ROOM_MESSAGE)
+    async def on_message(self, evt: MessageEvent) -> None:
+        if evt.sender == self.bot.client.mxid or evt.content.msgtype not in TEXT_TYPES:
+            return
+        body = evt.content.body or ""
+        if body.startswith("!"):
+            return  # a command: the command handlers answer it
+        # Queued before the first await: handlers run as unordered tasks, and this keeps the
+        # room's messages in the order they were dispatched.
+        self.worker(evt.room_id).queue.put_nowait(Job(evt.event_id, evt.sender, body))
+
+    async def point_to_space(self, room_id: str, sender: str) -> None:
+        user = self.bot.registry.users.get(sender)
+        if user is None or not user.space_id:
+            return
+        now = time.monotonic()
+        if now - self._pointed.get(room_id, -POINTER_EVERY_S) < POINTER_EVERY_S:
+            return
+        self._pointed[room_id] = now
+        link = matrix_to(user.space_id, self.bot.mx.server_name)
+        await self.bot.notify(room_id, text(self.bot.settings.language, "pointer", link=link))

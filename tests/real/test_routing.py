@@ -1,0 +1,282 @@
+"""Per-room routing to agents over a real Synapse + maubot, with local agent servers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+
+import pytest
+import pytest_asyncio
+
+from devstack.stack import Deployment
+from tests.servers.lambda_server import LambdaServer
+from tests.servers.openai_server import OpenAIServer
+
+from .helpers import notice_text, onboard
+
+pytestmark = pytest.mark.real
+PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
+
+
+def is_answer(bot: str):
+    """A final answer or a notice from the bot, not an edit of an earlier one."""
+    return lambda e: (
+        e["type"] == "m.room.message"
+        and e["sender"] == bot
+        and e["content"].get("m.relates_to", {}).get("rel_type") != "m.replace"
+    )
+
+
+async def final_answer(user, room: str, bot: str, mark, timeout: float = 60) -> str:
+    """The bot's first answer after ``mark`` once complete: streamed answers are edited
+    until they no longer end with the cursor."""
+    first = await user.wait_for_event(room, is_answer(bot), mark, timeout)
+
+    def latest() -> str | None:
+        body = notice_text(first)
+        for e in user.events_since(room, mark):
+            relates = e["content"].get("m.relates_to", {})
+            if (
+                relates.get("rel_type") == "m.replace"
+                and relates.get("event_id") == first["event_id"]
+            ):
+                body = e["content"]["m.new_content"]["body"]
+        return None if body.endswith(" …") else body
+
+    return await user.wait_until(latest, timeout, "a complete answer")
+
+
+async def say(user, room: str, body: str, bot: str, timeout: float = 60) -> str:
+    await user.sync_once(0)
+    mark = user.mark()
+    await user.send_text(room, body)
+    return await final_answer(user, room, bot, mark, timeout)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def agents(stack: Deployment):
+    """An OpenAI-compatible and a Lambda platform server, registered as agents."""
+    openai, platform = OpenAIServer(), LambdaServer(token="platform-secret")
+    openai_url = await openai.start()
+    platform_url = await platform.start()
+    await stack.configure(
+        {
+            "agents": {
+                "registry": {
+                    "gpt": {
+                        "backend": "openai",
+                        "base_url": openai_url,
+                        "model": "test-model",
+                        "api_key": "sk-test-secret",
+                        "timeout_s": 3,
+                    },
+                    "platform": {
+                        "backend": "lambda",
+                        "base_url": platform_url,
+                        "token": "platform-secret",
+                        "timeout_s": 3,
+                    },
+                }
+            },
+            "replies": {"stream_edit_interval_s": 0.3},
+        }
+    )
+    yield openai, platform
+    await openai.stop()
+    await platform.stop()
+
+
+async def test_rooms_keep_separate_conversations(stack: Deployment, new_user) -> None:
+    lea = await new_user("lea")
+    got = await onboard(lea, stack)
+    bot = stack.bot_id
+    second = notice_text(await lea.command(got.room, "!new", bot)).split("/#/")[1].split("?")[0]
+    await lea.join(second)
+
+    answer = await say(lea, got.room, "hello **world**", bot)
+    assert "echo: hello **world**" in answer and "message 1 " in answer
+    assert "message 2 " in await say(lea, got.room, "again", bot)
+    assert "message 1 " in await say(lea, second, "other room", bot)
+
+    before = PCID.search(notice_text(await lea.command(got.room, "!context", bot))).group(1)
+    other = PCID.search(notice_text(await lea.command(second, "!context", bot))).group(1)
+    assert before != other
+    cleared = notice_text(await lea.command(got.room, "!clear", bot))
+    after = PCID.search(cleared).group(1)
+    assert after not in (before, other)
+    assert "message 1 " in await say(lea, got.room, "fresh start", bot)
+    assert "message 2 " in await say(lea, second, "still here", bot)
+    context = notice_text(await lea.command(second, "!context", bot))
+    assert PCID.search(context).group(1) == other and "messages: 4" in context
+    marker = await lea.state_event(got.room, "ai.lambda.matrix.room")
+    assert marker["content"]["platform_chat_id"] == after
+
+    # !save in one room, !load in the other: the conversation continues there.
+    assert "Saved" in notice_text(await lea.command(second, "!save two-msgs", bot))
+    loaded = notice_text(await lea.command(got.room, "!load two-msgs", bot))
+    assert "two-msgs" in loaded and PCID.search(loaded).group(1) not in (after, other)
+    assert "message 3 " in await say(lea, got.room, "continued", bot)
+    assert "message 3 " in await say(lea, second, "the snapshot stays", bot)
+    assert "two-msgs" in notice_text(await lea.command(got.room, "!context", bot))
+    assert "no snapshot" in notice_text(await lea.command(got.room, "!load nope", bot)).lower()
+
+    # A new room forked from the snapshot.
+    forked = notice_text(await lea.command(got.dm, "!new Fork --from two-msgs", bot))
+    fork_room = forked.split("/#/")[1].split("?")[0]
+    await lea.join(fork_room)
+    assert "message 3 " in await say(lea, fork_room, "forked", bot)
+
+
+async def test_order_under_burst_while_another_room_stalls(stack, agents, new_user) -> None:
+    openai, _ = agents
+    max_ = await new_user("max")
+    got = await onboard(max_, stack)
+    bot = stack.bot_id
+    slow = notice_text(await max_.command(got.room, "!new Slow", bot)).split("/#/")[1].split("?")[0]
+    await max_.join(slow)
+    assert "gpt" in notice_text(await max_.command(slow, "!agent gpt", bot))
+    openai.mode = "stall"
+    openai.release.clear()
+    seen = len(openai.requests)
+    await max_.sync_once(0)
+    stalled_mark = max_.mark()
+    await max_.send_text(slow, "this one stalls")
+    await openai.wait_requests(seen + 1)
+
+    await max_.sync_once(0)
+    mark = max_.mark()
+    await asyncio.gather(*(max_.send_text(got.room, f"burst {i}") for i in range(20)))
+    # Sent at once, but each send returned in turn: the server's order is the timeline's.
+    await max_.wait_until(
+        lambda: len([e for e in max_.events_since(got.room, mark) if is_answer(bot)(e)]) >= 20,
+        what="20 answers",
+    )
+    sent = [
+        e["content"]["body"]
+        for e in max_.events_since(got.room, mark)
+        if e["sender"] == max_.user_id and e["type"] == "m.room.message"
+    ]
+    answers = [
+        e["content"]["body"].split("\n")[0].removeprefix("echo: ")
+        for e in max_.events_since(got.room, mark)
+        if is_answer(bot)(e)
+    ]
+    assert answers == sent
+    openai.mode = "ok"
+    openai.release.set()
+    assert "reply to: this one stalls" in await final_answer(max_, slow, bot, stalled_mark)
+
+
+async def test_streaming_shows_throttled_edits(stack, agents, new_user) -> None:
+    openai, _ = agents
+    ned = await new_user("ned")
+    got = await onboard(ned, stack)
+    bot = stack.bot_id
+    await ned.command(got.room, "!agent gpt", bot)
+    openai.mode, openai.chunks, openai.chunk_delay_s = "stream", 8, 0.15
+    openai.reply_text = " ".join(f"word{i}" for i in range(40))
+    try:
+        first = notice_text(await ned.command(got.room, "please stream", bot))
+        assert first.endswith(" …")
+        final = await ned.wait_for_event(
+            got.room,
+            lambda e: e["content"].get("m.new_content", {}).get("body") == openai.reply_text,
+        )
+        edits = [
+            e
+            for e in ned.events_since(got.room)
+            if e["content"].get("m.relates_to", {}).get("rel_type") == "m.replace"
+        ]
+        assert len(edits) >= 2 and edits[-1] is final
+        times = [e["origin_server_ts"] for e in edits[:-1]]
+        # Interim edits no closer than the interval (the final one comes when the answer is done).
+        assert all(b - a >= 250 for a, b in itertools.pairwise(times)), times
+    finally:
+        openai.mode, openai.reply_text, openai.chunk_delay_s = "ok", None, 0.0
+
+
+@pytest.mark.parametrize("mode", ["fail", "garbage", "empty", "stall", "down"])
+async def test_failures_are_clear_and_retry_works(stack, agents, new_user, mode: str) -> None:
+    openai, _ = agents
+    ola = await new_user("ola")
+    got = await onboard(ola, stack)
+    bot = stack.bot_id
+    await ola.command(got.room, "!agent gpt", bot)
+    if mode == "down":
+        await stack.configure(
+            {"agents": {"registry": {"gpt": {"base_url": "http://127.0.0.1:9/v1"}}}}
+        )
+    else:
+        openai.mode = mode
+        openai.release.clear()
+    try:
+        error = await say(ola, got.room, "will this work?", bot)
+    finally:
+        openai.mode = "ok"
+        openai.release.set()
+        if mode == "down":
+            await stack.configure({"agents": {"registry": {"gpt": {"base_url": openai.base_url}}}})
+    expected = {
+        "fail": "error (HTTP 500)",
+        "garbage": "could not be read",
+        "empty": "empty answer",
+        "stall": "took too long",
+        "down": "unreachable",
+    }[mode]
+    assert expected in error and "!retry" in error
+    assert "sk-test-secret" not in error and "127.0.0.1" not in error
+    await ola.sync_once(0)
+    mark = ola.mark()
+    await ola.send_text(got.room, "!retry")
+    await ola.wait_for_event(got.room, lambda e: "Retrying" in e["content"].get("body", ""), mark)
+    mark = ola.mark()
+    assert "reply to: will this work?" in await final_answer(ola, got.room, bot, mark)
+    assert "sk-test-secret" not in stack.maubot.log_text()
+
+
+async def test_lambda_platform_agent(stack, agents, new_user) -> None:
+    _, platform = agents
+    pia = await new_user("pia")
+    got = await onboard(pia, stack)
+    bot = stack.bot_id
+    await pia.command(got.room, "!agent platform", bot)
+    answer = await say(pia, got.room, "hi platform", bot)
+    assert "hi platform" in answer
+    pcid = PCID.search(notice_text(await pia.command(got.room, "!context", bot))).group(1)
+    assert pcid in platform.chats
+    await pia.command(got.room, "!clear", bot)
+    assert any(r.method == "DELETE" and pcid in r.path for r in platform.requests)
+    assert "platform-secret" not in stack.maubot.log_text()
+
+
+async def test_long_answer_arrives_whole(stack, agents, new_user) -> None:
+    openai, _ = agents
+    quinn = await new_user("quinn")
+    got = await onboard(quinn, stack)
+    bot = stack.bot_id
+    await quinn.command(got.room, "!agent gpt", bot)
+    paragraph = "All work and no play makes a long answer. " * 24
+    openai.reply_text = "\n\n".join(f"{i}: {paragraph}" for i in range(100))  # ~100 KB
+    try:
+        await quinn.sync_once(0)
+        mark = quinn.mark()
+        await quinn.send_text(got.room, "tell me everything")
+        await quinn.wait_until(
+            lambda: (
+                "99: "
+                in "".join(
+                    e["content"]["body"]
+                    for e in quinn.events_since(got.room, mark)
+                    if is_answer(bot)(e)
+                )
+            ),
+            what="the whole answer",
+        )
+        parts = [
+            e["content"]["body"] for e in quinn.events_since(got.room, mark) if is_answer(bot)(e)
+        ]
+        assert len(parts) >= 8
+        assert "".join(parts).split() == openai.reply_text.split()
+    finally:
+        openai.reply_text = None
