@@ -9,8 +9,11 @@ import signal
 import urllib.error
 from pathlib import Path
 
+from .matrix import MatrixUser
 from .maubot import Maubot, build_mbp
 from .procs import REPO
+from .reset import reset
+from .stack import Deployment
 from .synapse import Synapse
 
 INSTANCE_ID = "lambda"
@@ -27,7 +30,7 @@ def _register_or_login(synapse: Synapse, localpart: str, password: str) -> dict:
     return synapse.login(f"@{localpart}:localhost", password)
 
 
-async def up(state: Path, hs_port: int, maubot_port: int) -> None:
+async def up(state: Path, hs_port: int, maubot_port: int, workspace: Path | None) -> None:
     synapse = Synapse(state / "synapse", port=hs_port)
     maubot = Maubot(state / "maubot", synapse.url, "", port=maubot_port, admin_password="admin")
     stop = asyncio.Event()
@@ -55,6 +58,9 @@ async def up(state: Path, hs_port: int, maubot_port: int) -> None:
                 "started": True,
             },
         )
+        if workspace is not None:
+            workspace.mkdir(parents=True, exist_ok=True)
+            await maubot.update_config(INSTANCE_ID, {"files": {"workspace_root": str(workspace)}})
         _register_or_login(synapse, DEMO_USER, DEMO_PASSWORD)
         print(
             f"""
@@ -63,11 +69,13 @@ Lambda for Matrix is running (state in {state}).
   Homeserver:     {synapse.url}   (server name: localhost)
   Demo user:      @{DEMO_USER}:localhost   password: {DEMO_PASSWORD}
   Bot:            {bot["user_id"]}   (plugin {mbp.name}, agent: echo)
+  Workspace:      {workspace or "none (start with --workspace DIR to hand files to agents)"}
   maubot admin:   {maubot.url}/_matrix/maubot   login: admin / admin
 
 Connect a Matrix client (e.g. Element desktop) to {synapse.url}, log in as the demo user,
 start a direct chat with {bot["user_id"]}, and accept the Space invite that follows.
 Logs: {maubot.log}  and  {synapse.dir / "homeserver.log"}
+Dev reset (another terminal): ./up.sh reset local|server [--dry-run]
 Press Ctrl-C to stop everything.""",
             flush=True,
         )
@@ -79,20 +87,50 @@ Press Ctrl-C to stop everything.""",
         synapse.stop()
 
 
+async def reset_stack(
+    state: Path, hs_port: int, maubot_port: int, scope: str, dry_run: bool
+) -> None:
+    """Resets the running local stack (started by up.sh) as its bot and maubot admin."""
+    synapse = Synapse(state / "synapse", port=hs_port)
+    maubot = Maubot(state / "maubot", synapse.url, "", port=maubot_port, admin_password="admin")
+    await maubot.login()
+    login = synapse.login(f"@{BOT}:localhost", "bot-password")
+    bot = MatrixUser(synapse.url, login["user_id"], login["access_token"])
+    deployment = Deployment(maubot, synapse, "local", login["user_id"], INSTANCE_ID)
+    try:
+        for line in await reset(deployment, bot, scope, dry_run):
+            print(line, flush=True)
+    finally:
+        await bot.close()
+        await maubot.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m devstack")
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="start the local stack until Ctrl-C")
-    up_parser.add_argument("--state", type=Path, default=REPO / ".stack")
-    up_parser.add_argument(
-        "--hs-port", type=int, default=int(os.environ.get("LAMBDA_HS_PORT", 8008))
-    )
-    up_parser.add_argument(
-        "--maubot-port", type=int, default=int(os.environ.get("LAMBDA_MAUBOT_PORT", 29316))
-    )
+    up_parser.add_argument("--workspace", type=Path, help="shared workspace folder for files")
+    reset_parser = sub.add_parser("reset", help="dev reset of the running local stack")
+    reset_parser.add_argument("scope", choices=["local", "server"])
+    reset_parser.add_argument("--dry-run", action="store_true", help="only list what would happen")
+    for stack_parser in (up_parser, reset_parser):
+        stack_parser.add_argument("--state", type=Path, default=REPO / ".stack")
+        stack_parser.add_argument(
+            "--hs-port", type=int, default=int(os.environ.get("LAMBDA_HS_PORT", 8008))
+        )
+        stack_parser.add_argument(
+            "--maubot-port", type=int, default=int(os.environ.get("LAMBDA_MAUBOT_PORT", 29316))
+        )
     args = parser.parse_args()
     if args.command == "up":
-        asyncio.run(up(args.state.resolve(), args.hs_port, args.maubot_port))
+        workspace = args.workspace.resolve() if args.workspace else None
+        asyncio.run(up(args.state.resolve(), args.hs_port, args.maubot_port, workspace))
+    else:
+        asyncio.run(
+            reset_stack(
+                args.state.resolve(), args.hs_port, args.maubot_port, args.scope, args.dry_run
+            )
+        )
 
 
 if __name__ == "__main__":

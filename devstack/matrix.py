@@ -124,6 +124,41 @@ class MatrixUser:
     async def joined_rooms(self) -> list[str]:
         return (await self.request("GET", "/_matrix/client/v3/joined_rooms"))["joined_rooms"]
 
+    async def upload(self, data: bytes, mime_type: str, filename: str) -> str:
+        async with self.http.post(
+            self.hs + "/_matrix/media/v3/upload",
+            params={"filename": filename},
+            data=data,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": mime_type},
+        ) as resp:
+            body = await resp.json()
+            if resp.status >= 400:
+                raise MatrixError(resp.status, body)
+            return body["content_uri"]
+
+    async def download(self, mxc: str) -> bytes:
+        server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+        async with self.http.get(
+            f"{self.hs}/_matrix/client/v1/media/download/{server}/{media_id}",
+            headers={"Authorization": f"Bearer {self.token}"},
+        ) as resp:
+            if resp.status >= 400:
+                raise MatrixError(resp.status, await resp.text())
+            return await resp.read()
+
+    async def send_file(
+        self, room_id: str, data: bytes, name: str, mime_type: str, msgtype: str = "m.file"
+    ) -> str:
+        """Uploads ``data`` and sends it as a file message, as a client does."""
+        mxc = await self.upload(data, mime_type, "upload")
+        content = {
+            "msgtype": msgtype,
+            "body": name,
+            "url": mxc,
+            "info": {"mimetype": mime_type, "size": len(data)},
+        }
+        return await self.send(room_id, content)
+
     # sync and waiting
 
     def mark(self) -> Mark:

@@ -18,10 +18,13 @@ from maubot.matrix import MaubotMessageEvent
 from mautrix.client import SyncStream
 from mautrix.types import EventType, MessageEvent
 
+from .files import FILE_MSGTYPES
+
 if TYPE_CHECKING:
     from .bot import LambdaBot
 
 TIMELINE_LIMIT = 50
+ANSWERED = ("m.text", "m.emote", *FILE_MSGTYPES)
 
 
 def catch_up_filter() -> str:
@@ -51,17 +54,25 @@ def unanswered(
     handled: set[str],
 ) -> list[tuple[str, dict[str, Any]]]:
     """(room id, event) of what users said in ``rooms`` after ``since_ms`` that was not
-    handled, in each room's order."""
+    handled, in each room's order. Where the database knows none of a room's recent events
+    (it was lost or reset), only what came after the bot's last word counts: what came
+    before was answered, and answering it again would repeat the bot."""
     found = []
     for room_id in sorted(rooms):
-        for event in timelines.get(room_id, []):
+        events = timelines.get(room_id, [])
+        if not any(e.get("event_id") in handled for e in events):
+            last_bot = max(
+                (i for i, e in enumerate(events) if e.get("sender") == bot_id), default=-1
+            )
+            events = events[last_bot + 1 :]
+        for event in events:
             if (
                 event.get("type") == "m.room.message"
                 and event.get("sender") != bot_id
                 and int(event.get("origin_server_ts") or 0) >= since_ms
                 and event.get("event_id") not in handled
                 and isinstance(event.get("content"), dict)
-                and event["content"].get("msgtype") in ("m.text", "m.emote")
+                and event["content"].get("msgtype") in ANSWERED
             ):
                 found.append((room_id, event))
     return found

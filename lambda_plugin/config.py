@@ -8,6 +8,8 @@ from typing import Any
 
 from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
 
+from .texts import TEXTS
+
 LANGUAGES = ("en", "ru")
 BACKENDS = ("echo", "openai", "lambda")
 _USER_ID = re.compile(r"^@[^:\s]+:\S+$")
@@ -95,6 +97,14 @@ def _template(value: Any, key: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _chat_name(value: Any, language: str) -> str:
+    """The configured template; the shipped default follows the language (Chat N / Чат N)."""
+    template = _template(value, "spaces.chat_name", ("n",))
+    if template == TEXTS["en"]["default_chat_name"]:
+        return TEXTS[language]["default_chat_name"]
+    return template
+
+
 @dataclass(frozen=True)
 class Settings:
     """Checked, typed values derived from the config; rebuilt on every config save."""
@@ -149,7 +159,7 @@ class Settings:
             space_name=_template(
                 config["spaces.space_name"], "spaces.space_name", ("displayname", "user_id")
             ),
-            chat_name=_template(config["spaces.chat_name"], "spaces.chat_name", ("n",)),
+            chat_name=_chat_name(config["spaces.chat_name"], language),
             default_agent=default_agent,
             agents=agents,
             workspace_root=workspace_root or None,

@@ -6,14 +6,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from maubot import MessageEvent
 from maubot.handlers import event
 from mautrix.types import EventType, MessageType
 
-from .agents import Agent, AgentError, AgentRequest
+from . import files
+from .agents import Agent, AgentError, AgentRequest, Attachment
+from .db import ChatRoomRow
 from .matrix import HomeserverError
 from .replies import StreamingReply
 from .spaces import matrix_to
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
 
 TYPING_REFRESH_S = 20
 POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
-TEXT_TYPES = (MessageType.TEXT, MessageType.EMOTE)
+# mautrix's MessageType does not compare equal to strings: compare the values.
+TEXT_TYPES = (MessageType.TEXT.value, MessageType.EMOTE.value)
+ANSWERED_TYPES = (*TEXT_TYPES, *files.FILE_MSGTYPES)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Job:
     event_id: str
     sender: str
     text: str
+    file: dict | None = None  # the content of a file message, until it is fetched
+    attachments: tuple[Attachment, ...] = ()
 
 
 Control = Callable[[], Awaitable[None]]
@@ -111,7 +117,45 @@ class RoomWorker:
             await self.bot.notify(self.room_id, text(settings.language, "archived.no_answer"))
             return
         await self.bot.mx.receipt(self.room_id, job.event_id)
+        if job.file is not None:
+            job = await self._fetch_file(job, room)
+            if job is None:
+                return
         await self._answer(job)
+
+    async def _fetch_file(self, job: Job, room: ChatRoomRow) -> Job | None:
+        """The job with its file fetched (into the workspace, or inline for agents that take
+        files that way); None after telling the user why the file was refused."""
+        settings = self.bot.settings
+        content = job.file or {}
+        agent = self.router.agents.get(room.agent_id)
+        try:
+            if settings.workspace_root:
+                attachment = await files.save_incoming(
+                    self.bot.mx,
+                    settings.workspace_root,
+                    job.sender,
+                    self.room_id,
+                    content,
+                    settings.max_file_bytes,
+                )
+            elif agent is not None and agent.backend == "openai":
+                attachment = await files.fetch_inline(self.bot.mx, content, settings.max_file_bytes)
+            else:
+                name = files.safe_name(str(content.get("filename") or content.get("body") or ""))
+                await self.bot.notify(
+                    self.room_id, text(settings.language, "file.not_accepted", name=name)
+                )
+                return None
+        except files.FileRefused as e:
+            self.bot.log.warning("File from %s in %s refused: %s", job.sender, self.room_id, e)
+            await self.bot.notify(self.room_id, e.message(settings.language))
+            return None
+        self.bot.log.info(
+            "Received file %s from %s in %s", attachment.workspace_path or attachment.name,
+            job.sender, self.room_id,
+        )  # fmt: skip
+        return replace(job, text=files.caption(content), file=None, attachments=(attachment,))
 
     async def _answer(self, job: Job) -> None:
         room = self.bot.registry.room(self.room_id)
@@ -123,7 +167,7 @@ class RoomWorker:
             self.unanswered = job
             await self.bot.notify(self.room_id, text(lang, "agent.unknown", agent=room.agent_id))
             return
-        request = AgentRequest(room.platform_chat_id, job.text, job.sender)
+        request = AgentRequest(room.platform_chat_id, job.text, job.sender, job.attachments)
         reply = StreamingReply(self._send, self.bot.settings.stream_edit_interval_s)
         typing = asyncio.create_task(self._keep_typing())
         self.current = asyncio.create_task(agent.respond(request, reply.partial))
@@ -151,7 +195,27 @@ class RoomWorker:
             self.unanswered = job
             raise error
         self.unanswered = None
-        await reply.finish(call.result().text)
+        answer = call.result()
+        await reply.finish(answer.text)
+        await self._send_files(answer.attachments)
+
+    async def _send_files(self, paths: tuple[str, ...]) -> None:
+        """Uploads the files the agent returned; each refusal is said, the rest still go."""
+        settings = self.bot.settings
+        for rel_path in paths:
+            if not settings.workspace_root:
+                await self.bot.notify(
+                    self.room_id, text(settings.language, "file.missing", path=rel_path[:200])
+                )
+                continue
+            try:
+                await files.send_outgoing(
+                    self.bot.mx, self.room_id, settings.workspace_root, rel_path,
+                    settings.max_file_bytes,
+                )  # fmt: skip
+            except files.FileRefused as e:
+                self.bot.log.warning("Agent file %r refused in %s: %s", rel_path, self.room_id, e)
+                await self.bot.notify(self.room_id, e.message(settings.language))
 
     async def _send(self, content: dict) -> str:
         return await self.bot.mx.send(self.room_id, content)
@@ -199,14 +263,17 @@ class Router:
 
     @event.on(EventType.ROOM_MESSAGE)
     async def on_message(self, evt: MessageEvent) -> None:
-        if evt.sender == self.bot.client.mxid or evt.content.msgtype not in TEXT_TYPES:
+        msgtype = getattr(evt.content.msgtype, "value", evt.content.msgtype)
+        if evt.sender == self.bot.client.mxid or msgtype not in ANSWERED_TYPES:
             return
         body = evt.content.body or ""
-        if body.startswith("!"):
+        is_file = msgtype in files.FILE_MSGTYPES
+        if body.startswith("!") and not is_file:
             return  # a command: the command handlers answer it
+        job = Job(evt.event_id, evt.sender, body, evt.content.serialize() if is_file else None)
         # Queued before the first await: handlers run as unordered tasks, and this keeps the
         # room's messages in the order they were dispatched.
-        self.worker(evt.room_id).queue.put_nowait(Job(evt.event_id, evt.sender, body))
+        self.worker(evt.room_id).queue.put_nowait(job)
 
     async def point_to_space(self, room_id: str, sender: str) -> None:
         user = self.bot.registry.users.get(sender)

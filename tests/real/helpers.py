@@ -38,6 +38,10 @@ async def onboard(user: MatrixUser, stack: Deployment, encrypted: bool = False) 
     room = await user.wait_for_invite(is_room_invite)
     await user.join(space)
     await user.join(room)
+    # The welcome notice comes last; waiting for it keeps it from passing for a later answer.
+    await user.wait_for_event(
+        room, lambda e: e["sender"] == stack.bot_id and "!help" in e["content"].get("body", "")
+    )
     return Onboarded(dm, space, room)
 
 

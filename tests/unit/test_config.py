@@ -80,6 +80,7 @@ CUSTOM: dict[str, Any] = {
     "files.workspace_root": "/srv/workspace",
     "files.max_size_mb": 3,
     "replies.stream_edit_interval_s": 0.25,
+    "reconcile.catch_up_minutes": 3,
 }
 
 
@@ -190,6 +191,12 @@ def test_custom_config_gives_custom_settings() -> None:
     assert s.workspace_root == "/srv/workspace"
     assert s.max_file_bytes == 3 * 1024 * 1024
     assert s.stream_edit_interval_s == 0.25
+    assert s.catch_up_s == 180
+
+
+def test_russian_default_chat_name() -> None:
+    s = Settings.from_config(make_config({"language": "ru"}))
+    assert s.chat_name == "Чат {n}"
 
 
 def test_valid_edge_values() -> None:
