@@ -23,6 +23,8 @@ from mautrix.types import JSON
 
 MAX_WAIT_S = 30.0
 MAX_TRIES = 8
+TRANSIENT = (502, 503, 504)
+TRANSIENT_TRIES = 3
 _txn_counter = itertools.count()
 
 
@@ -66,6 +68,9 @@ class Matrix:
         url = str(api.base_url).rstrip("/") + path
         headers = {"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"}
         data = json.dumps(body) if body is not None else None
+        # Only a GET or a PUT (sends carry a transaction id) may be repeated after a failure
+        # that may have happened after the server acted; a POST (createRoom) must not be.
+        idempotent = method in ("GET", "PUT")
         for attempt in range(1, MAX_TRIES + 1):
             self.requests += 1
             try:
@@ -84,13 +89,16 @@ class Matrix:
                         self.log.debug("Rate limited on %s %s; waiting %.2fs", method, path, wait)
                         await asyncio.sleep(wait)
                         continue
+                    if resp.status in TRANSIENT and idempotent and attempt < TRANSIENT_TRIES:
+                        await asyncio.sleep(0.5 * attempt)  # a proxy or worker restarting
+                        continue
                     if resp.status >= 400:
                         errcode = payload.get("errcode") if isinstance(payload, dict) else None
                         message = payload.get("error", "") if isinstance(payload, dict) else text
                         raise HomeserverError(resp.status, errcode, str(message)[:300])
                     return payload
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if attempt >= 3:
+                if not idempotent or attempt >= TRANSIENT_TRIES:
                     raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
                 await asyncio.sleep(0.5 * attempt)
         raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")

@@ -30,11 +30,7 @@ class Onboarding:
             source = getattr(evt, "source", SyncStream.INVITED_ROOM)
             if source & SyncStream.INVITED_ROOM:
                 await self.handle_invite(evt.room_id, evt.sender)
-        elif (
-            evt.state_key == bot_id
-            and membership in (Membership.LEAVE, Membership.BAN)
-            and evt.sender != bot_id
-        ):
+        elif evt.state_key == bot_id and membership in (Membership.LEAVE, Membership.BAN):
             await self.bot_removed(evt.room_id, evt.sender)
 
     @event.on(EventType.ROOM_NAME)

@@ -39,6 +39,7 @@ class FakeHomeserver:
         self.url = ""
         self.requests: list[tuple[str, str]] = []
         self.sent: list[tuple[str, str, Any]] = []  # (room id, event type, content)
+        self.joined_rooms_failures = 0  # how many /joined_rooms calls answer 502 first
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.text()
@@ -50,6 +51,9 @@ class FakeHomeserver:
             self.sent.append((parts[-4], parts[-2], body))
             return web.json_response({"event_id": f"$sent{len(self.sent)}"})
         if request.method == "GET" and request.path.endswith("/joined_rooms"):
+            if self.joined_rooms_failures > 0:
+                self.joined_rooms_failures -= 1
+                return web.json_response({"errcode": "M_UNKNOWN", "error": "down"}, status=502)
             return web.json_response({"joined_rooms": []})  # lets reconciliation finish
         if request.method == "GET" and request.path.endswith("/sync"):
             return web.json_response({"next_batch": "s1", "rooms": {}})
@@ -203,3 +207,21 @@ async def test_start_wires_the_store(maubot_plugin) -> None:
     counts = await maubot_plugin.store.counts()
     assert counts == dict.fromkeys(counts, 0)
     assert set(counts) == {"lambda_user", "chat_room", "snapshot", "history", "handled_event"}
+
+
+@pytest_asyncio.fixture
+async def failing_homeserver(homeserver: FakeHomeserver) -> FakeHomeserver:
+    homeserver.joined_rooms_failures = 6  # two start-up attempts of three tries each
+    return homeserver
+
+
+async def test_start_survives_a_homeserver_that_is_down(
+    failing_homeserver, maubot_plugin, maubot_test_bot
+) -> None:
+    # start() returned (the fixture got the plugin) although reconciliation failed: it
+    # retries in the background, and a command sent meanwhile is answered once it is ready.
+    assert not maubot_plugin.ready.is_set()
+    content = await ask_help(maubot_test_bot, failing_homeserver)
+    assert "list the commands" in content["body"]
+    assert maubot_plugin.ready.is_set()
+    assert failing_homeserver.joined_rooms_failures == 0
