@@ -9,9 +9,7 @@ handlers live events reach. Handled event ids are stored, so nothing is answered
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from maubot.matrix import MaubotMessageEvent
@@ -19,6 +17,7 @@ from mautrix.client import SyncStream
 from mautrix.types import EventType, MessageEvent
 
 from .files import FILE_MSGTYPES
+from .matrix import one_off_sync_filter
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
@@ -28,22 +27,7 @@ ANSWERED = ("m.text", "m.emote", *FILE_MSGTYPES)
 
 
 def catch_up_filter() -> str:
-    # The impossible room makes the request unique: Synapse caches sync answers per request.
-    return json.dumps(
-        {
-            "room": {
-                "not_rooms": [f"!catchup-{uuid.uuid4().hex}:invalid"],
-                "timeline": {"limit": TIMELINE_LIMIT, "types": ["m.room.message"]},
-                "state": {"types": []},
-                "ephemeral": {"not_types": ["*"]},
-                "account_data": {"not_types": ["*"]},
-                "include_leave": False,
-            },
-            "presence": {"not_types": ["*"]},
-            "account_data": {"not_types": ["*"]},
-        },
-        separators=(",", ":"),
-    )
+    return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": ["m.room.message"]})
 
 
 def unanswered(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .db import ChatRoomRow
+
 MARKER_TYPE = "ai.lambda.matrix.room"
 MARKER_VERSION = 1
 KIND_SPACE = "space"
@@ -33,6 +35,18 @@ class Marker:
     def state_event(self) -> dict[str, Any]:
         """The marker as an ``initial_state`` entry of createRoom."""
         return {"type": MARKER_TYPE, "state_key": "", "content": self.content()}
+
+    @classmethod
+    def for_chat(cls, room: ChatRoomRow, space_id: str | None) -> Marker:
+        return cls(
+            kind=KIND_CHAT,
+            owner=room.user_id,
+            space_id=space_id,
+            chat_id=room.chat_id,
+            agent_id=room.agent_id,
+            platform_chat_id=room.platform_chat_id,
+            archived=room.archived,
+        )
 
     @classmethod
     def from_content(cls, content: dict[str, Any]) -> Marker | None:

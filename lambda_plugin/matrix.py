@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -275,6 +276,29 @@ class Matrix:
                     raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
                 await asyncio.sleep(0.5 * attempt)
         raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+
+
+def one_off_sync_filter(timeline: dict[str, Any]) -> str:
+    """A /sync filter for a one-off read: the given timeline, no state, nothing else.
+
+    Synapse caches a sync answer per request (two minutes by default), and a read after a
+    restart must not get the last run's answer: naming a room that cannot exist makes each
+    request unique."""
+    return json.dumps(
+        {
+            "room": {
+                "not_rooms": [f"!lambda-{uuid.uuid4().hex}:invalid"],
+                "timeline": timeline,
+                "state": {"types": []},
+                "ephemeral": {"not_types": ["*"]},
+                "account_data": {"not_types": ["*"]},
+                "include_leave": False,
+            },
+            "presence": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]},
+        },
+        separators=(",", ":"),
+    )
 
 
 def _parse(text: str) -> Any:

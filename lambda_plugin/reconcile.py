@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .db import ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
-from .matrix import HomeserverError
+from .matrix import HomeserverError, one_off_sync_filter
+from .spaces import space_child, space_parent
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
@@ -42,24 +41,8 @@ READ_CONCURRENCY = 16
 
 
 def invites_filter() -> str:
-    """Pending invites only: no timeline, no state, nothing else. Synapse caches a sync answer
-    per request (two minutes by default) and a restart must not read the last run's invites,
-    so each read names a room that cannot exist, making its request unique."""
-    return json.dumps(
-        {
-            "room": {
-                "not_rooms": [f"!reconcile-{uuid.uuid4().hex}:invalid"],
-                "timeline": {"limit": 0},
-                "state": {"types": []},
-                "ephemeral": {"not_types": ["*"]},
-                "account_data": {"not_types": ["*"]},
-                "include_leave": False,
-            },
-            "presence": {"not_types": ["*"]},
-            "account_data": {"not_types": ["*"]},
-        },
-        separators=(",", ":"),
-    )
+    """Pending invites only (invite_state always comes whole)."""
+    return one_off_sync_filter({"limit": 0})
 
 
 _WANTED = frozenset(STATE_TYPES)
@@ -306,15 +289,7 @@ def plan(
                 result.rooms[row.room_id] = replace(row, created_at=known.created_at)
                 report.repaired_chat_rows += 1
             if write_marker:
-                marker = Marker(
-                    kind=KIND_CHAT,
-                    owner=owner,
-                    space_id=space_id,
-                    chat_id=row.chat_id,
-                    agent_id=row.agent_id,
-                    platform_chat_id=row.platform_chat_id,
-                    archived=row.archived,
-                )
+                marker = Marker.for_chat(row, space_id)
                 result.state_writes.append((row.room_id, MARKER_TYPE, "", marker.content()))
                 report.restored_room_meta += 1
             if space is None:
@@ -322,14 +297,14 @@ def plan(
             # Links: active rooms are listed in the Space (with via) and point back to it.
             child = space.children.get(row.room_id) or {}
             if not row.archived and not child.get("via"):
-                content = {"via": [server], "order": f"{row.chat_number:08d}"}
+                content = space_child(server, row.chat_number)
                 result.state_writes.append((space.room_id, "m.space.child", row.room_id, content))
                 report.repaired_links += 1
             elif row.archived and child.get("via"):
                 result.state_writes.append((space.room_id, "m.space.child", row.room_id, {}))
                 report.repaired_links += 1
             if not (room.parents.get(space.room_id) or {}).get("via"):
-                content = {"via": [server], "canonical": True}
+                content = space_parent(server)
                 result.state_writes.append((row.room_id, "m.space.parent", space.room_id, content))
                 report.repaired_links += 1
 

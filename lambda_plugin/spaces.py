@@ -6,11 +6,11 @@ import asyncio
 import re
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .db import ChatRoomRow, now_ms
-from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from .marker import KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ def creators_privileged(room_version: str) -> bool:
 def space_child(server: str, chat_number: int) -> dict[str, Any]:
     # order keeps rooms listed in creation order (compared as strings).
     return {"via": [server], "order": f"{chat_number:08d}"}
+
+
+def space_parent(server: str) -> dict[str, Any]:
+    return {"via": [server], "canonical": True}
 
 
 @dataclass(frozen=True)
@@ -170,33 +174,9 @@ class Spaces:
         name = name or settings.chat_name.format(n=number)
         agent_id = agent_id or settings.default_agent
         platform_chat_id = platform_chat_id or new_platform_chat_id()
-        marker = Marker(
-            kind=KIND_CHAT,
-            owner=user_id,
-            space_id=space_id,
-            chat_id=chat_id,
-            agent_id=agent_id,
-            platform_chat_id=platform_chat_id,
-        )
-        room_id = await self.mx.create_room(
-            {
-                "name": name,
-                "preset": "private_chat",
-                "visibility": "private",
-                "invite": [user_id],
-                "initial_state": [
-                    marker.state_event(),
-                    {
-                        "type": "m.space.parent",
-                        "state_key": space_id,
-                        "content": {"via": [self.mx.server_name], "canonical": True},
-                    },
-                ],
-                "power_level_content_override": await self.power_levels(user_id),
-            }
-        )
+        # The row first (its room id filled in once the room exists): the marker is made from it.
         room = ChatRoomRow(
-            room_id=room_id,
+            room_id="",
             user_id=user_id,
             chat_id=chat_id,
             name=name,
@@ -206,6 +186,24 @@ class Spaces:
             gone=False,
             created_at=now_ms(),
         )
+        room_id = await self.mx.create_room(
+            {
+                "name": name,
+                "preset": "private_chat",
+                "visibility": "private",
+                "invite": [user_id],
+                "initial_state": [
+                    Marker.for_chat(room, space_id).state_event(),
+                    {
+                        "type": "m.space.parent",
+                        "state_key": space_id,
+                        "content": space_parent(self.mx.server_name),
+                    },
+                ],
+                "power_level_content_override": await self.power_levels(user_id),
+            }
+        )
+        room = replace(room, room_id=room_id)
         await self.registry.save_room(room)
         await self.mx.send_state(
             space_id, "m.space.child", space_child(self.mx.server_name, number), room_id
@@ -213,17 +211,10 @@ class Spaces:
         self.bot.log.info("Created chat %s (%s) for %s in %s", chat_id, room_id, user_id, space_id)
         return room
 
-    async def write_marker(self, room: ChatRoomRow, space_id: str) -> None:
-        marker = Marker(
-            kind=KIND_CHAT,
-            owner=room.user_id,
-            space_id=space_id,
-            chat_id=room.chat_id,
-            agent_id=room.agent_id,
-            platform_chat_id=room.platform_chat_id,
-            archived=room.archived,
+    async def write_marker(self, room: ChatRoomRow, space_id: str | None) -> None:
+        await self.mx.send_state(
+            room.room_id, MARKER_TYPE, Marker.for_chat(room, space_id).content()
         )
-        await self.mx.send_state(room.room_id, MARKER_TYPE, marker.content())
 
     async def set_archived(self, room: ChatRoomRow, archived: bool) -> ChatRoomRow:
         """Takes the room out of the Space (a child event without via) or puts it back."""

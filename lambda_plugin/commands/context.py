@@ -7,7 +7,7 @@ import asyncio
 from maubot import MessageEvent
 from maubot.handlers import command
 
-from ..agents import AgentError
+from ..agents import Agent, AgentError
 from ..db import ChatRoomRow, SnapshotRow, now_ms
 from ..spaces import clean_name, new_platform_chat_id
 from ..texts import text
@@ -30,6 +30,16 @@ class ContextCommands(CommandBase):
     async def snapshot_names(self, user_id: str) -> str:
         snaps = await self.bot.store.snapshots_of(user_id)
         return ", ".join(f"`{s.name}`" for s in snaps) or text(self.bot.settings.language, "none")
+
+    async def current_agent(
+        self, evt: MessageEvent, room_id: str
+    ) -> tuple[ChatRoomRow, Agent | None]:
+        """The room as it is now (in its turn) and its agent; None after saying it is gone."""
+        current = self.bot.registry.room(room_id)
+        agent = self.bot.router.agents.get(current.agent_id)
+        if agent is None:
+            await self.reply(evt, "agent.unknown", agent=current.agent_id)
+        return current, agent
 
     async def switch_conversation(self, room: ChatRoomRow, platform_chat_id: str) -> ChatRoomRow:
         """Points the room at another conversation: database, memory and the room's marker."""
@@ -75,10 +85,8 @@ class ContextCommands(CommandBase):
             return
 
         async def run() -> None:
-            current = self.bot.registry.room(room.room_id)
-            agent = self.bot.router.agents.get(current.agent_id)
+            current, agent = await self.current_agent(evt, room.room_id)
             if agent is None:
-                await self.reply(evt, "agent.unknown", agent=current.agent_id)
                 return
             try:
                 data = await agent.snapshot(current.platform_chat_id)
@@ -121,10 +129,8 @@ class ContextCommands(CommandBase):
             return
 
         async def run() -> None:
-            current = self.bot.registry.room(room.room_id)
-            agent = self.bot.router.agents.get(current.agent_id)
+            current, agent = await self.current_agent(evt, room.room_id)
             if agent is None:
-                await self.reply(evt, "agent.unknown", agent=current.agent_id)
                 return
             fresh_id = new_platform_chat_id()
             try:
