@@ -18,7 +18,7 @@ KIND_SPACE = "space"
 KIND_CHAT = "chat"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Marker:
     kind: str
     owner: str

@@ -13,8 +13,11 @@ already manages, and a second run on a consistent database writes nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,6 @@ STATE_TYPES = [
     "m.room.tombstone",
     "m.space.child",
     "m.space.parent",
-    "m.room.member",
 ]
 
 
@@ -74,8 +76,10 @@ class Report:
         return data
 
 
-@dataclass
+@dataclass(slots=True)
 class RoomState:
+    """What reconciliation reads of one room: kept small, one per joined room."""
+
     room_id: str
     creator: str | None = None
     created_ts: int = 0
@@ -83,9 +87,8 @@ class RoomState:
     name: str | None = None
     tombstoned: bool = False
     marker: Marker | None = None
-    children: dict[str, dict] = field(default_factory=dict)
-    parents: dict[str, dict] = field(default_factory=dict)
-    members: dict[str, str] = field(default_factory=dict)
+    children: dict[str, bool] = field(default_factory=dict)  # child room -> listed with via
+    parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
 
 
 @dataclass
@@ -99,33 +102,35 @@ class Plan:
 
 
 def parse_rooms(states: dict[str, list[dict[str, Any]]], bot_id: str) -> dict[str, RoomState]:
-    """Room id -> its current state events, as /state gives them."""
-    rooms: dict[str, RoomState] = {}
-    for room_id, events in states.items():
-        room = RoomState(room_id)
-        for event in events:
-            etype, key, content = event.get("type"), event.get("state_key"), event.get("content")
-            if not isinstance(content, dict):
-                continue
-            if etype == "m.room.create":
-                room.creator = content.get("creator") or event.get("sender")
-                room.created_ts = int(event.get("origin_server_ts") or 0)
-                room.is_space = content.get("type") == "m.space"
-            elif etype == "m.room.name":
-                room.name = content.get("name") if isinstance(content.get("name"), str) else None
-            elif etype == "m.room.tombstone":
-                room.tombstoned = bool(content.get("replacement_room"))
-            elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
-                # Only the bot's own marker counts; anyone else's is ignored.
-                room.marker = Marker.from_content(content)
-            elif etype == "m.space.child" and isinstance(key, str):
-                room.children[key] = content
-            elif etype == "m.space.parent" and isinstance(key, str):
-                room.parents[key] = content
-            elif etype == "m.room.member" and isinstance(key, str):
-                room.members[key] = str(content.get("membership"))
-        rooms[room_id] = room
-    return rooms
+    """Room id -> what reconciliation needs of its state events (as /state gives them)."""
+    return {room_id: parse_room(room_id, events, bot_id) for room_id, events in states.items()}
+
+
+def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
+    room = RoomState(room_id)
+    for event in events:
+        etype = event.get("type")
+        if etype not in _WANTED:
+            continue  # most of a room's state: skipped before anything else is looked at
+        key, content = event.get("state_key"), event.get("content")
+        if not isinstance(content, dict):
+            continue
+        if etype == "m.room.create":
+            room.creator = content.get("creator") or event.get("sender")
+            room.created_ts = int(event.get("origin_server_ts") or 0)
+            room.is_space = content.get("type") == "m.space"
+        elif etype == "m.room.name":
+            room.name = content.get("name") if isinstance(content.get("name"), str) else None
+        elif etype == "m.room.tombstone":
+            room.tombstoned = bool(content.get("replacement_room"))
+        elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
+            # Only the bot's own marker counts; anyone else's is ignored.
+            room.marker = Marker.from_content(content)
+        elif etype == "m.space.child" and isinstance(key, str):
+            room.children[key] = bool(content.get("via"))
+        elif etype == "m.space.parent" and isinstance(key, str):
+            room.parents[key] = bool(content.get("via"))
+    return room
 
 
 def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
@@ -143,8 +148,22 @@ def adopted_platform_chat_id(room_id: str) -> str:
     return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
 
 
+@contextmanager
+def _without_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector: building tens of thousands of rows makes it run
+    full collections over an ever larger heap, which turns linear work quadratic. Nothing
+    made here is cyclic; the pause lasts one plan."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def plan(
-    states: dict[str, list[dict[str, Any]]],
+    states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
     invites: list[tuple[str, str]],
     bot_id: str,
     server: str,
@@ -152,10 +171,26 @@ def plan(
     known_rooms: dict[str, ChatRoomRow],
     default_agent: str,
 ) -> Plan:
-    """What the database and the rooms should hold, from one sync answer; no I/O."""
+    """What the database and the rooms should hold, from the rooms' state; no I/O."""
+    with _without_gc():
+        return _plan(states, invites, bot_id, server, known_users, known_rooms, default_agent)
+
+
+def _plan(
+    states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
+    invites: list[tuple[str, str]],
+    bot_id: str,
+    server: str,
+    known_users: dict[str, UserRow],
+    known_rooms: dict[str, ChatRoomRow],
+    default_agent: str,
+) -> Plan:
     result = Plan()
     report = result.report
-    rooms = parse_rooms(states, bot_id)
+    rooms = {
+        room_id: value if isinstance(value, RoomState) else parse_room(room_id, value, bot_id)
+        for room_id, value in states.items()
+    }
     report.joined_rooms = len(rooms)
     result.invites = invites
     report.invites = len(result.invites)
@@ -178,6 +213,12 @@ def plan(
             continue
         spaces[owner] = room
     space_owner = {space.room_id: owner for owner, space in spaces.items()}
+    # Which managed Space lists a room as its child (the first, by Space id): one pass,
+    # so finding the Space of an unmarked room costs no scan of every Space.
+    child_owner: dict[str, str] = {}
+    for space_id, owner in sorted(space_owner.items()):
+        for child_id in rooms[space_id].children:
+            child_owner.setdefault(child_id, owner)
 
     # Chat rooms: marked ones, then unmarked children of a managed Space (older versions).
     chats: dict[str, list[tuple[RoomState, Marker, bool]]] = {}
@@ -195,14 +236,7 @@ def plan(
             ),
             None,
         )
-        parent = parent or next(
-            (
-                owner
-                for space_id, owner in sorted(space_owner.items())
-                if room.room_id in rooms[space_id].children
-            ),
-            None,
-        )
+        parent = parent or child_owner.get(room.room_id)
         if parent and room.creator == bot_id and not room.tombstoned and room.marker is None:
             chats.setdefault(parent, []).append((room, None, True))  # type: ignore[arg-type]
         else:
@@ -295,15 +329,15 @@ def plan(
             if space is None:
                 continue
             # Links: active rooms are listed in the Space (with via) and point back to it.
-            child = space.children.get(row.room_id) or {}
-            if not row.archived and not child.get("via"):
+            listed = space.children.get(row.room_id, False)
+            if not row.archived and not listed:
                 content = space_child(server, row.chat_number)
                 result.state_writes.append((space.room_id, "m.space.child", row.room_id, content))
                 report.repaired_links += 1
-            elif row.archived and child.get("via"):
+            elif row.archived and listed:
                 result.state_writes.append((space.room_id, "m.space.child", row.room_id, {}))
                 report.repaired_links += 1
-            if not (room.parents.get(space.room_id) or {}).get("via"):
+            if not room.parents.get(space.room_id, False):
                 content = space_parent(server)
                 result.state_writes.append((row.room_id, "m.space.parent", space.room_id, content))
                 report.repaired_links += 1
@@ -352,12 +386,13 @@ class Reconciler:
         self.last_report = report
         return report, result.invites
 
-    async def read_topology(self) -> tuple[dict[str, list[dict]], list[tuple[str, str]]]:
-        """Every joined room's state (only the types reconciliation reads), and the invites."""
+    async def read_topology(self) -> tuple[dict[str, RoomState], list[tuple[str, str]]]:
+        """Every joined room's state, parsed as it arrives (only what reconciliation reads
+        is kept), and the pending invites."""
         mx = self.bot.mx
         room_ids = await mx.joined_rooms()
         limit = asyncio.Semaphore(READ_CONCURRENCY)
-        states: dict[str, list[dict]] = {}
+        states: dict[str, RoomState] = {}
 
         async def read(room_id: str) -> None:
             async with limit:
@@ -367,7 +402,7 @@ class Reconciler:
                     if e.status in (403, 404):  # left between the two calls
                         return
                     raise
-            states[room_id] = [e for e in events if e.get("type") in _WANTED]
+            states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
         sync = await mx.sync({"filter": invites_filter(), "timeout": "0"})
