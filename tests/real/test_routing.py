@@ -280,3 +280,39 @@ async def test_long_answer_arrives_whole(stack, agents, new_user) -> None:
         assert "".join(parts).split() == openai.reply_text.split()
     finally:
         openai.reply_text = None
+
+
+async def test_unmanaged_rooms_get_a_pointer_and_shared_rooms_answer_guests(
+    stack: Deployment, new_user
+) -> None:
+    rex = await new_user("rex")
+    got = await onboard(rex, stack)
+    bot = stack.bot_id
+    pointer = await say(rex, got.dm, "hello?", bot)
+    assert "not one of your chats" in pointer and got.space in pointer
+    # At most once a while: a second message in the same room gets no second pointer.
+    await rex.sync_once(0)
+    mark = rex.mark()
+    await rex.send_text(got.dm, "still there?")
+    await say(rex, got.room, "ping", bot)  # an answer elsewhere proves the bot went on
+    await rex.sync_once(0)
+    assert not [e for e in rex.events_since(got.dm, mark) if e["sender"] == bot]
+
+    guest = await new_user("guest")
+    await rex.invite(got.room, guest.user_id)
+    await guest.join(got.room)
+    await guest.sync_once(0)
+    mark = guest.mark()
+    await guest.send_text(got.room, "may I?")
+    # The next answer in the room is to the owner's ping: the guest's message got none.
+    assert "echo: ping" in await say(rex, got.room, "ping", bot)
+    assert not [
+        e
+        for e in guest.events_since(got.room, mark)
+        if "may I?" in e["content"].get("body", "") and e["sender"] == bot
+    ]
+    await stack.configure({"access": {"shared_rooms": True}})
+    try:
+        assert "echo: may I now?" in await say(guest, got.room, "may I now?", bot)
+    finally:
+        await stack.configure({"access": {"shared_rooms": False}})
