@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from maubot import Plugin
 from mautrix.util.async_db import UpgradeTable
@@ -20,6 +21,9 @@ from .registry import Registry
 from .replies import notice_content
 from .routing import Router
 from .spaces import Spaces
+
+# Handled event ids are kept this long: redeliveries and catch-up come much sooner.
+HANDLED_KEPT_S = 7 * 24 * 3600
 
 
 class LambdaBot(Plugin):
@@ -44,6 +48,8 @@ class LambdaBot(Plugin):
 
     async def start(self) -> None:
         # start() must never raise: maubot disables an instance whose start failed, for good.
+        self._tasks: set[asyncio.Task] = set()
+        self.stopping = False
         self.store = Store(self.database)
         self.router = Router(self)
         self.config.load_and_update()
@@ -56,7 +62,6 @@ class LambdaBot(Plugin):
         # Handlers are live from here on, but wait for this before acting: nothing is routed
         # on half-built state, and what arrives meanwhile is handled afterwards.
         self.ready = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self.register_handler_class(HelpCommands(self))
         self.register_handler_class(ChatCommands(self))
         self.register_handler_class(ContextCommands(self))
@@ -67,6 +72,9 @@ class LambdaBot(Plugin):
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     async def stop(self) -> None:
+        # Handlers still waiting for the start-up are let go; each returns at once.
+        self.stopping = True
+        self.ready.set()
         await self.router.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -98,17 +106,27 @@ class LambdaBot(Plugin):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
         self.log.info("Reconciled: %s", report.line())
+        catch_up = CatchUp(self)
+        try:
+            # Messages sent while the bot was away go before those that arrived during the
+            # start (already queued), so each room is answered in the order it was written.
+            commands = await catch_up.queue_missed(self.settings.catch_up_s)
+        except Exception:
+            self.log.exception("Catch-up failed; messages sent while down stay unanswered")
+            commands = []
         self.ready.set()
+        await catch_up.dispatch_commands(commands)
         # Invites maubot never dispatched (it drops the first sync after a start).
         for room_id, inviter in invites:
             self.log.info("Picking up the pending invite of %s to %s", inviter, room_id)
-            await self.onboarding.handle_invite(room_id, inviter)
+            try:
+                await self.onboarding.handle_invite(room_id, inviter)
+            except Exception:
+                self.log.exception("Handling the pending invite to %s failed", room_id)
         try:
-            caught = await CatchUp(self).run(self.settings.catch_up_s)
+            await self.store.prune_handled(int((time.time() - HANDLED_KEPT_S) * 1000))
         except Exception:
-            self.log.exception("Catch-up failed; messages sent while down stay unanswered")
-        else:
-            self.log.info("Caught up %d message(s) sent while the bot was away", caught)
+            self.log.exception("Pruning handled events failed")
 
     def message_handlers(self) -> list:
         """The handlers maubot dispatches events to, as registered by this instance."""
@@ -131,7 +149,7 @@ class LambdaBot(Plugin):
     def _initial_settings(self) -> tuple[Settings, dict[str, Agent]]:
         try:
             return self._build(self.config)
-        except ValueError as e:
+        except Exception as e:  # any bad value: start() must not raise
             self.log.error("Config refused (%s); starting with the defaults of base-config", e)
             return self._build(self.config.load_base())
 
@@ -139,7 +157,7 @@ class LambdaBot(Plugin):
         self.config.load_and_update()
         try:
             self.settings, self.router.agents = self._build(self.config)
-        except ValueError as e:
+        except Exception as e:  # any bad value: the instance keeps running
             self.log.error("Config refused (%s); the previous config stays in force", e)
             return
         self.log.info("Config reloaded")

@@ -57,6 +57,7 @@ def unanswered(
                 and event.get("event_id") not in handled
                 and isinstance(event.get("content"), dict)
                 and event["content"].get("msgtype") in ANSWERED
+                and event["content"].get("m.relates_to", {}).get("rel_type") != "m.replace"
             ):
                 found.append((room_id, event))
     return found
@@ -66,8 +67,9 @@ class CatchUp:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
 
-    async def run(self, max_age_s: float) -> int:
-        """Dispatches what was missed; returns how many events."""
+    async def queue_missed(self, max_age_s: float) -> list[MaubotMessageEvent]:
+        """Puts missed messages at the head of their rooms' queues (before anything that
+        arrived during the start); returns the missed commands, for after the start."""
         bot = self.bot
         sync = await bot.mx.sync({"filter": catch_up_filter(), "timeout": "0"})
         timelines = {
@@ -75,31 +77,51 @@ class CatchUp:
             for room_id, room in sync.get("rooms", {}).get("join", {}).items()
         }
         active = {r.room_id for r in bot.registry.rooms.values() if not r.gone and not r.archived}
-        candidates = [
-            e["event_id"] for r in active for e in timelines.get(r, []) if "event_id" in e
-        ]
+        candidates = [e["event_id"] for t in timelines.values() for e in t if "event_id" in e]
         handled = await bot.store.handled_among(candidates)
         since_ms = int((time.time() - max_age_s) * 1000)
-        missed = unanswered(timelines, active, bot.mx.user_id, since_ms, handled)
+        # Commands count in every room (a !chats in the DM too); messages in chat rooms.
+        missed = unanswered(timelines, set(timelines), bot.mx.user_id, since_ms, handled)
+        jobs: dict[str, list] = {}
+        commands = []
+        for room_id, raw in missed:
+            event = self._event(room_id, raw)
+            if event is None:
+                continue
+            job = bot.router.job_for(event)
+            if job is not None and room_id in active:
+                jobs.setdefault(room_id, []).append(job)
+            elif job is None and (event.content.body or "").startswith("!"):
+                commands.append(event)
+            else:
+                continue
+            bot.log.info("Catching up %s in %s", event.event_id, room_id)
+        for room_id, room_jobs in jobs.items():
+            bot.router.worker(room_id).push_front(room_jobs)
+        count = sum(len(j) for j in jobs.values()) + len(commands)
+        bot.log.info("Caught up %d message(s) sent while the bot was away", count)
+        return commands
+
+    def _event(self, room_id: str, raw: dict[str, Any]) -> MaubotMessageEvent | None:
+        try:
+            event = MessageEvent.deserialize({**raw, "room_id": room_id})
+        except Exception:  # a malformed event is skipped, never fatal
+            self.bot.log.debug("Skipping a malformed event %s in catch-up", raw.get("event_id"))
+            return None
+        event.content.trim_reply_fallback()  # as maubot does for live events
+        event = MaubotMessageEvent(event, self.bot.client)
+        event.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
+        return event
+
+    async def dispatch_commands(self, events: list[MaubotMessageEvent]) -> None:
+        """Hands missed commands to the same handlers live ones reach, in order."""
         handlers = [
             func
-            for func, event_type in bot.message_handlers()
+            for func, event_type in self.bot.message_handlers()
             if event_type == EventType.ROOM_MESSAGE
         ]
-        tasks = []
-        for room_id, raw in missed:
-            raw = {**raw, "room_id": room_id}
-            try:
-                event = MessageEvent.deserialize(raw)
-            except Exception:
-                bot.log.debug("Skipping a malformed event %s in catch-up", raw.get("event_id"))
-                continue
-            event = MaubotMessageEvent(event, bot.client)
-            event.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
-            bot.log.info("Catching up %s in %s", event.event_id, room_id)
-            # Started in order and not awaited one by one: the handlers keep each room's
-            # order themselves (they queue before their first await).
-            tasks.extend(asyncio.create_task(handler(event)) for handler in handlers)
+        # Started in order and not awaited one by one: handlers that keep a room's order
+        # take their place before their first await.
+        tasks = [asyncio.create_task(handler(e)) for e in events for handler in handlers]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        return len(missed)

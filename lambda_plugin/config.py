@@ -23,6 +23,8 @@ class Config(BaseProxyConfig):
         helper.copy("access.admins")
         helper.copy("access.max_chats_per_user")
         helper.copy("access.shared_rooms")
+        helper.copy("access.max_message_chars")
+        helper.copy("access.requests_per_minute")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("agents.default")
@@ -114,6 +116,8 @@ class Settings:
     admins: UserMatcher
     max_chats_per_user: int
     shared_rooms: bool
+    max_message_chars: int
+    requests_per_minute: int
     space_name: str
     chat_name: str
     default_agent: str
@@ -139,7 +143,7 @@ class Settings:
             opts = {k: v for k, v in options.items() if k != "backend"}
             agents[str(agent_id)] = AgentSpec(str(agent_id), options["backend"], opts)
         default_agent = config["agents.default"]
-        if default_agent not in agents:
+        if not isinstance(default_agent, str) or default_agent not in agents:
             raise ValueError(f"agents.default {default_agent!r} is not in agents.registry")
         workspace_root = config["files.workspace_root"]
         if workspace_root is not None and not isinstance(workspace_root, str):
@@ -156,6 +160,12 @@ class Settings:
                 config["access.max_chats_per_user"], "access.max_chats_per_user", integer=True
             ),
             shared_rooms=shared_rooms,
+            max_message_chars=_positive_number(
+                config["access.max_message_chars"], "access.max_message_chars", integer=True
+            ),
+            requests_per_minute=_positive_number(
+                config["access.requests_per_minute"], "access.requests_per_minute", integer=True
+            ),
             space_name=_template(
                 config["spaces.space_name"], "spaces.space_name", ("displayname", "user_id")
             ),

@@ -9,7 +9,7 @@ from mautrix.client import SyncStream
 from mautrix.types import EventType, Membership, StateEvent
 
 from .matrix import HomeserverError
-from .spaces import matrix_to
+from .spaces import NAME_MAX, clean_name, matrix_to
 from .texts import text
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class Onboarding:
         room = self.bot.registry.room(evt.room_id)
         if room is None or evt.sender == self.bot.client.mxid:
             return
-        name = (evt.content.name or "").strip()
+        name = clean_name(evt.content.name or "")[:NAME_MAX]
         if evt.sender == room.user_id and name and name != room.name:
             await self.bot.registry.update_room(room.room_id, name=name)
             self.bot.log.info("Chat %s renamed in the client to %r", room.room_id, name)
@@ -59,13 +59,20 @@ class Onboarding:
         except HomeserverError as e:
             self.bot.log.warning("Could not join %s on the invite of %s: %s", room_id, inviter, e)
             return
-        if self.bot.registry.room(room_id) or room_id in self.bot.registry.spaces:
-            return  # invited back into a room the plugin already manages
+        known = self.bot.registry.room(room_id)
+        if known is not None or room_id in self.bot.registry.spaces:
+            # Invited back into a room the plugin manages: it answers there again.
+            if known is not None and known.gone:
+                await self.bot.registry.update_room(room_id, gone=False)
+                self.bot.log.info("Back in chat %s on the invite of %s", room_id, inviter)
+            return
         try:
             result = await self.bot.spaces.provision(inviter)
         except HomeserverError:
             self.bot.log.exception("Provisioning for %s failed", inviter)
             return
+        if not result.created_space:
+            await self.bot.spaces.reinvite(inviter)  # back where they left, never a new Space
         lang = settings.language
         if result.first_room is not None:
             await self.bot.notify(

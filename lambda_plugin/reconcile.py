@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .db import ChatRoomRow, UserRow, chat_number
+from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError, one_off_sync_filter
 from .spaces import space_child, space_parent
@@ -242,6 +242,9 @@ def _plan(
         else:
             report.skipped_rooms += 1
 
+    known_numbers: dict[str, set[int]] = {}
+    for known in known_rooms.values():
+        known_numbers.setdefault(known.user_id, set()).add(known.chat_number)
     seen_pcids: set[str] = set()
     owners = set(spaces) | set(chats)
     for owner in sorted(owners):
@@ -280,7 +283,14 @@ def _plan(
             )
             moved = space_id is not None and marker.space_id != space_id
             rows.append((room, row, rewrite or moved))
-        next_free = max(taken, default=0) + 1
+        # New numbers go past every number this user has had, in Matrix or in the database
+        # (a room the bot was removed from keeps its number).
+        known_user = known_users.get(owner)
+        next_free = 1 + max(
+            max(taken, default=0),
+            max(known_numbers.get(owner, ()), default=0),
+            (known_user.next_chat_index - 1) if known_user else 0,
+        )
         for room in adopt:
             pcid = adopted_platform_chat_id(room.room_id)
             if room.marker and room.marker.platform_chat_id not in seen_pcids:
@@ -301,8 +311,7 @@ def _plan(
             next_free += 1
             rows.append((room, row, True))
 
-        known_user = known_users.get(owner)
-        next_index = max(max(taken, default=0) + 1, known_user.next_chat_index if known_user else 1)
+        next_index = next_free  # past every number seen, and never below the stored counter
         user = UserRow(
             owner, space_id or (known_user.space_id if known_user else None), next_index, now
         )
@@ -361,6 +370,7 @@ class Reconciler:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
         self.last_report: Report | None = None
+        self.unreadable = 0
 
     async def run(self, dry_run: bool = False) -> tuple[Report, list[tuple[str, str]]]:
         """Reconciles once; returns the report and the pending invites it saw."""
@@ -378,6 +388,7 @@ class Reconciler:
             self.bot.settings.default_agent,
         )
         report = result.report
+        report.skipped_rooms += self.unreadable
         report.dry_run = dry_run
         if not dry_run:
             await self._apply(result)
@@ -393,19 +404,25 @@ class Reconciler:
         room_ids = await mx.joined_rooms()
         limit = asyncio.Semaphore(READ_CONCURRENCY)
         states: dict[str, RoomState] = {}
+        unreadable: list[str] = []
 
         async def read(room_id: str) -> None:
             async with limit:
                 try:
                     events = await mx.state(room_id)
                 except HomeserverError as e:
-                    if e.status in (403, 404):  # left between the two calls
-                        return
-                    raise
+                    if e.status == 0:
+                        raise  # the homeserver is unreachable: the whole run is retried
+                    # One room that can't be read (left meanwhile, or broken) must not keep
+                    # the plugin from starting: it is skipped this time and logged.
+                    self.bot.log.warning("Reconciliation skips %s: %s", room_id, e)
+                    unreadable.append(room_id)
+                    return
             states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
         sync = await mx.sync({"filter": invites_filter(), "timeout": "0"})
+        self.unreadable = len(unreadable)
         return states, parse_invites(sync, mx.user_id)
 
     async def _apply(self, result: Plan) -> None:
@@ -413,7 +430,13 @@ class Reconciler:
         for user in result.users.values():
             await store.upsert_user(user.user_id, user.space_id, user.next_chat_index)
         for room in result.rooms.values():
-            await store.upsert_room(room)
+            try:
+                await store.upsert_room(room)
+            except UNIQUE_VIOLATION as e:
+                # A contradiction the plan could not see (rows it did not know); the start
+                # goes on, and the room is left as it was.
+                result.report.conflicts += 1
+                self.bot.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
         for room_id, event_type, state_key, content in result.state_writes:
             self.bot.log.debug(
                 "Reconciliation writes %s/%s into %s", event_type, state_key, room_id

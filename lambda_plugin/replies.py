@@ -3,6 +3,8 @@ limit, and streaming as throttled edits."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +14,8 @@ from mautrix.util import markdown
 # Matrix caps an event at 64 KiB of JSON; body and HTML both count, and HTML can be about
 # twice the Markdown. 12 KB of Markdown per event leaves room for both and the envelope.
 CHUNK_BYTES = 12_000
+MAX_EVENT_JSON = 60_000  # under the 65,536-byte event limit, with room for the envelope
+_FENCE = re.compile(r"^\s*(```+|~~~+)\s*[\w+#.-]{0,30}\s*$")
 STREAM_CURSOR = " …"
 
 
@@ -26,13 +30,32 @@ def notice_content(text: str) -> dict[str, Any]:
 
 
 def edit_content(event_id: str, text: str) -> dict[str, Any]:
-    new = notice_content(text)
+    # The fallback for clients without edits is the plain text only: the HTML is carried
+    # once, in m.new_content, so an edit is hardly bigger than the message it replaces.
     return {
-        **new,
+        "msgtype": "m.notice",
         "body": f"* {text}",
-        "m.new_content": new,
+        "m.new_content": notice_content(text),
         "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
     }
+
+
+def event_size(text: str) -> int:
+    """Bytes of the bigger of the two events that can carry ``text`` (a notice, an edit)."""
+    edit = edit_content("$" + "x" * 43, text)
+    return max(len(json.dumps(notice_content(text))), len(json.dumps(edit)))
+
+
+def split_answer(text: str, limit: int = CHUNK_BYTES) -> list[str]:
+    """Pieces that each fit one event, as sent: Markdown split by bytes first, and any piece
+    whose rendered HTML and JSON escaping still make it too big split again, finer."""
+    pieces = []
+    for piece in split_text(text, limit):
+        if limit <= 1000 or event_size(piece) <= MAX_EVENT_JSON:
+            pieces.append(piece)
+        else:
+            pieces.extend(split_answer(piece, limit // 2))
+    return pieces
 
 
 def split_text(text: str, limit: int = CHUNK_BYTES) -> list[str]:
@@ -77,11 +100,13 @@ def _cut_point(text: str, budget: int) -> int:
 
 
 def _open_fence(text: str) -> str | None:
+    """The opening line of a code block left open at the end of ``text``, if any. Only a
+    short fence line counts, so a long line that merely starts with backticks never gets
+    repeated at the head of every later piece."""
     fence = None
     for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            fence = None if fence else stripped
+        if _FENCE.match(line):
+            fence = None if fence else line.strip()
     return fence
 
 
@@ -105,6 +130,11 @@ class StreamingReply:
     async def partial(self, text_so_far: str) -> None:
         if not text_so_far.strip() or len(text_so_far.encode()) > CHUNK_BYTES:
             return  # past one event: the final answer will be split instead
+        if (
+            len(text_so_far.encode()) > CHUNK_BYTES // 4
+            and event_size(text_so_far) > MAX_EVENT_JSON
+        ):
+            return
         now = self.clock()
         if self.event_id is None:
             self.event_id = await self.send(notice_content(text_so_far + STREAM_CURSOR))
@@ -116,7 +146,7 @@ class StreamingReply:
 
     async def finish(self, text: str) -> list[str]:
         """Sends the whole answer; returns the ids of the messages that hold it."""
-        pieces = split_text(text)
+        pieces = split_answer(text)
         ids = []
         if self.event_id is not None:
             await self.send(edit_content(self.event_id, pieces[0]))

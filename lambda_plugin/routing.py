@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from .db import ChatRoomRow
 from .matrix import HomeserverError
 from .replies import StreamingReply
 from .spaces import matrix_to
-from .texts import text
+from .texts import COMMAND_NAMES, text
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
@@ -56,14 +57,25 @@ class RoomWorker:
         self.router = router
         self.bot = router.bot
         self.room_id = room_id
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        self.items: deque[QueueItem] = deque()
+        self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
+        self.current_job: Job | None = None
         self.unanswered: Job | None = None  # the last message whose answer failed
         self.task = asyncio.create_task(self._run())
 
     @property
     def busy(self) -> bool:
-        return self.current is not None or not self.queue.empty()
+        return self.current is not None or bool(self.items)
+
+    def push(self, item: QueueItem) -> None:
+        self.items.append(item)
+        self._wakeup.set()
+
+    def push_front(self, jobs: list[Job]) -> None:
+        """Puts caught-up messages (sent before anything queued now) at the head, in order."""
+        self.items.extendleft(reversed(jobs))
+        self._wakeup.set()
 
     def cancel(self) -> bool:
         if self.current is None or self.current.done():
@@ -78,17 +90,34 @@ class RoomWorker:
             return False
         again = asyncio.get_running_loop().create_future()
         again.set_result(lambda: self._answer(job))  # already checked and marked handled
-        self.queue.put_nowait(again)
+        self.push(again)
         return True
 
     async def stop(self) -> None:
+        interrupted = self.current_job
         self.cancel()
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        if interrupted is not None:
+            # Not answered after all: the next start's catch-up must see it as new.
+            await self.bot.store.unmark_handled(interrupted.event_id)
 
     async def _run(self) -> None:
         while True:
-            item = await self.queue.get()
+            if not self.items:
+                if (
+                    self.router.workers.get(self.room_id) is self
+                    and self.bot.ready.is_set()
+                    and self.unanswered is None
+                ):
+                    # Idle: leave (no await between the check and the removal, so nothing
+                    # can be queued here meanwhile); the next message makes a new worker.
+                    del self.router.workers[self.room_id]
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            item = self.items.popleft()
             try:
                 if isinstance(item, Job):
                     await self._message(item)
@@ -102,6 +131,8 @@ class RoomWorker:
     async def _message(self, job: Job) -> None:
         """Decides what a message gets, in the order the room's messages arrived."""
         await self.bot.ready.wait()
+        if self.bot.stopping:
+            return
         settings = self.bot.settings
         room = self.bot.registry.room(self.room_id)
         if room is None or room.gone:
@@ -113,8 +144,21 @@ class RoomWorker:
             return
         if not await self.bot.store.mark_handled(job.event_id, self.room_id):
             return  # already answered (a redelivery, or caught up after a restart)
+        lang = settings.language
         if room.archived:
-            await self.bot.notify(self.room_id, text(settings.language, "archived.no_answer"))
+            await self.bot.notify(self.room_id, text(lang, "archived.no_answer"))
+            return
+        if len(job.text) > settings.max_message_chars:
+            await self.bot.notify(
+                self.room_id, text(lang, "message.too_long", max=settings.max_message_chars)
+            )
+            return
+        if not self.router.within_rate(job.sender):
+            await self.bot.notify(
+                self.room_id,
+                text(lang, "message.too_fast", per_minute=settings.requests_per_minute),
+            )
+            self.unanswered = job
             return
         await self.bot.mx.receipt(self.room_id, job.event_id)
         if job.file is not None:
@@ -170,6 +214,7 @@ class RoomWorker:
         request = AgentRequest(room.platform_chat_id, job.text, job.sender, job.attachments)
         reply = StreamingReply(self._send, self.bot.settings.stream_edit_interval_s)
         typing = asyncio.create_task(self._keep_typing())
+        self.current_job = job
         self.current = asyncio.create_task(agent.respond(request, reply.partial))
         try:
             await asyncio.wait({self.current})
@@ -179,11 +224,13 @@ class RoomWorker:
             await self._typing(False)
         call, self.current = self.current, None
         if call.cancelled():
+            self.current_job = None
             self.unanswered = job
             await self.bot.notify(self.room_id, text(lang, "cancelled"))
             return
         error = call.exception()
         if isinstance(error, AgentError):
+            self.current_job = None
             self.unanswered = job
             self.bot.log.warning(
                 "Agent %s failed in %s (%s): %s", agent.agent_id, self.room_id, room.chat_id, error
@@ -192,12 +239,28 @@ class RoomWorker:
             await self.bot.notify(self.room_id, text(lang, "agent.error", error=message))
             return
         if error is not None:
+            self.current_job = None
             self.unanswered = job
-            raise error
-        self.unanswered = None
+            self.bot.log.error(
+                "Answering in %s failed", self.room_id, exc_info=(type(error), error, None)
+            )
+            await self.bot.notify(
+                self.room_id, text(lang, "agent.error", error=text(lang, "agent.failed"))
+            )
+            return
         answer = call.result()
-        await reply.finish(answer.text)
-        await self._send_files(answer.attachments)
+        try:
+            if answer.text.strip() or not answer.attachments:
+                await reply.finish(answer.text)
+            await self._send_files(answer.attachments)
+        except Exception:
+            self.unanswered = job
+            self.bot.log.exception("Sending the answer in %s failed", self.room_id)
+            await self.bot.notify(self.room_id, text(lang, "send.failed"))
+            return
+        finally:
+            self.current_job = None
+        self.unanswered = None
 
     async def _send_files(self, paths: tuple[str, ...]) -> None:
         """Uploads the files the agent returned; each refusal is said, the rest still go."""
@@ -238,6 +301,18 @@ class Router:
         self.agents: dict[str, Agent] = {}
         self.workers: dict[str, RoomWorker] = {}
         self._pointed: dict[str, float] = {}
+        self._recent: dict[str, deque[float]] = {}  # user -> times of their last requests
+
+    def within_rate(self, user_id: str) -> bool:
+        """Counts a request of the user; False past access.requests_per_minute."""
+        now = time.monotonic()
+        times = self._recent.setdefault(user_id, deque())
+        while times and now - times[0] > 60:
+            times.popleft()
+        if len(times) >= self.bot.settings.requests_per_minute:
+            return False
+        times.append(now)
+        return True
 
     def worker(self, room_id: str) -> RoomWorker:
         worker = self.workers.get(room_id)
@@ -254,7 +329,7 @@ class Router:
         """A place in the room's queue, taken at once (so in the order events arrived); the
         command sets the future's result to what should run there, or leaves it empty."""
         slot = asyncio.get_running_loop().create_future()
-        self.worker(room_id).queue.put_nowait(slot)
+        self.worker(room_id).push(slot)
         try:
             yield slot
         finally:
@@ -263,17 +338,51 @@ class Router:
 
     @event.on(EventType.ROOM_MESSAGE)
     async def on_message(self, evt: MessageEvent) -> None:
+        if evt.sender == self.bot.client.mxid:
+            return
+        body = evt.content.body or ""
+        job = self.job_for(evt)
+        if job is not None:
+            # Queued before the first await: handlers run as unordered tasks, and this keeps
+            # the room's messages in the order they were dispatched.
+            self.worker(evt.room_id).push(job)
+        elif (
+            body.startswith("!")
+            and getattr(evt.content.msgtype, "value", None) == MessageType.TEXT.value
+            and not evt.content.get_edit()
+        ):
+            name = body[1:].split(maxsplit=1)[0].lower() if body[1:].strip() else ""
+            if name not in COMMAND_NAMES:
+                self.worker(evt.room_id).push(self._unknown_command(evt, name))
+
+    def job_for(self, evt: MessageEvent) -> Job | None:
+        """The job a message makes: None for the bot's own, edits, commands, other types."""
         msgtype = getattr(evt.content.msgtype, "value", evt.content.msgtype)
         if evt.sender == self.bot.client.mxid or msgtype not in ANSWERED_TYPES:
-            return
+            return None
+        if evt.content.get_edit():
+            return None  # an edit of an earlier message, not a new one
         body = evt.content.body or ""
         is_file = msgtype in files.FILE_MSGTYPES
         if body.startswith("!") and not is_file:
-            return  # a command: the command handlers answer it
-        job = Job(evt.event_id, evt.sender, body, evt.content.serialize() if is_file else None)
-        # Queued before the first await: handlers run as unordered tasks, and this keeps the
-        # room's messages in the order they were dispatched.
-        self.worker(evt.room_id).queue.put_nowait(job)
+            return None  # a command: the command handlers answer it
+        return Job(evt.event_id, evt.sender, body, evt.content.serialize() if is_file else None)
+
+    def _unknown_command(self, evt: MessageEvent, name: str) -> asyncio.Future:
+        async def answer() -> None:
+            await self.bot.ready.wait()
+            if self.bot.stopping or not await self.bot.store.mark_handled(
+                evt.event_id, evt.room_id
+            ):
+                return
+            await self.bot.notify(
+                evt.room_id,
+                text(self.bot.settings.language, "command.unknown", command=f"!{name[:32]}"),
+            )
+
+        slot = asyncio.get_running_loop().create_future()
+        slot.set_result(answer)
+        return slot
 
     async def point_to_space(self, room_id: str, sender: str) -> None:
         user = self.bot.registry.users.get(sender)
@@ -282,6 +391,7 @@ class Router:
         now = time.monotonic()
         if now - self._pointed.get(room_id, -POINTER_EVERY_S) < POINTER_EVERY_S:
             return
+        self._pointed = {r: t for r, t in self._pointed.items() if now - t < POINTER_EVERY_S}
         self._pointed[room_id] = now
         link = matrix_to(user.space_id, self.bot.mx.server_name)
         await self.bot.notify(room_id, text(self.bot.settings.language, "pointer", link=link))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import unicodedata
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 USER_LEVEL = 50  # talk, rename, invite; below every state event the plugin relies on
 BOT_LEVEL = 100
 NAME_MAX = 100
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def matrix_to(room_id: str, server: str) -> str:
@@ -31,8 +30,10 @@ def new_platform_chat_id() -> str:
 
 
 def clean_name(raw: str) -> str:
-    """A room name as typed, trimmed and on one line (control characters become spaces)."""
-    return " ".join(_CONTROL.sub(" ", raw).split())
+    """A room name as typed, trimmed and on one line: control and format characters
+    (newlines, zero-width and direction marks) become spaces."""
+    spaced = "".join(" " if unicodedata.category(c).startswith("C") else c for c in raw)
+    return " ".join(spaced.split())
 
 
 def creators_privileged(room_version: str) -> bool:
@@ -122,8 +123,6 @@ class Spaces:
             first_room = None
             if not self.registry.rooms_of(user_id):
                 first_room = await self._create_chat(user_id, space_id)
-            if not created:
-                await self.reinvite(user_id)
             return Provisioned(space_id, created, first_room)
 
     async def new_chat(

@@ -53,6 +53,10 @@ COMMANDS: list[tuple[str, dict[str, str]]] = [
     ),
 ]
 
+# The names the command handlers answer to (!help lists them); any other "!word" gets a
+# short "unknown command" answer.
+COMMAND_NAMES = frozenset(usage.split()[0].lstrip("!") for usage, _ in COMMANDS)
+
 TEXTS: dict[str, dict[str, str]] = {
     "en": {
         "help.title": "**Lambda** — talk to AI agents. Each chat room is its own conversation.",
@@ -116,6 +120,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "agent.unknown_id": "There is no agent `{agent}`. Agents: {agents}.",
         "new.from_unknown": "There is no snapshot **{name}** to start from. Yours: {names}.",
         "none": "none",
+        "message.too_long": "That message is too long for the agent: at most {max} characters. Nothing was sent.",
+        "message.too_fast": "Slow down a little: at most {per_minute} messages a minute. `!retry` sends this one when you are ready.",
+        "send.failed": "⚠️ The answer could not be delivered here. `!retry` asks again.",
+        "command.unknown": "There is no command `{command}`. `!help` lists the commands.",
         "admin.only": "`!lambda` is for the bot's admins.",
         "admin.usage": "Usage: `!lambda status`, `!lambda reconcile [--dry-run]`, `!lambda reset local|server [--confirm]`.",
         "admin.status_title": "**Lambda status**",
@@ -203,6 +211,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "agent.unknown_id": "Агента `{agent}` нет. Агенты: {agents}.",
         "new.from_unknown": "Снимка **{name}** для начала нет. Ваши: {names}.",
         "none": "нет",
+        "message.too_long": "Сообщение слишком длинное для агента: не больше {max} символов. Ничего не отправлено.",
+        "message.too_fast": "Помедленнее: не больше {per_minute} сообщений в минуту. `!retry` отправит это, когда будете готовы.",
+        "send.failed": "⚠️ Ответ не удалось доставить сюда. `!retry` спросит снова.",
+        "command.unknown": "Команды `{command}` нет. `!help` покажет команды.",
         "admin.only": "`!lambda` — только для администраторов бота.",
         "admin.usage": "Использование: `!lambda status`, `!lambda reconcile [--dry-run]`, `!lambda reset local|server [--confirm]`.",
         "admin.status_title": "**Состояние Lambda**",

@@ -22,6 +22,8 @@ class CommandBase:
         """Every command starts here: waits until the plugin is ready, and says whether the
         event is new (a redelivered or already handled one is not answered twice)."""
         await self.bot.ready.wait()
+        if self.bot.stopping:
+            return False
         return await self.bot.store.mark_handled(evt.event_id, evt.room_id)
 
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:

@@ -31,7 +31,7 @@ class ChatCommands(CommandBase):
             return
         if not await self.allowed(evt):
             return
-        name, _, snapshot_name = (args or "").partition("--from")
+        name, _, snapshot_name = f" {args or ''} ".partition(" --from ")
         wanted = None
         if name.strip():
             wanted = await self.valid_name(evt, name, "!new Research")

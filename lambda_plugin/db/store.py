@@ -217,6 +217,13 @@ class Store:
             return False
         return True
 
+    async def unmark_handled(self, event_id: str) -> None:
+        await self.db.execute("DELETE FROM handled_event WHERE event_id=$1", event_id)
+
+    async def prune_handled(self, older_than_ms: int) -> None:
+        """Forgets handled events older than the cut-off (they can't come back by then)."""
+        await self.db.execute("DELETE FROM handled_event WHERE handled_at < $1", older_than_ms)
+
     async def handled_among(self, event_ids: list[str]) -> set[str]:
         """Which of these events were handled already (checked in batches)."""
         found: set[str] = set()

@@ -65,6 +65,8 @@ CUSTOM: dict[str, Any] = {
     "access.admins": ["@root:example.org"],
     "access.max_chats_per_user": 7,
     "access.shared_rooms": True,
+    "access.max_message_chars": 500,
+    "access.requests_per_minute": 5,
     "spaces.space_name": "Space of {user_id}",
     "spaces.chat_name": "Talk #{n}",
     "agents.default": "gpt",
@@ -192,6 +194,7 @@ def test_custom_config_gives_custom_settings() -> None:
     assert s.max_file_bytes == 3 * 1024 * 1024
     assert s.stream_edit_interval_s == 0.25
     assert s.catch_up_s == 180
+    assert (s.max_message_chars, s.requests_per_minute) == (500, 5)
 
 
 def test_russian_default_chat_name() -> None:

@@ -161,3 +161,15 @@ def test_catch_up_after_a_lost_database_skips_what_the_bot_already_answered() ->
     }
     found = unanswered(timelines, {"!c1"}, BOT, since_ms=100, handled=set())
     assert [e["event_id"] for _, e in found] == ["$while_down"]
+
+
+def test_adopted_rooms_never_take_the_number_of_a_room_the_bot_left() -> None:
+    states = topology()
+    states["!space"].append(
+        {"type": "m.space.child", "state_key": "!old", "content": {"via": ["hs"]}, "sender": BOT}
+    )
+    states["!old"] = room("!old", ts=9)
+    kicked = ChatRoomRow("!kicked", USER, "C3", "Kicked", "echo", "p9", False, True, 1)
+    result = run(states, {USER: UserRow(USER, "!space", 4, 1)}, {"!kicked": kicked})
+    assert result.rooms["!old"].chat_id == "C4"
+    assert result.users[USER].next_chat_index == 5

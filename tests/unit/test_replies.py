@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from lambda_plugin.replies import CHUNK_BYTES, StreamingReply, edit_content, split_text
+from lambda_plugin.replies import (
+    CHUNK_BYTES,
+    MAX_EVENT_JSON,
+    StreamingReply,
+    edit_content,
+    event_size,
+    split_answer,
+    split_text,
+)
 
 
 def test_short_text_is_one_piece() -> None:
@@ -59,3 +67,18 @@ async def test_stream_edits_are_throttled() -> None:
     await reply.finish("final answer")
     assert sent[-1]["m.new_content"]["body"] == "final answer"
     assert sent[-1]["m.relates_to"]["event_id"] == "$e1"
+
+
+def test_a_long_line_starting_with_backticks_is_not_a_fence() -> None:
+    text = "```" + "x" * 20_000
+    pieces = split_text(text)
+    assert len(pieces) <= 3
+    assert "".join(pieces).replace("```", "").count("x") == 20_000
+
+
+def test_every_piece_fits_one_event_as_sent() -> None:
+    # Quotes and ampersands grow a lot when rendered to HTML and escaped in JSON.
+    text = "\n\n".join('"&<b>" & "quoted" ' * 40 for _ in range(200))
+    pieces = split_answer(text)
+    assert all(event_size(p) <= MAX_EVENT_JSON for p in pieces)
+    assert "".join(pieces).split() == text.split()
