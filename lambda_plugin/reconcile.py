@@ -376,22 +376,25 @@ class Reconciler:
         """Reconciles once; returns the report and the pending invites it saw."""
         started = time.monotonic()
         requests_before = self.bot.mx.requests
-        states, invites = await self.read_topology()
         registry = self.bot.registry
+        # What the plugin knew before reading the rooms: a row that changes while they are
+        # read (a !clear, a rename) is newer than what was read, and is left alone.
+        known_users, known_rooms = dict(registry.users), dict(registry.rooms)
+        states, invites = await self.read_topology()
         result = plan(
             states,
             invites,
             self.bot.mx.user_id,
             self.bot.mx.server_name,
-            dict(registry.users),
-            dict(registry.rooms),
+            known_users,
+            known_rooms,
             self.bot.settings.default_agent,
         )
         report = result.report
         report.skipped_rooms += self.unreadable
         report.dry_run = dry_run
         if not dry_run:
-            await self._apply(result)
+            await self._apply(result, known_rooms)
         report.requests = self.bot.mx.requests - requests_before
         report.seconds = time.monotonic() - started
         self.last_report = report
@@ -425,11 +428,19 @@ class Reconciler:
         self.unreadable = len(unreadable)
         return states, parse_invites(sync, mx.user_id)
 
-    async def _apply(self, result: Plan) -> None:
+    async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         store = self.bot.store
+        registry = self.bot.registry
+        changed = {
+            room_id
+            for room_id in result.rooms
+            if registry.rooms.get(room_id) is not known_rooms.get(room_id)
+        }
         for user in result.users.values():
             await store.upsert_user(user.user_id, user.space_id, user.next_chat_index)
         for room in result.rooms.values():
+            if room.room_id in changed:
+                continue  # changed by a command during this run: that change is newer
             try:
                 await store.upsert_room(room)
             except UNIQUE_VIOLATION as e:
@@ -438,6 +449,8 @@ class Reconciler:
                 result.report.conflicts += 1
                 self.bot.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
         for room_id, event_type, state_key, content in result.state_writes:
+            if room_id in changed and event_type == MARKER_TYPE:
+                continue
             self.bot.log.debug(
                 "Reconciliation writes %s/%s into %s", event_type, state_key, room_id
             )
