@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from ruamel.yaml import YAML
 
-from .procs import REPO, free_port, http_ok, start_process, stop_process, wait_until
+from .procs import REPO, free_port, start_server, stop_process
 
 API = "/_matrix/maubot/v1"
 PLUGIN_ID = "ai.lambda.matrix"
@@ -138,22 +138,14 @@ class Maubot:
 
     def start(self) -> None:
         self._write_config()
-        self.proc = start_process(
+        self.proc = start_server(
             [maubot_python(), "-m", "maubot", "-c", str(self.dir / "config.yaml")],
             self.dir / "maubot.out",
             self.dir,
+            ready_url=self.url + API + "/version",
+            what="maubot",
+            log=self.dir / "maubot.out",
         )
-        try:
-            wait_until(
-                lambda: http_ok(self.url + API + "/version"),
-                timeout=120,
-                what="maubot",
-                proc=self.proc,
-                log=self.dir / "maubot.out",
-            )
-        except BaseException:
-            self.stop()  # never leave a half-started server behind
-            raise
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -77,3 +77,17 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_server(
+    args: list[str], output: Path, cwd: Path, ready_url: str, what: str, log: Path
+) -> subprocess.Popen:
+    """Starts a server and waits until ``ready_url`` answers; never leaves a half-started
+    one behind (stopped again when it dies or does not answer in time)."""
+    proc = start_process(args, output, cwd)
+    try:
+        wait_until(lambda: http_ok(ready_url), timeout=120, what=what, proc=proc, log=log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc

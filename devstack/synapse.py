@@ -11,7 +11,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from .procs import REPO, free_port, http_ok, start_process, stop_process, wait_until
+from .procs import REPO, free_port, start_server, stop_process
 
 SERVER_NAME = "localhost"
 
@@ -140,20 +140,14 @@ class Synapse:
                 cwd=self.dir,
                 capture_output=True,
             )
-        self.proc = start_process(
-            [py, "-m", "synapse.app.homeserver", "-c", str(self.config_path)], self.log, self.dir
+        self.proc = start_server(
+            [py, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+            self.log,
+            self.dir,
+            ready_url=self.url + "/_matrix/client/versions",
+            what="synapse",
+            log=self.dir / "homeserver.log",
         )
-        try:
-            wait_until(
-                lambda: http_ok(self.url + "/_matrix/client/versions"),
-                timeout=120,
-                what="synapse",
-                proc=self.proc,
-                log=self.dir / "homeserver.log",
-            )
-        except BaseException:
-            self.stop()  # never leave a half-started server behind
-            raise
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -162,21 +162,8 @@ def _without_gc() -> Iterator[None]:
             gc.enable()
 
 
+@_without_gc()
 def plan(
-    states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
-    invites: list[tuple[str, str]],
-    bot_id: str,
-    server: str,
-    known_users: dict[str, UserRow],
-    known_rooms: dict[str, ChatRoomRow],
-    default_agent: str,
-) -> Plan:
-    """What the database and the rooms should hold, from the rooms' state; no I/O."""
-    with _without_gc():
-        return _plan(states, invites, bot_id, server, known_users, known_rooms, default_agent)
-
-
-def _plan(
     states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
     invites: list[tuple[str, str]],
     bot_id: str,

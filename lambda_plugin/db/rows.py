@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar, TypeVar
 
 from asyncpg import Record
 
+RowT = TypeVar("RowT", bound="Row")
+
+
+class Row:
+    """A table row; ``columns`` lists its columns, named as its fields."""
+
+    columns: ClassVar[str]
+
+    @classmethod
+    def from_row(cls: type[RowT], row: Record) -> RowT:
+        # SQLite hands booleans back as 0/1: bool fields are made bool on both engines.
+        return cls(
+            **{
+                f.name: bool(row[f.name]) if f.type == "bool" else row[f.name]
+                for f in fields(cls)  # type: ignore[arg-type]
+            }
+        )
+
 
 @dataclass(frozen=True)
-class UserRow:
+class UserRow(Row):
     user_id: str
     space_id: str | None
     next_chat_index: int
     created_at: int
 
-    columns = "user_id, space_id, next_chat_index, created_at"
-
-    @classmethod
-    def from_row(cls, row: Record) -> UserRow:
-        return cls(
-            user_id=row["user_id"],
-            space_id=row["space_id"],
-            next_chat_index=row["next_chat_index"],
-            created_at=row["created_at"],
-        )
+    columns: ClassVar[str] = "user_id, space_id, next_chat_index, created_at"
 
 
 @dataclass(frozen=True)
-class ChatRoomRow:
+class ChatRoomRow(Row):
     room_id: str
     user_id: str
     chat_id: str
@@ -38,7 +48,7 @@ class ChatRoomRow:
     gone: bool
     created_at: int
 
-    columns = (
+    columns: ClassVar[str] = (
         "room_id, user_id, chat_id, name, agent_id, platform_chat_id, archived, gone, created_at"
     )
 
@@ -46,23 +56,9 @@ class ChatRoomRow:
     def chat_number(self) -> int:
         return chat_number(self.chat_id)
 
-    @classmethod
-    def from_row(cls, row: Record) -> ChatRoomRow:
-        return cls(
-            room_id=row["room_id"],
-            user_id=row["user_id"],
-            chat_id=row["chat_id"],
-            name=row["name"],
-            agent_id=row["agent_id"],
-            platform_chat_id=row["platform_chat_id"],
-            archived=bool(row["archived"]),
-            gone=bool(row["gone"]),
-            created_at=row["created_at"],
-        )
-
 
 @dataclass(frozen=True)
-class SnapshotRow:
+class SnapshotRow(Row):
     user_id: str
     name: str
     agent_id: str
@@ -70,39 +66,18 @@ class SnapshotRow:
     messages: str
     created_at: int
 
-    columns = "user_id, name, agent_id, platform_chat_id, messages, created_at"
-
-    @classmethod
-    def from_row(cls, row: Record) -> SnapshotRow:
-        return cls(
-            user_id=row["user_id"],
-            name=row["name"],
-            agent_id=row["agent_id"],
-            platform_chat_id=row["platform_chat_id"],
-            messages=row["messages"],
-            created_at=row["created_at"],
-        )
+    columns: ClassVar[str] = "user_id, name, agent_id, platform_chat_id, messages, created_at"
 
 
 @dataclass(frozen=True)
-class HistoryRow:
+class HistoryRow(Row):
     platform_chat_id: str
     seq: int
     role: str
     content: str
     created_at: int
 
-    columns = "platform_chat_id, seq, role, content, created_at"
-
-    @classmethod
-    def from_row(cls, row: Record) -> HistoryRow:
-        return cls(
-            platform_chat_id=row["platform_chat_id"],
-            seq=row["seq"],
-            role=row["role"],
-            content=row["content"],
-            created_at=row["created_at"],
-        )
+    columns: ClassVar[str] = "platform_chat_id, seq, role, content, created_at"
 
 
 def chat_number(chat_id: str) -> int:

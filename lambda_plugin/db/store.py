@@ -206,16 +206,14 @@ class Store:
 
     async def mark_handled(self, event_id: str, room_id: str) -> bool:
         """Records an event as handled; False when it already was (a redelivery)."""
-        try:
-            await self.db.execute(
-                "INSERT INTO handled_event (event_id, room_id, handled_at) VALUES ($1, $2, $3)",
-                event_id,
-                room_id,
-                now_ms(),
-            )
-        except UNIQUE_VIOLATION:
-            return False
-        return True
+        inserted = await self.db.fetchval(
+            "INSERT INTO handled_event (event_id, room_id, handled_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            event_id,
+            room_id,
+            now_ms(),
+        )
+        return inserted is not None
 
     async def unmark_handled(self, event_id: str) -> None:
         await self.db.execute("DELETE FROM handled_event WHERE event_id=$1", event_id)
