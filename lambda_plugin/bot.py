@@ -99,21 +99,22 @@ class LambdaBot(Plugin):
         while True:
             try:
                 await self.registry.load()
-                report, invites = await self.reconciler.run()
+                report, _ = await self.reconciler.run()
                 break
             except Exception as e:  # homeserver or database down: never give up, never raise
                 self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
-        self.log.info("Reconciled: %s", report.line())
         catch_up = CatchUp(self)
         try:
             # Messages sent while the bot was away go before those that arrived during the
             # start (already queued), so each room is answered in the order it was written.
-            commands = await catch_up.queue_missed(self.settings.catch_up_s)
+            commands, invites = await catch_up.queue_missed(self.settings.catch_up_s)
         except Exception:
             self.log.exception("Catch-up failed; messages sent while down stay unanswered")
-            commands = []
+            commands, invites = [], []
+        report.invites = len(invites)
+        self.log.info("Reconciled: %s", report.line())
         self.ready.set()
         await catch_up.dispatch_commands(commands)
         # Invites maubot never dispatched (it drops the first sync after a start).

@@ -18,6 +18,7 @@ from mautrix.types import EventType, MessageEvent
 
 from .files import FILE_MSGTYPES
 from .matrix import one_off_sync_filter
+from .reconcile import parse_invites
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
@@ -67,9 +68,12 @@ class CatchUp:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
 
-    async def queue_missed(self, max_age_s: float) -> list[MaubotMessageEvent]:
+    async def queue_missed(
+        self, max_age_s: float
+    ) -> tuple[list[MaubotMessageEvent], list[tuple[str, str]]]:
         """Puts missed messages at the head of their rooms' queues (before anything that
-        arrived during the start); returns the missed commands, for after the start."""
+        arrived during the start); returns the missed commands, for after the start, and the
+        pending invites (room, inviter) the same /sync shows."""
         bot = self.bot
         sync = await bot.mx.sync({"filter": catch_up_filter(), "timeout": "0"})
         timelines = {
@@ -100,7 +104,7 @@ class CatchUp:
             bot.router.worker(room_id).push_front(room_jobs)
         count = sum(len(j) for j in jobs.values()) + len(commands)
         bot.log.info("Caught up %d message(s) sent while the bot was away", count)
-        return commands
+        return commands, parse_invites(sync, bot.mx.user_id)
 
     def _event(self, room_id: str, raw: dict[str, Any]) -> MaubotMessageEvent | None:
         try:

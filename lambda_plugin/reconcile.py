@@ -1,7 +1,6 @@
 """Rebuilds the database from the rooms themselves: Matrix topology is the truth.
 
-The topology is read with one ``/joined_rooms``, bounded concurrent ``/state`` reads and one
-small ``/sync`` for pending invites. (A filtered full-state ``/sync`` would be one request,
+The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads. (A filtered full-state ``/sync`` would be one request,
 but Synapse's answer with a short timeline leaves out the newest state events, such as the
 last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()`` is a pure function of
 what was read and the database's rows, so it is tested and benchmarked without a homeserver;
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
-from .matrix import HomeserverError, one_off_sync_filter
+from .matrix import HomeserverError
 from .spaces import space_child, space_parent
 
 if TYPE_CHECKING:
@@ -39,12 +38,7 @@ STATE_TYPES = [
 ]
 
 
-READ_CONCURRENCY = 16
-
-
-def invites_filter() -> str:
-    """Pending invites only (invite_state always comes whole)."""
-    return one_off_sync_filter({"limit": 0})
+READ_CONCURRENCY = 32
 
 
 _WANTED = frozenset(STATE_TYPES)
@@ -411,9 +405,9 @@ class Reconciler:
             states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
-        sync = await mx.sync({"filter": invites_filter(), "timeout": "0"})
         self.unreadable = len(unreadable)
-        return states, parse_invites(sync, mx.user_id)
+        # Pending invites come with the catch-up /sync after the start: one sync, not two.
+        return states, []
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         store = self.bot.store
@@ -423,18 +417,20 @@ class Reconciler:
             for room_id in result.rooms
             if registry.rooms.get(room_id) is not known_rooms.get(room_id)
         }
-        for user in result.users.values():
-            await store.upsert_user(user.user_id, user.space_id, user.next_chat_index)
-        for room in result.rooms.values():
-            if room.room_id in changed:
-                continue  # changed by a command during this run: that change is newer
-            try:
-                await store.upsert_room(room)
-            except UNIQUE_VIOLATION as e:
-                # A contradiction the plan could not see (rows it did not know); the start
-                # goes on, and the room is left as it was.
-                result.report.conflicts += 1
-                self.bot.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
+        await store.upsert_users(list(result.users.values()))
+        # Rooms changed by a command during this run are newer than what was read: left alone.
+        rooms = [r for r in result.rooms.values() if r.room_id not in changed]
+        try:
+            await store.upsert_rooms(rooms)  # one transaction: thousands of rows in one go
+        except UNIQUE_VIOLATION:
+            # A contradiction the plan could not see (rows it did not know): row by row, so
+            # only that room is left as it was and the start goes on.
+            for room in rooms:
+                try:
+                    await store.upsert_room(room)
+                except UNIQUE_VIOLATION as e:
+                    result.report.conflicts += 1
+                    self.bot.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
         for room_id, event_type, state_key, content in result.state_writes:
             if room_id in changed and event_type == MARKER_TYPE:
                 continue

@@ -58,17 +58,22 @@ class Store:
 
     async def upsert_user(self, user_id: str, space_id: str | None, next_chat_index: int) -> None:
         """Writes a user; next_chat_index only ever grows."""
-        await self.db.execute(
-            "INSERT INTO lambda_user (user_id, space_id, next_chat_index, created_at)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE SET"
-            " space_id = excluded.space_id,"
-            " next_chat_index = CASE WHEN excluded.next_chat_index > lambda_user.next_chat_index"
-            " THEN excluded.next_chat_index ELSE lambda_user.next_chat_index END",
-            user_id,
-            space_id,
-            next_chat_index,
-            now_ms(),
-        )
+        await self.upsert_users([UserRow(user_id, space_id, next_chat_index, now_ms())])
+
+    async def upsert_users(self, users: list[UserRow]) -> None:
+        """Writes users in one transaction; next_chat_index only ever grows."""
+        if not users:
+            return
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO lambda_user (user_id, space_id, next_chat_index, created_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE SET"
+                " space_id = excluded.space_id,"
+                " next_chat_index = CASE"
+                " WHEN excluded.next_chat_index > lambda_user.next_chat_index"
+                " THEN excluded.next_chat_index ELSE lambda_user.next_chat_index END",
+                [(u.user_id, u.space_id, u.next_chat_index, u.created_at) for u in users],
+            )
 
     async def set_space(self, user_id: str, space_id: str) -> None:
         await self.db.execute(
@@ -107,8 +112,15 @@ class Store:
 
     async def upsert_room(self, room: ChatRoomRow) -> None:
         """Writes a chat room and keeps the owner's counter past its chat number."""
+        await self.upsert_rooms([room])
+
+    async def upsert_rooms(self, rooms: list[ChatRoomRow]) -> None:
+        """Writes chat rooms in one transaction (all or none), each owner's counter kept
+        past their chat numbers."""
+        if not rooms:
+            return
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(
+            await conn.executemany(
                 f"INSERT INTO chat_room ({ChatRoomRow.columns})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
                 " ON CONFLICT (room_id) DO UPDATE SET"
@@ -116,21 +128,25 @@ class Store:
                 " name = excluded.name, agent_id = excluded.agent_id,"
                 " platform_chat_id = excluded.platform_chat_id,"
                 " archived = excluded.archived, gone = excluded.gone",
-                room.room_id,
-                room.user_id,
-                room.chat_id,
-                room.name,
-                room.agent_id,
-                room.platform_chat_id,
-                room.archived,
-                room.gone,
-                room.created_at,
+                [
+                    (
+                        r.room_id,
+                        r.user_id,
+                        r.chat_id,
+                        r.name,
+                        r.agent_id,
+                        r.platform_chat_id,
+                        r.archived,
+                        r.gone,
+                        r.created_at,
+                    )
+                    for r in rooms
+                ],
             )
-            await conn.execute(
+            await conn.executemany(
                 "UPDATE lambda_user SET next_chat_index=$2"
                 " WHERE user_id=$1 AND next_chat_index < $2",
-                room.user_id,
-                room.chat_number + 1,
+                [(r.user_id, r.chat_number + 1) for r in rooms],
             )
 
     async def delete_room(self, room_id: str) -> None:
