@@ -6,11 +6,13 @@ import asyncio
 import time
 
 from maubot import Plugin
+from maubot.handlers import event
+from mautrix.client import InternalEventType
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
 from .agents import Agent, create_agent
-from .catchup import CatchUp
+from .catchup import SYNC_TOKEN_KEY, CatchUp, SyncPositions
 from .commands import AdminCommands, ChatCommands, ContextCommands, HelpCommands
 from .config import Config, Settings
 from .db import Store, upgrade_table
@@ -24,6 +26,7 @@ from .spaces import Spaces
 
 # Handled event ids are kept this long: redeliveries and catch-up come much sooner.
 HANDLED_KEPT_S = 7 * 24 * 3600
+SYNC_POSITION_EVERY_S = 60
 
 
 class LambdaBot(Plugin):
@@ -50,6 +53,7 @@ class LambdaBot(Plugin):
         # start() must never raise: maubot disables an instance whose start failed, for good.
         self._tasks: set[asyncio.Task] = set()
         self.stopping = False
+        self.positions = SyncPositions()
         self.store = Store(self.database)
         self.router = Router(self)
         self.config.load_and_update()
@@ -69,6 +73,7 @@ class LambdaBot(Plugin):
         self.register_handler_class(self.router)
         self.register_handler_class(self.onboarding)
         self.background(self._startup())
+        self.background(self._keep_sync_position())
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     async def stop(self) -> None:
@@ -76,6 +81,7 @@ class LambdaBot(Plugin):
         self.stopping = True
         self.ready.set()
         await self.router.stop()
+        await self._save_sync_position()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -128,6 +134,28 @@ class LambdaBot(Plugin):
             await self.store.prune_handled(int((time.time() - HANDLED_KEPT_S) * 1000))
         except Exception:
             self.log.exception("Pruning handled events failed")
+
+    @event.on(InternalEventType.SYNC_SUCCESSFUL)
+    async def _sync_done(self, evt: dict) -> None:
+        # Runs inside maubot's sync loop: only notes the position, writes nothing.
+        token = (evt.get("data") or {}).get("next_batch")
+        if token:
+            self.positions.record(token)
+
+    async def _keep_sync_position(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_POSITION_EVERY_S)
+            await self._save_sync_position()
+
+    async def _save_sync_position(self) -> None:
+        """Stores where the next start's catch-up reads from (a catch-up window back)."""
+        token = self.positions.older_than(self.settings.catch_up_s)
+        if token is None:
+            return
+        try:
+            await self.store.set_value(SYNC_TOKEN_KEY, token)
+        except Exception:
+            self.log.exception("Saving the sync position failed")
 
     def message_handlers(self) -> list:
         """The handlers maubot dispatches events to, as registered by this instance."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from maubot.matrix import MaubotMessageEvent
@@ -17,7 +18,7 @@ from mautrix.client import SyncStream
 from mautrix.types import EventType, MessageEvent
 
 from .files import FILE_MSGTYPES
-from .matrix import one_off_sync_filter
+from .matrix import HomeserverError, one_off_sync_filter
 from .reconcile import parse_invites
 
 if TYPE_CHECKING:
@@ -64,6 +65,31 @@ def unanswered(
     return found
 
 
+SYNC_TOKEN_KEY = "catch_up_since"
+
+
+class SyncPositions:
+    """Where maubot's sync stood, over time. Catch-up after a restart reads from a position
+    at least the catch-up window old: an incremental /sync from there is cheap (only rooms
+    with news), where a full one walks every room the bot is in."""
+
+    def __init__(self) -> None:
+        self.seen: deque[tuple[float, str]] = deque()
+
+    def record(self, token: str) -> None:
+        self.seen.append((time.time(), token))
+
+    def older_than(self, age_s: float) -> str | None:
+        """The newest position seen at least ``age_s`` ago (older ones are dropped)."""
+        cutoff = time.time() - age_s
+        found = None
+        while self.seen and self.seen[0][0] <= cutoff:
+            found = self.seen.popleft()[1]
+        if found is not None:
+            self.seen.appendleft((cutoff, found))  # still the answer until a newer one ages
+        return found
+
+
 class CatchUp:
     def __init__(self, bot: LambdaBot) -> None:
         self.bot = bot
@@ -75,7 +101,17 @@ class CatchUp:
         arrived during the start); returns the missed commands, for after the start, and the
         pending invites (room, inviter) the same /sync shows."""
         bot = self.bot
-        sync = await bot.mx.sync({"filter": catch_up_filter(), "timeout": "0"})
+        query = {"filter": catch_up_filter(), "timeout": "0"}
+        since = await bot.store.get_value(SYNC_TOKEN_KEY)
+        if since:
+            query["since"] = since  # only what happened since; else every room is walked
+        try:
+            sync = await bot.mx.sync(query)
+        except HomeserverError:
+            if not since:
+                raise
+            del query["since"]  # a position the homeserver no longer knows: read it all
+            sync = await bot.mx.sync(query)
         timelines = {
             room_id: room.get("timeline", {}).get("events", [])
             for room_id, room in sync.get("rooms", {}).get("join", {}).items()

@@ -255,6 +255,19 @@ class Store:
             await self.db.fetchval("SELECT 1 FROM handled_event WHERE event_id=$1", event_id)
         )
 
+    # small plugin state
+
+    async def get_value(self, key: str) -> str | None:
+        return await self.db.fetchval("SELECT value FROM plugin_state WHERE key=$1", key)
+
+    async def set_value(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO plugin_state (key, value) VALUES ($1, $2)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            key,
+            value,
+        )
+
     # maintenance
 
     async def counts(self) -> dict[str, int]:
@@ -266,5 +279,7 @@ class Store:
     async def clear_all(self) -> None:
         """Drops every row of the plugin's tables (the dev reset); the schema stays."""
         async with self.db.acquire() as conn, conn.transaction():
-            for table in ("chat_room", "lambda_user", "snapshot", "history", "handled_event"):
+            for table in (
+                "chat_room", "lambda_user", "snapshot", "history", "handled_event", "plugin_state",
+            ):  # fmt: skip
                 await conn.execute(f"DELETE FROM {table}")

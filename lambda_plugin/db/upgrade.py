@@ -66,3 +66,13 @@ async def upgrade_v1(conn: Connection) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX handled_event_room_idx ON handled_event (room_id, handled_at)")
+
+
+@upgrade_table.register(description="Small key-value state: the sync position catch-up reads from")
+async def upgrade_v2(conn: Connection) -> None:
+    await conn.execute(
+        """CREATE TABLE plugin_state (
+            key    TEXT PRIMARY KEY,
+            value  TEXT NOT NULL
+        )"""
+    )

@@ -173,3 +173,17 @@ def test_adopted_rooms_never_take_the_number_of_a_room_the_bot_left() -> None:
     result = run(states, {USER: UserRow(USER, "!space", 4, 1)}, {"!kicked": kicked})
     assert result.rooms["!old"].chat_id == "C4"
     assert result.users[USER].next_chat_index == 5
+
+
+def test_sync_positions_hand_out_one_old_enough() -> None:
+    import time
+
+    from lambda_plugin.catchup import SyncPositions
+
+    positions = SyncPositions()
+    now = time.time()
+    positions.seen.extend([(now - 700, "s1"), (now - 650, "s2"), (now - 10, "s3")])
+    assert positions.older_than(600) == "s2"
+    assert positions.older_than(600) == "s2"  # still the answer until a newer one ages
+    assert positions.older_than(5) == "s3"
+    assert SyncPositions().older_than(600) is None

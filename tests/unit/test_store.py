@@ -66,7 +66,7 @@ def snapshot(name: str, user_id: str = ALICE, **kw: object) -> SnapshotRow:
 
 
 async def test_upgrade_table_applies(store: Store) -> None:
-    assert await store.db.fetchval("SELECT version FROM version") == 1
+    assert await store.db.fetchval("SELECT version FROM version") == 2
     assert await store.db.fetchval("SELECT COUNT(*) FROM version") == 1
     for table in TABLES:
         assert await store.db.table_exists(table), table
@@ -82,7 +82,7 @@ async def test_second_start_is_a_no_op(store: Store) -> None:
     await again.start()
     try:
         assert await again.fetchval("SELECT COUNT(*) FROM version") == 1
-        assert await again.fetchval("SELECT version FROM version") == 1
+        assert await again.fetchval("SELECT version FROM version") == 2
         restarted = Store(again)
         assert await restarted.get_room(room(3).room_id) == room(3)
         assert (await restarted.get_user(ALICE)).next_chat_index == 4
@@ -479,4 +479,13 @@ async def test_clear_all(store: Store) -> None:
     # The schema stays: everything can be written again from scratch.
     await _fill(store)
     assert (await store.counts())["chat_room"] == 3
-    assert await store.db.fetchval("SELECT version FROM version") == 1
+    assert await store.db.fetchval("SELECT version FROM version") == 2
+
+
+async def test_plugin_state_values(store: Store) -> None:
+    assert await store.get_value("catch_up_since") is None
+    await store.set_value("catch_up_since", "s1")
+    await store.set_value("catch_up_since", "s2")
+    assert await store.get_value("catch_up_since") == "s2"
+    await store.clear_all()
+    assert await store.get_value("catch_up_since") is None
