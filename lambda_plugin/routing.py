@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .bot import LambdaBot
 
 TYPING_REFRESH_S = 20
+TYPING_AFTER_S = 0.5
 POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
 # mautrix's MessageType does not compare equal to strings: compare the values.
 TEXT_TYPES = (MessageType.TEXT.value, MessageType.EMOTE.value)
@@ -61,6 +62,7 @@ class RoomWorker:
         self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
         self.current_job: Job | None = None
+        self.typing_shown = False
         self.unanswered: Job | None = None  # the last message whose answer failed
         self.task = asyncio.create_task(self._run())
 
@@ -160,7 +162,6 @@ class RoomWorker:
             )
             self.unanswered = job
             return
-        await self.bot.mx.receipt(self.room_id, job.event_id)
         if job.file is not None:
             job = await self._fetch_file(job, room)
             if job is None:
@@ -213,6 +214,7 @@ class RoomWorker:
             return
         request = AgentRequest(room.platform_chat_id, job.text, job.sender, job.attachments)
         reply = StreamingReply(self._send, self.bot.settings.stream_edit_interval_s)
+        self.typing_shown = False
         typing = asyncio.create_task(self._keep_typing())
         self.current_job = job
         self.current = asyncio.create_task(agent.respond(request, reply.partial))
@@ -221,7 +223,8 @@ class RoomWorker:
         finally:
             typing.cancel()
             await asyncio.gather(typing, return_exceptions=True)
-            await self._typing(False)
+            if self.typing_shown:
+                await self._typing(False)
         call, self.current = self.current, None
         if call.cancelled():
             self.current_job = None
@@ -284,6 +287,10 @@ class RoomWorker:
         return await self.bot.mx.send(self.room_id, content)
 
     async def _keep_typing(self) -> None:
+        # A quick answer needs no typing notice: each extra request costs the homeserver a
+        # wake-up of every sync, and the answer itself says the message arrived.
+        await asyncio.sleep(TYPING_AFTER_S)
+        self.typing_shown = True
         while True:
             await self._typing(True)
             await asyncio.sleep(TYPING_REFRESH_S)
@@ -345,7 +352,12 @@ class Router:
         if job is not None:
             # Queued before the first await: handlers run as unordered tasks, and this keeps
             # the room's messages in the order they were dispatched.
-            self.worker(evt.room_id).push(job)
+            worker = self.worker(evt.room_id)
+            waits = worker.busy
+            worker.push(job)
+            if waits and self.bot.ready.is_set():
+                # It has to wait its turn: a read receipt shows the user it arrived.
+                await self.bot.mx.receipt(evt.room_id, evt.event_id)
         elif (
             body.startswith("!")
             and getattr(evt.content.msgtype, "value", None) == MessageType.TEXT.value
