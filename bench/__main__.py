@@ -1,0 +1,236 @@
+"""``python -m bench [--quick]``: every benchmark on a stack of its own, a table of the figures
+next to the goals, and bench/results/latest.json (quick.json with --quick)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from devstack.procs import REPO
+from devstack.synapse import synapse_python
+
+from . import burst, latency, provision, reconcile, synthetic
+from .env import BenchStack
+from .report import evaluate, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SIZES = {
+    "quick": {
+        "reconcile_rooms": 200,
+        "reconcile_reps": 3,
+        "synthetic": [1_000, 10_000],
+        "synthetic_timeout": 120,
+        "latency_samples": 30,
+        "provision_users": 10,
+        "burst_rooms": 10,
+        "burst_per_room": 10,
+    },
+    "full": {
+        "reconcile_rooms": 2_000,
+        "reconcile_reps": 3,
+        "synthetic": [10_000, 100_000],
+        "synthetic_timeout": 900,
+        "latency_samples": 200,
+        "provision_users": 50,
+        "burst_rooms": 50,
+        "burst_per_room": 20,
+    },
+}
+BENCHMARKS = ("synthetic", "reconcile", "latency", "provision", "burst")
+
+_t0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _t0:6.1f}s] {message}", flush=True)
+
+
+def _label(size: int) -> str:
+    return f"{size // 1000}k" if size % 1000 == 0 else str(size)
+
+
+def synthetic_keys(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ok = {size: r for size, r in runs.items() if "error" not in r}
+    for size, r in runs.items():
+        label = _label(size)
+        if "error" in r:
+            out[f"seconds_{label}"] = None
+            out[f"synthetic_{label}_error"] = r["error"]
+            continue
+        out[f"seconds_{label}"] = r["seconds"]
+        out[f"peak_rss_mb_{label}"] = r["peak_rss_mb"]
+    sizes = sorted(ok)
+    if len(sizes) >= 2 and ok[sizes[0]]["seconds"] > 0:
+        small, big = sizes[0], sizes[-1]
+        out["growth_ratio"] = round(ok[big]["seconds"] / ok[small]["seconds"], 1)
+        out["growth_rooms_ratio"] = round(big / small, 1)
+    out["synthetic"] = {_label(s): r for s, r in runs.items()}
+    return out
+
+
+def meta(mode: str, sizes: dict[str, Any], engine: str) -> dict[str, Any]:
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, timeout=30, cwd=REPO
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "lambda_plugin").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return {
+        "mode": mode,
+        "sizes": sizes,
+        "plugin_db_engine": engine,
+        "git_commit": run(["git", "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(run(["git", "status", "--porcelain", "--", "lambda_plugin"])),
+        # what was measured, even when the plugin's files differ from the commit
+        "plugin_sources_sha256": digest.hexdigest()[:16],
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "synapse": run([synapse_python(), "-c", "import synapse; print(synapse.__version__)"]),
+        "maubot": run([sys.executable, "-c", "import maubot; print(maubot.__version__)"]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    mode = "quick" if args.quick else "full"
+    sizes = dict(SIZES[mode])
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        sizes[key] = json.loads(value)
+    only = set(args.only.split(",")) if args.only else set(BENCHMARKS)
+    profile_dir = (RESULTS / f"profiles-{mode}") if args.profile else None
+    results: dict[str, Any] = {"meta": meta(mode, sizes, args.engine)}
+    failed = False
+
+    async def attempt(name: str, coro) -> Any:
+        nonlocal failed
+        try:
+            return await coro
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            failed = True
+            log(f"{name} FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            results.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
+            return None
+
+    started = time.monotonic()
+    if "synthetic" in only:
+        log(f"synthetic plan() at {sizes['synthetic']} rooms, each in its own process")
+        runs = await attempt(
+            "reconcile",
+            synthetic.run_sizes(
+                sizes["synthetic"], sizes["synthetic_timeout"], log, profile_dir=profile_dir
+            ),
+        )
+        if runs:
+            results.setdefault("reconcile", {}).update(synthetic_keys(runs))
+    if only - {"synthetic"}:
+        stack = BenchStack(engine=args.engine, keep=args.keep)
+        try:
+            log(f"starting Synapse + maubot + plugin (state in {stack.root})")
+            await stack.start()
+            log("stack up")
+            if "reconcile" in only:
+                got = await attempt(
+                    "reconcile",
+                    reconcile.run(
+                        stack, sizes["reconcile_rooms"], sizes["reconcile_reps"], log, profile_dir
+                    ),
+                )
+                if got:
+                    results.setdefault("reconcile", {}).update(got)
+                # whatever happened there, the plugin serves again
+                await attempt("reconcile", stack.set_instance_started(True))
+            if "latency" in only:
+                got = await attempt(
+                    "latency", latency.run(stack, sizes["latency_samples"], log, profile_dir)
+                )
+                if got:
+                    results["latency"] = got
+            handoff = None
+            if "provision" in only or "burst" in only:
+                got = await attempt(
+                    "provision", provision.run(stack, sizes["provision_users"], log)
+                )
+                if got:
+                    results["provision"], handoff = got
+            if "burst" in only and handoff:
+                rooms = handoff[: sizes["burst_rooms"]]
+                got = await attempt("burst", burst.run(stack, rooms, sizes["burst_per_room"], log))
+                if got:
+                    results["burst"] = got
+        finally:
+            log("stopping the stack")
+            await stack.stop()
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["goals"] = evaluate(results)
+    print(table(results), flush=True)
+    out = args.out or RESULTS / f"{'quick' if args.quick else 'latest'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {out}")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench/run.sh")
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--engine",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the plugin's database (default: sqlite, maubot's default)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy maubot and Synapse during one reconciliation, pyinstrument "
+        "the synthetic plan(); written to bench/results/profiles-<mode>/",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=JSON",
+        help="override a size, e.g. --set reconcile_rooms=500",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the servers' state folder")
+    parser.add_argument("--out", type=Path, help="results file (default by mode)")
+    args = parser.parse_args()  # fmt: skip
+
+    async def runner() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main_async(args)
+
+    try:
+        code = asyncio.run(runner())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted: everything started was stopped; no results written", flush=True)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The benchmark's own stack: Synapse (raised limits, cheap password hashing, bigger caches),
+maubot and the plugin, deployed through devstack exactly as the tests do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from devstack.matrix import MatrixUser
+from devstack.postgres import Postgres
+from devstack.stack import Deployment, deploy, undeploy
+from devstack.synapse import RAISED_LIMITS, Synapse
+
+from .common import LogTail, homeserver_requests
+
+BOT_LOCALPART = "lambda_bench"
+BOT_PASSWORD = "bot-password"  # what devstack.stack.deploy gives the bot
+USER_PASSWORD = "password"
+
+# Merged into homeserver.yaml. Rate limits off the table (as in the tests); bcrypt at its
+# cheapest so hundreds of benchmark users register and log in in seconds; an event cache big
+# enough that "warm" means warm for a few thousand rooms of ~10 state events each (the
+# default 10K would evict during one pass over 2,000 rooms).
+BENCH_SYNAPSE_CONFIG = {
+    **RAISED_LIMITS,
+    "bcrypt_rounds": 4,
+    "caches": {"event_cache_size": "200K"},
+}
+
+# The plugin's own per-user message limit (base-config: 30 a minute) would answer most of a
+# latency run or a burst with "slow down": raised, like Synapse's, so speed is what is measured.
+PLUGIN_CONFIG = {"access": {"requests_per_minute": 1_000_000}}
+
+
+class BenchStack:
+    def __init__(self, engine: str = "sqlite", keep: bool = False) -> None:
+        self.engine = engine
+        self.keep = keep
+        self.root = Path(tempfile.mkdtemp(prefix="lambda-bench-"))
+        self.root.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+        self.synapse = Synapse(self.root / "synapse", limits=BENCH_SYNAPSE_CONFIG)
+        self.postgres: Postgres | None = None
+        self.dep: Deployment | None = None
+        self.log: LogTail | None = None
+        self._users: list[MatrixUser] = []
+        self._device: MatrixUser | None = None
+        self._names = 0
+
+    # life cycle
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.synapse.start)
+        if self.engine == "postgres":
+            self.postgres = Postgres(self.root / "pg")
+            await asyncio.to_thread(self.postgres.start)
+        self.dep = await deploy(
+            self.root / "maubot",
+            self.synapse,
+            self.postgres,
+            bot_localpart=BOT_LOCALPART,
+            config=PLUGIN_CONFIG,
+        )
+        self.log = LogTail(self.dep.maubot.log)
+
+    async def stop(self) -> None:
+        """Stops everything that was started, whatever state it is in; never raises."""
+        for user in self._users:
+            with contextlib.suppress(Exception):
+                await user.close()
+        self._users.clear()
+        if self.dep is not None:
+            try:
+                await undeploy(self.dep)
+            except BaseException:
+                self.dep.maubot.stop()
+        for stop in (self.synapse.stop, self.postgres.stop if self.postgres else None):
+            if stop is None:
+                continue
+            with contextlib.suppress(Exception):
+                stop()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def bot_id(self) -> str:
+        assert self.dep is not None
+        return self.dep.bot_id
+
+    def pids(self) -> dict[str, int | None]:
+        assert self.dep is not None
+        return {
+            "maubot": self.dep.maubot.proc.pid if self.dep.maubot.proc else None,
+            "synapse": self.synapse.proc.pid if self.synapse.proc else None,
+        }
+
+    # users
+
+    def unique(self, prefix: str) -> str:
+        self._names += 1
+        return f"{prefix}{self._names}"
+
+    async def user(self, localpart: str) -> MatrixUser:
+        """A registered, logged-in user; closed with the stack."""
+        user_id = await asyncio.to_thread(self.synapse.register, localpart, USER_PASSWORD)
+        login = await asyncio.to_thread(self.synapse.login, user_id, USER_PASSWORD)
+        user = MatrixUser(self.synapse.url, user_id, login["access_token"])
+        self._users.append(user)
+        return user
+
+    async def users(self, prefix: str, count: int, concurrency: int = 8) -> list[MatrixUser]:
+        limit = asyncio.Semaphore(concurrency)
+        names = [self.unique(prefix) for _ in range(count)]
+
+        async def one(name: str) -> MatrixUser:
+            async with limit:
+                return await self.user(name)
+
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    async def bot_device(self) -> MatrixUser:
+        """The bot's own account on a second device: what the plugin itself could do."""
+        login = await asyncio.to_thread(self.synapse.login, self.bot_id, BOT_PASSWORD)
+        user = MatrixUser(self.synapse.url, self.bot_id, login["access_token"])
+        self._users.append(user)
+        return user
+
+    # the plugin instance and the bot client
+
+    async def set_instance_started(self, started: bool) -> None:
+        assert self.dep is not None
+        await self.dep.maubot.set_started(self.dep.instance_id, started)
+
+    async def set_client_sync(self, sync: bool) -> None:
+        assert self.dep is not None
+        await self.dep.maubot.api("PUT", f"/client/{self.bot_id}", json={"sync": sync})
+
+    async def wipe_plugin_db(self) -> None:
+        assert self.dep is not None
+        await self.dep.sql("DELETE FROM chat_room")
+        await self.dep.sql("DELETE FROM lambda_user")
+
+    async def sql(self, query: str) -> list[dict]:
+        assert self.dep is not None
+        return await self.dep.sql(query)
+
+    async def restart_synapse(self) -> float:
+        """Restarts the homeserver with empty caches. The bot client stops syncing meanwhile
+        (else its sync errors and backs off for up to a minute). Returns the seconds taken."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self.set_client_sync(False)
+        await asyncio.to_thread(self.synapse.stop)
+        await asyncio.to_thread(self.synapse.start)
+        hs_log = LogTail(self.synapse.dir / "homeserver.log")
+        mark = hs_log.mark()
+        await self.set_client_sync(True)
+        await self._first_sync_done(mark)
+        return loop.time() - started
+
+    async def _first_sync_done(self, mark: int, timeout: float = 60) -> None:
+        """mautrix drops the first sync after the client's sync starts (maubot sets
+        ignore_first_sync), so an invite landing in it would never reach the plugin. Account
+        data wakes that first long poll at once; this returns when Synapse has answered it."""
+        if self._device is None:
+            self._device = await self.bot_device()
+        path = f"/_matrix/client/v3/user/{quote(self.bot_id)}/account_data/ai.lambda.bench.wake"
+        await self._device.request("PUT", path, {"at": time.time()})
+        deadline = time.monotonic() + timeout
+        log = self.synapse.dir / "homeserver.log"
+        while "GET sync (stored filter)" not in homeserver_requests(log, mark, self.bot_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the bot client's first sync after a restart never finished")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,173 @@
+"""latency: send -> the bot's echo answer arriving in the user's sync, next to the physical
+limit: the same exchange between two plain users, one answering the other at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from devstack.matrix import Event, MatrixUser
+
+from .common import (
+    CpuMeter,
+    LogTail,
+    SyncLoop,
+    homeserver_requests,
+    invite_is_space,
+    median,
+    percentile,
+    wait_idle,
+)
+from .env import BenchStack
+from .profile import Profiler
+
+SAMPLE_TIMEOUT = 30
+
+
+async def onboard(stack: BenchStack, user: MatrixUser, loop: SyncLoop) -> tuple[str, str, str]:
+    """DM to the bot; waits for the Space and first room invites and joins both."""
+    dm = await user.dm(stack.bot_id)
+
+    def invites() -> tuple[str, str] | None:
+        space = next((r for r, (_, s) in loop.invites.items() if invite_is_space(s)), None)
+        room = next(
+            (r for r, (_, s) in loop.invites.items() if not invite_is_space(s) and r != dm), None
+        )
+        return (space, room) if space and room else None
+
+    space, room = await loop.wait(invites, 60, "the Space and room invites")
+    await user.join(space)
+    await user.join(room)
+    return dm, space, room
+
+
+def _answer(loop: SyncLoop, room_id: str, sender: str, token: str, after: int):
+    """The arrival time of ``sender``'s answer naming ``token`` among the room's events past
+    index ``after``; anything else ``sender`` says there fails the sample at once."""
+
+    def check() -> float | None:
+        for arrived, event in loop.events(room_id)[after:]:
+            if event.get("sender") != sender or event.get("type") != "m.room.message":
+                continue
+            body = event.get("content", {}).get("body", "")
+            if token in body:
+                return arrived
+            raise RuntimeError(f"{sender} answered something else: {body[:200]!r}")
+        return None
+
+    return check
+
+
+async def exchange(
+    loop: SyncLoop, user: MatrixUser, room_id: str, answerer: str, token: str
+) -> float:
+    """Milliseconds from just before the send to the answer's arrival in ``user``'s sync."""
+    after = len(loop.events(room_id))
+    sent = time.monotonic()
+    await user.send_text(room_id, f"ping {token}")
+    check = _answer(loop, room_id, answerer, token, after)
+    arrived = await loop.wait(check, SAMPLE_TIMEOUT, f"the answer to {token}")
+    return (arrived - sent) * 1000
+
+
+async def run(
+    stack: BenchStack, samples: int, log, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    warmup = 3
+    # the bot's side
+    user = await stack.user(stack.unique("latency"))
+    user_loop = SyncLoop(user)
+    await user_loop.start()
+    # the physical limit: two plain users; B answers A from its own sync loop, at once
+    a, b = await stack.users("raw", 2)
+    a_loop = SyncLoop(a)
+    answers: set[asyncio.Task] = set()
+
+    def answer_at_once(room_id: str, event: Event, _arrived: float) -> None:
+        body = event.get("content", {}).get("body", "")
+        if event.get("sender") == a.user_id and body.startswith("ping "):
+            task = asyncio.create_task(b.send_text(room_id, "re: " + body[5:]))
+            answers.add(task)
+            task.add_done_callback(answers.discard)
+
+    b_loop = SyncLoop(b, on_event=answer_at_once)
+    try:
+        _, _, room = await onboard(stack, user, user_loop)
+        raw_room = await a.create_room(preset="private_chat", invite=[b.user_id])
+        await b.join(raw_room)
+        await a_loop.start()
+        await b_loop.start()
+        bot_ms: list[float] = []
+        raw_ms: list[float] = []
+        # the first answer also proves the bot's sync runs (after homeserver restarts)
+        await exchange(user_loop, user, room, stack.bot_id, "warmup-0-" + uuid.uuid4().hex)
+        await wait_idle(stack.pids(), timeout=30)
+        for i in range(warmup + samples):  # interleaved: both see the same conditions
+            token = f"{i}-{uuid.uuid4().hex[:8]}"
+            bot = await exchange(user_loop, user, room, stack.bot_id, "b" + token)
+            raw = await exchange(a_loop, a, raw_room, b.user_id, "r" + token)
+            if i >= warmup:
+                bot_ms.append(bot)
+                raw_ms.append(raw)
+        # CPU each kind of exchange costs each process, measured apart
+        cpu: dict[str, dict[str, float]] = {}
+        profiles: dict[str, Any] = {}
+        bot_requests: dict[str, Any] = {}
+        n = min(samples, 30)
+        for kind, args in (
+            ("bot", (user_loop, user, room, stack.bot_id)),
+            ("raw", (a_loop, a, raw_room, b.user_id)),
+        ):
+            await wait_idle(stack.pids(), timeout=10)
+            profilers = []
+            if profile_dir is not None:
+                for name, pid in stack.pids().items():
+                    prof = Profiler(pid, profile_dir / f"latency-{kind}-{name}.txt")
+                    if pid and prof.start():
+                        profilers.append((name, prof))
+                await asyncio.sleep(0.5)
+            hs_log = stack.synapse.dir / "homeserver.log"
+            hs_mark = LogTail(hs_log).mark()
+            meter = CpuMeter(stack.pids()).start()
+            for i in range(n):
+                await exchange(*args, f"cpu{kind}{i}-{uuid.uuid4().hex[:8]}")
+            cpu[kind] = {
+                k.removesuffix("_cpu_s"): round(1000 * v / n, 2) for k, v in meter.stop().items()
+            }
+            if kind == "bot":
+                await asyncio.sleep(0.5)  # the last typing-off and log lines
+                bot_requests = {
+                    name: {
+                        "per_exchange": round(v["count"] / n, 2),
+                        "hs_ms_per_exchange": round(1000 * v["seconds"] / n, 1),
+                        "hs_cpu_ms_per_exchange": round(1000 * v["cpu"] / n, 1),
+                    }
+                    for name, v in homeserver_requests(hs_log, hs_mark, stack.bot_id).items()
+                }
+            for name, prof in profilers:
+                profiles[f"{kind}_{name}"] = prof.stop()
+    finally:
+        for loop in (user_loop, a_loop, b_loop):
+            await loop.stop()
+        for task in list(answers):
+            task.cancel()
+    bot_p50, raw_p50 = median(bot_ms), median(raw_ms)
+    log(f"latency: bot p50 {bot_p50:.1f}ms, raw p50 {raw_p50:.1f}ms")
+    return {
+        "samples": len(bot_ms),
+        "bot_p50_ms": round(bot_p50, 1),
+        "bot_p99_ms": round(percentile(bot_ms, 99), 1),
+        "raw_p50_ms": round(raw_p50, 1),
+        "raw_p99_ms": round(percentile(raw_ms, 99), 1),
+        "overhead_p50_ms": round(bot_p50 - raw_p50, 1),
+        "bot_min_ms": round(min(bot_ms), 1),
+        "raw_min_ms": round(min(raw_ms), 1),
+        "bot_p90_ms": round(percentile(bot_ms, 90), 1),
+        "raw_p90_ms": round(percentile(raw_ms, 90), 1),
+        "cpu_ms_per_exchange": cpu,
+        "bot_requests": bot_requests,
+        **({"profile": profiles} if profiles else {}),
+    }
