@@ -138,9 +138,11 @@ class LambdaBot(Plugin):
     @event.on(InternalEventType.SYNC_SUCCESSFUL)
     async def _sync_done(self, evt: dict) -> None:
         # Runs inside maubot's sync loop: only notes the position, writes nothing.
+        # maubot registers this handler before start() runs: positions may not exist yet.
+        positions = getattr(self, "positions", None)
         token = (evt.get("data") or {}).get("next_batch")
-        if token:
-            self.positions.record(token)
+        if token and positions is not None:
+            positions.record(token)
 
     async def _keep_sync_position(self) -> None:
         while True:
