@@ -37,6 +37,17 @@ async def bot_device(stack: Deployment) -> MatrixUser:
     return user
 
 
+async def space_made_by_the_bot(bot: MatrixUser, owner: str) -> str:
+    """A user's Space exactly as the plugin creates it, but made behind the plugin's back."""
+    return await bot.create_room(
+        name=f"Lambda — {owner}",
+        preset="private_chat",
+        creation_content={"type": "m.space"},
+        invite=[owner],
+        initial_state=[Marker(kind=KIND_SPACE, owner=owner).state_event()],
+    )
+
+
 def normalise(rows: list[dict]) -> list[dict]:
     return sorted(
         ({**r, "archived": bool(r["archived"]), "gone": bool(r["gone"])} for r in rows),
@@ -87,13 +98,7 @@ async def test_half_made_space_is_completed_not_duplicated(stack: Deployment, ne
     jo = await new_user("jo")
     bot = await bot_device(stack)
     # The plugin died right after creating the Space: no database row, no chat room.
-    space = await bot.create_room(
-        name="Lambda — jo",
-        preset="private_chat",
-        creation_content={"type": "m.space"},
-        invite=[jo.user_id],
-        initial_state=[Marker(kind=KIND_SPACE, owner=jo.user_id).state_event()],
-    )
+    space = await space_made_by_the_bot(bot, jo.user_id)
     await restart(stack)
     await jo.dm(stack.bot_id)
     room = await jo.wait_for_invite(is_room_invite)
@@ -106,13 +111,7 @@ async def test_half_made_space_is_completed_not_duplicated(stack: Deployment, ne
 async def test_unmarked_child_rooms_are_adopted(stack: Deployment, new_user) -> None:
     kim = await new_user("kim")
     bot = await bot_device(stack)
-    space = await bot.create_room(
-        name="Lambda — kim",
-        preset="private_chat",
-        creation_content={"type": "m.space"},
-        invite=[kim.user_id],
-        initial_state=[Marker(kind=KIND_SPACE, owner=kim.user_id).state_event()],
-    )
+    space = await space_made_by_the_bot(bot, kim.user_id)
     # A room an older version made: in the Space, but without the plugin's marker.
     old = await bot.create_room(name="Old chat", preset="private_chat", invite=[kim.user_id])
     await bot.send_state(space, "m.space.child", {"via": ["localhost"]}, old)
