@@ -172,7 +172,7 @@ def measure(rooms: int, dms: bool, profile: Path | None) -> dict[str, Any]:
     gc.collect()
     rss_input = rss_mb()
     started = time.monotonic()
-    result = plan(states, [], BOT, SERVER, {}, {}, "echo")
+    result = plan(states, BOT, SERVER, {}, {}, "echo")
     plan_s = time.monotonic() - started
     seconds = parse_s + plan_s
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -183,13 +183,13 @@ def measure(rooms: int, dms: bool, profile: Path | None) -> dict[str, Any]:
     if profile is not None:  # once more, under the profiler (not in the figures)
         profiler = Profiler(interval=0.001)
         profiler.start()
-        plan(states, [], BOT, SERVER, {}, {}, "echo")
+        plan(states, BOT, SERVER, {}, {}, "echo")
         profiler.stop()
         profile.write_text(profiler.output_text(unicode=True, color=False, show_all=False))
     report = result.report.as_dict()
     # A second start on a consistent database: the first plan's rows are what it knows.
     started = time.monotonic()
-    again = plan(states, [], BOT, SERVER, dict(result.users), dict(result.rooms), "echo")
+    again = plan(states, BOT, SERVER, dict(result.users), dict(result.rooms), "echo")
     second_s = time.monotonic() - started
     expected_writes = owners + owners * chats
     return {

@@ -105,7 +105,7 @@ class LambdaBot(Plugin):
         while True:
             try:
                 await self.registry.load()
-                report, _ = await self.reconciler.run()
+                report = await self.reconciler.run()
                 break
             except Exception as e:  # homeserver or database down: never give up, never raise
                 self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)

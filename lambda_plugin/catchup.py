@@ -19,7 +19,6 @@ from mautrix.types import EventType, MessageEvent
 
 from .files import FILE_MSGTYPES
 from .matrix import HomeserverError, one_off_sync_filter
-from .reconcile import parse_invites
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
@@ -30,6 +29,16 @@ ANSWERED = ("m.text", "m.emote", *FILE_MSGTYPES)
 
 def catch_up_filter() -> str:
     return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": ["m.room.message"]})
+
+
+def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
+    invites = []
+    for room_id, data in sync.get("rooms", {}).get("invite", {}).items():
+        for event in data.get("invite_state", {}).get("events", []):
+            if event.get("type") == "m.room.member" and event.get("state_key") == bot_id:
+                invites.append((room_id, event.get("sender", "")))
+                break
+    return invites
 
 
 def unanswered(

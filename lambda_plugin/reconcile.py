@@ -91,13 +91,7 @@ class Plan:
     rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
     # (room id, event type, state key, content): state the bot writes into its own rooms
     state_writes: list[tuple[str, str, str, dict]] = field(default_factory=list)
-    invites: list[tuple[str, str]] = field(default_factory=list)  # (room id, inviter)
     report: Report = field(default_factory=Report)
-
-
-def parse_rooms(states: dict[str, list[dict[str, Any]]], bot_id: str) -> dict[str, RoomState]:
-    """Room id -> what reconciliation needs of its state events (as /state gives them)."""
-    return {room_id: parse_room(room_id, events, bot_id) for room_id, events in states.items()}
 
 
 def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
@@ -127,16 +121,6 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
     return room
 
 
-def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
-    invites = []
-    for room_id, data in sync.get("rooms", {}).get("invite", {}).items():
-        for event in data.get("invite_state", {}).get("events", []):
-            if event.get("type") == "m.room.member" and event.get("state_key") == bot_id:
-                invites.append((room_id, event.get("sender", "")))
-                break
-    return invites
-
-
 def adopted_platform_chat_id(room_id: str) -> str:
     """Deterministic: the same room always gets the same id, whichever run adopts it."""
     return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
@@ -159,7 +143,6 @@ def _without_gc() -> Iterator[None]:
 @_without_gc()
 def plan(
     states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
-    invites: list[tuple[str, str]],
     bot_id: str,
     server: str,
     known_users: dict[str, UserRow],
@@ -173,8 +156,6 @@ def plan(
         for room_id, value in states.items()
     }
     report.joined_rooms = len(rooms)
-    result.invites = invites
-    report.invites = len(result.invites)
     now = int(time.time() * 1000)
 
     def trusted(room: RoomState) -> bool:
@@ -353,18 +334,17 @@ class Reconciler:
         self.last_report: Report | None = None
         self.unreadable = 0
 
-    async def run(self, dry_run: bool = False) -> tuple[Report, list[tuple[str, str]]]:
-        """Reconciles once; returns the report and the pending invites it saw."""
+    async def run(self, dry_run: bool = False) -> Report:
+        """Reconciles once; returns the report."""
         started = time.monotonic()
         requests_before = self.bot.mx.requests
         registry = self.bot.registry
         # What the plugin knew before reading the rooms: a row that changes while they are
         # read (a !clear, a rename) is newer than what was read, and is left alone.
         known_users, known_rooms = dict(registry.users), dict(registry.rooms)
-        states, invites = await self.read_topology()
+        states = await self.read_topology()
         result = plan(
             states,
-            invites,
             self.bot.mx.user_id,
             self.bot.mx.server_name,
             known_users,
@@ -379,11 +359,11 @@ class Reconciler:
         report.requests = self.bot.mx.requests - requests_before
         report.seconds = time.monotonic() - started
         self.last_report = report
-        return report, result.invites
+        return report
 
-    async def read_topology(self) -> tuple[dict[str, RoomState], list[tuple[str, str]]]:
+    async def read_topology(self) -> dict[str, RoomState]:
         """Every joined room's state, parsed as it arrives (only what reconciliation reads
-        is kept), and the pending invites."""
+        is kept). Pending invites come with the catch-up /sync after the start."""
         mx = self.bot.mx
         room_ids = await mx.joined_rooms()
         limit = asyncio.Semaphore(READ_CONCURRENCY)
@@ -406,8 +386,7 @@ class Reconciler:
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
         self.unreadable = len(unreadable)
-        # Pending invites come with the catch-up /sync after the start: one sync, not two.
-        return states, []
+        return states
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         store = self.bot.store

@@ -81,7 +81,7 @@ class AdminCommands(CommandBase):
         if not await self.admin(evt):
             return
         dry_run = "--dry-run" in (flags or "")
-        report, _ = await self.bot.reconciler.run(dry_run=dry_run)
+        report = await self.bot.reconciler.run(dry_run=dry_run)
         self.bot.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
         title = "admin.reconcile_dry" if dry_run else "admin.reconcile_done"
         await self.bot.notify(
@@ -106,7 +106,7 @@ class AdminCommands(CommandBase):
             self.bot.log.info("Local reset by %s", evt.sender)
             await self.bot.store.clear_all()
             await self.bot.registry.load()
-            report, _ = await self.bot.reconciler.run()
+            report = await self.bot.reconciler.run()
             await self.bot.notify(
                 evt.room_id,
                 text(self.bot.settings.language, "admin.reset_local_done")

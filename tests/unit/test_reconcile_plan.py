@@ -66,7 +66,7 @@ def topology() -> dict:
 
 
 def run(states: dict, users: dict | None = None, rooms: dict | None = None):
-    return plan(states, [], BOT, "hs", users or {}, rooms or {}, "echo")
+    return plan(states, BOT, "hs", users or {}, rooms or {}, "echo")
 
 
 def test_empty_database_is_restored_from_the_rooms() -> None:
