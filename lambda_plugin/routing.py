@@ -50,6 +50,13 @@ Control = Callable[[], Awaitable[None]]
 QueueItem = Job | asyncio.Future
 
 
+def filled_slot(control: Control) -> asyncio.Future:
+    """A queue slot that already holds what to run (nothing to wait for)."""
+    slot = asyncio.get_running_loop().create_future()
+    slot.set_result(control)
+    return slot
+
+
 class RoomWorker:
     """Answers one room's messages one after another; commands that change the
     conversation run in the same queue, so they apply between the right messages."""
@@ -90,9 +97,7 @@ class RoomWorker:
         job, self.unanswered = self.unanswered, None
         if job is None:
             return False
-        again = asyncio.get_running_loop().create_future()
-        again.set_result(lambda: self._answer(job))  # already checked and marked handled
-        self.push(again)
+        self.push(filled_slot(lambda: self._answer(job)))  # already checked and marked handled
         return True
 
     async def stop(self) -> None:
@@ -392,9 +397,7 @@ class Router:
                 text(self.bot.settings.language, "command.unknown", command=f"!{name[:32]}"),
             )
 
-        slot = asyncio.get_running_loop().create_future()
-        slot.set_result(answer)
-        return slot
+        return filled_slot(answer)
 
     async def point_to_space(self, room_id: str, sender: str) -> None:
         user = self.bot.registry.users.get(sender)
