@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 from devstack.matrix import MatrixUser
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, Marker
-from lambda_plugin.spaces import Spaces, clean_name, new_platform_chat_id, space_child
+from lambda_plugin.roomstate import clean_name, new_platform_chat_id, space_child
+from lambda_plugin.spaces import Spaces
 
 # base-config.yaml's defaults, which the benchmark instance runs with
 SPACE_NAME = "Lambda — {displayname}"

@@ -9,7 +9,7 @@ from mautrix.client import SyncStream
 from mautrix.types import EventType, Membership, StateEvent
 
 from .matrix import HomeserverError
-from .spaces import NAME_MAX, clean_name, matrix_to
+from .roomstate import NAME_MAX, clean_name, matrix_to
 from .texts import text
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError
-from .spaces import space_child, space_parent
+from .roomstate import space_child, space_parent
 
 if TYPE_CHECKING:
     from .bot import LambdaBot

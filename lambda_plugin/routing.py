@@ -19,7 +19,7 @@ from .agents import Agent, AgentError, AgentRequest, Attachment
 from .db import ChatRoomRow
 from .matrix import HomeserverError
 from .replies import StreamingReply
-from .spaces import matrix_to
+from .roomstate import matrix_to
 from .texts import COMMAND_NAMES, text
 
 if TYPE_CHECKING:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import unicodedata
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -12,46 +10,17 @@ from typing import TYPE_CHECKING, Any
 from .db import ChatRoomRow, now_ms
 from .marker import KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError
+from .roomstate import (
+    clean_name,
+    creators_privileged,
+    new_platform_chat_id,
+    power_levels,
+    space_child,
+    space_parent,
+)
 
 if TYPE_CHECKING:
     from .bot import LambdaBot
-
-USER_LEVEL = 50  # talk, rename, invite; below every state event the plugin relies on
-BOT_LEVEL = 100
-NAME_MAX = 100
-
-
-def matrix_to(room_id: str, server: str) -> str:
-    return f"https://matrix.to/#/{room_id}?via={server}"
-
-
-def new_platform_chat_id() -> str:
-    return f"mx-{uuid.uuid4().hex}"
-
-
-def clean_name(raw: str) -> str:
-    """A room name as typed, trimmed and on one line: control and format characters
-    (newlines, zero-width and direction marks) become spaces."""
-    spaced = "".join(" " if unicodedata.category(c).startswith("C") else c for c in raw)
-    return " ".join(spaced.split())
-
-
-def creators_privileged(room_version: str) -> bool:
-    """Room version 12 on (and its hydra pre-releases) give creators unlimited power, and
-    forbid listing them in the power-level users map."""
-    if room_version.startswith("org.matrix.hydra"):
-        return True
-    return room_version.isdigit() and int(room_version) >= 12
-
-
-def space_child(server: str, chat_number: int) -> dict[str, Any]:
-    # order keeps rooms listed in creation order (compared as strings).
-    return {"via": [server], "order": f"{chat_number:08d}"}
-
-
-def space_parent(server: str) -> dict[str, Any]:
-    return {"via": [server], "canonical": True}
-
 
 @dataclass(frozen=True)
 class Provisioned:
@@ -85,28 +54,7 @@ class Spaces:
     async def power_levels(self, owner: str) -> dict[str, Any]:
         if self._privileged is None:
             self._privileged = creators_privileged(await self.mx.default_room_version())
-        users = {owner: USER_LEVEL}
-        if not self._privileged:
-            users[self.mx.user_id] = BOT_LEVEL
-        protected = (
-            MARKER_TYPE, "m.space.child", "m.space.parent", "m.room.power_levels",
-            "m.room.tombstone", "m.room.encryption", "m.room.server_acl", "m.room.join_rules",
-            "m.room.history_visibility", "m.room.canonical_alias",
-        )  # fmt: skip
-        events = {event_type: BOT_LEVEL for event_type in protected}
-        events.update({"m.room.name": USER_LEVEL, "m.room.topic": USER_LEVEL})
-        events["m.room.avatar"] = USER_LEVEL
-        return {
-            "users": users,
-            "users_default": 0,
-            "events_default": 0,
-            "state_default": BOT_LEVEL,
-            "invite": USER_LEVEL,
-            "redact": USER_LEVEL,
-            "kick": BOT_LEVEL,
-            "ban": BOT_LEVEL,
-            "events": events,
-        }
+        return power_levels(owner, self.mx.user_id, self._privileged)
 
     async def provision(self, user_id: str) -> Provisioned:
         """Gives the user their Space and first chat, once; completes a half-made one."""

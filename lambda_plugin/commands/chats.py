@@ -7,7 +7,8 @@ from maubot.handlers import command
 
 from ..agents import AgentError
 from ..matrix import HomeserverError
-from ..spaces import NAME_MAX, TooManyChats, clean_name, matrix_to, new_platform_chat_id
+from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
+from ..spaces import TooManyChats
 from ..texts import text
 from .base import CommandBase
 

@@ -9,7 +9,7 @@ from maubot.handlers import command
 
 from ..agents import Agent, AgentError
 from ..db import ChatRoomRow, SnapshotRow, now_ms
-from ..spaces import clean_name, new_platform_chat_id
+from ..roomstate import clean_name, new_platform_chat_id
 from ..texts import text
 from .base import CommandBase
 

@@ -1,0 +1,78 @@
+"""The state the plugin writes into its rooms, as pure functions: names, links, power levels.
+
+Provisioning writes it, reconciliation compares the rooms against it and repairs them; both
+take it from here, so a room made today and a room repaired tomorrow look the same.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from typing import Any
+
+from .marker import MARKER_TYPE
+
+USER_LEVEL = 50  # talk, rename, invite; below every state event the plugin relies on
+BOT_LEVEL = 100
+NAME_MAX = 100
+# State only the bot may send: what the plugin relies on to find and route its rooms.
+PROTECTED_EVENTS = (
+    MARKER_TYPE, "m.space.child", "m.space.parent", "m.room.power_levels",
+    "m.room.tombstone", "m.room.encryption", "m.room.server_acl", "m.room.join_rules",
+    "m.room.history_visibility", "m.room.canonical_alias",
+)  # fmt: skip
+
+
+def matrix_to(room_id: str, server: str) -> str:
+    return f"https://matrix.to/#/{room_id}?via={server}"
+
+
+def new_platform_chat_id() -> str:
+    return f"mx-{uuid.uuid4().hex}"
+
+
+def clean_name(raw: str) -> str:
+    """A room name as typed, trimmed and on one line: control and format characters
+    (newlines, zero-width and direction marks) become spaces."""
+    spaced = "".join(" " if unicodedata.category(c).startswith("C") else c for c in raw)
+    return " ".join(spaced.split())
+
+
+def creators_privileged(room_version: str) -> bool:
+    """Room version 12 on (and its hydra pre-releases) give creators unlimited power, and
+    forbid listing them in the power-level users map."""
+    if room_version.startswith("org.matrix.hydra"):
+        return True
+    return room_version.isdigit() and int(room_version) >= 12
+
+
+def space_child(server: str, chat_number: int) -> dict[str, Any]:
+    # order keeps rooms listed in creation order (compared as strings).
+    return {"via": [server], "order": f"{chat_number:08d}"}
+
+
+def space_parent(server: str) -> dict[str, Any]:
+    return {"via": [server], "canonical": True}
+
+
+def power_levels(owner: str, bot_id: str, privileged: bool) -> dict[str, Any]:
+    """The power levels of a managed room: the bot at 100 (implicitly, where creators are
+    privileged), the owner enough to talk, rename and invite, never to change the plugin's
+    state."""
+    users = {owner: USER_LEVEL}
+    if not privileged:
+        users[bot_id] = BOT_LEVEL
+    events = {event_type: BOT_LEVEL for event_type in PROTECTED_EVENTS}
+    events.update({"m.room.name": USER_LEVEL, "m.room.topic": USER_LEVEL})
+    events["m.room.avatar"] = USER_LEVEL
+    return {
+        "users": users,
+        "users_default": 0,
+        "events_default": 0,
+        "state_default": BOT_LEVEL,
+        "invite": USER_LEVEL,
+        "redact": USER_LEVEL,
+        "kick": BOT_LEVEL,
+        "ban": BOT_LEVEL,
+        "events": events,
+    }
