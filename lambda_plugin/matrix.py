@@ -13,20 +13,22 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from mautrix.client import Client
-from mautrix.types import JSON
 
 MAX_WAIT_S = 30.0
 MAX_TRIES = 8
 TRANSIENT = (502, 503, 504)
 TRANSIENT_TRIES = 3
+# The wait before the n-th retry of a transient failure is n times this.
+BACKOFF_S = 0.5
 _txn_counter = itertools.count()
+T = TypeVar("T")
 
 
 class HomeserverError(Exception):
@@ -35,6 +37,23 @@ class HomeserverError(Exception):
         self.status = status
         self.errcode = errcode
         self.message = message
+
+
+class _Refused(Exception):
+    """An error status, raised by one try so that the retry loop decides what follows."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], text: str) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retry_after = headers.get("Retry-After")
+        self.text = text
+        self.payload = _parse(text)
+
+    def error(self) -> HomeserverError:
+        payload = self.payload
+        errcode = payload.get("errcode") if isinstance(payload, dict) else None
+        message = payload.get("error", "") if isinstance(payload, dict) else self.text
+        return HomeserverError(self.status, errcode, str(message)[:300])
 
 
 def _q(value: str) -> str:
@@ -61,48 +80,52 @@ class Matrix:
         self,
         method: str,
         path: str,
-        body: JSON | None = None,
+        body: Any = None,
         query: dict[str, str] | None = None,
         timeout_s: float = 60,
     ) -> Any:
         api = self.client.api
-        url = str(api.base_url).rstrip("/") + path
         headers = {"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"}
         data = json.dumps(body) if body is not None else None
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+        async def once() -> Any:
+            async with api.session.request(
+                method, self._url(path), data=data, params=query, headers=headers, timeout=timeout
+            ) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise _Refused(resp.status, resp.headers, text)
+                return _parse(text)
+
         # Only a GET or a PUT (sends carry a transaction id) may be repeated after a failure
         # that may have happened after the server acted; a POST (createRoom) must not be.
-        idempotent = method in ("GET", "PUT")
+        return await self._retrying(method, path, once, idempotent=method in ("GET", "PUT"))
+
+    async def _retrying(
+        self, method: str, path: str, once: Callable[[], Awaitable[T]], *, idempotent: bool
+    ) -> T:
+        """``once()`` until it succeeds. Rate limits are waited out as the server asks;
+        transient statuses and connection failures are retried only when ``idempotent``
+        (repeating the request is harmless even if the server acted on the first one)."""
         for attempt in range(1, MAX_TRIES + 1):
             self.requests += 1
             try:
-                async with api.session.request(
-                    method,
-                    url,
-                    data=data,
-                    params=query,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=timeout_s),
-                ) as resp:
-                    text = await resp.text()
-                    payload = _parse(text)
-                    if resp.status == 429 and attempt < MAX_TRIES:
-                        wait = _retry_after(resp, payload, attempt)
-                        self.log.debug("Rate limited on %s %s; waiting %.2fs", method, path, wait)
-                        await asyncio.sleep(wait)
-                        continue
-                    if resp.status in TRANSIENT and idempotent and attempt < TRANSIENT_TRIES:
-                        await asyncio.sleep(0.5 * attempt)  # a proxy or worker restarting
-                        continue
-                    if resp.status >= 400:
-                        errcode = payload.get("errcode") if isinstance(payload, dict) else None
-                        message = payload.get("error", "") if isinstance(payload, dict) else text
-                        raise HomeserverError(resp.status, errcode, str(message)[:300])
-                    return payload
+                return await once()
+            except _Refused as refused:
+                wait = _wait_before_retry(refused, attempt, idempotent)
+                if wait is None:
+                    raise refused.error() from None
+                self.log.debug("%s %s: %d; retrying in %.2fs", method, path, refused.status, wait)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if not idempotent or attempt >= TRANSIENT_TRIES:
                     raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
-                await asyncio.sleep(0.5 * attempt)
+                wait = BACKOFF_S * attempt
+            await asyncio.sleep(wait)
         raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+
+    def _url(self, path: str) -> str:
+        return str(self.client.api.base_url).rstrip("/") + path
 
     # rooms
 
@@ -217,65 +240,49 @@ class Matrix:
 
     async def _media_get(self, path: str, timeout_s: float) -> aiohttp.ClientResponse:
         api = self.client.api
-        url = str(api.base_url).rstrip("/") + path
         headers = {"Authorization": f"Bearer {api.token}"}
         timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
-        for attempt in range(1, MAX_TRIES + 1):
-            self.requests += 1
+
+        async def once() -> aiohttp.ClientResponse:
+            resp = await api.session.get(self._url(path), headers=headers, timeout=timeout)
+            if resp.status < 400:
+                return resp  # the caller reads the body
             try:
-                resp = await api.session.get(url, headers=headers, timeout=timeout)
-                if resp.status < 400:
-                    return resp
-                try:
-                    text = (await resp.content.read(4096)).decode("utf-8", errors="replace")
-                finally:
-                    resp.close()
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if attempt >= 3:
-                    raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
-                await asyncio.sleep(0.5 * attempt)
-                continue
-            payload = _parse(text)
-            if resp.status == 429 and attempt < MAX_TRIES:
-                await asyncio.sleep(_retry_after(resp, payload, attempt))
-                continue
-            errcode = payload.get("errcode") if isinstance(payload, dict) else None
-            message = payload.get("error", "") if isinstance(payload, dict) else text
-            raise HomeserverError(resp.status, errcode, str(message)[:300])
-        raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+                text = (await resp.content.read(4096)).decode("utf-8", errors="replace")
+            finally:
+                resp.close()
+            raise _Refused(resp.status, resp.headers, text)
+
+        return await self._retrying("GET", path, once, idempotent=True)
 
     async def upload(
         self, data: bytes, mime_type: str, filename: str, timeout_s: float = 120
     ) -> str:
         """Uploads media; its ``mxc://`` URI. ``timeout_s`` bounds connecting and each wait."""
         api = self.client.api
-        url = str(api.base_url).rstrip("/") + "/_matrix/media/v3/upload"
+        path = "/_matrix/media/v3/upload"
         headers = {"Authorization": f"Bearer {api.token}", "Content-Type": mime_type}
         timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
-        for attempt in range(1, MAX_TRIES + 1):
-            self.requests += 1
-            try:
-                async with api.session.post(
-                    url, data=data, params={"filename": filename}, headers=headers, timeout=timeout
-                ) as resp:
-                    text = await resp.text()
-                    payload = _parse(text)
-                    if resp.status == 429 and attempt < MAX_TRIES:
-                        await asyncio.sleep(_retry_after(resp, payload, attempt))
-                        continue
-                    if resp.status >= 400:
-                        errcode = payload.get("errcode") if isinstance(payload, dict) else None
-                        message = payload.get("error", "") if isinstance(payload, dict) else text
-                        raise HomeserverError(resp.status, errcode, str(message)[:300])
-                    uri = payload.get("content_uri") if isinstance(payload, dict) else None
-                    if not isinstance(uri, str) or not uri.startswith("mxc://"):
-                        raise HomeserverError(resp.status, None, "upload gave no content_uri")
-                    return uri
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if attempt >= 3:
-                    raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e
-                await asyncio.sleep(0.5 * attempt)
-        raise HomeserverError(429, "M_LIMIT_EXCEEDED", "still rate limited")
+
+        async def once() -> str:
+            async with api.session.post(
+                self._url(path),
+                data=data,
+                params={"filename": filename},
+                headers=headers,
+                timeout=timeout,
+            ) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise _Refused(resp.status, resp.headers, text)
+            payload = _parse(text)
+            uri = payload.get("content_uri") if isinstance(payload, dict) else None
+            if not isinstance(uri, str) or not uri.startswith("mxc://"):
+                raise HomeserverError(resp.status, None, "upload gave no content_uri")
+            return uri
+
+        # A repeated upload at worst leaves an unused copy of the media on the server.
+        return await self._retrying("POST", path, once, idempotent=True)
 
 
 def one_off_sync_filter(timeline: dict[str, Any]) -> str:
@@ -308,10 +315,20 @@ def _parse(text: str) -> Any:
         return text
 
 
-def _retry_after(resp: aiohttp.ClientResponse, payload: Any, attempt: int) -> float:
+def _wait_before_retry(refused: _Refused, attempt: int, idempotent: bool) -> float | None:
+    """How long to wait before trying again, or None when the error is final."""
+    if refused.status == 429 and attempt < MAX_TRIES:
+        return _retry_after(refused, attempt)
+    if refused.status in TRANSIENT and idempotent and attempt < TRANSIENT_TRIES:
+        return BACKOFF_S * attempt  # a proxy or worker restarting
+    return None
+
+
+def _retry_after(refused: _Refused, attempt: int) -> float:
     """The wait the server asked for (header or body), else a growing default; bounded."""
     wait: float | None = None
-    header = resp.headers.get("Retry-After")
+    header = refused.retry_after
+    payload = refused.payload
     if header and header.strip().isdigit():
         wait = float(header)
     elif isinstance(payload, dict) and isinstance(payload.get("retry_after_ms"), (int, float)):
