@@ -22,7 +22,7 @@ from yarl import URL
 
 from ..config import AgentSpec
 from ..db import Store
-from ..texts import TEXTS
+from ..texts import TEXTS, text
 
 # English texts of every AgentError, by key (texts.py holds them, with their translations).
 ERROR_TEXTS: dict[str, str] = {k: v for k, v in TEXTS["en"].items() if k.startswith("agent.")}
@@ -71,7 +71,8 @@ class AgentError(Exception):
 
     ``user_message`` is short and safe to show in the room (never a secret, a URL or a
     token); ``key`` and ``values`` name the same text in :data:`ERROR_TEXTS` for
-    translation; ``str(error)`` is the cause, for the log (secrets already redacted).
+    translation, and :meth:`describe` gives it in the user's language; ``str(error)`` is
+    the cause, for the log (secrets already redacted).
     """
 
     def __init__(
@@ -91,6 +92,18 @@ class AgentError(Exception):
     @classmethod
     def of(cls, key: str, cause: str, **values: Any) -> AgentError:
         return cls(ERROR_TEXTS[key].format(**values), cause, key=key, values=values)
+
+    def describe(self, language: str) -> str:
+        """The error as the user reads it: the text of ``key`` in ``language`` with
+        ``values``, else (no key, or one texts.py does not hold) ``user_message``."""
+        if self.key and self.key in TEXTS["en"]:
+            try:
+                if not self.values:  # text() leaves a text unformatted when given no values
+                    return text(language, self.key).format()
+                return text(language, self.key, **self.values)
+            except (LookupError, ValueError):
+                pass  # values that do not fit the text: the English message still does
+        return self.user_message
 
 
 # Called with the whole text so far while an answer streams.
@@ -200,8 +213,7 @@ class Options:
         return value
 
     def url(self, key: str) -> URL:
-        value = self.text(key, required=True)
-        url = URL(value)
+        url = URL(self.text(key, required=True) or "")  # required: never None here
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"{self.prefix}.{key} must be an http(s) URL")
         if url.user is not None or url.password is not None:
@@ -292,12 +304,6 @@ class HttpClient:
         (a stalled or cut stream, bad JSON) are turned into AgentErrors here too.
         """
         timeout_s = timeout_s or self.timeout_s
-        if stream:
-            # A streamed answer may take longer than timeout_s in all, as long as it keeps
-            # coming: the limit is on connecting and on every wait for the next bytes.
-            timeout = aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
-        else:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
         # No query and no user info in causes: either could carry a credential.
         where = f"{method} {url.with_user(None).with_query(None)}"
         try:
@@ -306,28 +312,35 @@ class HttpClient:
                 url,
                 json=body,
                 headers=self._headers,
-                timeout=timeout,
+                timeout=_timeout(stream, timeout_s),
                 # A redirect could carry the Authorization header to another host.
                 allow_redirects=False,
             ) as resp:
                 if not (200 <= resp.status < 300 or resp.status in accept):
-                    snippet = await resp.content.read(ERROR_BODY_BYTES)
-                    raise AgentError.of(
-                        "agent.http_error",
-                        self.redact(f"{where}: HTTP {resp.status}: {_shorten(snippet)}"),
-                        status=resp.status,
-                    )
+                    raise await self._status_error(resp, where)
                 yield resp
         except AgentError:
             raise
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+            raise self._failure(e, where, timeout_s) from e
+
+    async def _status_error(self, resp: aiohttp.ClientResponse, where: str) -> AgentError:
+        snippet = await resp.content.read(ERROR_BODY_BYTES)
+        return AgentError.of(
+            "agent.http_error",
+            self.redact(f"{where}: HTTP {resp.status}: {_shorten(snippet)}"),
+            status=resp.status,
+        )
+
+    def _failure(self, error: Exception, where: str, timeout_s: float) -> AgentError:
+        """The AgentError for a failed exchange (time-out, unreadable or unreachable)."""
         # Time-outs first: aiohttp's read time-outs are connection errors as well.
         # (asyncio.TimeoutError, not the builtin: they differ on Python 3.10.)
-        except asyncio.TimeoutError as e:
-            raise AgentError.of("agent.timeout", f"{where}: no answer in {timeout_s:g} s") from e
-        except (aiohttp.ClientPayloadError, ValueError) as e:
-            raise AgentError.of("agent.unreadable", self.redact(f"{where}: {_name(e)}")) from e
-        except (aiohttp.ClientError, OSError) as e:
-            raise AgentError.of("agent.unreachable", self.redact(f"{where}: {_name(e)}")) from e
+        if isinstance(error, asyncio.TimeoutError):
+            return AgentError.of("agent.timeout", f"{where}: no answer in {timeout_s:g} s")
+        if isinstance(error, (aiohttp.ClientPayloadError, ValueError)):
+            return AgentError.of("agent.unreadable", self.redact(f"{where}: {_name(error)}"))
+        return AgentError.of("agent.unreachable", self.redact(f"{where}: {_name(error)}"))
 
     async def call(
         self, method: str, url: URL, *, body: Any = None, accept: Collection[int] = ()
@@ -379,6 +392,14 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes:
             raise ValueError(f"answer is larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _timeout(stream: bool, timeout_s: float) -> aiohttp.ClientTimeout:
+    if stream:
+        # A streamed answer may take longer than timeout_s in all, as long as it keeps
+        # coming: the limit is on connecting and on every wait for the next bytes.
+        return aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
+    return aiohttp.ClientTimeout(total=timeout_s)
 
 
 def _name(error: BaseException) -> str:

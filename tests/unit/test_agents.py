@@ -26,6 +26,7 @@ from lambda_plugin.agents import (
 )
 from lambda_plugin.config import AgentSpec
 from lambda_plugin.db import Store, upgrade_table
+from lambda_plugin.texts import TEXTS
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
@@ -159,6 +160,23 @@ async def test_restore_refuses_a_foreign_snapshot(make, store: Store, snapshot: 
         await make("echo").restore(CHAT, snapshot)
     assert caught.value.user_message == "This snapshot cannot be used with this agent."
     assert await history(store) == []
+
+
+# AgentError.describe: the one place an error becomes the user's text
+
+
+def test_describe_translates_the_key_with_its_values() -> None:
+    error = AgentError.of("agent.http_error", "POST /x: HTTP 502", status=502)
+    assert error.describe("en") == "The agent answered with an error (HTTP 502)."
+    assert error.describe("ru") == TEXTS["ru"]["agent.http_error"].format(status=502)
+    assert error.describe("xx") == error.user_message  # an unknown language falls back to English
+
+
+@pytest.mark.parametrize("key", ["", "agent.not_a_text_yet", "agent.http_error"])
+def test_describe_falls_back_to_the_user_message(key: str) -> None:
+    # No key, a key texts.py does not hold, or values that do not fit the text.
+    error = AgentError("Something specific failed.", "cause", key=key)
+    assert error.describe("ru") == "Something specific failed."
 
 
 # openai: answers
