@@ -130,55 +130,72 @@ class Settings:
     @classmethod
     def from_config(cls, config: BaseProxyConfig) -> Settings:
         """Builds settings, or raises ValueError naming the first bad key."""
-        language = config["language"]
-        if language not in LANGUAGES:
-            raise ValueError(f"language must be one of {LANGUAGES}, not {language!r}")
-        registry = config["agents.registry"] or {}
-        if not isinstance(registry, dict) or not registry:
-            raise ValueError("agents.registry must map at least one agent id to its settings")
-        agents: dict[str, AgentSpec] = {}
-        for agent_id, options in registry.items():
-            if not isinstance(options, dict) or options.get("backend") not in BACKENDS:
-                raise ValueError(f"agents.registry.{agent_id}.backend must be one of {BACKENDS}")
-            opts = {k: v for k, v in options.items() if k != "backend"}
-            agents[str(agent_id)] = AgentSpec(str(agent_id), options["backend"], opts)
-        default_agent = config["agents.default"]
-        if not isinstance(default_agent, str) or default_agent not in agents:
-            raise ValueError(f"agents.default {default_agent!r} is not in agents.registry")
-        workspace_root = config["files.workspace_root"]
-        if workspace_root is not None and not isinstance(workspace_root, str):
-            raise ValueError("files.workspace_root must be a path or null")
-        shared_rooms = config["access.shared_rooms"]
-        if not isinstance(shared_rooms, bool):
-            raise ValueError("access.shared_rooms must be true or false")
-        max_mb = _positive_number(config["files.max_size_mb"], "files.max_size_mb")
+        language = _language(config["language"])
+        agents = _registry(config["agents.registry"])
         return cls(
             language=language,
             allowed_users=_users(config["access.allowed_users"], "access.allowed_users"),
             admins=_users(config["access.admins"], "access.admins"),
-            max_chats_per_user=_positive_number(
-                config["access.max_chats_per_user"], "access.max_chats_per_user", integer=True
-            ),
-            shared_rooms=shared_rooms,
-            max_message_chars=_positive_number(
-                config["access.max_message_chars"], "access.max_message_chars", integer=True
-            ),
-            requests_per_minute=_positive_number(
-                config["access.requests_per_minute"], "access.requests_per_minute", integer=True
-            ),
+            max_chats_per_user=_whole(config, "access.max_chats_per_user"),
+            shared_rooms=_flag(config, "access.shared_rooms"),
+            max_message_chars=_whole(config, "access.max_message_chars"),
+            requests_per_minute=_whole(config, "access.requests_per_minute"),
             space_name=_template(
                 config["spaces.space_name"], "spaces.space_name", ("displayname", "user_id")
             ),
             chat_name=_chat_name(config["spaces.chat_name"], language),
-            default_agent=default_agent,
+            default_agent=_default_agent(config["agents.default"], agents),
             agents=agents,
-            workspace_root=workspace_root or None,
-            max_file_bytes=int(max_mb * 1024 * 1024),
-            catch_up_s=60.0
-            * _positive_number(config["reconcile.catch_up_minutes"], "reconcile.catch_up_minutes"),
-            stream_edit_interval_s=float(
-                _positive_number(
-                    config["replies.stream_edit_interval_s"], "replies.stream_edit_interval_s"
-                )
-            ),
+            workspace_root=_workspace_root(config["files.workspace_root"]),
+            max_file_bytes=int(_number(config, "files.max_size_mb") * 1024 * 1024),
+            stream_edit_interval_s=_number(config, "replies.stream_edit_interval_s"),
+            catch_up_s=60.0 * _number(config, "reconcile.catch_up_minutes"),
         )
+
+
+def _language(value: Any) -> str:
+    if value not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, not {value!r}")
+    return str(value)
+
+
+def _registry(registry: Any) -> dict[str, AgentSpec]:
+    """agents.registry: each agent id with its backend and the rest of its options."""
+    if not isinstance(registry, dict) or not registry:
+        raise ValueError("agents.registry must map at least one agent id to its settings")
+    agents: dict[str, AgentSpec] = {}
+    for agent_id, options in registry.items():
+        if not isinstance(options, dict) or options.get("backend") not in BACKENDS:
+            raise ValueError(f"agents.registry.{agent_id}.backend must be one of {BACKENDS}")
+        opts = {k: v for k, v in options.items() if k != "backend"}
+        agents[str(agent_id)] = AgentSpec(str(agent_id), options["backend"], opts)
+    return agents
+
+
+def _default_agent(value: Any, agents: dict[str, AgentSpec]) -> str:
+    if not isinstance(value, str) or value not in agents:
+        raise ValueError(f"agents.default {value!r} is not in agents.registry")
+    return value
+
+
+def _workspace_root(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("files.workspace_root must be a path or null")
+    return value or None
+
+
+def _flag(config: BaseProxyConfig, key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false")
+    return value
+
+
+def _whole(config: BaseProxyConfig, key: str) -> int:
+    """A positive whole number."""
+    return int(_positive_number(config[key], key, integer=True))
+
+
+def _number(config: BaseProxyConfig, key: str) -> float:
+    """A positive number, as a float (an int in the YAML is as good)."""
+    return float(_positive_number(config[key], key))
