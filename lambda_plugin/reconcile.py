@@ -85,13 +85,25 @@ class RoomState:
     parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
 
 
+Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content
+
+
 @dataclass
 class Plan:
     users: dict[str, UserRow] = field(default_factory=dict)
     rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
-    # (room id, event type, state key, content): state the bot writes into its own rooms
-    state_writes: list[tuple[str, str, str, dict]] = field(default_factory=list)
+    state_writes: list[Write] = field(default_factory=list)  # into rooms the bot manages
     report: Report = field(default_factory=Report)
+
+
+@dataclass(slots=True)
+class Numbered:
+    """One owner's chat rooms, numbered: (room, row, whether the bot's marker is written) in
+    age order, the index the owner's next chat gets, and the contradictions met."""
+
+    rows: list[tuple[RoomState, ChatRoomRow, bool]] = field(default_factory=list)
+    next_index: int = 1
+    conflicts: int = 0
 
 
 def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
@@ -126,6 +138,243 @@ def adopted_platform_chat_id(room_id: str) -> str:
     return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
 
 
+def parse_rooms(
+    states: dict[str, RoomState] | dict[str, list[dict[str, Any]]], bot_id: str
+) -> dict[str, RoomState]:
+    """Every room as a RoomState: read_topology parses as it reads, tests hand in events."""
+    return {
+        room_id: value if isinstance(value, RoomState) else parse_room(room_id, value, bot_id)
+        for room_id, value in states.items()
+    }
+
+
+def trusted(room: RoomState, bot_id: str) -> bool:
+    """Made and marked by the bot, and not replaced by an upgrade."""
+    return room.marker is not None and room.creator == bot_id and not room.tombstoned
+
+
+def _by_age(rooms: dict[str, RoomState]) -> list[RoomState]:
+    # Oldest first (room id breaks ties): every run resolves contradictions the same way.
+    return sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id))
+
+
+def pick_spaces(
+    rooms: dict[str, RoomState], bot_id: str, known_users: dict[str, UserRow]
+) -> tuple[dict[str, RoomState], int]:
+    """Each owner's one Space, by owner, and the conflicts met: when the bot's markers name
+    two Spaces of one owner, the database's choice wins, else the oldest."""
+    spaces: dict[str, RoomState] = {}
+    conflicts = 0
+    for room in _by_age(rooms):
+        marker = room.marker
+        if marker is None or marker.kind != KIND_SPACE or not room.is_space:
+            continue
+        if not trusted(room, bot_id):
+            continue
+        if marker.owner in spaces:
+            conflicts += 1
+            known = known_users.get(marker.owner)
+            if known and known.space_id == room.room_id:
+                spaces[marker.owner] = room
+            continue
+        spaces[marker.owner] = room
+    return spaces, conflicts
+
+
+def child_owners(spaces: dict[str, RoomState]) -> dict[str, str]:
+    """Child room -> owner of the managed Space listing it (the first, by Space id): one
+    pass, so finding the Space of an unmarked room costs no scan of every Space."""
+    owners: dict[str, str] = {}
+    for owner, space in sorted(spaces.items(), key=lambda item: item[1].room_id):
+        for child_id in space.children:
+            owners.setdefault(child_id, owner)
+    return owners
+
+
+def find_chats(
+    rooms: dict[str, RoomState],
+    bot_id: str,
+    spaces: dict[str, RoomState],
+    child_owner: dict[str, str],
+) -> tuple[dict[str, list[RoomState]], int]:
+    """Each owner's chat rooms, oldest first, and how many rooms are not the plugin's: the
+    bot's marked rooms, and unmarked rooms the bot made that a managed Space lists (made by
+    an older version, adopted). An entry without a marker is to be adopted."""
+    space_owner = {space.room_id: owner for owner, space in spaces.items()}
+    chats: dict[str, list[RoomState]] = {}
+    skipped = 0
+    for room in _by_age(rooms):
+        if room.room_id in space_owner or room.is_space:
+            continue
+        marker = room.marker
+        if marker is not None and marker.kind == KIND_CHAT and trusted(room, bot_id):
+            chats.setdefault(marker.owner, []).append(room)
+            continue
+        owner = _claimed_owner(room, spaces, space_owner) or child_owner.get(room.room_id)
+        if owner and marker is None and room.creator == bot_id and not room.tombstoned:
+            chats.setdefault(owner, []).append(room)
+        else:
+            skipped += 1
+    return chats, skipped
+
+
+def _claimed_owner(
+    room: RoomState, spaces: dict[str, RoomState], space_owner: dict[str, str]
+) -> str | None:
+    """The owner of the managed Space the room names as parent, where that Space lists it."""
+    for space_id in sorted(room.parents):
+        owner = space_owner.get(space_id)
+        if owner is not None and room.room_id in spaces[owner].children:
+            return owner
+    return None
+
+
+@dataclass(slots=True)
+class _Numbering:
+    """What numbering every owner's rooms shares: platform_chat_ids are unique across all."""
+
+    known_rooms: dict[str, ChatRoomRow]
+    default_agent: str
+    now: int
+    seen_pcids: set[str] = field(default_factory=set)
+
+    def row(self, room: RoomState, owner: str, number: int, pcid: str, name: str) -> ChatRoomRow:
+        marker = room.marker
+        return ChatRoomRow(
+            room_id=room.room_id,
+            user_id=owner,
+            chat_id=f"C{number}",
+            name=name,
+            agent_id=(marker.agent_id if marker else None) or self.default_agent,
+            platform_chat_id=pcid,
+            archived=bool(marker.archived) if marker else False,
+            gone=False,
+            created_at=room.created_ts or self.now,
+        )
+
+
+def number_chats(
+    chats: dict[str, list[RoomState]],
+    spaces: dict[str, RoomState],
+    known_users: dict[str, UserRow],
+    known_rooms: dict[str, ChatRoomRow],
+    default_agent: str,
+    now: int,
+) -> dict[str, Numbered]:
+    """Rows for every owner with a Space or a chat, by owner (sorted): marked rooms keep the
+    number their marker says; rooms whose number is invalid or taken, and unmarked ones, get
+    new numbers past every number the owner has had, in Matrix or in the database (a room
+    the bot was removed from keeps its number). A platform_chat_id met twice, across owners
+    too, is a conflict: the later room gets its deterministic one."""
+    highest: dict[str, int] = {}
+    for known in known_rooms.values():
+        highest[known.user_id] = max(highest.get(known.user_id, 0), known.chat_number)
+    shared = _Numbering(known_rooms, default_agent, now)
+    numbered: dict[str, Numbered] = {}
+    for owner in sorted(set(spaces) | set(chats)):
+        known_user = known_users.get(owner)
+        floor = max(highest.get(owner, 0), known_user.next_chat_index - 1 if known_user else 0)
+        space = spaces.get(owner)
+        space_id = space.room_id if space else None
+        numbered[owner] = _number_owner(owner, chats.get(owner, []), space_id, floor, shared)
+    return numbered
+
+
+def _number_owner(
+    owner: str, rooms: list[RoomState], space_id: str | None, floor: int, shared: _Numbering
+) -> Numbered:
+    out = Numbered()
+    taken: set[int] = set()
+    adopt: list[RoomState] = []
+    for room in rooms:
+        marker = room.marker
+        number = chat_number(marker.chat_id or "") if marker else 0
+        if marker is None or number <= 0 or number in taken:
+            out.conflicts += marker is not None
+            adopt.append(room)  # numbered below, with a fresh marker
+            continue
+        pcid = marker.platform_chat_id or adopted_platform_chat_id(room.room_id)
+        rewrite = pcid in shared.seen_pcids
+        if rewrite:
+            out.conflicts += 1
+            pcid = adopted_platform_chat_id(room.room_id)
+        taken.add(number)
+        shared.seen_pcids.add(pcid)
+        name = room.name or _known_name(shared.known_rooms, room.room_id, number)
+        moved = space_id is not None and marker.space_id != space_id
+        out.rows.append((room, shared.row(room, owner, number, pcid, name), rewrite or moved))
+    next_free = 1 + max(max(taken, default=0), floor)
+    for room in adopt:
+        pcid = adopted_platform_chat_id(room.room_id)
+        if room.marker and room.marker.platform_chat_id not in shared.seen_pcids:
+            pcid = room.marker.platform_chat_id or pcid
+        shared.seen_pcids.add(pcid)
+        name = room.name or f"C{next_free}"
+        out.rows.append((room, shared.row(room, owner, next_free, pcid, name), True))
+        next_free += 1
+    out.next_index = next_free  # past every number seen, never below the stored counter
+    return out
+
+
+def _known_name(known_rooms: dict[str, ChatRoomRow], room_id: str, number: int) -> str:
+    known = known_rooms.get(room_id)
+    return known.name if known else f"C{number}"
+
+
+def user_row(
+    owner: str, space_id: str | None, next_index: int, known: UserRow | None, now: int
+) -> UserRow | None:
+    """The owner's row when the database's is missing or differs; None when it is right. A
+    Space not found in Matrix this time is not forgotten."""
+    space_id = space_id or (known.space_id if known else None)
+    if known and known.space_id == space_id and known.next_chat_index == next_index:
+        return None
+    return UserRow(owner, space_id, next_index, now)
+
+
+def diff_rows(
+    rows: list[ChatRoomRow], known_rooms: dict[str, ChatRoomRow]
+) -> tuple[dict[str, ChatRoomRow], dict[str, ChatRoomRow]]:
+    """The rows the database misses, and those it holds otherwise (keeping its created_at)."""
+    missing: dict[str, ChatRoomRow] = {}
+    differing: dict[str, ChatRoomRow] = {}
+    for row in rows:
+        known = known_rooms.get(row.room_id)
+        if known is None:
+            missing[row.room_id] = row
+        elif replace(known, created_at=row.created_at) != row:
+            differing[row.room_id] = replace(row, created_at=known.created_at)
+    return missing, differing
+
+
+def link_writes(space: RoomState, room: RoomState, row: ChatRoomRow, server: str) -> list[Write]:
+    """Links to repair: an active room is listed in its Space (with via), an archived one is
+    not, and every room points back to its Space."""
+    writes: list[Write] = []
+    listed = space.children.get(row.room_id, False)
+    if not row.archived and not listed:
+        content = space_child(server, row.chat_number)
+        writes.append((space.room_id, "m.space.child", row.room_id, content))
+    elif row.archived and listed:
+        writes.append((space.room_id, "m.space.child", row.room_id, {}))
+    if not room.parents.get(space.room_id, False):
+        writes.append((row.room_id, "m.space.parent", space.room_id, space_parent(server)))
+    return writes
+
+
+def gone_rooms(
+    rooms: dict[str, RoomState], known_rooms: dict[str, ChatRoomRow]
+) -> dict[str, ChatRoomRow]:
+    """Rows of rooms the bot is no longer in (kicked while it was down) or that were
+    upgraded, marked gone."""
+    gone: dict[str, ChatRoomRow] = {}
+    for room_id, known in known_rooms.items():
+        room = rooms.get(room_id)
+        if (room is None or room.tombstoned) and not known.gone:
+            gone[room_id] = replace(known, gone=True)
+    return gone
+
+
 @contextmanager
 def _without_gc() -> Iterator[None]:
     """Pauses the cyclic garbage collector: building tens of thousands of rows makes it run
@@ -149,183 +398,56 @@ def plan(
     known_rooms: dict[str, ChatRoomRow],
     default_agent: str,
 ) -> Plan:
+    """What reconciliation writes, from the rooms read and the database's rows: the phases
+    above, composed. No I/O; linear in the rooms (bar two sorts)."""
     result = Plan()
     report = result.report
-    rooms = {
-        room_id: value if isinstance(value, RoomState) else parse_room(room_id, value, bot_id)
-        for room_id, value in states.items()
-    }
-    report.joined_rooms = len(rooms)
     now = int(time.time() * 1000)
-
-    def trusted(room: RoomState) -> bool:
-        return room.marker is not None and room.creator == bot_id and not room.tombstoned
-
-    # Spaces: one per owner; on a conflict the database's choice wins, else the oldest.
-    spaces: dict[str, RoomState] = {}
-    for room in sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id)):
-        if not (trusted(room) and room.marker.kind == KIND_SPACE and room.is_space):
-            continue
-        owner = room.marker.owner
-        if owner in spaces:
-            report.conflicts += 1
-            known = known_users.get(owner)
-            if known and known.space_id == room.room_id:
-                spaces[owner] = room
-            continue
-        spaces[owner] = room
-    space_owner = {space.room_id: owner for owner, space in spaces.items()}
-    # Which managed Space lists a room as its child (the first, by Space id): one pass,
-    # so finding the Space of an unmarked room costs no scan of every Space.
-    child_owner: dict[str, str] = {}
-    for space_id, owner in sorted(space_owner.items()):
-        for child_id in rooms[space_id].children:
-            child_owner.setdefault(child_id, owner)
-
-    # Chat rooms: marked ones, then unmarked children of a managed Space (older versions).
-    chats: dict[str, list[tuple[RoomState, Marker, bool]]] = {}
-    for room in sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id)):
-        if room.room_id in space_owner or room.is_space:
-            continue
-        if trusted(room) and room.marker.kind == KIND_CHAT:
-            chats.setdefault(room.marker.owner, []).append((room, room.marker, False))
-            continue
-        parent = next(
-            (
-                space_owner[s]
-                for s in sorted(room.parents)
-                if s in space_owner and room.room_id in rooms[s].children
-            ),
-            None,
-        )
-        parent = parent or child_owner.get(room.room_id)
-        if parent and room.creator == bot_id and not room.tombstoned and room.marker is None:
-            chats.setdefault(parent, []).append((room, None, True))  # type: ignore[arg-type]
-        else:
-            report.skipped_rooms += 1
-
-    known_numbers: dict[str, set[int]] = {}
-    for known in known_rooms.values():
-        known_numbers.setdefault(known.user_id, set()).add(known.chat_number)
-    seen_pcids: set[str] = set()
-    owners = set(spaces) | set(chats)
-    for owner in sorted(owners):
+    rooms = parse_rooms(states, bot_id)
+    report.joined_rooms = len(rooms)
+    spaces, report.conflicts = pick_spaces(rooms, bot_id, known_users)
+    chats, report.skipped_rooms = find_chats(rooms, bot_id, spaces, child_owners(spaces))
+    numbered = number_chats(chats, spaces, known_users, known_rooms, default_agent, now)
+    for owner, chats_of in numbered.items():
         space = spaces.get(owner)
         space_id = space.room_id if space else None
-        taken: set[int] = set()
-        rows: list[tuple[RoomState, ChatRoomRow, bool]] = []
-        adopt: list[RoomState] = []
-        for room, marker, unmarked in chats.get(owner, []):
-            if unmarked:
-                adopt.append(room)
-                continue
-            number = chat_number(marker.chat_id or "")
-            pcid = marker.platform_chat_id or adopted_platform_chat_id(room.room_id)
-            rewrite = False
-            if number <= 0 or number in taken:
-                report.conflicts += 1
-                adopt.append(room)  # renumbered below, with a fresh marker
-                continue
-            if pcid in seen_pcids:
-                report.conflicts += 1
-                pcid = adopted_platform_chat_id(room.room_id)
-                rewrite = True
-            taken.add(number)
-            seen_pcids.add(pcid)
-            row = ChatRoomRow(
-                room_id=room.room_id,
-                user_id=owner,
-                chat_id=f"C{number}",
-                name=room.name or _known_name(known_rooms, room.room_id, number),
-                agent_id=marker.agent_id or default_agent,
-                platform_chat_id=pcid,
-                archived=marker.archived,
-                gone=False,
-                created_at=room.created_ts or now,
-            )
-            moved = space_id is not None and marker.space_id != space_id
-            rows.append((room, row, rewrite or moved))
-        # New numbers go past every number this user has had, in Matrix or in the database
-        # (a room the bot was removed from keeps its number).
-        known_user = known_users.get(owner)
-        next_free = 1 + max(
-            max(taken, default=0),
-            max(known_numbers.get(owner, ()), default=0),
-            (known_user.next_chat_index - 1) if known_user else 0,
-        )
-        for room in adopt:
-            pcid = adopted_platform_chat_id(room.room_id)
-            if room.marker and room.marker.platform_chat_id not in seen_pcids:
-                pcid = room.marker.platform_chat_id or pcid
-            seen_pcids.add(pcid)
-            row = ChatRoomRow(
-                room_id=room.room_id,
-                user_id=owner,
-                chat_id=f"C{next_free}",
-                name=room.name or f"C{next_free}",
-                agent_id=(room.marker.agent_id if room.marker else None) or default_agent,
-                platform_chat_id=pcid,
-                archived=bool(room.marker.archived) if room.marker else False,
-                gone=False,
-                created_at=room.created_ts or now,
-            )
-            taken.add(next_free)
-            next_free += 1
-            rows.append((room, row, True))
-
-        next_index = next_free  # past every number seen, and never below the stored counter
-        user = UserRow(
-            owner, space_id or (known_user.space_id if known_user else None), next_index, now
-        )
-        if (
-            known_user is None
-            or known_user.space_id != user.space_id
-            or known_user.next_chat_index != next_index
-        ):
+        report.conflicts += chats_of.conflicts
+        user = user_row(owner, space_id, chats_of.next_index, known_users.get(owner), now)
+        if user is not None:
             result.users[owner] = user
             report.restored_user_meta += 1
-
-        for room, row, write_marker in rows:
-            known = known_rooms.get(row.room_id)
-            if known is None:
-                result.rooms[row.room_id] = row
-                report.restored_chat_rows += 1
-            elif replace(known, created_at=row.created_at) != row:
-                result.rooms[row.room_id] = replace(row, created_at=known.created_at)
-                report.repaired_chat_rows += 1
-            if write_marker:
-                marker = Marker.for_chat(row, space_id)
-                result.state_writes.append((row.room_id, MARKER_TYPE, "", marker.content()))
-                report.restored_room_meta += 1
-            if space is None:
-                continue
-            # Links: active rooms are listed in the Space (with via) and point back to it.
-            listed = space.children.get(row.room_id, False)
-            if not row.archived and not listed:
-                content = space_child(server, row.chat_number)
-                result.state_writes.append((space.room_id, "m.space.child", row.room_id, content))
-                report.repaired_links += 1
-            elif row.archived and listed:
-                result.state_writes.append((space.room_id, "m.space.child", row.room_id, {}))
-                report.repaired_links += 1
-            if not room.parents.get(space.room_id, False):
-                content = space_parent(server)
-                result.state_writes.append((row.room_id, "m.space.parent", space.room_id, content))
-                report.repaired_links += 1
-
-    # Rooms the database knows but the bot is no longer in (kicked while it was down).
-    for room_id, known in known_rooms.items():
-        left = room_id not in rooms or rooms[room_id].tombstoned
-        if left and not known.gone:
-            result.rooms[room_id] = replace(known, gone=True)
-            report.gone_rooms += 1
+        _chat_writes(result, chats_of.rows, space, known_rooms, server)
+    gone = gone_rooms(rooms, known_rooms)
+    result.rooms.update(gone)
+    report.gone_rooms = len(gone)
     report.writes = len(result.users) + len(result.rooms) + len(result.state_writes)
     return result
 
 
-def _known_name(known_rooms: dict[str, ChatRoomRow], room_id: str, number: int) -> str:
-    known = known_rooms.get(room_id)
-    return known.name if known else f"C{number}"
+def _chat_writes(
+    result: Plan,
+    rows: list[tuple[RoomState, ChatRoomRow, bool]],
+    space: RoomState | None,
+    known_rooms: dict[str, ChatRoomRow],
+    server: str,
+) -> None:
+    """Adds one owner's rows, markers and links to the plan."""
+    report = result.report
+    missing, differing = diff_rows([row for _, row, _ in rows], known_rooms)
+    result.rooms.update(missing)
+    result.rooms.update(differing)
+    report.restored_chat_rows += len(missing)
+    report.repaired_chat_rows += len(differing)
+    space_id = space.room_id if space else None
+    for room, row, write_marker in rows:
+        if write_marker:
+            marker = Marker.for_chat(row, space_id)
+            result.state_writes.append((row.room_id, MARKER_TYPE, "", marker.content()))
+            report.restored_room_meta += 1
+        if space is not None:
+            links = link_writes(space, room, row, server)
+            result.state_writes.extend(links)
+            report.repaired_links += len(links)
 
 
 class Reconciler:
