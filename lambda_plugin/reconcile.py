@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,10 @@ from .matrix import HomeserverError
 from .roomstate import space_child, space_parent
 
 if TYPE_CHECKING:
-    from .bot import LambdaBot
+    from .config import Settings
+    from .db import Store
+    from .matrix import Matrix
+    from .registry import Registry
 
 STATE_TYPES = [
     MARKER_TYPE,
@@ -451,34 +455,47 @@ def _chat_writes(
 
 
 class Reconciler:
-    def __init__(self, bot: LambdaBot) -> None:
-        self.bot = bot
+    """Reads the rooms, plans, applies. Takes only what it uses; ``settings`` is called on
+    each run, so a config reload in between is seen."""
+
+    def __init__(
+        self,
+        mx: Matrix,
+        store: Store,
+        registry: Registry,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.mx = mx
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.log = log
         self.last_report: Report | None = None
         self.unreadable = 0
 
     async def run(self, dry_run: bool = False) -> Report:
         """Reconciles once; returns the report."""
         started = time.monotonic()
-        requests_before = self.bot.mx.requests
-        registry = self.bot.registry
+        requests_before = self.mx.requests
         # What the plugin knew before reading the rooms: a row that changes while they are
         # read (a !clear, a rename) is newer than what was read, and is left alone.
-        known_users, known_rooms = dict(registry.users), dict(registry.rooms)
+        known_users, known_rooms = dict(self.registry.users), dict(self.registry.rooms)
         states = await self.read_topology()
         result = plan(
             states,
-            self.bot.mx.user_id,
-            self.bot.mx.server_name,
+            self.mx.user_id,
+            self.mx.server_name,
             known_users,
             known_rooms,
-            self.bot.settings.default_agent,
+            self.settings().default_agent,
         )
         report = result.report
         report.skipped_rooms += self.unreadable
         report.dry_run = dry_run
         if not dry_run:
             await self._apply(result, known_rooms)
-        report.requests = self.bot.mx.requests - requests_before
+        report.requests = self.mx.requests - requests_before
         report.seconds = time.monotonic() - started
         self.last_report = report
         return report
@@ -486,7 +503,7 @@ class Reconciler:
     async def read_topology(self) -> dict[str, RoomState]:
         """Every joined room's state, parsed as it arrives (only what reconciliation reads
         is kept). Pending invites come with the catch-up /sync after the start."""
-        mx = self.bot.mx
+        mx = self.mx
         room_ids = await mx.joined_rooms()
         limit = asyncio.Semaphore(READ_CONCURRENCY)
         states: dict[str, RoomState] = {}
@@ -501,7 +518,7 @@ class Reconciler:
                         raise  # the homeserver is unreachable: the whole run is retried
                     # One room that can't be read (left meanwhile, or broken) must not keep
                     # the plugin from starting: it is skipped this time and logged.
-                    self.bot.log.warning("Reconciliation skips %s: %s", room_id, e)
+                    self.log.warning("Reconciliation skips %s: %s", room_id, e)
                     unreadable.append(room_id)
                     return
             states[room_id] = parse_room(room_id, events, mx.user_id)
@@ -511,37 +528,37 @@ class Reconciler:
         return states
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
-        store = self.bot.store
-        registry = self.bot.registry
+        registry = self.registry
         changed = {
             room_id
             for room_id in result.rooms
             if registry.rooms.get(room_id) is not known_rooms.get(room_id)
         }
-        await store.upsert_users(list(result.users.values()))
+        await self.store.upsert_users(list(result.users.values()))
         # Rooms changed by a command during this run are newer than what was read: left alone.
         rooms = [r for r in result.rooms.values() if r.room_id not in changed]
+        await self._write_rows(rooms, result.report)
+        for room_id, event_type, state_key, content in result.state_writes:
+            if room_id in changed and event_type == MARKER_TYPE:
+                continue
+            self.log.debug("Reconciliation writes %s/%s into %s", event_type, state_key, room_id)
+            try:
+                await self.mx.send_state(room_id, event_type, content, state_key)
+            except HomeserverError as e:
+                self.log.warning(
+                    "Reconciliation could not write %s into %s: %s", event_type, room_id, e
+                )
+        await registry.load()
+
+    async def _write_rows(self, rooms: list[ChatRoomRow], report: Report) -> None:
         try:
-            await store.upsert_rooms(rooms)  # one transaction: thousands of rows in one go
+            await self.store.upsert_rooms(rooms)  # one transaction: thousands of rows in one go
         except UNIQUE_VIOLATION:
             # A contradiction the plan could not see (rows it did not know): row by row, so
             # only that room is left as it was and the start goes on.
             for room in rooms:
                 try:
-                    await store.upsert_room(room)
+                    await self.store.upsert_room(room)
                 except UNIQUE_VIOLATION as e:
-                    result.report.conflicts += 1
-                    self.bot.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
-        for room_id, event_type, state_key, content in result.state_writes:
-            if room_id in changed and event_type == MARKER_TYPE:
-                continue
-            self.bot.log.debug(
-                "Reconciliation writes %s/%s into %s", event_type, state_key, room_id
-            )
-            try:
-                await self.bot.mx.send_state(room_id, event_type, content, state_key)
-            except HomeserverError as e:
-                self.bot.log.warning(
-                    "Reconciliation could not write %s into %s: %s", event_type, room_id, e
-                )
-        await self.bot.registry.load()
+                    report.conflicts += 1
+                    self.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
