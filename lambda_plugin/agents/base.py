@@ -278,14 +278,26 @@ class HttpClient:
             encoded=True,
         )
 
-    def redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+    def redact(self, text: str, *, cut: bool = False) -> str:
+        """``text`` without the secret. ``cut``: the text ends where a read stopped, so the
+        secret's first characters at its very end go as well."""
+        if not self._secret:
+            return text
+        text = text.replace(self._secret, "***")
+        if cut:
+            for size in range(len(self._secret) - 1, 0, -1):
+                if text.endswith(self._secret[:size]):
+                    return text[:-size] + "***"
+        return text
+
+    def brief(self, data: Any, *, cut: bool = False) -> str:
+        """``data`` as a short line for a cause. Redacted before it is shortened: a secret
+        across the cut would otherwise leave its start behind, out of reach of redact()."""
+        return _shorten(self.redact(_as_text(data), cut=cut))
 
     def unreadable(self, what: str, data: Any) -> AgentError:
         """The error for an answer of the wrong shape; ``what`` says what was expected."""
-        return AgentError.of(
-            "agent.unreadable", self.redact(f"expected {what}, got {_shorten(data)}")
-        )
+        return AgentError.of("agent.unreadable", f"expected {what}, got {self.brief(data)}")
 
     @asynccontextmanager
     async def request(
@@ -305,7 +317,7 @@ class HttpClient:
         """
         timeout_s = timeout_s or self.timeout_s
         # No query and no user info in causes: either could carry a credential.
-        where = f"{method} {url.with_user(None).with_query(None)}"
+        where = self.redact(f"{method} {url.with_user(None).with_query(None)}")
         try:
             async with self.http.request(
                 method,
@@ -326,10 +338,9 @@ class HttpClient:
 
     async def _status_error(self, resp: aiohttp.ClientResponse, where: str) -> AgentError:
         snippet = await resp.content.read(ERROR_BODY_BYTES)
+        body = self.brief(snippet, cut=len(snippet) == ERROR_BODY_BYTES)
         return AgentError.of(
-            "agent.http_error",
-            self.redact(f"{where}: HTTP {resp.status}: {_shorten(snippet)}"),
-            status=resp.status,
+            "agent.http_error", f"{where}: HTTP {resp.status}: {body}", status=resp.status
         )
 
     def _failure(self, error: Exception, where: str, timeout_s: float) -> AgentError:
@@ -339,8 +350,8 @@ class HttpClient:
         if isinstance(error, asyncio.TimeoutError):
             return AgentError.of("agent.timeout", f"{where}: no answer in {timeout_s:g} s")
         if isinstance(error, (aiohttp.ClientPayloadError, ValueError)):
-            return AgentError.of("agent.unreadable", self.redact(f"{where}: {_name(error)}"))
-        return AgentError.of("agent.unreachable", self.redact(f"{where}: {_name(error)}"))
+            return AgentError.of("agent.unreadable", f"{where}: {self.brief(_name(error))}")
+        return AgentError.of("agent.unreachable", f"{where}: {self.brief(_name(error))}")
 
     async def call(
         self, method: str, url: URL, *, body: Any = None, accept: Collection[int] = ()
@@ -403,13 +414,16 @@ def _timeout(stream: bool, timeout_s: float) -> aiohttp.ClientTimeout:
 
 
 def _name(error: BaseException) -> str:
-    return _shorten(f"{type(error).__name__}: {error}")
+    return f"{type(error).__name__}: {error}"
 
 
-def _shorten(data: Any) -> str:
+def _as_text(data: Any) -> str:
     if isinstance(data, bytes):
-        data = data.decode("utf-8", errors="replace")
-    elif not isinstance(data, str):
-        data = repr(data)
-    text = " ".join(data.split())
+        return data.decode("utf-8", errors="replace")
+    return data if isinstance(data, str) else repr(data)
+
+
+def _shorten(text: str) -> str:
+    """One line of at most CAUSE_BODY_CHARS; only ever given redacted text."""
+    text = " ".join(text.split())
     return text if len(text) <= CAUSE_BODY_CHARS else text[:CAUSE_BODY_CHARS] + "…"

@@ -98,7 +98,7 @@ class LambdaAgent(Agent):
         )
 
     async def health(self) -> str | None:
-        return await self.client.health(self.client.url("v1", "health"), _health_problem)
+        return await self.client.health(self.client.url("v1", "health"), self._health_problem)
 
     def _field(self, data: Any, key: str, kind: type, default: Any = None) -> Any:
         """``data[key]`` when it is of ``kind``; a missing or null one gives ``default``."""
@@ -110,7 +110,10 @@ class LambdaAgent(Agent):
             raise self.client.unreadable(f"{key!r} of type {kind.__name__}", data)
         return value
 
-
-def _health_problem(data: Any) -> str | None:
-    status = data.get("status") if isinstance(data, dict) else None
-    return None if status == "ok" else f"The agent platform reports status {str(status)[:40]!r}."
+    def _health_problem(self, data: Any) -> str | None:
+        status = data.get("status") if isinstance(data, dict) else None
+        if status == "ok":
+            return None
+        # Redacted before the cut, which would otherwise leave the token's start behind.
+        shown = self.client.redact(str(status))[:40]
+        return f"The agent platform reports status {shown!r}."

@@ -5,6 +5,10 @@ Modes (see the package doc): "ok" answers as asked (JSON, or SSE when the reques
 apart; "garbage" sends text that is not JSON (or SSE events that are not); "shape" sends
 JSON without ``choices``; "empty" an answer with no text; "cut" ends a stream after its
 first piece without ``[DONE]``.
+
+"leak" answers HTTP ``status`` with a text body, "leak_shape" 200 with JSON without
+``choices``; both echo the request's Authorization header after ``leak_after`` copies of
+``leak_filler``, so tests can put the key exactly where the client cuts what it logs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from . import LocalServer, text_response
 
 
 class OpenAIServer(LocalServer):
+    leak_after: int = 0
+    leak_filler: str = "x"
+
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/chat/completions", self._completions),
@@ -34,6 +41,8 @@ class OpenAIServer(LocalServer):
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.mode in ("leak", "leak_shape"):
+            return self._leak(request)
         if self.mode in ("stream", "cut") or body.get("stream"):
             return await self._stream(request, self._answer(body))
         if self.mode == "garbage":
@@ -44,6 +53,12 @@ class OpenAIServer(LocalServer):
         return web.json_response(
             {"object": "chat.completion", "choices": [_choice(message=message, finish="stop")]}
         )
+
+    def _leak(self, request: web.Request) -> web.Response:
+        echoed = self.leak_filler * self.leak_after + str(request.headers.get("Authorization"))
+        if self.mode == "leak":
+            return web.Response(text=echoed, status=self.status)
+        return web.json_response({"echo": echoed})
 
     def _answer(self, body: dict[str, Any]) -> str:
         if self.mode == "empty":

@@ -24,6 +24,7 @@ from lambda_plugin.agents import (
     ContextInfo,
     create_agent,
 )
+from lambda_plugin.agents.base import ERROR_BODY_BYTES
 from lambda_plugin.config import AgentSpec
 from lambda_plugin.db import Store, upgrade_table
 from lambda_plugin.texts import TEXTS
@@ -353,6 +354,31 @@ async def test_openai_error_cause_is_short_and_redacted(make, openai_server: Ope
     assert_no_secret(error)
 
 
+# Where the key's first character lands in the text the client cuts, for the key to be cut
+# right after its first 8 characters: at the 200 characters a cause keeps of a body, or at
+# the end of the 1024 bytes read of an error body (whose 1009 spaces collapse into one).
+LEAK_CUTS = [
+    ("leak", "x", 200 - 8),
+    ("leak", " ", ERROR_BODY_BYTES - 8),
+    ("leak_shape", "x", 200 - 8 - len("{'echo': '")),
+]
+
+
+@pytest.mark.parametrize(("mode", "filler", "key_at"), LEAK_CUTS)
+async def test_a_key_cut_in_two_leaks_no_part_of_it(
+    make, openai_server: OpenAIServer, mode: str, filler: str, key_at: int
+) -> None:
+    openai_server.mode = mode
+    openai_server.leak_filler = filler
+    openai_server.leak_after = key_at - len("Bearer ")
+    with pytest.raises(AgentError) as caught:
+        await openai(make, openai_server, api_key=SECRET, stream=False).respond(ask("x"))
+    error = caught.value
+    assert "Bearer" in str(error)  # the echo is in the cause, the key is not
+    for text in (error.user_message, str(error), repr(error), error.cause):
+        assert SECRET[:8] not in text
+
+
 async def test_openai_cut_stream_is_unreadable(make, store: Store, openai_server) -> None:
     openai_server.mode = "cut"
     seen: list[str] = []
@@ -607,3 +633,13 @@ async def test_lambda_health(make, lambda_server: LambdaServer) -> None:
     assert await agent.health() == "The agent answered with an error (HTTP 500)."
     await lambda_server.stop()
     assert await agent.health() == UNREACHABLE
+
+
+async def test_lambda_health_problem_leaks_no_part_of_the_token(
+    make, lambda_server: LambdaServer
+) -> None:
+    # The status is cut to 40 characters: with 32 before it, the token straddles the cut.
+    lambda_server.health_status = "y" * 32 + SECRET
+    problem = await platform(make, lambda_server).health()
+    assert problem is not None and "yyyy" in problem
+    assert SECRET[:8] not in problem
