@@ -599,7 +599,7 @@ async def test_a_link_swapped_in_after_the_check_is_not_followed(
         (root / "sub").symlink_to(outside, target_is_directory=True)
         return real
 
-    monkeypatch.setattr(files, "resolve_outgoing", check_then_swap)
+    monkeypatch.setattr(files.outgoing, "resolve_outgoing", check_then_swap)
     with pytest.raises(FileRefused) as refused:
         await send_outgoing(mx, ROOM, str(root), "sub/secret.txt", MAX)
     assert refused.value.key == "file.outside_workspace"

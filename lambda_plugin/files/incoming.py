@@ -1,0 +1,187 @@
+"""Files sent to a chat room, downloaded into the user's inbox (or into memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import os
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from ..agents.base import Attachment
+from ..matrix import HomeserverError, Matrix
+from .disk import open_dirs, reserve, unlink_quietly
+from .names import (
+    DEFAULT_MIME,
+    FILE_MSGTYPES,
+    FileRefused,
+    inbox_dir,
+    megabytes,
+    safe_name,
+)
+
+CHUNK_BYTES = 64 * 1024
+DOWNLOAD_TIMEOUT_S = 60.0
+
+_MIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_MEDIA_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")
+
+
+def _as_dict(content: Any) -> dict[str, Any]:
+    """Event content as a dict: mautrix content objects are serialised, others taken as is."""
+    if hasattr(content, "serialize"):
+        content = content.serialize()
+    return content if isinstance(content, dict) else {}
+
+
+def is_file_message(content: Any) -> bool:
+    return _as_dict(content).get("msgtype") in FILE_MSGTYPES
+
+
+def caption(content: Any) -> str:
+    """The text sent with a file, if any: ``body`` when a separate ``filename`` is given."""
+    content = _as_dict(content)
+    body, filename = content.get("body"), content.get("filename")
+    if isinstance(filename, str) and filename and isinstance(body, str) and body != filename:
+        return body
+    return ""
+
+
+class _Incoming:
+    """What a media event says about its file, checked before anything is downloaded."""
+
+    def __init__(self, content: Any, max_bytes: int) -> None:
+        content = _as_dict(content)
+        raw_name = content.get("filename") or content.get("body")
+        self.name = safe_name(raw_name if isinstance(raw_name, str) else "")
+        if "file" in content:
+            raise FileRefused("file.encrypted", "encrypted media is not supported", name=self.name)
+        info = content.get("info")
+        info = info if isinstance(info, dict) else {}
+        mime = info.get("mimetype")
+        if not (isinstance(mime, str) and _MIME.match(mime)):
+            mime = mimetypes.guess_type(self.name)[0] or DEFAULT_MIME
+        self.mime_type = mime.lower()
+        self.max_bytes = max_bytes
+        size = info.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > max_bytes:
+            raise self.too_large(f"declared size {size} > {max_bytes}")
+        self.server, self.media_id = _parse_mxc(content.get("url"), self.name)
+
+    def too_large(self, cause: str) -> FileRefused:
+        return FileRefused(
+            "file.too_large", cause, name=self.name, max_mb=megabytes(self.max_bytes)
+        )
+
+    def failed(self, cause: str) -> FileRefused:
+        return FileRefused("file.download_failed", cause, name=self.name)
+
+
+def _parse_mxc(url: Any, name: str) -> tuple[str, str]:
+    if isinstance(url, str) and url.startswith("mxc://"):
+        server, _, media_id = url[len("mxc://") :].partition("/")
+        if _SERVER_NAME.match(server) and _MEDIA_ID.match(media_id):
+            return server, media_id
+    raise FileRefused("file.download_failed", f"not an mxc:// URI: {str(url)[:100]!r}", name=name)
+
+
+async def _chunks(
+    mx: Matrix, incoming: _Incoming, on_chunk: Callable[[bytes], Awaitable[None]]
+) -> int:
+    """Streams the media to ``on_chunk``; its size. Refuses as soon as it passes the limit."""
+    size = 0
+    try:
+        async with mx.download(incoming.server, incoming.media_id, DOWNLOAD_TIMEOUT_S) as resp:
+            declared = resp.content_length
+            if declared is not None and declared > incoming.max_bytes:
+                raise incoming.too_large(f"Content-Length {declared} > {incoming.max_bytes}")
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                size += len(chunk)
+                if size > incoming.max_bytes:
+                    raise incoming.too_large(f"body passed {incoming.max_bytes} bytes")
+                await on_chunk(chunk)
+    except HomeserverError as e:
+        raise incoming.failed(f"download: {e}") from e
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise incoming.failed(f"download: {type(e).__name__}: {e}") from e
+    return size
+
+
+async def save_incoming(
+    mx: Matrix,
+    workspace_root: str,
+    user_id: str,
+    room_id: str,
+    content: Any,
+    max_bytes: int,
+    now: float | None = None,
+) -> Attachment:
+    """Downloads a media event's file into the user's inbox for the room, atomically.
+
+    ``content`` is an m.file/m.image/m.audio/m.video content, as a dict or a mautrix object.
+    Returns the attachment with ``workspace_path`` relative to the root (posix separators).
+    Raises FileRefused (nothing left on disk) for an encrypted or oversize file, a failed
+    download or a failed write.
+    """
+    incoming = _Incoming(content, max_bytes)
+    folder = inbox_dir(user_id, room_id)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    wanted = f"{stamp}-{incoming.name}"
+    tmp = f".incoming-{secrets.token_hex(8)}.part"
+    try:
+        dir_fd = open_dirs(workspace_root, folder.parts, create=True)
+    except OSError as e:
+        raise _save_failed(incoming.name, e) from e
+    placed: str | None = None
+    done = False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
+        with os.fdopen(fd, "wb") as out:
+
+            async def write(chunk: bytes) -> None:
+                out.write(chunk)
+
+            size = await _chunks(mx, incoming, write)
+            out.flush()
+            await asyncio.to_thread(os.fsync, out.fileno())
+        placed = reserve(dir_fd, wanted)
+        os.replace(tmp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        done = True
+    except OSError as e:
+        raise _save_failed(incoming.name, e) from e
+    finally:
+        if not done:  # refused, failed or cancelled: nothing stays behind
+            unlink_quietly(tmp, dir_fd)
+            if placed is not None:
+                unlink_quietly(placed, dir_fd)
+        os.close(dir_fd)
+    return Attachment(
+        name=incoming.name,
+        mime_type=incoming.mime_type,
+        size=size,
+        workspace_path=str(folder / placed),
+    )
+
+
+async def fetch_inline(mx: Matrix, content: Any, max_bytes: int) -> Attachment:
+    """Downloads a media event's file into memory (``data``), for when no workspace is set."""
+    incoming = _Incoming(content, max_bytes)
+    chunks: list[bytes] = []
+
+    async def keep(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    size = await _chunks(mx, incoming, keep)
+    return Attachment(
+        name=incoming.name, mime_type=incoming.mime_type, size=size, data=b"".join(chunks)
+    )
+
+
+def _save_failed(name: str, error: OSError) -> FileRefused:
+    return FileRefused("file.save_failed", f"workspace: {type(error).__name__}: {error}", name=name)
