@@ -1,10 +1,11 @@
 """Rebuilds the database from the rooms themselves: Matrix topology is the truth.
 
-The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads. (A filtered full-state ``/sync`` would be one request,
-but Synapse's answer with a short timeline leaves out the newest state events, such as the
-last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()`` is a pure function of
-what was read and the database's rows, so it is tested and benchmarked without a homeserver;
-``Reconciler.run()`` applies the plan. It never
+The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads,
+each parsed as it arrives (``roomstate.parse_room``). (A filtered full-state ``/sync`` would
+be one request, but Synapse's answer with a short timeline leaves out the newest state
+events, such as the last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()``
+is a pure function of what was read and the database's rows, made of named phases, so it is
+tested and benchmarked without a homeserver; ``Reconciler.run()`` applies the plan. It never
 creates a room or a Space; it writes missing plugin state and links into rooms the bot
 already manages, and a second run on a consistent database writes nothing.
 """
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError
-from .roomstate import space_child, space_parent
+from .roomstate import STATE_TYPES as STATE_TYPES  # read by the benchmarks
+from .roomstate import RoomState, parse_room, space_child, space_parent
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -32,20 +34,7 @@ if TYPE_CHECKING:
     from .matrix import Matrix
     from .registry import Registry
 
-STATE_TYPES = [
-    MARKER_TYPE,
-    "m.room.create",
-    "m.room.name",
-    "m.room.tombstone",
-    "m.space.child",
-    "m.space.parent",
-]
-
-
 READ_CONCURRENCY = 32
-
-
-_WANTED = frozenset(STATE_TYPES)
 
 
 @dataclass
@@ -74,21 +63,6 @@ class Report:
         return data
 
 
-@dataclass(slots=True)
-class RoomState:
-    """What reconciliation reads of one room: kept small, one per joined room."""
-
-    room_id: str
-    creator: str | None = None
-    created_ts: int = 0
-    is_space: bool = False
-    name: str | None = None
-    tombstoned: bool = False
-    marker: Marker | None = None
-    children: dict[str, bool] = field(default_factory=dict)  # child room -> listed with via
-    parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
-
-
 Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content
 
 
@@ -108,33 +82,6 @@ class Numbered:
     rows: list[tuple[RoomState, ChatRoomRow, bool]] = field(default_factory=list)
     next_index: int = 1
     conflicts: int = 0
-
-
-def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
-    room = RoomState(room_id)
-    for event in events:
-        etype = event.get("type")
-        if etype not in _WANTED:
-            continue  # most of a room's state: skipped before anything else is looked at
-        key, content = event.get("state_key"), event.get("content")
-        if not isinstance(content, dict):
-            continue
-        if etype == "m.room.create":
-            room.creator = content.get("creator") or event.get("sender")
-            room.created_ts = int(event.get("origin_server_ts") or 0)
-            room.is_space = content.get("type") == "m.space"
-        elif etype == "m.room.name":
-            room.name = content.get("name") if isinstance(content.get("name"), str) else None
-        elif etype == "m.room.tombstone":
-            room.tombstoned = bool(content.get("replacement_room"))
-        elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
-            # Only the bot's own marker counts; anyone else's is ignored.
-            room.marker = Marker.from_content(content)
-        elif etype == "m.space.child" and isinstance(key, str):
-            room.children[key] = bool(content.get("via"))
-        elif etype == "m.space.parent" and isinstance(key, str):
-            room.parents[key] = bool(content.get("via"))
-    return room
 
 
 def adopted_platform_chat_id(room_id: str) -> str:

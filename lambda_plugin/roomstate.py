@@ -1,4 +1,5 @@
-"""The state the plugin writes into its rooms, as pure functions: names, links, power levels.
+"""The state the plugin writes into its rooms, as pure functions: names, links, power levels;
+and what reconciliation reads back of a room (``parse_room`` -> ``RoomState``).
 
 Provisioning writes it, reconciliation compares the rooms against it and repairs them; both
 take it from here, so a room made today and a room repaired tomorrow look the same.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import unicodedata
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from .marker import MARKER_TYPE
+from .marker import MARKER_TYPE, Marker
 
 USER_LEVEL = 50  # talk, rename, invite; below every state event the plugin relies on
 BOT_LEVEL = 100
@@ -76,3 +78,57 @@ def power_levels(owner: str, bot_id: str, privileged: bool) -> dict[str, Any]:
         "ban": BOT_LEVEL,
         "events": events,
     }
+
+
+STATE_TYPES = [
+    MARKER_TYPE,
+    "m.room.create",
+    "m.room.name",
+    "m.room.tombstone",
+    "m.space.child",
+    "m.space.parent",
+]
+_WANTED = frozenset(STATE_TYPES)
+
+
+@dataclass(slots=True)
+class RoomState:
+    """What reconciliation reads of one room: kept small, one per joined room."""
+
+    room_id: str
+    creator: str | None = None
+    created_ts: int = 0
+    is_space: bool = False
+    name: str | None = None
+    tombstoned: bool = False
+    marker: Marker | None = None
+    children: dict[str, bool] = field(default_factory=dict)  # child room -> listed with via
+    parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
+
+
+def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
+    """What reconciliation needs of a room's full state (a ``/state`` answer)."""
+    room = RoomState(room_id)
+    for event in events:
+        etype = event.get("type")
+        if etype not in _WANTED:
+            continue  # most of a room's state: skipped before anything else is looked at
+        key, content = event.get("state_key"), event.get("content")
+        if not isinstance(content, dict):
+            continue
+        if etype == "m.room.create":
+            room.creator = content.get("creator") or event.get("sender")
+            room.created_ts = int(event.get("origin_server_ts") or 0)
+            room.is_space = content.get("type") == "m.space"
+        elif etype == "m.room.name":
+            room.name = content.get("name") if isinstance(content.get("name"), str) else None
+        elif etype == "m.room.tombstone":
+            room.tombstoned = bool(content.get("replacement_room"))
+        elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
+            # Only the bot's own marker counts; anyone else's is ignored.
+            room.marker = Marker.from_content(content)
+        elif etype == "m.space.child" and isinstance(key, str):
+            room.children[key] = bool(content.get("via"))
+        elif etype == "m.space.parent" and isinstance(key, str):
+            room.parents[key] = bool(content.get("via"))
+    return room

@@ -11,7 +11,6 @@ from lambda_plugin.db import ChatRoomRow, UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.reconcile import (
     Reconciler,
-    RoomState,
     adopted_platform_chat_id,
     child_owners,
     diff_rows,
@@ -23,6 +22,7 @@ from lambda_plugin.reconcile import (
     pick_spaces,
     user_row,
 )
+from lambda_plugin.roomstate import RoomState
 
 BOT = "@bot:hs"
 ANN = "@ann:hs"
