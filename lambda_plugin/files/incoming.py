@@ -132,34 +132,13 @@ async def save_incoming(
     incoming = _Incoming(content, max_bytes)
     folder = inbox_dir(user_id, room_id)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
-    wanted = f"{stamp}-{incoming.name}"
-    tmp = f".incoming-{secrets.token_hex(8)}.part"
     try:
         dir_fd = open_dirs(workspace_root, folder.parts, create=True)
     except OSError as e:
         raise _save_failed(incoming.name, e) from e
-    placed: str | None = None
-    done = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
-        with os.fdopen(fd, "wb") as out:
-
-            async def write(chunk: bytes) -> None:
-                out.write(chunk)
-
-            size = await _chunks(mx, incoming, write)
-            out.flush()
-            await asyncio.to_thread(os.fsync, out.fileno())
-        placed = reserve(dir_fd, wanted)
-        os.replace(tmp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        done = True
-    except OSError as e:
-        raise _save_failed(incoming.name, e) from e
+        placed, size = await _download_into(mx, incoming, dir_fd, f"{stamp}-{incoming.name}")
     finally:
-        if not done:  # refused, failed or cancelled: nothing stays behind
-            unlink_quietly(tmp, dir_fd)
-            if placed is not None:
-                unlink_quietly(placed, dir_fd)
         os.close(dir_fd)
     return Attachment(
         name=incoming.name,
@@ -167,6 +146,43 @@ async def save_incoming(
         size=size,
         workspace_path=str(folder / placed),
     )
+
+
+async def _download_into(
+    mx: Matrix, incoming: _Incoming, dir_fd: int, wanted: str
+) -> tuple[str, int]:
+    """Downloads into a temporary file in the folder, then moves it to a free name like
+    ``wanted``; the name and size. Refused, failed or cancelled, it leaves nothing behind."""
+    tmp = f".incoming-{secrets.token_hex(8)}.part"
+    placed: str | None = None
+    done = False
+    try:
+        size = await _write_temp(mx, incoming, dir_fd, tmp)
+        placed = reserve(dir_fd, wanted)
+        os.replace(tmp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        done = True
+    except OSError as e:
+        raise _save_failed(incoming.name, e) from e
+    finally:
+        if not done:
+            unlink_quietly(tmp, dir_fd)
+            if placed is not None:
+                unlink_quietly(placed, dir_fd)
+    return placed, size
+
+
+async def _write_temp(mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str) -> int:
+    """Streams the download into a new file ``tmp`` of the folder, synced to disk; its size."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as out:
+
+        async def write(chunk: bytes) -> None:
+            out.write(chunk)
+
+        size = await _chunks(mx, incoming, write)
+        out.flush()
+        await asyncio.to_thread(os.fsync, out.fileno())
+    return size
 
 
 async def fetch_inline(mx: Matrix, content: Any, max_bytes: int) -> Attachment:

@@ -25,6 +25,26 @@ def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int) -> Path
     anything that is not an existing regular file, and files over ``max_bytes``.
     """
     shown = _shown(rel_path)
+    rel = _relative(rel_path, shown)
+    try:
+        root = Path(workspace_root).resolve(strict=True)
+    except OSError as e:
+        raise FileRefused("file.missing", f"workspace root: {e}", path=shown) from e
+    real, st = _existing_inside(root, rel, shown)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileRefused("file.missing", f"{shown!r} is not a regular file", path=shown)
+    if st.st_size > max_bytes:
+        raise FileRefused(
+            "file.too_large_out",
+            f"{shown!r} has {st.st_size} bytes > {max_bytes}",
+            name=safe_name(rel.name),
+            max_mb=megabytes(max_bytes),
+        )
+    return real
+
+
+def _relative(rel_path: Any, shown: str) -> PurePosixPath:
+    """The path as given, if it is a relative path that stays below where it starts."""
     if (
         not isinstance(rel_path, str)
         or not rel_path.strip()
@@ -35,10 +55,11 @@ def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int) -> Path
     rel = PurePosixPath(rel_path)
     if rel.is_absolute() or ".." in rel.parts:
         raise FileRefused("file.outside_workspace", f"{shown!r} escapes the root", path=shown)
-    try:
-        root = Path(workspace_root).resolve(strict=True)
-    except OSError as e:
-        raise FileRefused("file.missing", f"workspace root: {e}", path=shown) from e
+    return rel
+
+
+def _existing_inside(root: Path, rel: PurePosixPath, shown: str) -> tuple[Path, os.stat_result]:
+    """The real path of ``root/rel`` and its status, refused if it leads out of the root."""
     candidate = root.joinpath(*rel.parts)
     # Where the path leads, existing or not: a link out is refused as such, whatever its target.
     if not Path(os.path.realpath(candidate)).is_relative_to(root):
@@ -50,16 +71,7 @@ def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int) -> Path
         raise FileRefused("file.missing", f"{shown!r}: {type(e).__name__}", path=shown) from e
     if not real.is_relative_to(root):
         raise FileRefused("file.outside_workspace", f"{shown!r} leads out of the root", path=shown)
-    if not stat.S_ISREG(st.st_mode):
-        raise FileRefused("file.missing", f"{shown!r} is not a regular file", path=shown)
-    if st.st_size > max_bytes:
-        raise FileRefused(
-            "file.too_large_out",
-            f"{shown!r} has {st.st_size} bytes > {max_bytes}",
-            name=safe_name(rel.name),
-            max_mb=megabytes(max_bytes),
-        )
-    return real
+    return real, st
 
 
 def _shown(rel_path: Any) -> str:
