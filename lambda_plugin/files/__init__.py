@@ -16,7 +16,7 @@ The package is split by direction: ``names`` (safe names and folders, the refusa
 
 from __future__ import annotations
 
-from .incoming import caption, fetch_inline, is_file_message, save_incoming
+from .incoming import caption, fetch_inline, save_incoming
 from .names import (
     FILE_MSGTYPES,
     FileRefused,
@@ -33,7 +33,6 @@ __all__ = [
     "fetch_inline",
     "image_size",
     "inbox_dir",
-    "is_file_message",
     "msgtype_for",
     "resolve_outgoing",
     "safe_name",

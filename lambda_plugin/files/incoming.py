@@ -18,7 +18,6 @@ from ..matrix import HomeserverError, Matrix
 from .disk import open_dirs, reserve, unlink_quietly
 from .names import (
     DEFAULT_MIME,
-    FILE_MSGTYPES,
     FileRefused,
     inbox_dir,
     megabytes,
@@ -38,10 +37,6 @@ def _as_dict(content: Any) -> dict[str, Any]:
     if hasattr(content, "serialize"):
         content = content.serialize()
     return content if isinstance(content, dict) else {}
-
-
-def is_file_message(content: Any) -> bool:
-    return _as_dict(content).get("msgtype") in FILE_MSGTYPES
 
 
 def caption(content: Any) -> str:
