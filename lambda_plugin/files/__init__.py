@@ -23,6 +23,7 @@ from .names import (
     inbox_dir,
     safe_name,
     safe_segment,
+    user_dir,
 )
 from .outgoing import image_size, msgtype_for, resolve_outgoing, send_outgoing
 
@@ -39,4 +40,5 @@ __all__ = [
     "safe_segment",
     "save_incoming",
     "send_outgoing",
+    "user_dir",
 ]

@@ -92,11 +92,15 @@ def safe_segment(identifier: str) -> str:
     return f"{readable or 'id'}-{digest[:SEGMENT_HASH_CHARS]}"
 
 
+def user_dir(user_id: str) -> PurePosixPath:
+    """The folder of one user, relative to the workspace root: all their rooms' inboxes, and
+    the only place their agents' files are sent from."""
+    return PurePosixPath("surfaces", "matrix", safe_segment(user_id))
+
+
 def inbox_dir(user_id: str, room_id: str) -> PurePosixPath:
     """The inbox of one user in one room, relative to the workspace root."""
-    return PurePosixPath(
-        "surfaces", "matrix", safe_segment(user_id), safe_segment(room_id), "inbox"
-    )
+    return user_dir(user_id) / safe_segment(room_id) / "inbox"
 
 
 def megabytes(max_bytes: int) -> str:

@@ -13,16 +13,19 @@ from typing import Any
 
 from ..matrix import HomeserverError, Matrix
 from .disk import open_dirs
-from .names import DEFAULT_MIME, FileRefused, megabytes, safe_name
+from .names import DEFAULT_MIME, FileRefused, megabytes, safe_name, user_dir
 
 MAX_REL_PATH_CHARS = 4096
 
 
-def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int) -> Path:
-    """The real path of a file an agent returned, checked without reading it.
+def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int, user_id: str) -> Path:
+    """The real path of a file an agent returned for ``user_id``, checked without reading it.
 
-    Refuses (FileRefused) absolute paths, ``..``, links resolving outside the root,
-    anything that is not an existing regular file, and files over ``max_bytes``.
+    ``rel_path`` is relative to the workspace root, and only files in the user's own folder
+    (:func:`user_dir`) are taken: another user's inbox is inside the root too, and its name
+    can be computed. Refuses (FileRefused) absolute paths, ``..``, links resolving outside the
+    root (``file.outside_workspace``) or outside the user's folder (``file.outside``), anything
+    that is not an existing regular file, and files over ``max_bytes``.
     """
     shown = _shown(rel_path)
     rel = _relative(rel_path, shown)
@@ -30,7 +33,9 @@ def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int) -> Path
         root = Path(workspace_root).resolve(strict=True)
     except OSError as e:
         raise FileRefused("file.missing", f"workspace root: {e}", path=shown) from e
-    real, st = _existing_inside(root, rel, shown)
+    # Not resolved: a real path under it runs through real folders of these names only.
+    home = root.joinpath(*user_dir(user_id).parts)
+    real, st = _existing_inside(root, home, rel, shown)
     if not stat.S_ISREG(st.st_mode):
         raise FileRefused("file.missing", f"{shown!r} is not a regular file", path=shown)
     if st.st_size > max_bytes:
@@ -58,20 +63,27 @@ def _relative(rel_path: Any, shown: str) -> PurePosixPath:
     return rel
 
 
-def _existing_inside(root: Path, rel: PurePosixPath, shown: str) -> tuple[Path, os.stat_result]:
-    """The real path of ``root/rel`` and its status, refused if it leads out of the root."""
+def _existing_inside(
+    root: Path, home: Path, rel: PurePosixPath, shown: str
+) -> tuple[Path, os.stat_result]:
+    """The real path of ``root/rel`` and its status, refused if it leads out of ``home``."""
     candidate = root.joinpath(*rel.parts)
     # Where the path leads, existing or not: a link out is refused as such, whatever its target.
-    if not Path(os.path.realpath(candidate)).is_relative_to(root):
-        raise FileRefused("file.outside_workspace", f"{shown!r} leads out of the root", path=shown)
+    _check_inside(Path(os.path.realpath(candidate)), root, home, shown)
     try:
         real = candidate.resolve(strict=True)
         st = real.stat()
     except (OSError, RuntimeError) as e:
         raise FileRefused("file.missing", f"{shown!r}: {type(e).__name__}", path=shown) from e
+    _check_inside(real, root, home, shown)
+    return real, st
+
+
+def _check_inside(real: Path, root: Path, home: Path, shown: str) -> None:
     if not real.is_relative_to(root):
         raise FileRefused("file.outside_workspace", f"{shown!r} leads out of the root", path=shown)
-    return real, st
+    if not real.is_relative_to(home):
+        raise FileRefused("file.outside", f"{shown!r} is not in {home}", path=shown)
 
 
 def _shown(rel_path: Any) -> str:
@@ -107,15 +119,17 @@ class _Changed(OSError):
 
 
 async def send_outgoing(
-    mx: Matrix, room_id: str, workspace_root: str, rel_path: str, max_bytes: int
+    mx: Matrix, room_id: str, workspace_root: str, rel_path: str, max_bytes: int, user_id: str
 ) -> str:
-    """Checks, reads, uploads and sends a file an agent returned; the event id.
+    """Checks, reads, uploads and sends a file an agent returned for ``user_id``; the event id.
+
+    The file must be in the user's own folder (see :func:`resolve_outgoing`).
 
     The message type follows the MIME type (guessed from the name): m.image, m.audio,
     m.video or m.file, with body and filename the file's name and info the MIME type, size
     and, for PNG, GIF and JPEG, the image's width and height. Raises FileRefused.
     """
-    real = resolve_outgoing(workspace_root, rel_path, max_bytes)
+    real = resolve_outgoing(workspace_root, rel_path, max_bytes, user_id)
     shown = _shown(rel_path)
     name = safe_name(PurePosixPath(rel_path).name)
     try:

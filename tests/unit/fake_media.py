@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mautrix.client import Client
 
+from lambda_plugin.files import user_dir
 from lambda_plugin.matrix import Matrix
 
 USER = "@alice:example.org"
@@ -29,6 +30,7 @@ NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 STAMP = "20231114T221320Z"
 MAX = 64 * 1024
 TOKEN = "secret-token"
+HOME = str(user_dir(USER))  # the user's own folder, relative to the workspace root
 
 
 class FakeMedia:
@@ -142,3 +144,10 @@ def everything(root: Path) -> list[str]:
 
 def only_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def make_home(root: Path) -> Path:
+    """The user's own folder in the workspace, created: where their agents' files must be."""
+    home = root / HOME
+    home.mkdir(parents=True, exist_ok=True)
+    return home

@@ -29,6 +29,7 @@ from lambda_plugin.files import (
 from lambda_plugin.matrix import Matrix
 from lambda_plugin.texts import TEXTS
 from tests.unit.fake_media import (
+    HOME,
     MAX,
     NOW,
     ROOM,
@@ -39,6 +40,7 @@ from tests.unit.fake_media import (
     event,
     everything,
     hs_fixture,  # noqa: F401  (the fixture hs)
+    make_home,
     mx_fixture,  # noqa: F401  (the fixture mx)
     only_files,
     root_fixture,  # noqa: F401  (the fixture root)
@@ -403,26 +405,31 @@ def outside(tmp_path: Path) -> Path:
 async def test_outgoing_refusals(
     hs: FakeMedia, mx: Matrix, root: Path, outside: Path, rel: str, key: str
 ) -> None:
-    (root / "sub").mkdir()
-    (root / "link-out").symlink_to(outside / "secret.txt")
-    (root / "dir-out").symlink_to(outside, target_is_directory=True)
-    (root / "link-nowhere").symlink_to(outside / "nothing-here")
-    (root / "big.bin").write_bytes(b"x" * (MAX + 1))
+    # Everything in the user's own folder, the only place an agent's files are sent from.
+    home = make_home(root)
+    (home / "sub").mkdir()
+    (home / "link-out").symlink_to(outside / "secret.txt")
+    (home / "dir-out").symlink_to(outside, target_is_directory=True)
+    (home / "link-nowhere").symlink_to(outside / "nothing-here")
+    (home / "big.bin").write_bytes(b"x" * (MAX + 1))
+    rel = rel if not rel or rel.startswith("/") else f"{HOME}/{rel}"
     with pytest.raises(FileRefused) as refused:
-        resolve_outgoing(str(root), rel, MAX)
+        resolve_outgoing(str(root), rel, MAX, USER)
     assert refused.value.key == key
     with pytest.raises(FileRefused) as refused:
-        await send_outgoing(mx, ROOM, str(root), rel, MAX)
+        await send_outgoing(mx, ROOM, str(root), rel, MAX, USER)
     assert refused.value.key == key
     assert refused.value.message("en") and refused.value.message("ru")
     assert hs.requests == []
 
 
 def test_links_inside_the_root_are_followed(root: Path) -> None:
-    (root / "real").mkdir()
-    (root / "real" / "a.txt").write_text("a")
-    (root / "alias").symlink_to(root / "real", target_is_directory=True)
-    assert resolve_outgoing(str(root), "alias/a.txt", MAX) == (root / "real" / "a.txt").resolve()
+    home = make_home(root)
+    (home / "real").mkdir()
+    (home / "real" / "a.txt").write_text("a")
+    (home / "alias").symlink_to(home / "real", target_is_directory=True)
+    resolved = resolve_outgoing(str(root), f"{HOME}/alias/a.txt", MAX, USER)
+    assert resolved == (home / "real" / "a.txt").resolve()
 
 
 @pytest.mark.parametrize(
@@ -446,10 +453,10 @@ async def test_allowed_file_is_uploaded_and_sent(
     mime: str,
     dims: tuple[int, int] | None,
 ) -> None:
-    path = root / name
+    path = make_home(root) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    event_id = await send_outgoing(mx, ROOM, str(root), name, MAX)
+    event_id = await send_outgoing(mx, ROOM, str(root), f"{HOME}/{name}", MAX, USER)
     assert event_id == "$sent1"
     base = name.rsplit("/", 1)[-1]
     assert hs.uploads == [(data, mime, base)]
@@ -471,20 +478,21 @@ async def test_allowed_file_is_uploaded_and_sent(
 async def test_a_link_swapped_in_after_the_check_is_not_followed(
     hs: FakeMedia, mx: Matrix, root: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (root / "sub").mkdir()
-    (root / "sub" / "secret.txt").write_text("inside")
+    home = make_home(root)
+    (home / "sub").mkdir()
+    (home / "sub" / "secret.txt").write_text("inside")
     check = files.resolve_outgoing
 
-    def check_then_swap(workspace_root: str, rel_path: str, max_bytes: int) -> Path:
-        real = check(workspace_root, rel_path, max_bytes)
-        (root / "sub" / "secret.txt").unlink()
-        (root / "sub").rmdir()
-        (root / "sub").symlink_to(outside, target_is_directory=True)
+    def check_then_swap(workspace_root: str, rel_path: str, max_bytes: int, user: str) -> Path:
+        real = check(workspace_root, rel_path, max_bytes, user)
+        (home / "sub" / "secret.txt").unlink()
+        (home / "sub").rmdir()
+        (home / "sub").symlink_to(outside, target_is_directory=True)
         return real
 
     monkeypatch.setattr(files.outgoing, "resolve_outgoing", check_then_swap)
     with pytest.raises(FileRefused) as refused:
-        await send_outgoing(mx, ROOM, str(root), "sub/secret.txt", MAX)
+        await send_outgoing(mx, ROOM, str(root), f"{HOME}/sub/secret.txt", MAX, USER)
     assert refused.value.key == "file.outside_workspace"
     assert hs.requests == []
 
