@@ -36,8 +36,15 @@ def new_platform_chat_id() -> str:
 def clean_name(raw: str) -> str:
     """A room name as typed, trimmed and on one line: control and format characters
     (newlines, zero-width and direction marks) become spaces."""
-    spaced = "".join(" " if unicodedata.category(c).startswith("C") else c for c in raw)
-    return " ".join(spaced.split())
+    if not raw.isprintable():  # the per-character pass only for names that need it
+        raw = "".join(" " if unicodedata.category(c).startswith("C") else c for c in raw)
+    return " ".join(raw.split())
+
+
+def chat_name(raw: object) -> str:
+    """A chat room's name as the plugin stores it, whoever set it (``!rename``, a client,
+    a room read at start): cleaned and cut to NAME_MAX; "" for what is not a string."""
+    return clean_name(raw)[:NAME_MAX] if isinstance(raw, str) else ""
 
 
 def creators_privileged(room_version: str) -> bool:
@@ -121,7 +128,7 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
             room.created_ts = int(event.get("origin_server_ts") or 0)
             room.is_space = content.get("type") == "m.space"
         elif etype == "m.room.name":
-            room.name = content.get("name") if isinstance(content.get("name"), str) else None
+            room.name = chat_name(content.get("name")) or None
         elif etype == "m.room.tombstone":
             room.tombstoned = bool(content.get("replacement_room"))
         elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
