@@ -132,17 +132,7 @@ async def send_outgoing(
     real = resolve_outgoing(workspace_root, rel_path, max_bytes, user_id)
     shown = _shown(rel_path)
     name = safe_name(PurePosixPath(rel_path).name)
-    try:
-        data = await asyncio.to_thread(_read_inside, workspace_root, real, max_bytes)
-    except OSError as e:
-        cause = f"{shown!r} changed after the check: {e}"
-        if e.errno == errno.EFBIG:
-            raise FileRefused(
-                "file.too_large_out", cause, name=name, max_mb=megabytes(max_bytes)
-            ) from e
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a link swapped in: never followed
-            raise FileRefused("file.outside_workspace", cause, path=shown) from e
-        raise FileRefused("file.missing", cause, path=shown) from e
+    data = await _read_checked(workspace_root, real, max_bytes, shown, name)
     mime = mimetypes.guess_type(name)[0] or DEFAULT_MIME
     info: dict[str, Any] = {"mimetype": mime, "size": len(data)}
     dims = image_size(data)
@@ -160,6 +150,21 @@ async def send_outgoing(
         return await mx.send(room_id, content)
     except HomeserverError as e:
         raise FileRefused("file.upload_failed", f"upload of {shown!r}: {e}", name=name) from e
+
+
+async def _read_checked(root: str, real: Path, max_bytes: int, shown: str, name: str) -> bytes:
+    """The bytes of a checked file; a change since the check is refused like the check would."""
+    try:
+        return await asyncio.to_thread(_read_inside, root, real, max_bytes)
+    except OSError as e:
+        cause = f"{shown!r} changed after the check: {e}"
+        if e.errno == errno.EFBIG:
+            raise FileRefused(
+                "file.too_large_out", cause, name=name, max_mb=megabytes(max_bytes)
+            ) from e
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a link swapped in: never followed
+            raise FileRefused("file.outside_workspace", cause, path=shown) from e
+        raise FileRefused("file.missing", cause, path=shown) from e
 
 
 def msgtype_for(mime_type: str) -> str:
