@@ -124,7 +124,8 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
         if not isinstance(content, dict):
             continue
         if etype == "m.room.create":
-            room.creator = content.get("creator") or event.get("sender")
+            # The sender only: from room v11 on, content.creator is whatever the maker wrote.
+            room.creator = event.get("sender")
             room.created_ts = int(event.get("origin_server_ts") or 0)
             room.is_space = content.get("type") == "m.space"
         elif etype == "m.room.name":

@@ -60,3 +60,22 @@ def test_names_of_nothing_but_control_characters_are_no_names() -> None:
         ],
     }
     assert run(states).rooms["!r"].name == "C1"
+
+
+# B. "Created by the bot" comes from the create event's sender, never from its content.
+
+
+def test_a_create_event_claiming_the_bot_as_creator_is_not_trusted() -> None:
+    space = [create(space=True), event(MARKER_TYPE, Marker(KIND_SPACE, USER).content())]
+    space.append(event("m.space.child", {"via": ["hs"]}, "!claims"))
+    space.append(event("m.space.child", {"via": ["hs"]}, "!unmarked"))
+    # Room v11 on: content.creator is whatever the room maker wrote. Both rooms hold a
+    # marker the bot really sent (the bot was once given power there) or none at all.
+    claims = [create(sender=USER, ts=2, creator=BOT), event(MARKER_TYPE, chat_marker())]
+    unmarked = [create(sender=USER, ts=3, creator=BOT)]
+    states = {"!space": space, "!claims": claims, "!unmarked": unmarked}
+    assert parse_room("!claims", claims, BOT).creator == USER
+    result = run(states)
+    assert "!claims" not in result.rooms and "!unmarked" not in result.rooms
+    assert result.report.skipped_rooms == 2
+    assert not any(w[0] in ("!claims", "!unmarked") for w in result.state_writes)
