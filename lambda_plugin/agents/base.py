@@ -24,11 +24,20 @@ from ..config import AgentSpec
 from ..db import Store
 from ..texts import TEXTS, text
 
+# English texts of errors whose key texts.py does not hold yet (texts.py's own win).
+_PENDING_TEXTS = {
+    "agent.too_long": "The agent's answer went past {limit} characters, so it was stopped.",
+}
 # English texts of every AgentError, by key (texts.py holds them, with their translations).
-ERROR_TEXTS: dict[str, str] = {k: v for k, v in TEXTS["en"].items() if k.startswith("agent.")}
+ERROR_TEXTS: dict[str, str] = {
+    **_PENDING_TEXTS,
+    **{k: v for k, v in TEXTS["en"].items() if k.startswith("agent.")},
+}
 
 # Bounds on what an agent may send back, so a broken endpoint cannot exhaust memory.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# The default of each agent's max_answer_chars: longer answers are refused.
+MAX_ANSWER_CHARS = 100_000
 ERROR_BODY_BYTES = 1024
 CAUSE_BODY_CHARS = 200
 HEALTH_TIMEOUT_S = 10.0
@@ -233,6 +242,12 @@ class Options:
             raise ValueError(f"{self.prefix}.{key} must be a whole number, 0 or more")
         return value
 
+    def whole(self, key: str, default: int) -> int:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{self.prefix}.{key} must be a positive whole number")
+        return value
+
     def flag(self, key: str, default: bool) -> bool:
         value = self.values.get(key, default)
         if not isinstance(value, bool):
@@ -306,14 +321,14 @@ class HttpClient:
         url: URL,
         *,
         body: Any = None,
-        stream: bool = False,
         timeout_s: float | None = None,
         accept: Collection[int] = (),
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Sends a request and yields the response once its status is 2xx or in ``accept``.
 
-        Errors raised while the caller reads the response inside the ``async with`` block
-        (a stalled or cut stream, bad JSON) are turned into AgentErrors here too.
+        ``timeout_s`` bounds the whole exchange, reading the answer included, streamed or
+        not. Errors raised while the caller reads the response inside the ``async with``
+        block (a stalled or cut stream, bad JSON) are turned into AgentErrors here too.
         """
         timeout_s = timeout_s or self.timeout_s
         # No query and no user info in causes: either could carry a credential.
@@ -324,7 +339,7 @@ class HttpClient:
                 url,
                 json=body,
                 headers=self._headers,
-                timeout=_timeout(stream, timeout_s),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
                 # A redirect could carry the Authorization header to another host.
                 allow_redirects=False,
             ) as resp:
@@ -405,12 +420,11 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
-def _timeout(stream: bool, timeout_s: float) -> aiohttp.ClientTimeout:
-    if stream:
-        # A streamed answer may take longer than timeout_s in all, as long as it keeps
-        # coming: the limit is on connecting and on every wait for the next bytes.
-        return aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s)
-    return aiohttp.ClientTimeout(total=timeout_s)
+def check_length(answer: str, limit: int) -> None:
+    """Refuses an answer longer than an agent's max_answer_chars."""
+    if len(answer) > limit:
+        cause = f"the answer has more than {limit} characters (max_answer_chars)"
+        raise AgentError.of("agent.too_long", cause, limit=limit)
 
 
 def _name(error: BaseException) -> str:

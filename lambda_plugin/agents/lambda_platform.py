@@ -12,6 +12,7 @@ from yarl import URL
 
 from ..config import AgentSpec
 from .base import (
+    MAX_ANSWER_CHARS,
     Agent,
     AgentError,
     AgentReply,
@@ -20,12 +21,13 @@ from .base import (
     HttpClient,
     Options,
     PartialCallback,
+    check_length,
 )
 
 
 class LambdaAgent(Agent):
     backend = "lambda"
-    OPTIONS = ("base_url", "token", "timeout_s")
+    OPTIONS = ("base_url", "token", "timeout_s", "max_answer_chars")
 
     def __init__(self, spec: AgentSpec, http: aiohttp.ClientSession, log: logging.Logger) -> None:
         super().__init__(spec, log)
@@ -37,6 +39,7 @@ class LambdaAgent(Agent):
             secret=options.text("token"),
             timeout_s=options.number("timeout_s", 120),
         )
+        self.max_answer_chars = options.whole("max_answer_chars", MAX_ANSWER_CHARS)
 
     def _chat(self, platform_chat_id: str, *action: str) -> URL:
         return self.client.url("v1", "chats", platform_chat_id, *action)
@@ -62,6 +65,7 @@ class LambdaAgent(Agent):
             "POST", self._chat(request.platform_chat_id, "messages"), body=body
         )
         text = self._field(data, "text", str)
+        check_length(text, self.max_answer_chars)
         paths = self._field(data, "attachments", list, default=[])
         if not all(isinstance(path, str) for path in paths):
             raise self.client.unreadable("attachments as a list of paths", paths)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import aiohttp
 from ..config import AgentSpec
 from ..db import Store
 from .base import (
+    MAX_ANSWER_CHARS,
+    MAX_BODY_BYTES,
     AgentError,
     AgentReply,
     AgentRequest,
@@ -21,6 +24,7 @@ from .base import (
     Options,
     PartialCallback,
     StoreAgent,
+    check_length,
     read_body,
 )
 
@@ -50,6 +54,7 @@ class OpenAIAgent(StoreAgent):
         "max_history",
         "stream",
         "timeout_s",
+        "max_answer_chars",
     )
 
     def __init__(
@@ -61,6 +66,7 @@ class OpenAIAgent(StoreAgent):
         self.system_prompt = options.text("system_prompt")
         self.max_history = options.count("max_history", 40)
         self.stream = options.flag("stream", True)
+        self.max_answer_chars = options.whole("max_answer_chars", MAX_ANSWER_CHARS)
         self.client = HttpClient(
             http,
             options.url("base_url"),
@@ -74,29 +80,39 @@ class OpenAIAgent(StoreAgent):
     ) -> AgentReply:
         # Built first: a file this agent cannot take fails before any request is sent.
         user_text, images = self._user_message(request)
+        messages = await self._messages(request.platform_chat_id, user_text, images)
+        payload = {"model": self.model, "messages": messages, "stream": self.stream}
+        url = self.client.url("chat", "completions")
+        # The client's time-out bounds the whole answer; the stream reader checks this
+        # deadline too, for lines that come so fast that no read ever waits.
+        deadline = time.monotonic() + self.client.timeout_s
+        async with self.client.request("POST", url, body=payload) as resp:
+            # By the answer's type, not the request: some servers ignore "stream".
+            if resp.content_type == "text/event-stream":
+                answer = await self._read_stream(resp, on_partial, deadline)
+            else:
+                answer, _ = self._content(json.loads(await read_body(resp)), "message")
+        check_length(answer, self.max_answer_chars)
+        if not answer.strip():
+            raise AgentError.of("agent.empty", f"POST {url.path}: the answer has no text")
+        await self.remember(request.platform_chat_id, user_text, answer)
+        return AgentReply(answer)
+
+    async def _messages(
+        self, platform_chat_id: str, user_text: str, images: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The system prompt, the newest history within its limit, and the user's message."""
         messages: list[dict[str, Any]] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         if self.max_history:
-            history = await self.store.history(request.platform_chat_id, limit=self.max_history)
+            history = await self.store.history(platform_chat_id, limit=self.max_history)
             messages.extend({"role": row.role, "content": row.content} for row in history)
         content: str | list[dict[str, Any]] = user_text
         if images:
             content = [{"type": "text", "text": user_text}, *images]
         messages.append({"role": "user", "content": content})
-        payload = {"model": self.model, "messages": messages, "stream": self.stream}
-
-        url = self.client.url("chat", "completions")
-        async with self.client.request("POST", url, body=payload, stream=self.stream) as resp:
-            # By the answer's type, not the request: some servers ignore "stream".
-            if resp.content_type == "text/event-stream":
-                answer = await self._read_stream(resp, on_partial)
-            else:
-                answer, _ = self._content(json.loads(await read_body(resp)), "message")
-        if not answer.strip():
-            raise AgentError.of("agent.empty", f"POST {url.path}: the answer has no text")
-        await self.remember(request.platform_chat_id, user_text, answer)
-        return AgentReply(answer)
+        return messages
 
     async def health(self) -> str | None:
         return await self.client.health(self.client.url("models"))
@@ -136,17 +152,18 @@ class OpenAIAgent(StoreAgent):
         return "\n\n".join(texts), images
 
     async def _read_stream(
-        self, resp: aiohttp.ClientResponse, on_partial: PartialCallback | None
+        self, resp: aiohttp.ClientResponse, on_partial: PartialCallback | None, deadline: float
     ) -> str:
         text = ""
         finished = False
-        async for data in _sse_data(resp.content):
+        async for data in _sse_data(resp.content, deadline):
             if data == "[DONE]":
                 return text
             delta, done = self._content(json.loads(data), "delta")
             finished = finished or done
             if delta:
                 text += delta
+                check_length(text, self.max_answer_chars)  # stops an endless answer early
                 if on_partial is not None:
                     await self._show(on_partial, text)
         # Without [DONE] or a finish reason the stream was cut: the text may be partial.
@@ -177,10 +194,19 @@ class OpenAIAgent(StoreAgent):
         return content, finished
 
 
-async def _sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The data of each server-sent event; comments and other fields are skipped."""
+async def _sse_data(stream: aiohttp.StreamReader, deadline: float) -> AsyncIterator[str]:
+    """The data of each server-sent event; comments and other fields are skipped.
+
+    Bounded like an answer read whole: in bytes, and in time by ``deadline`` (a
+    ``time.monotonic()``), which keep-alive comments alone can never push back."""
     lines: list[str] = []
+    size = 0
     async for raw in stream:
+        if time.monotonic() > deadline:
+            raise AgentError.of("agent.timeout", "the streamed answer went on past its deadline")
+        size += len(raw)
+        if size > MAX_BODY_BYTES:
+            raise ValueError(f"answer is larger than {MAX_BODY_BYTES} bytes")
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
             if lines:

@@ -9,6 +9,9 @@ first piece without ``[DONE]``.
 "leak" answers HTTP ``status`` with a text body, "leak_shape" 200 with JSON without
 ``choices``; both echo the request's Authorization header after ``leak_after`` copies of
 ``leak_filler``, so tests can put the key exactly where the client cuts what it logs.
+
+"keepalive" streams keep-alive comments and "endless" streams pieces of text, one every
+``chunk_delay_s``, never ending: until the client goes away or the server stops.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class OpenAIServer(LocalServer):
         body = await request.json()
         if self.mode in ("leak", "leak_shape"):
             return self._leak(request)
+        if self.mode in ("keepalive", "endless"):
+            return await self._endless(request)
         if self.mode in ("stream", "cut") or body.get("stream"):
             return await self._stream(request, self._answer(body))
         if self.mode == "garbage":
@@ -59,6 +64,18 @@ class OpenAIServer(LocalServer):
         if self.mode == "leak":
             return web.Response(text=echoed, status=self.status)
         return web.json_response({"echo": echoed})
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        piece = json.dumps({"choices": [_choice(delta={"content": "more "})]})
+        line = ": keep-alive\n\n" if self.mode == "keepalive" else f"data: {piece}\n\n"
+        try:
+            while not await self.pause(self.chunk_delay_s):
+                await resp.write(line.encode())
+        except ConnectionError:
+            pass  # the client gave up on it, as it should
+        return resp
 
     def _answer(self, body: dict[str, Any]) -> str:
         if self.mode == "empty":

@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from itertools import pairwise
 from typing import Any
@@ -25,6 +26,7 @@ from lambda_plugin.agents import (
     create_agent,
 )
 from lambda_plugin.agents.base import ERROR_BODY_BYTES
+from lambda_plugin.agents.openai import _sse_data
 from lambda_plugin.config import AgentSpec
 from lambda_plugin.db import Store, upgrade_table
 from lambda_plugin.texts import TEXTS
@@ -290,6 +292,7 @@ async def test_openai_inlines_text_and_images(make, store: Store, openai_server)
 async def test_openai_truncates_long_text_files(make, openai_server: OpenAIServer) -> None:
     big = b"z" * 200_000
     files = (Attachment("big.log", "text/plain", len(big), data=big),)
+    openai_server.reply_text = "read it"  # not the echo: over the answer cap
     await openai(make, openai_server, stream=False).respond(ask("", files=files))
     content = openai_server.requests[0].json["messages"][-1]["content"]
     assert content.startswith("[attached file: big.log (text/plain, 200000 bytes), truncated]")
@@ -412,6 +415,87 @@ async def test_openai_timeout(make, store: Store, openai_server, stream: bool) -
         await agent.respond(ask("x"))
     assert caught.value.user_message == TIMEOUT
     assert await history(store) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "delay_s"), [("keepalive", 0.01), ("keepalive", 0.0), ("endless", 0.01)]
+)
+async def test_openai_stream_that_never_ends_stops_at_the_deadline(
+    make, store: Store, openai_server: OpenAIServer, mode: str, delay_s: float
+) -> None:
+    # Something arrives all the time, so no single read ever waits long: only a deadline
+    # for the whole answer ends it.
+    openai_server.mode = mode
+    openai_server.chunk_delay_s = delay_s
+    agent = openai(make, openai_server, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(AgentError) as caught:
+        await asyncio.wait_for(agent.respond(ask("x"), None), 5)
+    assert caught.value.key == "agent.timeout"
+    assert caught.value.user_message == TIMEOUT
+    assert time.monotonic() - started < 1.0
+    assert await history(store) == []
+
+
+async def test_the_stream_reader_keeps_its_deadline_when_no_read_waits() -> None:
+    # Lines always at hand: aiohttp's time-out, which fires only while a read waits, never
+    # would.
+    async def endless_comments() -> AsyncIterator[bytes]:
+        while True:
+            yield b": keep-alive\n"
+            yield b"\n"
+
+    with pytest.raises(AgentError) as caught:
+        async for _ in _sse_data(endless_comments(), time.monotonic() + 0.05):  # type: ignore[arg-type]
+            pass
+    assert caught.value.key == "agent.timeout"
+
+
+async def test_openai_endless_stream_stops_at_the_answer_cap(
+    make, store: Store, openai_server: OpenAIServer
+) -> None:
+    openai_server.mode = "endless"
+    seen: list[str] = []
+
+    async def on_partial(text: str) -> None:
+        seen.append(text)
+
+    agent = openai(make, openai_server, max_answer_chars=1000)
+    with pytest.raises(AgentError) as caught:
+        await asyncio.wait_for(agent.respond(ask("x"), on_partial), 5)
+    assert (caught.value.key, caught.value.values) == ("agent.too_long", {"limit": 1000})
+    assert "1000" in caught.value.user_message
+    assert seen and max(len(text) for text in seen) <= 1000
+    assert await history(store) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_answer_cap_holds_streamed_or_not(
+    make, store: Store, openai_server: OpenAIServer, stream: bool
+) -> None:
+    agent = openai(make, openai_server, stream=stream, max_answer_chars=1000)
+    openai_server.reply_text = "y" * 1000
+    assert (await agent.respond(ask("x"))).text == "y" * 1000  # the cap itself is allowed
+    openai_server.reply_text = "y" * 1001
+    with pytest.raises(AgentError) as caught:
+        await agent.respond(ask("x"))
+    assert caught.value.key == "agent.too_long"
+    assert len(await history(store)) == 2  # only the first exchange
+
+
+async def test_lambda_answer_cap(make, lambda_server: LambdaServer) -> None:
+    agent = platform(make, lambda_server, max_answer_chars=1000)
+    lambda_server.reply_text = "z" * 1001
+    with pytest.raises(AgentError) as caught:
+        await agent.respond(ask("x"))
+    assert (caught.value.key, caught.value.values) == ("agent.too_long", {"limit": 1000})
+
+
+@pytest.mark.parametrize("backend", ["openai", "lambda"])
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "100"])
+async def test_the_answer_cap_option_is_checked(make, backend: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"agents\.registry\.{backend}\.max_answer_chars"):
+        make(backend, base_url="http://h/v1", model="m", max_answer_chars=value)
 
 
 async def test_openai_retry_after_a_failure_adds_history_once(
