@@ -14,6 +14,8 @@ LANGUAGES = ("en", "ru")
 BACKENDS = ("echo", "openai", "lambda")
 _USER_ID = re.compile(r"^@[^:\s]+:\S+$")
 _USER_PATTERN = re.compile(r"^@\*:\S+$")
+MB = 1024 * 1024
+DAY_S = 24 * 3600.0
 
 
 class Config(BaseProxyConfig):
@@ -25,14 +27,19 @@ class Config(BaseProxyConfig):
         helper.copy("access.shared_rooms")
         helper.copy("access.max_message_chars")
         helper.copy("access.requests_per_minute")
+        helper.copy("access.max_queue_per_room")
+        helper.copy("access.max_snapshots_per_user")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("agents.default")
         helper.copy_dict("agents.registry")
         helper.copy("files.workspace_root")
         helper.copy("files.max_size_mb")
+        helper.copy("files.workspace_quota_mb")
+        helper.copy("files.download_timeout_s")
         helper.copy("replies.stream_edit_interval_s")
         helper.copy("reconcile.catch_up_minutes")
+        helper.copy("reconcile.handled_kept_days")
 
 
 class UserMatcher:
@@ -126,6 +133,11 @@ class Settings:
     max_file_bytes: int
     stream_edit_interval_s: float
     catch_up_s: float
+    max_queue_per_room: int
+    max_snapshots_per_user: int
+    workspace_quota_bytes: int
+    download_timeout_s: float
+    handled_kept_s: float
 
     @classmethod
     def from_config(cls, config: BaseProxyConfig) -> Settings:
@@ -147,9 +159,14 @@ class Settings:
             default_agent=_default_agent(config["agents.default"], agents),
             agents=agents,
             workspace_root=_workspace_root(config["files.workspace_root"]),
-            max_file_bytes=int(_number(config, "files.max_size_mb") * 1024 * 1024),
+            max_file_bytes=int(_number(config, "files.max_size_mb") * MB),
             stream_edit_interval_s=_number(config, "replies.stream_edit_interval_s"),
             catch_up_s=60.0 * _number(config, "reconcile.catch_up_minutes"),
+            max_queue_per_room=_whole(config, "access.max_queue_per_room"),
+            max_snapshots_per_user=_whole(config, "access.max_snapshots_per_user"),
+            workspace_quota_bytes=int(_number(config, "files.workspace_quota_mb") * MB),
+            download_timeout_s=_number(config, "files.download_timeout_s"),
+            handled_kept_s=_number(config, "reconcile.handled_kept_days") * DAY_S,
         )
 
 

@@ -67,6 +67,8 @@ CUSTOM: dict[str, Any] = {
     "access.shared_rooms": True,
     "access.max_message_chars": 500,
     "access.requests_per_minute": 5,
+    "access.max_queue_per_room": 4,
+    "access.max_snapshots_per_user": 9,
     "spaces.space_name": "Space of {user_id}",
     "spaces.chat_name": "Talk #{n}",
     "agents.default": "gpt",
@@ -81,8 +83,11 @@ CUSTOM: dict[str, Any] = {
     },
     "files.workspace_root": "/srv/workspace",
     "files.max_size_mb": 3,
+    "files.workspace_quota_mb": 10,
+    "files.download_timeout_s": 60,
     "replies.stream_edit_interval_s": 0.25,
     "reconcile.catch_up_minutes": 3,
+    "reconcile.handled_kept_days": 2,
 }
 
 
@@ -197,6 +202,26 @@ def test_custom_config_gives_custom_settings() -> None:
     assert (s.max_message_chars, s.requests_per_minute) == (500, 5)
 
 
+def test_limits_default_to_base_config() -> None:
+    s = Settings.from_config(load_base())
+    assert s.max_queue_per_room == 20
+    assert s.max_snapshots_per_user == 50
+    assert s.workspace_quota_bytes == 1024 * 1024 * 1024
+    assert s.download_timeout_s == 300.0 and type(s.download_timeout_s) is float
+    assert s.handled_kept_s == 7 * 24 * 3600.0 and type(s.handled_kept_s) is float
+
+
+def test_custom_limits() -> None:
+    s = Settings.from_config(make_config(nested(CUSTOM)))
+    assert (s.max_queue_per_room, s.max_snapshots_per_user) == (4, 9)
+    assert s.workspace_quota_bytes == 10 * 1024 * 1024
+    assert s.download_timeout_s == 60.0
+    assert s.handled_kept_s == 2 * 24 * 3600.0
+    fractions = settings(files__workspace_quota_mb=0.5, reconcile__handled_kept_days=0.5)
+    assert fractions.workspace_quota_bytes == 512 * 1024
+    assert fractions.handled_kept_s == 12 * 3600.0
+
+
 def test_russian_default_chat_name() -> None:
     s = Settings.from_config(make_config({"language": "ru"}))
     assert s.chat_name == "Чат {n}"
@@ -251,6 +276,17 @@ INVALID: list[tuple[str, Any]] = [
     ("replies.stream_edit_interval_s", 0),
     ("files.max_size_mb", 0),
     ("files.workspace_root", 5),
+    ("access.max_queue_per_room", 0),
+    ("access.max_queue_per_room", 2.5),
+    ("access.max_queue_per_room", None),
+    ("access.max_snapshots_per_user", -1),
+    ("access.max_snapshots_per_user", True),
+    ("files.workspace_quota_mb", 0),
+    ("files.workspace_quota_mb", "1G"),
+    ("files.download_timeout_s", 0),
+    ("files.download_timeout_s", -300),
+    ("reconcile.handled_kept_days", 0),
+    ("reconcile.handled_kept_days", False),
 ]
 
 
