@@ -16,6 +16,7 @@ MARKER_TYPE = "ai.lambda.matrix.room"
 MARKER_VERSION = 1
 KIND_SPACE = "space"
 KIND_CHAT = "chat"
+_CHAT_FIELDS = ("chat_id", "agent_id", "platform_chat_id")  # required in a chat's marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +50,22 @@ class Marker:
         )
 
     @classmethod
-    def from_content(cls, content: dict[str, Any]) -> Marker | None:
-        """The marker in ``content``, or None when it is not a well-formed one."""
+    def from_content(cls, content: object) -> Marker | None:
+        """The marker in ``content``, or None when it is not a well-formed one. Never raises:
+        any field of the wrong type makes it not well-formed (null reads as absent)."""
+        if not isinstance(content, dict):
+            return None
         kind, owner = content.get("kind"), content.get("owner")
-        if kind not in (KIND_SPACE, KIND_CHAT) or not isinstance(owner, str):
+        if kind not in (KIND_SPACE, KIND_CHAT) or not isinstance(owner, str) or not owner:
             return None
-        if kind == KIND_CHAT and not all(
-            isinstance(content.get(k), str) and content.get(k)
-            for k in ("chat_id", "agent_id", "platform_chat_id")
-        ):
+        texts = {k: content.get(k) for k in ("space_id", *_CHAT_FIELDS)}
+        if not all(value is None or isinstance(value, str) for value in texts.values()):
             return None
-        return cls(
-            kind=kind,
-            owner=owner,
-            space_id=content.get("space_id"),
-            chat_id=content.get("chat_id"),
-            agent_id=content.get("agent_id"),
-            platform_chat_id=content.get("platform_chat_id"),
-            archived=bool(content.get("archived", False)),
-            version=int(content.get("version", MARKER_VERSION)),
-        )
+        if kind == KIND_CHAT and not all(texts[k] for k in _CHAT_FIELDS):
+            return None
+        archived = content.get("archived")
+        version = content.get("version")
+        version = MARKER_VERSION if version is None else version
+        if not isinstance(archived, (bool, type(None))) or type(version) is not int:
+            return None
+        return cls(kind=kind, owner=owner, archived=bool(archived), version=version, **texts)

@@ -114,29 +114,61 @@ class RoomState:
 
 
 def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomState:
-    """What reconciliation needs of a room's full state (a ``/state`` answer)."""
+    """What reconciliation needs of a room's full state (a ``/state`` answer). Every field
+    read is type-checked: an event with a wrong type anywhere is skipped, never fatal, and
+    the rest of the room is kept."""
     room = RoomState(room_id)
+    if not isinstance(events, list):
+        return room
     for event in events:
+        if not isinstance(event, dict):
+            continue
         etype = event.get("type")
-        if etype not in _WANTED:
+        if type(etype) is not str or etype not in _WANTED:
             continue  # most of a room's state: skipped before anything else is looked at
         key, content = event.get("state_key"), event.get("content")
-        if not isinstance(content, dict):
-            continue
-        if etype == "m.room.create":
-            # The sender only: from room v11 on, content.creator is whatever the maker wrote.
-            room.creator = event.get("sender")
-            room.created_ts = int(event.get("origin_server_ts") or 0)
-            room.is_space = content.get("type") == "m.space"
-        elif etype == "m.room.name":
-            room.name = chat_name(content.get("name")) or None
-        elif etype == "m.room.tombstone":
-            room.tombstoned = bool(content.get("replacement_room"))
-        elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
+        if isinstance(key, str) and isinstance(content, dict):
+            _read(room, etype, key, content, event, bot_id)
+    return room
+
+
+def _read(
+    room: RoomState,
+    etype: str,
+    key: str,
+    content: dict[str, Any],
+    event: dict[str, Any],
+    bot_id: str,
+) -> None:
+    if etype == "m.room.create":
+        _read_create(room, content, event)
+    elif etype == "m.room.name":
+        name = content.get("name")
+        if name is None or isinstance(name, str):
+            room.name = chat_name(name) or None
+    elif etype == "m.room.tombstone":
+        replacement = content.get("replacement_room")
+        if replacement is None or isinstance(replacement, str):
+            room.tombstoned = bool(replacement)
+    elif etype == MARKER_TYPE:
+        if key == "" and event.get("sender") == bot_id:
             # Only the bot's own marker counts; anyone else's is ignored.
             room.marker = Marker.from_content(content)
-        elif etype == "m.space.child" and isinstance(key, str):
-            room.children[key] = bool(content.get("via"))
-        elif etype == "m.space.parent" and isinstance(key, str):
-            room.parents[key] = bool(content.get("via"))
-    return room
+    else:  # m.space.child, m.space.parent
+        via = content.get("via")
+        if via is None or isinstance(via, list):
+            links = room.children if etype == "m.space.child" else room.parents
+            links[key] = any(isinstance(server, str) for server in via or ())
+
+
+def _read_create(room: RoomState, content: dict[str, Any], event: dict[str, Any]) -> None:
+    sender, ts = event.get("sender"), event.get("origin_server_ts", 0)
+    kind = content.get("type")
+    if not isinstance(sender, str) or type(ts) is not int:
+        return  # malformed: the room counts as one the bot did not make
+    if kind is not None and not isinstance(kind, str):
+        return
+    # The sender only: from room v11 on, content.creator is whatever the maker wrote.
+    room.creator = sender
+    room.created_ts = ts
+    room.is_space = kind == "m.space"

@@ -79,3 +79,117 @@ def test_a_create_event_claiming_the_bot_as_creator_is_not_trusted() -> None:
     assert "!claims" not in result.rooms and "!unmarked" not in result.rooms
     assert result.report.skipped_rooms == 2
     assert not any(w[0] in ("!claims", "!unmarked") for w in result.state_writes)
+
+
+# C. A malformed event is skipped; the room and the run go on.
+
+GOOD_CHAT = [
+    create(ts=2),
+    event(MARKER_TYPE, chat_marker()),
+    event("m.room.name", {"name": "Good"}),
+    event("m.space.parent", {"via": ["hs"], "canonical": True}, "!space"),
+]
+MALFORMED = [
+    None,
+    "m.room.name",
+    5,
+    [],
+    {"type": ["m.room.name"], "state_key": "", "content": {}},
+    {"type": "m.room.name", "state_key": ""},  # no content
+    event("m.room.create", {}, ts="7"),
+    event("m.room.create", {}, ts="abc"),
+    event("m.room.create", {}, ts=1.5),
+    event("m.room.create", {}, ts=True),
+    event("m.room.create", {}, ts=None),
+    event("m.room.create", {"type": 5}),
+    event("m.room.create", {"type": ["m.space"]}),
+    event("m.room.create", {}, sender=5),
+    event("m.room.create", [], ts=3),
+    event("m.room.name", {"name": 5}),
+    event("m.room.name", {"name": ["Bad"]}),
+    event("m.room.name", "Bad"),
+    event("m.room.tombstone", {"replacement_room": 5}),
+    event("m.room.tombstone", {"replacement_room": {"id": "!new"}}),
+    event("m.space.parent", {"via": "hs"}, "!other"),
+    event("m.space.parent", {"via": {"hs": 1}}, "!other"),
+    event("m.space.parent", {"via": ["hs"]}, 5),
+    event("m.space.parent", {"via": ["hs"]}, None),
+    event("m.space.parent", {"via": ["hs"]}, ["!other"]),
+    event("m.space.child", {"via": ["hs"]}, {"!c": 1}),
+    event(MARKER_TYPE, chat_marker(chat_id="C9"), key=5),
+    event(MARKER_TYPE, chat_marker(chat_id="C9"), key=None),
+]
+
+
+def test_malformed_events_are_skipped_and_the_good_ones_kept() -> None:
+    room = parse_room("!c1", GOOD_CHAT + MALFORMED, BOT)
+    assert (room.creator, room.created_ts, room.is_space, room.tombstoned) == (BOT, 2, False, False)
+    assert room.name == "Good"
+    assert room.marker == Marker.from_content(chat_marker())
+    assert room.parents == {"!space": True} and room.children == {}
+
+
+def test_answers_that_are_no_event_list_are_empty_rooms() -> None:
+    for answer in (None, "text", 5, {"type": "m.room.create"}):
+        room = parse_room("!r", answer, BOT)  # type: ignore[arg-type]
+        assert room.creator is None and room.marker is None
+
+
+MALFORMED_MARKERS = [
+    {**chat_marker(), "version": "abc"},
+    {**chat_marker(), "version": 1.5},
+    {**chat_marker(), "version": True},
+    {**chat_marker(), "archived": "yes"},
+    {**chat_marker(), "archived": 1},
+    {**chat_marker(), "space_id": 5},
+    {**chat_marker(), "chat_id": 5},
+    {**chat_marker(), "agent_id": ["echo"]},
+    {**chat_marker(), "platform_chat_id": {"id": "p"}},
+    {**chat_marker(), "owner": 5},
+    {**chat_marker(), "owner": ""},
+    {**chat_marker(), "kind": ["chat"]},
+    {**chat_marker(), "kind": {"chat": 1}},
+    {"kind": "space", "owner": USER, "space_id": 5},
+    {"kind": "space", "owner": USER, "version": "2"},
+    {"kind": "space", "owner": USER, "chat_id": 7},
+    None,
+    "text",
+    [],
+]
+
+
+def test_marker_from_content_never_raises_on_wrong_types() -> None:
+    for content in MALFORMED_MARKERS:
+        assert Marker.from_content(content) is None, content  # type: ignore[arg-type]
+    assert Marker.from_content({"kind": "space", "owner": USER}) == Marker(KIND_SPACE, USER)
+    nulls = {"kind": "space", "owner": USER, "space_id": None, "archived": None, "version": None}
+    assert Marker.from_content(nulls) == Marker(KIND_SPACE, USER)  # null reads as absent
+    assert Marker.from_content(chat_marker()) == Marker(
+        KIND_CHAT, USER, "!space", "C1", "echo", "p1"
+    )
+
+
+def test_a_room_full_of_malformed_events_does_not_stop_the_run() -> None:
+    space = [
+        create(space=True),
+        event(MARKER_TYPE, Marker(KIND_SPACE, USER).content()),
+        *(event("m.space.child", {"via": ["hs"]}, f"!m{i}") for i in range(len(MALFORMED_MARKERS))),
+        event("m.space.child", {"via": ["hs"]}, "!c1"),
+        *MALFORMED,
+    ]
+    states: dict[str, Any] = {"!space": space, "!c1": GOOD_CHAT + MALFORMED, "!none": None}
+    for i, content in enumerate(MALFORMED_MARKERS):
+        states[f"!m{i}"] = [create(ts=10 + i), event(MARKER_TYPE, content), *MALFORMED]
+    result = run(states)
+    good = result.rooms["!c1"]
+    assert (good.chat_id, good.name, good.platform_chat_id) == ("C1", "Good", "p1")
+    assert result.users[USER].space_id == "!space"
+    # Rooms whose marker can't be read are the bot's rooms in the user's Space: adopted,
+    # numbered after the good one, their markers rewritten whole.
+    adopted = sorted(
+        (result.rooms[f"!m{i}"] for i in range(len(MALFORMED_MARKERS))), key=lambda r: r.created_at
+    )
+    assert [r.chat_id for r in adopted] == [f"C{n}" for n in range(2, 2 + len(MALFORMED_MARKERS))]
+    rewritten = {w[0] for w in result.state_writes if w[1] == MARKER_TYPE}
+    assert rewritten == {r.room_id for r in adopted}
+    assert result.report.skipped_rooms == 1  # "!none"
