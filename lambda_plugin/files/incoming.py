@@ -15,13 +15,14 @@ import aiohttp
 
 from ..agents.base import Attachment
 from ..matrix import HomeserverError, Matrix
-from .disk import open_dirs, reserve, unlink_quietly
+from .disk import WalkTooLong, folder_bytes, open_dirs, reserve, unlink_quietly
 from .names import (
     DEFAULT_MIME,
     FileRefused,
     inbox_dir,
     megabytes,
     safe_name,
+    user_dir,
 )
 
 CHUNK_BYTES = 64 * 1024
@@ -64,15 +65,28 @@ class _Incoming:
             mime = mimetypes.guess_type(self.name)[0] or DEFAULT_MIME
         self.mime_type = mime.lower()
         self.max_bytes = max_bytes
+        self.quota_bytes = 0  # no quota until one is applied
+        self.quota_left = 0  # what the user's folder can still take, under a quota
         size = info.get("size")
-        if isinstance(size, int) and not isinstance(size, bool) and size > max_bytes:
-            raise self.too_large(f"declared size {size} > {max_bytes}")
+        self.declared = size if isinstance(size, int) and not isinstance(size, bool) else None
+        if self.declared is not None:
+            self.check(self.declared, "declared size")
         self.server, self.media_id = _parse_mxc(content.get("url"), self.name)
 
-    def too_large(self, cause: str) -> FileRefused:
-        return FileRefused(
-            "file.too_large", cause, name=self.name, max_mb=megabytes(self.max_bytes)
-        )
+    def check(self, size: int, what: str) -> None:
+        """Refuses a file of ``size`` bytes (declared, or received so far)."""
+        if size > self.max_bytes:
+            raise FileRefused(
+                "file.too_large",
+                f"{what} {size} > {self.max_bytes}",
+                name=self.name,
+                max_mb=megabytes(self.max_bytes),
+            )
+        if self.quota_bytes and size > self.quota_left:
+            raise self.over_quota(f"{what} {size} > {self.quota_left} left of the user's quota")
+
+    def over_quota(self, cause: str) -> FileRefused:
+        return FileRefused("file.quota", cause, name=self.name, max_mb=megabytes(self.quota_bytes))
 
     def failed(self, cause: str) -> FileRefused:
         return FileRefused("file.download_failed", cause, name=self.name)
@@ -93,13 +107,11 @@ async def _chunks(
     size = 0
     try:
         async with mx.download(incoming.server, incoming.media_id, DOWNLOAD_TIMEOUT_S) as resp:
-            declared = resp.content_length
-            if declared is not None and declared > incoming.max_bytes:
-                raise incoming.too_large(f"Content-Length {declared} > {incoming.max_bytes}")
+            if resp.content_length is not None:
+                incoming.check(resp.content_length, "Content-Length")
             async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                 size += len(chunk)
-                if size > incoming.max_bytes:
-                    raise incoming.too_large(f"body passed {incoming.max_bytes} bytes")
+                incoming.check(size, "body passed")
                 await on_chunk(chunk)
     except HomeserverError as e:
         raise incoming.failed(f"download: {e}") from e
@@ -116,15 +128,20 @@ async def save_incoming(
     content: Any,
     max_bytes: int,
     now: float | None = None,
+    quota_bytes: int = 0,
 ) -> Attachment:
     """Downloads a media event's file into the user's inbox for the room, atomically.
 
     ``content`` is an m.file/m.image/m.audio/m.video content, as a dict or a mautrix object.
     Returns the attachment with ``workspace_path`` relative to the root (posix separators).
-    Raises FileRefused (nothing left on disk) for an encrypted or oversize file, a failed
-    download or a failed write.
+    With ``quota_bytes`` (0: no limit), the user's folder (all their rooms) and the new file
+    together must stay within it, checked before the download and while it runs.
+    Raises FileRefused (nothing left on disk) for an encrypted or oversize file, a full
+    quota, a failed download or a failed write.
     """
     incoming = _Incoming(content, max_bytes)
+    if quota_bytes > 0:
+        await _apply_quota(incoming, workspace_root, user_id, quota_bytes)
     folder = inbox_dir(user_id, room_id)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     try:
@@ -192,6 +209,22 @@ async def fetch_inline(mx: Matrix, content: Any, max_bytes: int) -> Attachment:
     return Attachment(
         name=incoming.name, mime_type=incoming.mime_type, size=size, data=b"".join(chunks)
     )
+
+
+async def _apply_quota(
+    incoming: _Incoming, workspace_root: str, user_id: str, quota_bytes: int
+) -> None:
+    """Measures the user's folder and refuses the file now if it cannot fit (by its declared
+    size, or at all); what is left bounds the download."""
+    incoming.quota_bytes = quota_bytes
+    try:
+        used = await asyncio.to_thread(folder_bytes, workspace_root, user_dir(user_id).parts)
+    except WalkTooLong as e:
+        raise incoming.over_quota(f"user's folder not measured: {e}") from e
+    except OSError as e:
+        raise _save_failed(incoming.name, e) from e
+    incoming.quota_left = quota_bytes - used
+    incoming.check(incoming.declared or 0, "declared size")
 
 
 def _save_failed(name: str, error: OSError) -> FileRefused:
