@@ -120,6 +120,27 @@ async def _chunks(
     return size
 
 
+async def _download(
+    mx: Matrix,
+    incoming: _Incoming,
+    on_chunk: Callable[[bytes], Awaitable[None]],
+    deadline_s: float | None,
+) -> int:
+    """:func:`_chunks`, abandoned past ``deadline_s`` seconds in all: the read timeout alone
+    lets a server that trickles a byte now and then hold a download for ever."""
+    if deadline_s is None:
+        return await _chunks(mx, incoming, on_chunk)
+    try:
+        return await asyncio.wait_for(_chunks(mx, incoming, on_chunk), deadline_s)
+    except asyncio.TimeoutError as e:  # _chunks turns its own timeouts into FileRefused
+        raise FileRefused(
+            "file.timeout",
+            f"download not done in {deadline_s:g} s",
+            name=incoming.name,
+            seconds=f"{deadline_s:g}",
+        ) from e
+
+
 async def save_incoming(
     mx: Matrix,
     workspace_root: str,
@@ -129,6 +150,7 @@ async def save_incoming(
     max_bytes: int,
     now: float | None = None,
     quota_bytes: int = 0,
+    deadline_s: float | None = None,
 ) -> Attachment:
     """Downloads a media event's file into the user's inbox for the room, atomically.
 
@@ -136,8 +158,10 @@ async def save_incoming(
     Returns the attachment with ``workspace_path`` relative to the root (posix separators).
     With ``quota_bytes`` (0: no limit), the user's folder (all their rooms) and the new file
     together must stay within it, checked before the download and while it runs.
-    Raises FileRefused (nothing left on disk) for an encrypted or oversize file, a full
-    quota, a failed download or a failed write.
+    A download not done in ``deadline_s`` seconds is abandoned. Raises FileRefused (nothing
+    left on disk) for an encrypted or oversize file, a full quota, a failed or too slow
+    download or a failed write; cancelled, it leaves nothing either and lets the
+    CancelledError through.
     """
     incoming = _Incoming(content, max_bytes)
     if quota_bytes > 0:
@@ -149,7 +173,9 @@ async def save_incoming(
     except OSError as e:
         raise _save_failed(incoming.name, e) from e
     try:
-        placed, size = await _download_into(mx, incoming, dir_fd, f"{stamp}-{incoming.name}")
+        placed, size = await _download_into(
+            mx, incoming, dir_fd, f"{stamp}-{incoming.name}", deadline_s
+        )
     finally:
         os.close(dir_fd)
     return Attachment(
@@ -161,7 +187,7 @@ async def save_incoming(
 
 
 async def _download_into(
-    mx: Matrix, incoming: _Incoming, dir_fd: int, wanted: str
+    mx: Matrix, incoming: _Incoming, dir_fd: int, wanted: str, deadline_s: float | None
 ) -> tuple[str, int]:
     """Downloads into a temporary file in the folder, then moves it to a free name like
     ``wanted``; the name and size. Refused, failed or cancelled, it leaves nothing behind."""
@@ -169,7 +195,7 @@ async def _download_into(
     placed: str | None = None
     done = False
     try:
-        size = await _write_temp(mx, incoming, dir_fd, tmp)
+        size = await _write_temp(mx, incoming, dir_fd, tmp, deadline_s)
         placed = reserve(dir_fd, wanted)
         os.replace(tmp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         done = True
@@ -183,7 +209,9 @@ async def _download_into(
     return placed, size
 
 
-async def _write_temp(mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str) -> int:
+async def _write_temp(
+    mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str, deadline_s: float | None
+) -> int:
     """Streams the download into a new file ``tmp`` of the folder, synced to disk; its size."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as out:
@@ -191,21 +219,24 @@ async def _write_temp(mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str) ->
         async def write(chunk: bytes) -> None:
             out.write(chunk)
 
-        size = await _chunks(mx, incoming, write)
+        size = await _download(mx, incoming, write, deadline_s)
         out.flush()
         await asyncio.to_thread(os.fsync, out.fileno())
     return size
 
 
-async def fetch_inline(mx: Matrix, content: Any, max_bytes: int) -> Attachment:
-    """Downloads a media event's file into memory (``data``), for when no workspace is set."""
+async def fetch_inline(
+    mx: Matrix, content: Any, max_bytes: int, deadline_s: float | None = None
+) -> Attachment:
+    """Downloads a media event's file into memory (``data``), for when no workspace is set;
+    abandoned (FileRefused ``file.timeout``) if not done in ``deadline_s`` seconds."""
     incoming = _Incoming(content, max_bytes)
     chunks: list[bytes] = []
 
     async def keep(chunk: bytes) -> None:
         chunks.append(chunk)
 
-    size = await _chunks(mx, incoming, keep)
+    size = await _download(mx, incoming, keep, deadline_s)
     return Attachment(
         name=incoming.name, mime_type=incoming.mime_type, size=size, data=b"".join(chunks)
     )

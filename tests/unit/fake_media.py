@@ -42,6 +42,8 @@ class FakeMedia:
         self.authenticated = True  # does the server have /_matrix/client/v1/media?
         self.no_length: set[str] = set()  # served chunked, without Content-Length
         self.endless: set[str] = set()  # streamed until the client goes away
+        self.trickle: dict[str, float] = {}  # media id -> pause between 100-byte pieces
+        self.trickled = 0  # bytes served so far by trickling downloads
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, auth)
         self.uploads: list[tuple[bytes, str, str]] = []  # (bytes, content type, filename)
         self.sent: list[tuple[str, dict[str, Any]]] = []  # (room id, content)
@@ -88,6 +90,8 @@ class FakeMedia:
         if media_id not in self.media:
             return _error(404, "M_NOT_FOUND", "no such media")
         data = self.media[media_id]
+        if media_id in self.trickle:
+            return await self.serve_slowly(request, data, self.trickle[media_id])
         if media_id in self.no_length:
             resp = web.StreamResponse()
             await resp.prepare(request)
@@ -96,6 +100,27 @@ class FakeMedia:
             await resp.write_eof()
             return resp
         return web.Response(body=data, content_type="application/octet-stream")
+
+    async def serve_slowly(
+        self, request: web.Request, data: bytes, pause_s: float
+    ) -> web.StreamResponse:
+        """The bytes a little at a time, each piece well within any read timeout."""
+        resp = web.StreamResponse()
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        try:
+            for i in range(0, len(data), 100):
+                await resp.write(data[i : i + 100])
+                self.trickled += len(data[i : i + 100])
+                await asyncio.sleep(pause_s)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError, asyncio.CancelledError) as e:
+            self.client_went_away = True
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            self.stream_done.set()
+        return resp
 
     def downloads(self) -> list[str]:
         return [path for method, path, _ in self.requests if "/download/" in path]
