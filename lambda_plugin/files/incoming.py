@@ -9,6 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import PurePosixPath
 from typing import Any
 
 import aiohttp
@@ -168,16 +169,8 @@ async def save_incoming(
         await _apply_quota(incoming, workspace_root, user_id, quota_bytes)
     folder = inbox_dir(user_id, room_id)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
-    try:
-        dir_fd = open_dirs(workspace_root, folder.parts, create=True)
-    except OSError as e:
-        raise _save_failed(incoming.name, e) from e
-    try:
-        placed, size = await _download_into(
-            mx, incoming, dir_fd, f"{stamp}-{incoming.name}", deadline_s
-        )
-    finally:
-        os.close(dir_fd)
+    wanted = f"{stamp}-{incoming.name}"
+    placed, size = await _download_into(mx, incoming, workspace_root, folder, wanted, deadline_s)
     return Attachment(
         name=incoming.name,
         mime_type=incoming.mime_type,
@@ -187,10 +180,19 @@ async def save_incoming(
 
 
 async def _download_into(
-    mx: Matrix, incoming: _Incoming, dir_fd: int, wanted: str, deadline_s: float | None
+    mx: Matrix,
+    incoming: _Incoming,
+    workspace_root: str,
+    folder: PurePosixPath,
+    wanted: str,
+    deadline_s: float | None,
 ) -> tuple[str, int]:
     """Downloads into a temporary file in the folder, then moves it to a free name like
     ``wanted``; the name and size. Refused, failed or cancelled, it leaves nothing behind."""
+    try:
+        dir_fd = open_dirs(workspace_root, folder.parts, create=True)
+    except OSError as e:
+        raise _save_failed(incoming.name, e) from e
     tmp = f".incoming-{secrets.token_hex(8)}.part"
     placed: str | None = None
     done = False
@@ -206,6 +208,7 @@ async def _download_into(
             unlink_quietly(tmp, dir_fd)
             if placed is not None:
                 unlink_quietly(placed, dir_fd)
+        os.close(dir_fd)
     return placed, size
 
 
