@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,13 @@ from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
 from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError
 from .roomstate import STATE_TYPES as STATE_TYPES  # read by the benchmarks
-from .roomstate import RoomState, parse_room, space_child, space_parent
+from .roomstate import (
+    RoomState,
+    adopted_platform_chat_id,
+    parse_room,
+    space_child,
+    space_parent,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -47,6 +52,7 @@ class Report:
     skipped_rooms: int = 0  # joined rooms that are not the plugin's
     conflicts: int = 0  # contradictions resolved deterministically (see log)
     repaired_links: int = 0  # m.space.child / m.space.parent written
+    repaired_power_levels: int = 0  # rooms whose levels let users redact or send plugin state
     gone_rooms: int = 0  # rooms in the database the bot is no longer in
     invites: int = 0  # pending invites handed to onboarding
     writes: int = 0  # every write, database and homeserver
@@ -82,11 +88,6 @@ class Numbered:
     rows: list[tuple[RoomState, ChatRoomRow, bool]] = field(default_factory=list)
     next_index: int = 1
     conflicts: int = 0
-
-
-def adopted_platform_chat_id(room_id: str) -> str:
-    """Deterministic: the same room always gets the same id, whichever run adopts it."""
-    return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
 
 
 def parse_rooms(
@@ -313,6 +314,17 @@ def link_writes(space: RoomState, room: RoomState, row: ChatRoomRow, server: str
     return writes
 
 
+def power_writes(spaces: dict[str, RoomState], numbered: dict[str, Numbered]) -> list[Write]:
+    """Corrected power levels for the Spaces and chat rooms the plugin manages whose levels
+    let users redact or send its state (rooms made before redaction moved up)."""
+    managed = [*spaces.values(), *(room for n in numbered.values() for room, _, _ in n.rows)]
+    return [
+        (room.room_id, "m.room.power_levels", "", room.power_levels_fix)
+        for room in managed
+        if room.power_levels_fix is not None
+    ]
+
+
 def gone_rooms(
     rooms: dict[str, RoomState], known_rooms: dict[str, ChatRoomRow]
 ) -> dict[str, ChatRoomRow]:
@@ -368,6 +380,9 @@ def plan(
             result.users[owner] = user
             report.restored_user_meta += 1
         _chat_writes(result, chats_of.rows, space, known_rooms, server)
+    levels = power_writes(spaces, numbered)
+    result.state_writes.extend(levels)
+    report.repaired_power_levels = len(levels)
     gone = gone_rooms(rooms, known_rooms)
     result.rooms.update(gone)
     report.gone_rooms = len(gone)

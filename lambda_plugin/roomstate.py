@@ -7,6 +7,7 @@ take it from here, so a room made today and a room repaired tomorrow look the sa
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ def matrix_to(room_id: str, server: str) -> str:
 
 def new_platform_chat_id() -> str:
     return f"mx-{uuid.uuid4().hex}"
+
+
+def adopted_platform_chat_id(room_id: str) -> str:
+    """For a room adopted by reconciliation. Deterministic: the same room always gets the
+    same id, whichever run adopts it."""
+    return "mx-" + hashlib.sha256(room_id.encode()).hexdigest()[:32]
 
 
 def clean_name(raw: str) -> str:
@@ -80,17 +87,44 @@ def power_levels(owner: str, bot_id: str, privileged: bool) -> dict[str, Any]:
         "events_default": 0,
         "state_default": BOT_LEVEL,
         "invite": USER_LEVEL,
-        "redact": USER_LEVEL,
+        # Redacting a state event empties it: only the bot may (users still redact their own
+        # messages, which needs no level).
+        "redact": BOT_LEVEL,
         "kick": BOT_LEVEL,
         "ban": BOT_LEVEL,
         "events": events,
     }
 
 
+def raised_power_levels(content: dict[str, Any]) -> dict[str, Any] | None:
+    """A room's ``m.room.power_levels`` content with ``redact`` and every protected event
+    raised to the bot's level, the rest (the users map too) as it is; None when nothing is
+    below. A level that is no int counts as below: the repair writes an int."""
+    events = content.get("events", {})
+    if not isinstance(events, dict):
+        return None  # unreadable: left alone rather than guessed at
+    state_default = _level(content.get("state_default", USER_LEVEL))
+    low = [t for t in PROTECTED_EVENTS if _level(events.get(t, state_default)) < BOT_LEVEL]
+    redact_low = _level(content.get("redact", USER_LEVEL)) < BOT_LEVEL
+    if not low and not redact_low:
+        return None
+    fixed = dict(content)
+    if redact_low:
+        fixed["redact"] = BOT_LEVEL
+    if low:
+        fixed["events"] = {**events, **dict.fromkeys(low, BOT_LEVEL)}
+    return fixed
+
+
+def _level(value: object) -> int:
+    return value if type(value) is int else -1  # bools and strings are no levels
+
+
 STATE_TYPES = [
     MARKER_TYPE,
     "m.room.create",
     "m.room.name",
+    "m.room.power_levels",
     "m.room.tombstone",
     "m.space.child",
     "m.space.parent",
@@ -109,6 +143,9 @@ class RoomState:
     name: str | None = None
     tombstoned: bool = False
     marker: Marker | None = None
+    # Corrected m.room.power_levels, where users may redact or send the plugin's state; kept
+    # for rooms the bot made only (the others are never written to).
+    power_levels_fix: dict[str, Any] | None = None
     children: dict[str, bool] = field(default_factory=dict)  # child room -> listed with via
     parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
 
@@ -129,6 +166,8 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
         key, content = event.get("state_key"), event.get("content")
         if isinstance(key, str) and isinstance(content, dict):
             _read(room, etype, key, content, event, bot_id)
+    if room.creator != bot_id:
+        room.power_levels_fix = None
     return room
 
 
@@ -154,6 +193,9 @@ def _read(
         if key == "" and event.get("sender") == bot_id:
             # Only the bot's own marker counts; anyone else's is ignored.
             room.marker = Marker.from_content(content)
+    elif etype == "m.room.power_levels":
+        if key == "":
+            room.power_levels_fix = raised_power_levels(content)
     else:  # m.space.child, m.space.parent
         via = content.get("via")
         if via is None or isinstance(via, list):

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from lambda_plugin.db import UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.reconcile import plan
-from lambda_plugin.roomstate import NAME_MAX, parse_room
+from lambda_plugin.roomstate import (
+    BOT_LEVEL,
+    NAME_MAX,
+    PROTECTED_EVENTS,
+    parse_room,
+    power_levels,
+    raised_power_levels,
+)
 
 BOT = "@bot:hs"
 USER = "@u:hs"
@@ -193,3 +201,106 @@ def test_a_room_full_of_malformed_events_does_not_stop_the_run() -> None:
     rewritten = {w[0] for w in result.state_writes if w[1] == MARKER_TYPE}
     assert rewritten == {r.room_id for r in adopted}
     assert result.report.skipped_rooms == 1  # "!none"
+
+
+# A. Owners can't wipe the bot's markers; rooms that let them are repaired.
+
+POWER = "m.room.power_levels"
+OLD_LEVELS = {  # what Synapse gives a private room by default: the plugin's state at 50
+    "users": {BOT: 100, USER: 50},
+    "users_default": 0,
+    "events": {"m.room.name": 50, "m.room.power_levels": 100, "m.room.tombstone": 100},
+    "events_default": 0,
+    "state_default": 50,
+    "ban": 50,
+    "kick": 50,
+    "redact": 50,
+    "invite": 0,
+    "historical": 100,
+}
+
+
+def managed(levels: dict | None = None, chat_levels: dict | None = None) -> dict:
+    """A user's Space and one chat room, with the given power levels."""
+    space = [
+        create(space=True),
+        event(MARKER_TYPE, Marker(KIND_SPACE, USER).content()),
+        event("m.space.child", {"via": ["hs"], "order": "00000001"}, "!c1"),
+    ]
+    chat = [
+        create(ts=2),
+        event(MARKER_TYPE, chat_marker()),
+        event("m.room.name", {"name": "Chat 1"}),
+        event("m.space.parent", {"via": ["hs"], "canonical": True}, "!space"),
+    ]
+    if levels is not None:
+        space.append(event(POWER, levels))
+    if chat_levels is not None or levels is not None:
+        chat.append(event(POWER, chat_levels if chat_levels is not None else levels))
+    return {"!space": space, "!c1": chat}
+
+
+def applied(states: dict, result) -> dict:
+    """The rooms after the plan's state writes (the newest event of a type and key wins)."""
+    for room_id, etype, key, content in result.state_writes:
+        states[room_id].append(event(etype, content, key))
+    return states
+
+
+def test_the_plugins_rooms_keep_redaction_at_the_bots_level() -> None:
+    levels = power_levels(USER, BOT, privileged=False)
+    assert levels["redact"] == BOT_LEVEL
+    assert raised_power_levels(levels) is None
+
+
+def test_rooms_that_let_users_redact_get_their_power_levels_raised() -> None:
+    states = managed(OLD_LEVELS)
+    known_users = {USER: UserRow(USER, "!space", 2, 1)}
+    result = run(states, known_users)
+    writes = {w[0]: w[3] for w in result.state_writes if w[1] == POWER and w[2] == ""}
+    assert set(writes) == {"!space", "!c1"} and result.report.repaired_power_levels == 2
+    fixed = writes["!c1"]
+    assert fixed["redact"] == BOT_LEVEL
+    assert all(fixed["events"][t] == BOT_LEVEL for t in PROTECTED_EVENTS)
+    # Everything else is kept as it was: users, other levels, other events.
+    assert fixed["users"] == OLD_LEVELS["users"] and fixed["events"]["m.room.name"] == 50
+    assert {k: v for k, v in fixed.items() if k not in ("redact", "events")} == {
+        k: v for k, v in OLD_LEVELS.items() if k not in ("redact", "events")
+    }
+    again = run(applied(states, result), known_users, result.rooms)
+    assert again.report.writes == 0 and again.report.repaired_power_levels == 0
+
+
+def test_levels_of_the_wrong_type_count_as_too_low_and_are_rewritten() -> None:
+    odd = {**OLD_LEVELS, "redact": "100", "events": {MARKER_TYPE: True, POWER: 100.0}}
+    fixed = raised_power_levels(odd)
+    assert fixed is not None and fixed["redact"] == BOT_LEVEL
+    assert all(type(fixed["events"][t]) is int for t in PROTECTED_EVENTS)
+    assert raised_power_levels({**OLD_LEVELS, "events": ["not", "a", "map"]}) is None
+    states = managed(chat_levels={**OLD_LEVELS, "events": "x", "users": 5})
+    result = run(states)  # a power-levels event that can't be read is skipped, never fatal
+    assert result.rooms["!c1"].chat_id == "C1"
+
+
+def test_consistent_rooms_get_no_power_level_write() -> None:
+    levels = power_levels(USER, BOT, privileged=False)
+    result = run(managed(levels), {USER: UserRow(USER, "!space", 2, 1)})
+    assert not [w for w in result.state_writes if w[1] == POWER]
+    privileged = power_levels(USER, BOT, privileged=True)  # room v12: the bot is no user
+    assert raised_power_levels(privileged) is None
+
+
+def test_rooms_the_plugin_does_not_manage_keep_their_power_levels() -> None:
+    states = managed(power_levels(USER, BOT, privileged=False))
+    states["!dm"] = [create(sender=USER), event(POWER, OLD_LEVELS, sender=USER)]
+    states["!orphan"] = [create(ts=5), event(POWER, OLD_LEVELS)]  # the bot's, in no Space
+    result = run(states)
+    assert not [w for w in result.state_writes if w[1] == POWER]
+
+
+def test_adopted_rooms_get_their_power_levels_raised_too() -> None:
+    states = managed(power_levels(USER, BOT, privileged=False))
+    states["!space"].append(event("m.space.child", {"via": ["hs"]}, "!old"))
+    states["!old"] = [create(ts=3), event(POWER, OLD_LEVELS)]
+    result = run(states)
+    assert [w[0] for w in result.state_writes if w[1] == POWER] == ["!old"]
