@@ -110,6 +110,34 @@ def _by_age(rooms: dict[str, RoomState]) -> list[RoomState]:
     return sorted(rooms.values(), key=lambda r: (r.created_ts, r.room_id))
 
 
+def restore_markers(
+    rooms: dict[str, RoomState],
+    bot_id: str,
+    known_users: dict[str, UserRow],
+    known_rooms: dict[str, ChatRoomRow],
+) -> dict[str, RoomState]:
+    """The rooms, with the markers the bot sent but that were emptied (redacted) taken back
+    from the database where it knows the room: a chat keeps its row (number and
+    platform_chat_id), a Space stays its user's. ``marker_emptied`` stays set: the marker is
+    written again. Rooms the database does not know stay unmarked."""
+    emptied = [r for r in rooms.values() if r.marker_emptied and r.creator == bot_id]
+    if not emptied:
+        return rooms
+    space_owner = {u.space_id: u.user_id for u in known_users.values() if u.space_id}
+    restored: dict[str, RoomState] = {}
+    for room in emptied:
+        marker: Marker | None = None
+        known = known_rooms.get(room.room_id)
+        if room.is_space and room.room_id in space_owner:
+            marker = Marker(KIND_SPACE, space_owner[room.room_id])
+        elif not room.is_space and known is not None:
+            user = known_users.get(known.user_id)
+            marker = Marker.for_chat(known, user.space_id if user else None)
+        if marker is not None:
+            restored[room.room_id] = replace(room, marker=marker)
+    return {**rooms, **restored}
+
+
 def pick_spaces(
     rooms: dict[str, RoomState], bot_id: str, known_users: dict[str, UserRow]
 ) -> tuple[dict[str, RoomState], int]:
@@ -254,7 +282,8 @@ def _number_owner(
         shared.seen_pcids.add(pcid)
         name = room.name or _known_name(shared.known_rooms, room.room_id, number)
         moved = space_id is not None and marker.space_id != space_id
-        out.rows.append((room, shared.row(room, owner, number, pcid, name), rewrite or moved))
+        write = rewrite or moved or room.marker_emptied
+        out.rows.append((room, shared.row(room, owner, number, pcid, name), write))
     next_free = 1 + max(max(taken, default=0), floor)
     for room in adopt:
         pcid = adopted_platform_chat_id(room.room_id)
@@ -368,6 +397,7 @@ def plan(
     now = int(time.time() * 1000)
     rooms = parse_rooms(states, bot_id)
     report.joined_rooms = len(rooms)
+    rooms = restore_markers(rooms, bot_id, known_users, known_rooms)
     spaces, report.conflicts = pick_spaces(rooms, bot_id, known_users)
     chats, report.skipped_rooms = find_chats(rooms, bot_id, spaces, child_owners(spaces))
     numbered = number_chats(chats, spaces, known_users, known_rooms, default_agent, now)
@@ -379,6 +409,10 @@ def plan(
         if user is not None:
             result.users[owner] = user
             report.restored_user_meta += 1
+        if space is not None and space.marker_emptied:
+            marker = Marker(KIND_SPACE, owner).content()
+            result.state_writes.append((space.room_id, MARKER_TYPE, "", marker))
+            report.restored_room_meta += 1
         _chat_writes(result, chats_of.rows, space, known_rooms, server)
     levels = power_writes(spaces, numbered)
     result.state_writes.extend(levels)

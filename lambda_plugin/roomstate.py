@@ -143,6 +143,8 @@ class RoomState:
     name: str | None = None
     tombstoned: bool = False
     marker: Marker | None = None
+    # The bot sent a marker whose content is gone (redacted) or unreadable.
+    marker_emptied: bool = False
     # Corrected m.room.power_levels, where users may redact or send the plugin's state; kept
     # for rooms the bot made only (the others are never written to).
     power_levels_fix: dict[str, Any] | None = None
@@ -166,6 +168,8 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
         key, content = event.get("state_key"), event.get("content")
         if isinstance(key, str) and isinstance(content, dict):
             _read(room, etype, key, content, event, bot_id)
+        elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
+            room.marker, room.marker_emptied = None, True
     if room.creator != bot_id:
         room.power_levels_fix = None
     return room
@@ -193,6 +197,7 @@ def _read(
         if key == "" and event.get("sender") == bot_id:
             # Only the bot's own marker counts; anyone else's is ignored.
             room.marker = Marker.from_content(content)
+            room.marker_emptied = room.marker is None
     elif etype == "m.room.power_levels":
         if key == "":
             room.power_levels_fix = raised_power_levels(content)

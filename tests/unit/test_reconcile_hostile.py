@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lambda_plugin.db import UserRow
+from lambda_plugin.db import ChatRoomRow, UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.reconcile import plan
 from lambda_plugin.roomstate import (
@@ -203,7 +203,8 @@ def test_a_room_full_of_malformed_events_does_not_stop_the_run() -> None:
     assert result.report.skipped_rooms == 1  # "!none"
 
 
-# A. Owners can't wipe the bot's markers; rooms that let them are repaired.
+# A. Owners can't wipe the bot's markers; rooms that let them are repaired, and a marker
+# already emptied is restored from the database.
 
 POWER = "m.room.power_levels"
 OLD_LEVELS = {  # what Synapse gives a private room by default: the plugin's state at 50
@@ -304,3 +305,63 @@ def test_adopted_rooms_get_their_power_levels_raised_too() -> None:
     states["!old"] = [create(ts=3), event(POWER, OLD_LEVELS)]
     result = run(states)
     assert [w[0] for w in result.state_writes if w[1] == POWER] == ["!old"]
+
+
+def emptied(states: dict, room_id: str, content: Any = None) -> dict:
+    """The room's marker as a redaction leaves it: sent by the bot, its content gone."""
+    states[room_id] = [e for e in states[room_id] if e["type"] != MARKER_TYPE]
+    states[room_id].append(event(MARKER_TYPE, {} if content is None else content))
+    return states
+
+
+def test_an_emptied_chat_marker_is_restored_from_the_database() -> None:
+    first = run(managed())
+    known_users, known_rooms = first.users, first.rooms
+    row = known_rooms["!c1"]
+    for content in ({}, {"kind": "chat"}, "gone"):
+        states = emptied(managed(), "!c1", content)
+        result = run(states, known_users, known_rooms)
+        assert "!c1" not in result.rooms  # the row stays as the database has it
+        assert result.users == {} and result.report.conflicts == 0
+        marker = [w for w in result.state_writes if w[:3] == ("!c1", MARKER_TYPE, "")]
+        assert marker == [("!c1", MARKER_TYPE, "", Marker.for_chat(row, "!space").content())]
+        assert result.report.restored_room_meta == 1 and result.report.writes == 1
+        again = run(applied(states, result), known_users, known_rooms)
+        assert again.report.writes == 0
+
+
+def test_an_emptied_chat_marker_keeps_its_ids_when_the_room_was_renamed() -> None:
+    first = run(managed())
+    states = emptied(managed(), "!c1")
+    states["!c1"].append(event("m.room.name", {"name": "Renamed"}, sender=USER))
+    result = run(states, first.users, first.rooms)
+    row = result.rooms["!c1"]
+    known = first.rooms["!c1"]
+    assert (row.chat_id, row.platform_chat_id, row.name) == (
+        known.chat_id,
+        known.platform_chat_id,
+        "Renamed",
+    )
+
+
+def test_an_emptied_space_marker_stays_the_users_space() -> None:
+    first = run(managed())
+    states = emptied(managed(), "!space")
+    result = run(states, first.users, first.rooms)
+    assert result.users == {} and result.rooms == {}
+    assert result.state_writes == [("!space", MARKER_TYPE, "", Marker(KIND_SPACE, USER).content())]
+    assert result.report.restored_room_meta == 1
+    assert run(applied(states, result), first.users, first.rooms).report.writes == 0
+
+
+def test_an_emptied_marker_the_database_does_not_know_is_not_trusted() -> None:
+    states = emptied(managed(), "!space")
+    result = run(states)
+    assert USER not in result.users or result.users[USER].space_id is None
+    assert not [w for w in result.state_writes if w[0] == "!space"]
+    # Someone else's database row does not make a room the bot did not make its own.
+    states = emptied(managed(), "!c1")
+    states["!c1"][0] = create(sender=USER, ts=2)
+    known = ChatRoomRow("!c1", USER, "C1", "Chat 1", "echo", "p1", False, False, 2)
+    result = run(states, {USER: UserRow(USER, "!space", 2, 1)}, {"!c1": known})
+    assert not [w for w in result.state_writes if w[0] == "!c1" and w[1] == MARKER_TYPE]
