@@ -110,9 +110,21 @@ def _open_fence(text: str) -> str | None:
     return fence
 
 
+# Rendering Markdown is pure Python and costs about 2 ms per KB; on every delta of a long
+# answer that adds up to minutes. So nothing is rendered for a delta unless an edit is due,
+# and after each render the next waits at least RENDER_SHARE times as long as it took:
+# rendering stays under about a tenth of the stream's time, however fast the deltas come.
+RENDER_SHARE = 10
+
+
 class StreamingReply:
     """Shows an answer while it streams: one message, edited at most once per interval,
-    ending with the whole answer (split into more messages past the size limit)."""
+    ending with the whole answer (split into more messages past the size limit).
+
+    The first text is sent at once; each later edit when the interval has passed since the
+    last one tried. A partial that would not fit one event is skipped (the final answer is
+    split instead), measured on the very content that would be sent.
+    """
 
     def __init__(
         self,
@@ -124,24 +136,31 @@ class StreamingReply:
         self.interval_s = interval_s
         self.clock = clock
         self.event_id: str | None = None
-        self.last_edit = 0.0
+        self.last_edit: float | None = None  # when the last partial was rendered
+        self.wait_s = interval_s  # until the next may be
         self.edits = 0
 
     async def partial(self, text_so_far: str) -> None:
         if not text_so_far.strip() or len(text_so_far.encode()) > CHUNK_BYTES:
             return  # past one event: the final answer will be split instead
-        if (
-            len(text_so_far.encode()) > CHUNK_BYTES // 4
-            and event_size(text_so_far) > MAX_EVENT_JSON
-        ):
-            return
         now = self.clock()
+        if self.last_edit is not None and now - self.last_edit < self.wait_s:
+            return  # throttled, before any rendering: a delta costs the same at any length
+        started = time.perf_counter()
+        shown = text_so_far + STREAM_CURSOR
         if self.event_id is None:
-            self.event_id = await self.send(notice_content(text_so_far + STREAM_CURSOR))
-            self.last_edit = now
-        elif now - self.last_edit >= self.interval_s:
-            await self.send(edit_content(self.event_id, text_so_far + STREAM_CURSOR))
-            self.last_edit = now
+            content = notice_content(shown)
+        else:
+            content = edit_content(self.event_id, shown)
+        fits = len(json.dumps(content)) <= MAX_EVENT_JSON
+        self.last_edit = now
+        self.wait_s = max(self.interval_s, RENDER_SHARE * (time.perf_counter() - started))
+        if not fits:
+            return
+        if self.event_id is None:
+            self.event_id = await self.send(content)
+        else:
+            await self.send(content)
             self.edits += 1
 
     async def finish(self, text: str) -> list[str]:

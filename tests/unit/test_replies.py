@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 from lambda_plugin.replies import (
     CHUNK_BYTES,
     MAX_EVENT_JSON,
+    STREAM_CURSOR,
     StreamingReply,
     edit_content,
     event_size,
@@ -82,3 +86,70 @@ def test_every_piece_fits_one_event_as_sent() -> None:
     pieces = split_answer(text)
     assert all(event_size(p) <= MAX_EVENT_JSON for p in pieces)
     assert "".join(pieces).split() == text.split()
+
+
+def _json_size(content: dict) -> int:
+    return len(json.dumps(content))
+
+
+def _answer(size: int) -> str:
+    """An ordinary Markdown answer of about ``size`` bytes: paragraphs, lists, code, links."""
+    block = (
+        "Here is **what I found** about `files`, with a [link](https://example.org/a).\n\n"
+        "- first point, *emphasised*\n- second point\n\n"
+        "```python\nprint('hello')\n```\n\n"
+    )
+    return (block * (size // len(block) + 1))[:size]
+
+
+async def test_the_first_partial_is_sent_at_once() -> None:
+    sent: list[dict] = []
+
+    async def send(content: dict) -> str:
+        sent.append(content)
+        return "$first"
+
+    reply = StreamingReply(send, interval_s=3600.0, clock=lambda: 5.0)
+    await reply.partial("Hel")
+    assert [c["body"] for c in sent] == ["Hel" + STREAM_CURSOR]  # no waiting for the interval
+    await reply.partial("Hello")
+    assert len(sent) == 1  # the edits wait for it
+
+
+async def test_streaming_cost_per_delta_does_not_grow_with_the_answer() -> None:
+    async def send(content: dict) -> str:
+        return "$e"
+
+    text = _answer(12_000)
+    reply = StreamingReply(send, interval_s=0.0)
+    start = time.process_time()
+    for end in range(4, len(text) + 1, 4):
+        await reply.partial(text[:end])
+        # checked as it goes: before the fix this took over a minute
+        assert time.process_time() - start < 0.3, f"{end} bytes streamed"
+
+
+async def test_no_streamed_event_exceeds_the_limit_for_adversarial_content() -> None:
+    sent: list[dict] = []
+    now = [0.0]
+
+    async def send(content: dict) -> str:
+        sent.append(content)
+        return "$e1"
+
+    url = "https://example.org/" + "u" * 900
+    answers = {
+        # escapes to 4-5 times its size in HTML
+        "escaping": '<&>"' * 3000,
+        # a reference link used over and over: 6 bytes of Markdown, 900 of HTML each
+        "references": f"[r]: {url}\n\n" + "[x][r] " * 300,
+    }
+    for kind, text in answers.items():
+        sent.clear()
+        reply = StreamingReply(send, interval_s=1.0, clock=lambda: now[0])
+        for end in range(50, len(text) + 1, len(text) // 12):  # a dozen sizes up to all of it
+            now[0] += 2.0  # the interval has always passed: each partial is tried
+            await reply.partial(text[:end])
+        await reply.finish(text)
+        assert sent, kind
+        assert max(_json_size(c) for c in sent) <= MAX_EVENT_JSON, kind
