@@ -42,6 +42,9 @@ SHOWN = {
         ("msgs_per_s", "/s"), ("duplicates", ""),
     ],
     "provision": [("users", ""), ("p50_s", "s"), ("p95_s", "s"), ("duplicates", "")],
+    "stream_cpu": [
+        ("cpu_s_10k", "CPU-s"), ("cpu_s_12k", "CPU-s"), ("edits_10k", ""), ("edits_12k", ""),
+    ],
 }  # fmt: skip
 
 
