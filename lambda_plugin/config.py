@@ -1,12 +1,16 @@
-"""The plugin's config: the proxy maubot edits, and the checked settings derived from it."""
+"""The plugin's config: the proxy maubot edits, the checked settings derived from it, and
+the reader each agent checks its own options with (they live in the config too)."""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
+from yarl import URL
 
 from .texts import TEXTS
 
@@ -76,6 +80,62 @@ class AgentSpec:
     agent_id: str
     backend: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+class AgentOptions:
+    """Reads one agent's options, naming the exact config key in every error."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        self.values = spec.options
+        self.prefix = f"agents.registry.{spec.agent_id}"
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        value = self.values.get(key)
+        if value is None or value == "":
+            if required:
+                raise ValueError(f"{self.prefix}.{key} is required")
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{self.prefix}.{key} must be a text")
+        return value
+
+    def url(self, key: str) -> URL:
+        url = URL(self.text(key, required=True) or "")  # required: never None here
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{self.prefix}.{key} must be an http(s) URL")
+        if url.user is not None or url.password is not None:
+            # Secrets belong in their own option, which goes into a header and nowhere else.
+            raise ValueError(f"{self.prefix}.{key} must not hold credentials")
+        return url
+
+    def number(self, key: str, default: float) -> float:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{self.prefix}.{key} must be a positive number")
+        return float(value)
+
+    def count(self, key: str, default: int) -> int:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{self.prefix}.{key} must be a whole number, 0 or more")
+        return value
+
+    def whole(self, key: str, default: int) -> int:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{self.prefix}.{key} must be a positive whole number")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.values.get(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.prefix}.{key} must be true or false")
+        return value
+
+    def warn_unknown(self, log: logging.Logger, known: Collection[str]) -> None:
+        # Only a warning: refusing unknown keys would break configs written for other versions.
+        for key in sorted(set(self.values) - set(known)):
+            log.warning("Ignoring unknown option %s.%s", self.prefix, key)
 
 
 def _users(value: Any, key: str) -> UserMatcher:

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from ..config import AgentSpec
+from ..config import AgentOptions, AgentSpec
 from ..db import Store
 from ..texts import TEXTS, text
 
@@ -129,7 +129,7 @@ class Agent(ABC):
     def __init__(self, spec: AgentSpec, log: logging.Logger) -> None:
         self.agent_id = spec.agent_id
         self.log = log
-        Options(spec).warn_unknown(log, self.OPTIONS)
+        AgentOptions(spec).warn_unknown(log, self.OPTIONS)
 
     @abstractmethod
     async def respond(
@@ -202,62 +202,6 @@ def _history_of(snapshot: str) -> list[tuple[str, str]]:
     if not all(isinstance(r, str) and isinstance(c, str) for r, c in messages):
         raise AgentError.of("agent.bad_snapshot", "snapshot history holds non-text entries")
     return messages
-
-
-class Options:
-    """Reads one agent's options, naming the exact config key in every error."""
-
-    def __init__(self, spec: AgentSpec) -> None:
-        self.values = spec.options
-        self.prefix = f"agents.registry.{spec.agent_id}"
-
-    def text(self, key: str, *, required: bool = False) -> str | None:
-        value = self.values.get(key)
-        if value is None or value == "":
-            if required:
-                raise ValueError(f"{self.prefix}.{key} is required")
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"{self.prefix}.{key} must be a text")
-        return value
-
-    def url(self, key: str) -> URL:
-        url = URL(self.text(key, required=True) or "")  # required: never None here
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"{self.prefix}.{key} must be an http(s) URL")
-        if url.user is not None or url.password is not None:
-            # Secrets belong in their own option, which goes into a header and nowhere else.
-            raise ValueError(f"{self.prefix}.{key} must not hold credentials")
-        return url
-
-    def number(self, key: str, default: float) -> float:
-        value = self.values.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{self.prefix}.{key} must be a positive number")
-        return float(value)
-
-    def count(self, key: str, default: int) -> int:
-        value = self.values.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{self.prefix}.{key} must be a whole number, 0 or more")
-        return value
-
-    def whole(self, key: str, default: int) -> int:
-        value = self.values.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{self.prefix}.{key} must be a positive whole number")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.values.get(key, default)
-        if not isinstance(value, bool):
-            raise ValueError(f"{self.prefix}.{key} must be true or false")
-        return value
-
-    def warn_unknown(self, log: logging.Logger, known: Collection[str]) -> None:
-        # Only a warning: refusing unknown keys would break configs written for other versions.
-        for key in sorted(set(self.values) - set(known)):
-            log.warning("Ignoring unknown option %s.%s", self.prefix, key)
 
 
 class HttpClient:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..config import AgentSpec
+from ..config import AgentOptions, AgentSpec
 from .base import (
     MAX_ANSWER_CHARS,
     Agent,
@@ -19,7 +19,6 @@ from .base import (
     AgentRequest,
     ContextInfo,
     HttpClient,
-    Options,
     PartialCallback,
     check_length,
 )
@@ -31,7 +30,7 @@ class LambdaAgent(Agent):
 
     def __init__(self, spec: AgentSpec, http: aiohttp.ClientSession, log: logging.Logger) -> None:
         super().__init__(spec, log)
-        options = Options(spec)
+        options = AgentOptions(spec)
         self.client = HttpClient(
             http,
             options.url("base_url"),

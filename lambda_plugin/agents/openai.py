@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from ..config import AgentSpec
+from ..config import AgentOptions, AgentSpec
 from ..db import Store
 from .base import (
     MAX_ANSWER_CHARS,
@@ -21,7 +21,6 @@ from .base import (
     AgentReply,
     AgentRequest,
     HttpClient,
-    Options,
     PartialCallback,
     StoreAgent,
     check_length,
@@ -61,7 +60,7 @@ class OpenAIAgent(StoreAgent):
         self, spec: AgentSpec, store: Store, http: aiohttp.ClientSession, log: logging.Logger
     ) -> None:
         super().__init__(spec, store, log)
-        options = Options(spec)
+        options = AgentOptions(spec)
         self.model = options.text("model", required=True)
         self.system_prompt = options.text("system_prompt")
         self.max_history = options.count("max_history", 40)
