@@ -1,30 +1,34 @@
 """Catch-up after a start: what users said while the bot was down, or in its first seconds up.
 
 maubot drops every event of the first sync after a start, user messages included, so after
-reconciliation the plugin reads the recent timeline of every active chat room itself (one
-filtered ``/sync``) and hands each unanswered message or command, oldest first, to the same
-handlers live events reach. Handled event ids are stored, so nothing is answered twice.
+reconciliation the plugin reads the recent timeline of every room itself (one filtered
+``/sync``) and hands each unanswered message or command, oldest first, to the same paths live
+events take: ``intake.classify`` decides what each is, the room's queue keeps the order.
+The data of maubot's first sync (which it drops) is handed over the same way. Handled event
+ids are stored, so nothing is answered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from maubot.matrix import MaubotMessageEvent
+from maubot.matrix import MaubotMatrixClient, MaubotMessageEvent
 from mautrix.client import SyncStream
 from mautrix.types import EventType, MessageEvent
 
-from .files import FILE_MSGTYPES
-from .matrix import HomeserverError, one_off_sync_filter
-
-if TYPE_CHECKING:
-    from .bot import LambdaBot
+from .intake import Incoming, Kind, classify
+from .matrix import HomeserverError, Matrix, one_off_sync_filter
+from .queue import QueueItem, RoomQueues
 
 TIMELINE_LIMIT = 50
-ANSWERED = ("m.text", "m.emote", *FILE_MSGTYPES)
+SYNC_TOKEN_KEY = "catch_up_since"
+
+Handlers = Callable[[], list[tuple[Callable, EventType]]]
 
 
 def catch_up_filter() -> str:
@@ -32,13 +36,36 @@ def catch_up_filter() -> str:
 
 
 def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
+    """(room, inviter) of every pending invite of the bot in a /sync answer."""
     invites = []
-    for room_id, data in sync.get("rooms", {}).get("invite", {}).items():
-        for event in data.get("invite_state", {}).get("events", []):
-            if event.get("type") == "m.room.member" and event.get("state_key") == bot_id:
-                invites.append((room_id, event.get("sender", "")))
+    rooms = sync.get("rooms") if isinstance(sync, dict) else None
+    invited = rooms.get("invite") if isinstance(rooms, dict) else None
+    for room_id, data in (invited if isinstance(invited, dict) else {}).items():
+        state = data.get("invite_state") if isinstance(data, dict) else None
+        events = state.get("events") if isinstance(state, dict) else None
+        for event in events if isinstance(events, list) else []:
+            if (
+                isinstance(event, dict)
+                and event.get("type") == "m.room.member"
+                and event.get("state_key") == bot_id
+                and isinstance(event.get("sender"), str)
+            ):
+                invites.append((room_id, event["sender"]))
                 break
     return invites
+
+
+def timelines_of(sync: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each joined room's timeline events in a /sync answer (malformed parts left out)."""
+    rooms = sync.get("rooms") if isinstance(sync, dict) else None
+    joined = rooms.get("join") if isinstance(rooms, dict) else None
+    found = {}
+    for room_id, room in (joined if isinstance(joined, dict) else {}).items():
+        timeline = room.get("timeline") if isinstance(room, dict) else None
+        events = timeline.get("events") if isinstance(timeline, dict) else None
+        if isinstance(room_id, str) and isinstance(events, list):
+            found[room_id] = [e for e in events if isinstance(e, dict)]
+    return found
 
 
 def unanswered(
@@ -55,26 +82,20 @@ def unanswered(
     found = []
     for room_id in sorted(rooms):
         events = timelines.get(room_id, [])
-        if not any(e.get("event_id") in handled for e in events):
+        if not any(isinstance(e.get("event_id"), str) and e["event_id"] in handled for e in events):
             last_bot = max(
                 (i for i, e in enumerate(events) if e.get("sender") == bot_id), default=-1
             )
             events = events[last_bot + 1 :]
         for event in events:
+            incoming = classify({**event, "room_id": room_id}, bot_id)
             if (
-                event.get("type") == "m.room.message"
-                and event.get("sender") != bot_id
-                and int(event.get("origin_server_ts") or 0) >= since_ms
-                and event.get("event_id") not in handled
-                and isinstance(event.get("content"), dict)
-                and event["content"].get("msgtype") in ANSWERED
-                and event["content"].get("m.relates_to", {}).get("rel_type") != "m.replace"
+                incoming.kind is not Kind.IGNORED
+                and incoming.timestamp >= since_ms
+                and incoming.event_id not in handled
             ):
                 found.append((room_id, event))
     return found
-
-
-SYNC_TOKEN_KEY = "catch_up_since"
 
 
 class SyncPositions:
@@ -100,77 +121,82 @@ class SyncPositions:
 
 
 class CatchUp:
-    def __init__(self, bot: LambdaBot) -> None:
-        self.bot = bot
+    """Reads what was missed and queues it, messages and commands as one sequence per room.
 
-    async def queue_missed(
-        self, max_age_s: float
-    ) -> tuple[list[MaubotMessageEvent], list[tuple[str, str]]]:
-        """Puts missed messages at the head of their rooms' queues (before anything that
-        arrived during the start); returns the missed commands, for after the start, and the
-        pending invites (room, inviter) the same /sync shows."""
-        bot = self.bot
+    A missed command gets a reserved place in its room's queue, at its place in the
+    timeline; the command handler that maubot's dispatch runs later takes that place."""
+
+    def __init__(
+        self,
+        mx: Matrix,
+        queues: RoomQueues,
+        client: MaubotMatrixClient,
+        handlers: Handlers,
+        log: logging.Logger,
+    ) -> None:
+        self.mx = mx
+        self.queues = queues
+        self.client = client
+        self.handlers = handlers  # the handlers maubot dispatches events to, as registered
+        self.log = log
+
+    async def read(self, since: str | None) -> dict[str, Any]:
+        """One /sync from ``since`` (the whole recent timeline when None or unknown)."""
         query = {"filter": catch_up_filter(), "timeout": "0"}
-        since = await bot.store.get_value(SYNC_TOKEN_KEY)
         if since:
             query["since"] = since  # only what happened since; else every room is walked
         try:
-            sync = await bot.mx.sync(query)
+            return await self.mx.sync(query)
         except HomeserverError:
             if not since:
                 raise
             del query["since"]  # a position the homeserver no longer knows: read it all
-            sync = await bot.mx.sync(query)
-        timelines = {
-            room_id: room.get("timeline", {}).get("events", [])
-            for room_id, room in sync.get("rooms", {}).get("join", {}).items()
-        }
-        active = {r.room_id for r in bot.registry.rooms.values() if not r.gone and not r.archived}
-        candidates = [e["event_id"] for t in timelines.values() for e in t if "event_id" in e]
-        handled = await bot.store.handled_among(candidates)
-        since_ms = int((time.time() - max_age_s) * 1000)
-        # Commands count in every room (a !chats in the DM too); messages in chat rooms.
-        missed = unanswered(timelines, set(timelines), bot.mx.user_id, since_ms, handled)
-        jobs: dict[str, list] = {}
-        commands = []
+            return await self.mx.sync(query)
+
+    def queue(
+        self, missed: list[tuple[str, dict[str, Any]]], active: set[str]
+    ) -> list[tuple[Incoming, dict[str, Any]]]:
+        """Puts missed messages and places for missed commands at the head of their rooms'
+        queues, in timeline order; returns the commands, for maubot's handlers."""
+        heads: dict[str, list[QueueItem]] = {}
+        commands: list[tuple[Incoming, dict[str, Any]]] = []
         for room_id, raw in missed:
-            event = self._event(room_id, raw)
-            if event is None:
-                continue
-            job = bot.router.job_for(event)
-            if job is not None and room_id in active:
-                jobs.setdefault(room_id, []).append(job)
-            elif job is None and (event.content.body or "").startswith("!"):
-                commands.append(event)
+            incoming = classify({**raw, "room_id": room_id}, self.mx.user_id)
+            if incoming.kind is Kind.MESSAGE and room_id in active:
+                heads.setdefault(room_id, []).append(incoming)
+            elif incoming.kind is Kind.COMMAND:
+                heads.setdefault(room_id, []).append(self.queues.reserve(incoming.event_id))
+                commands.append((incoming, raw))
             else:
                 continue
-            bot.log.info("Catching up %s in %s", event.event_id, room_id)
-        for room_id, room_jobs in jobs.items():
-            bot.router.worker(room_id).push_front(room_jobs)
-        count = sum(len(j) for j in jobs.values()) + len(commands)
-        bot.log.info("Caught up %d message(s) sent while the bot was away", count)
-        return commands, parse_invites(sync, bot.mx.user_id)
+            self.log.info("Catching up %s in %s", incoming.event_id, room_id)
+        for room_id, items in heads.items():
+            self.queues.worker(room_id).push_front(items)
+        count = sum(len(items) for items in heads.values())
+        self.log.info("Caught up %d message(s) sent while the bot was away", count)
+        return commands
 
-    def _event(self, room_id: str, raw: dict[str, Any]) -> MaubotMessageEvent | None:
-        try:
-            event = MessageEvent.deserialize({**raw, "room_id": room_id})
-        except Exception:  # a malformed event is skipped, never fatal
-            self.bot.log.debug("Skipping a malformed event %s in catch-up", raw.get("event_id"))
-            return None
-        event.content.trim_reply_fallback()  # as maubot does for live events
-        event = MaubotMessageEvent(event, self.bot.client)
-        event.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
-        return event
-
-    async def dispatch_commands(self, events: list[MaubotMessageEvent]) -> None:
-        """Hands missed commands to the same handlers live ones reach, in order."""
-        handlers = [
-            func
-            for func, event_type in self.bot.message_handlers()
-            if event_type == EventType.ROOM_MESSAGE
-        ]
+    async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
+        """Hands missed commands to the same handlers live ones reach; a place reserved for a
+        command its handler did not take (it needs no turn, or was refused) is let go."""
+        handlers = [f for f, event_type in self.handlers() if event_type == EventType.ROOM_MESSAGE]
+        events = [e for e in (self._event(i, raw) for i, raw in commands) if e is not None]
         # Started in order and not awaited one by one: handlers that keep a room's order
         # take their place before their first await.
         tasks = [asyncio.create_task(handler(e)) for e in events for handler in handlers]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.queues.release_reserved([incoming.event_id for incoming, _ in commands])
+
+    def _event(self, incoming: Incoming, raw: dict[str, Any]) -> MaubotMessageEvent | None:
+        try:
+            event = MessageEvent.deserialize({**raw, "room_id": incoming.room_id})
+        except Exception:  # a malformed event is skipped, never fatal
+            self.log.debug("Skipping a malformed event %s in catch-up", incoming.event_id)
+            return None
+        event.content.trim_reply_fallback()  # as maubot does for live events
+        wrapped = MaubotMessageEvent(event, self.client)
+        wrapped.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
+        return wrapped

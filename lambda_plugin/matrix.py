@@ -116,7 +116,10 @@ class Matrix:
                 wait = _wait_before_retry(refused, attempt, idempotent)
                 if wait is None:
                     raise refused.error() from None
-                self.log.debug("%s %s: %d; retrying in %.2fs", method, path, refused.status, wait)
+                if refused.status == 429:  # operators grep for this line (docs/troubleshooting)
+                    self.log.debug("Rate limited on %s %s; waiting %.2fs", method, path, wait)
+                else:
+                    self.log.debug("%s %s: %d; retrying in %.2fs", method, path, refused.status, wait)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if not idempotent or attempt >= TRANSIENT_TRIES:
                     raise HomeserverError(0, None, f"connection failed: {type(e).__name__}") from e

@@ -6,8 +6,6 @@ round trip just to learn where it goes.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from .db import ChatRoomRow, Store, UserRow
 
 
@@ -55,16 +53,8 @@ class Registry:
         await self.refresh_user(user_id)
 
     async def save_room(self, room: ChatRoomRow) -> None:
+        """Writes a chat's row through; only ``Chats`` calls this (it keeps the marker too)."""
         await self.store.upsert_room(room)
         self.rooms[room.room_id] = room
         await self.refresh_user(room.user_id)
 
-    async def update_room(self, room_id: str, **changes: object) -> ChatRoomRow:
-        room = replace(self.rooms[room_id], **changes)
-        await self.save_room(room)
-        return room
-
-    def clear(self) -> None:
-        self.users.clear()
-        self.rooms.clear()
-        self.spaces.clear()

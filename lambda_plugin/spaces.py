@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .db import ChatRoomRow, now_ms
-from .marker import KIND_SPACE, MARKER_TYPE, Marker
-from .matrix import HomeserverError
+from .chats import Chats
+from .config import Settings
+from .db import ChatRoomRow, Store, now_ms
+from .marker import KIND_SPACE, Marker
+from .matrix import HomeserverError, Matrix
 from .roomstate import (
     clean_name,
     creators_privileged,
@@ -19,8 +23,6 @@ from .roomstate import (
     space_parent,
 )
 
-if TYPE_CHECKING:
-    from .bot import LambdaBot
 
 @dataclass(frozen=True)
 class Provisioned:
@@ -34,18 +36,22 @@ class TooManyChats(Exception):
 
 
 class Spaces:
-    def __init__(self, bot: LambdaBot) -> None:
-        self.bot = bot
+    def __init__(
+        self,
+        mx: Matrix,
+        store: Store,
+        chats: Chats,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.mx = mx
+        self.store = store
+        self.chats = chats
+        self.registry = chats.registry
+        self.settings = settings
+        self.log = log
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._privileged: bool | None = None
-
-    @property
-    def mx(self):
-        return self.bot.mx
-
-    @property
-    def registry(self):
-        return self.bot.registry
 
     def lock(self, user_id: str) -> asyncio.Lock:
         """Held while a user's Space or rooms are created: one provisioning at a time per user."""
@@ -67,7 +73,7 @@ class Spaces:
                 # Written at once: a retry after this point finds the Space, never makes another.
                 await self.registry.set_space(user_id, space_id)
                 created = True
-                self.bot.log.info("Provisioned Space %s for %s", space_id, user_id)
+                self.log.info("Provisioned Space %s for %s", space_id, user_id)
             first_room = None
             if not self.registry.rooms_of(user_id):
                 first_room = await self._create_chat(user_id, space_id)
@@ -85,7 +91,7 @@ class Spaces:
         if provisioned.first_room is not None and not (name or agent_id or platform_chat_id):
             return provisioned.first_room
         async with self.lock(user_id):
-            if len(self.registry.rooms_of(user_id)) >= self.bot.settings.max_chats_per_user:
+            if len(self.registry.rooms_of(user_id)) >= self.settings().max_chats_per_user:
                 raise TooManyChats()
             return await self._create_chat(
                 user_id, provisioned.space_id, name, agent_id, platform_chat_id
@@ -93,7 +99,7 @@ class Spaces:
 
     async def _create_space(self, user_id: str) -> str:
         displayname = await self.mx.displayname(user_id) or user_id.split(":")[0].lstrip("@")
-        settings = self.bot.settings
+        settings = self.settings()
         name = settings.space_name.format(displayname=displayname, user_id=user_id)
         return await self.mx.create_room(
             {
@@ -115,53 +121,41 @@ class Spaces:
         agent_id: str | None = None,
         platform_chat_id: str | None = None,
     ) -> ChatRoomRow:
-        number = await self.bot.store.take_chat_index(user_id)
-        settings = self.bot.settings
+        number = await self.store.take_chat_index(user_id)
+        settings = self.settings()
         chat_id = f"C{number}"
         name = name or settings.chat_name.format(n=number)
         agent_id = agent_id or settings.default_agent
         platform_chat_id = platform_chat_id or new_platform_chat_id()
         # The row first (its room id filled in once the room exists): the marker is made from it.
         room = ChatRoomRow(
-            room_id="",
-            user_id=user_id,
-            chat_id=chat_id,
-            name=name,
-            agent_id=agent_id,
-            platform_chat_id=platform_chat_id,
-            archived=False,
-            gone=False,
-            created_at=now_ms(),
-        )
-        room_id = await self.mx.create_room(
-            {
-                "name": name,
-                "preset": "private_chat",
-                "visibility": "private",
-                "invite": [user_id],
-                "initial_state": [
-                    Marker.for_chat(room, space_id).state_event(),
-                    {
-                        "type": "m.space.parent",
-                        "state_key": space_id,
-                        "content": space_parent(self.mx.server_name),
-                    },
-                ],
-                "power_level_content_override": await self.power_levels(user_id),
-            }
-        )
+            room_id="", user_id=user_id, chat_id=chat_id, name=name, agent_id=agent_id,
+            platform_chat_id=platform_chat_id, archived=False, gone=False, created_at=now_ms(),
+        )  # fmt: skip
+        room_id = await self.mx.create_room(await self._chat_room_body(room, space_id))
         room = replace(room, room_id=room_id)
-        await self.registry.save_room(room)
+        await self.chats.add(room)
         await self.mx.send_state(
             space_id, "m.space.child", space_child(self.mx.server_name, number), room_id
         )
-        self.bot.log.info("Created chat %s (%s) for %s in %s", chat_id, room_id, user_id, space_id)
+        self.log.info("Created chat %s (%s) for %s in %s", chat_id, room_id, user_id, space_id)
         return room
 
-    async def write_marker(self, room: ChatRoomRow, space_id: str | None) -> None:
-        await self.mx.send_state(
-            room.room_id, MARKER_TYPE, Marker.for_chat(room, space_id).content()
-        )
+    async def _chat_room_body(self, room: ChatRoomRow, space_id: str) -> dict[str, Any]:
+        """The createRoom request of a chat room: its marker and Space link in it from the start."""
+        parent = {
+            "type": "m.space.parent",
+            "state_key": space_id,
+            "content": space_parent(self.mx.server_name),
+        }
+        return {
+            "name": room.name,
+            "preset": "private_chat",
+            "visibility": "private",
+            "invite": [room.user_id],
+            "initial_state": [Marker.for_chat(room, space_id).state_event(), parent],
+            "power_level_content_override": await self.power_levels(room.user_id),
+        }
 
     async def set_archived(self, room: ChatRoomRow, archived: bool) -> ChatRoomRow:
         """Takes the room out of the Space (a child event without via) or puts it back."""
@@ -169,16 +163,15 @@ class Spaces:
         assert space_id is not None
         child = {} if archived else space_child(self.mx.server_name, room.chat_number)
         await self.mx.send_state(space_id, "m.space.child", child, room.room_id)
-        room = await self.registry.update_room(room.room_id, archived=archived)
-        await self.write_marker(room, space_id)
-        self.bot.log.info(
+        room = await self.chats.update(room.room_id, archived=archived)
+        self.log.info(
             "%s chat %s (%s)", "Archived" if archived else "Unarchived", room.chat_id, room.room_id
         )
         return room
 
     async def rename(self, room: ChatRoomRow, name: str) -> ChatRoomRow:
         await self.mx.send_state(room.room_id, "m.room.name", {"name": name})
-        return await self.registry.update_room(room.room_id, name=name)
+        return await self.chats.update(room.room_id, name=name)
 
     async def reinvite(self, user_id: str) -> None:
         """Invites the user back into their Space and active rooms wherever they left."""
@@ -190,9 +183,9 @@ class Spaces:
             try:
                 if await self.mx.membership(room_id, user_id) not in ("join", "invite"):
                     await self.mx.invite(room_id, user_id)
-                    self.bot.log.info("Re-invited %s to %s", user_id, room_id)
+                    self.log.info("Re-invited %s to %s", user_id, room_id)
             except HomeserverError as e:
-                self.bot.log.warning("Could not re-invite %s to %s: %s", user_id, room_id, e)
+                self.log.warning("Could not re-invite %s to %s: %s", user_id, room_id, e)
 
     async def leave_everything(self, keep_room: str | None = None) -> int:
         """The dev server reset: removes the users from every managed room and Space and
@@ -210,6 +203,6 @@ class Spaces:
                 await self.mx.leave(room_id)
                 left += 1
             except HomeserverError as e:
-                self.bot.log.warning("Reset could not leave %s: %s", room_id, e)
-        self.bot.log.info("Server reset: left %d rooms", left)
+                self.log.warning("Reset could not leave %s: %s", room_id, e)
+        self.log.info("Server reset: left %d rooms", left)
         return left

@@ -148,6 +148,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "file.missing": "The agent returned `{path}`, but there is no such file in the workspace.",
         "file.too_large_out": "The file {name} the agent returned is too large to send: at most {max_mb} MB.",
         "file.upload_failed": "The file {name} the agent returned could not be uploaded to the room.",
+        "file.outside": "The agent returned `{path}`, which is outside your own folder in the workspace; it was not sent.",
+        "file.quota": "The file {name} was not saved: your files in the workspace would go past the limit of {max_mb} MB. It was not passed on.",
+        "file.timeout": "The file {name} took longer than {seconds} s to download and was not passed on; please send it again.",
+        "agent.too_long": "The agent's answer went past {limit} characters, so it was stopped.",
     },
     "ru": {
         "help.title": "**Lambda** — разговор с ИИ-агентами. Каждый чат — отдельный разговор.",
@@ -239,6 +243,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "file.missing": "Агент вернул `{path}`, но такого файла в рабочем пространстве нет.",
         "file.too_large_out": "Файл {name}, который вернул агент, слишком велик для отправки: не больше {max_mb} МБ.",
         "file.upload_failed": "Не удалось загрузить в комнату файл {name}, который вернул агент.",
+        "file.outside": "Агент вернул `{path}`, но этот файл лежит вне вашей папки в рабочем пространстве; он не отправлен.",
+        "file.quota": "Файл {name} не сохранён: ваши файлы в рабочем пространстве превысили бы предел в {max_mb} МБ. Он не передан агенту.",
+        "file.timeout": "Файл {name} не скачался за {seconds} с и не передан агенту; пожалуйста, отправьте его ещё раз.",
+        "agent.too_long": "Ответ агента превысил {limit} символов и был остановлен.",
     },
 }
 

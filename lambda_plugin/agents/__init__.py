@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
-import aiohttp
-
-from ..config import AgentSpec
-from ..db import Store
 from .base import (
     ERROR_TEXTS,
     Agent,
@@ -19,8 +13,10 @@ from .base import (
     PartialCallback,
 )
 from .echo import EchoAgent
+from .factory import create_agent
 from .lambda_platform import LambdaAgent
 from .openai import OpenAIAgent
+from .pool import Agents
 
 __all__ = [
     "ERROR_TEXTS",
@@ -28,6 +24,7 @@ __all__ = [
     "AgentError",
     "AgentReply",
     "AgentRequest",
+    "Agents",
     "Attachment",
     "ContextInfo",
     "EchoAgent",
@@ -37,15 +34,3 @@ __all__ = [
     "create_agent",
 ]
 
-
-def create_agent(
-    spec: AgentSpec, store: Store, http: aiohttp.ClientSession, log: logging.Logger
-) -> Agent:
-    """The agent a registry entry describes; ValueError names the first bad option."""
-    if spec.backend == "echo":
-        return EchoAgent(spec, store, log)
-    if spec.backend == "openai":
-        return OpenAIAgent(spec, store, http, log)
-    if spec.backend == "lambda":
-        return LambdaAgent(spec, http, log)
-    raise ValueError(f"agents.registry.{spec.agent_id}.backend {spec.backend!r} is unknown")

@@ -1,6 +1,28 @@
+from collections.abc import Iterable
+
+from maubot.handlers.command import CommandHandler
+
 from .admin import AdminCommands
+from .base import CommandBase
 from .chats import ChatCommands
 from .context import ContextCommands
 from .help import HelpCommands
 
-__all__ = ["AdminCommands", "ChatCommands", "ContextCommands", "HelpCommands"]
+__all__ = [
+    "AdminCommands",
+    "ChatCommands",
+    "CommandBase",
+    "ContextCommands",
+    "HelpCommands",
+    "command_names",
+]
+
+
+def command_names(classes: Iterable[type]) -> frozenset[str]:
+    """The names of the commands the classes register (each `!name` maubot answers)."""
+    names = set()
+    for cls in classes:
+        for value in vars(cls).values():
+            if isinstance(value, CommandHandler) and value.__mb_parent__ is None:
+                names.add(value.__mb_get_name__(None))
+    return frozenset(names)

@@ -2,98 +2,96 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from maubot import MessageEvent
 from maubot.handlers import command
 
-from ..reconcile import Report
-from ..texts import text
-from .base import CommandBase
+from ..agents import Agents
+from ..queue import RoomQueues
+from ..reconcile import Reconciler, Report
+from ..registry import Registry
+from ..spaces import Spaces
+from .base import CommandBase, admin
 
 HEALTH_TIMEOUT_S = 15
 CONFIRM = "--confirm"
 
 
 class AdminCommands(CommandBase):
-    async def admin(self, evt: MessageEvent) -> bool:
-        """True for admins; anyone else is told the command is not theirs."""
-        if not await self.begin(evt):
-            return False
-        if evt.sender in self.bot.settings.admins:
-            return True
-        await self.reply(evt, "admin.only")
-        return False
+    def __init__(
+        self,
+        *base: Any,
+        registry: Registry,
+        reconciler: Reconciler,
+        spaces: Spaces,
+        agents: Agents,
+        queues: RoomQueues,
+        rebuild: Callable[[], Awaitable[Report]],
+    ) -> None:
+        super().__init__(*base)
+        self.registry = registry
+        self.reconciler = reconciler
+        self.spaces = spaces
+        self.agents = agents
+        self.queues = queues
+        self.rebuild = rebuild  # reset local: the database dropped and rebuilt, gate closed
 
     def report_text(self, report: Report | None) -> str:
         if report is None:
-            return text(self.bot.settings.language, "admin.no_report")
+            return self.notices.text("admin.no_report")
         return "\n".join(f"- {key}: {value}" for key, value in report.as_dict().items())
 
     @command.new("lambda", help="Admin: status, reconcile, reset", require_subcommand=False)
+    @admin
     async def lambda_(self, evt: MessageEvent) -> None:
-        if await self.admin(evt):
-            await self.reply(evt, "admin.usage")
+        await self.reply(evt, "admin.usage")
 
     @lambda_.subcommand("status", help="Counts, last reconciliation, agents' health")
+    @admin
     async def status(self, evt: MessageEvent) -> None:
-        if not await self.admin(evt):
-            return
-        lang = self.bot.settings.language
-        counts = await self.bot.store.counts()
-        rooms = self.bot.registry.rooms.values()
-        health = await self.agent_health()
+        counts = await self.store.counts()
+        rooms = self.registry.rooms.values()
+        health = await self.agents.health(HEALTH_TIMEOUT_S)
+        say = self.notices.text
         lines = [
-            text(lang, "admin.status_title"),
-            text(
-                lang,
+            say("admin.status_title"),
+            say(
                 "admin.counts",
                 users=counts["lambda_user"],
                 active=sum(1 for r in rooms if not r.archived and not r.gone),
                 archived=sum(1 for r in rooms if r.archived and not r.gone),
                 gone=sum(1 for r in rooms if r.gone),
                 snapshots=counts["snapshot"],
-                busy=sum(1 for w in self.bot.router.workers.values() if w.busy),
+                busy=self.queues.busy_rooms(),
             ),
-            text(lang, "admin.health_title"),
-            *(f"- `{agent_id}`: {state}" for agent_id, state in health.items()),
-            text(lang, "admin.report_title"),
-            self.report_text(self.bot.reconciler.last_report),
+            say("admin.health_title"),
+            *(f"- `{agent_id}`: {self.health_text(problem)}" for agent_id, problem in health.items()),
+            say("admin.report_title"),
+            self.report_text(self.reconciler.last_report),
         ]
-        await self.bot.notify(evt.room_id, "\n".join(lines))
+        await self.notices.send(evt.room_id, "\n".join(lines))
 
-    async def agent_health(self) -> dict[str, str]:
-        lang = self.bot.settings.language
-        agents = dict(self.bot.router.agents)
-
-        async def check(agent_id: str) -> tuple[str, str]:
-            try:
-                problem = await asyncio.wait_for(agents[agent_id].health(), HEALTH_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                problem = text(lang, "agent.timeout")
-            return agent_id, problem or text(lang, "admin.healthy")
-
-        return dict(await asyncio.gather(*(check(agent_id) for agent_id in agents)))
+    def health_text(self, problem: str | None) -> str:
+        if problem == "timeout":
+            return self.notices.text("agent.timeout")
+        return problem or self.notices.text("admin.healthy")
 
     @lambda_.subcommand("reconcile", help="Reconcile now: !lambda reconcile [--dry-run]")
     @command.argument("flags", pass_raw=True, required=False)
+    @admin
     async def reconcile(self, evt: MessageEvent, flags: str = "") -> None:
-        if not await self.admin(evt):
-            return
         dry_run = "--dry-run" in (flags or "")
-        report = await self.bot.reconciler.run(dry_run=dry_run)
-        self.bot.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
-        title = "admin.reconcile_dry" if dry_run else "admin.reconcile_done"
-        await self.bot.notify(
-            evt.room_id,
-            text(self.bot.settings.language, title) + "\n" + self.report_text(report),
-        )
+        report = await self.reconciler.run(dry_run=dry_run)
+        self.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
+        title = self.notices.text("admin.reconcile_dry" if dry_run else "admin.reconcile_done")
+        await self.notices.send(evt.room_id, title + "\n" + self.report_text(report))
 
     @lambda_.subcommand("reset", help="Dev reset: !lambda reset local|server [--confirm]")
     @command.argument("args", pass_raw=True, required=False)
+    @admin
     async def reset(self, evt: MessageEvent, args: str = "") -> None:
-        if not await self.admin(evt):
-            return
         words = (args or "").split()
         scope = words[0] if words else ""
         if scope not in ("local", "server"):
@@ -103,19 +101,13 @@ class AdminCommands(CommandBase):
             await self.reply(evt, f"admin.reset_{scope}_confirm")
             return
         if scope == "local":
-            self.bot.log.info("Local reset by %s", evt.sender)
-            await self.bot.store.clear_all()
-            await self.bot.registry.load()
-            report = await self.bot.reconciler.run()
-            await self.bot.notify(
-                evt.room_id,
-                text(self.bot.settings.language, "admin.reset_local_done")
-                + "\n"
-                + self.report_text(report),
-            )
+            self.log.info("Local reset by %s", evt.sender)
+            report = await self.rebuild()
+            done = self.notices.text("admin.reset_local_done")
+            await self.notices.send(evt.room_id, done + "\n" + self.report_text(report))
             return
-        self.bot.log.info("Server reset by %s", evt.sender)
-        left = await self.bot.spaces.leave_everything(keep_room=evt.room_id)
-        await self.bot.store.clear_all()
-        await self.bot.registry.load()
+        self.log.info("Server reset by %s", evt.sender)
+        left = await self.spaces.leave_everything(keep_room=evt.room_id)
+        await self.store.clear_all()
+        await self.registry.load()
         await self.reply(evt, "admin.reset_server_done", rooms=left)

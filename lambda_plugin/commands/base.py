@@ -1,45 +1,117 @@
-"""What every command class shares: answering in the user's language, and the checks that
-answer a refusal themselves."""
+"""What every command class shares, and the preconditions commands declare.
+
+A command handler is decorated with what it needs, outermost first:
+``@in_turn`` (it changes the conversation, so it runs in the room's queue, between the right
+messages), then one of ``@any_user`` / ``@allowed_user`` / ``@chat_owner`` / ``@admin``. Each
+precondition first waits for the start gate and records the event as handled (a redelivered
+or caught-up command is never answered twice); a refusal is answered by the decorator.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from maubot import MessageEvent
 
-from ..db import ChatRoomRow
-from ..texts import text
+from ..config import Settings
+from ..db import Store
+from ..gate import StartGate
+from ..notices import Notices
+from ..queue import RoomQueues
 
-if TYPE_CHECKING:
-    from ..bot import LambdaBot
+Handler = Callable[..., Awaitable[Any]]
+F = TypeVar("F", bound=Handler)
 
 
 class CommandBase:
-    def __init__(self, bot: LambdaBot) -> None:
-        self.bot = bot
+    def __init__(
+        self,
+        gate: StartGate,
+        store: Store,
+        notices: Notices,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.gate = gate
+        self.store = store
+        self.notices = notices
+        self.settings = settings
+        self.log = log
 
     async def begin(self, evt: MessageEvent) -> bool:
-        """Every command starts here: waits until the plugin is ready, and says whether the
-        event is new (a redelivered or already handled one is not answered twice)."""
-        await self.bot.ready.wait()
-        if self.bot.stopping:
+        """Waits until the plugin is ready; True when the event is new (not handled yet)."""
+        if not await self.gate.wait():
             return False
-        return await self.bot.store.mark_handled(evt.event_id, evt.room_id)
+        return await self.store.mark_handled(evt.event_id, evt.room_id)
 
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
-        await self.bot.notify(evt.room_id, text(self.bot.settings.language, key, **values))
+        await self.notices.say(evt.room_id, key, **values)
 
-    async def allowed(self, evt: MessageEvent) -> bool:
-        """True for users the access policy admits; others are told so."""
-        if evt.sender in self.bot.settings.allowed_users:
-            return True
-        await self.reply(evt, "refused")
-        return False
 
-    async def owned_chat(self, evt: MessageEvent) -> ChatRoomRow | None:
-        """The chat room the command was sent in, when the sender owns it; else says so."""
-        room = self.bot.registry.room(evt.room_id)
-        if room is None or room.gone or room.user_id != evt.sender:
-            await self.reply(evt, "not_chat_room")
-            return None
-        return room
+def _precondition(check: Callable[[Any, MessageEvent], Awaitable[tuple | None]]) -> Callable:
+    """A decorator that runs ``check`` (after begin) and passes what it returns as extra
+    leading arguments; None from ``check`` means refused (it answered the user itself)."""
+
+    def decorator(func: F) -> F:
+        @functools.wraps(func)
+        async def wrapper(self: CommandBase, evt: MessageEvent, *args: Any, **kwargs: Any) -> Any:
+            if not await self.begin(evt):
+                return None
+            extra = await check(self, evt)
+            if extra is None:
+                return None
+            return await func(self, evt, *extra, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+async def _nothing(self: CommandBase, evt: MessageEvent) -> tuple:
+    return ()
+
+
+async def _allowed(self: CommandBase, evt: MessageEvent) -> tuple | None:
+    if evt.sender in self.settings().allowed_users:
+        return ()
+    await self.reply(evt, "refused")
+    return None
+
+
+async def _admin(self: CommandBase, evt: MessageEvent) -> tuple | None:
+    if evt.sender in self.settings().admins:
+        return ()
+    await self.reply(evt, "admin.only")
+    return None
+
+
+async def _chat_owner(self: Any, evt: MessageEvent) -> tuple | None:
+    room = self.registry.room(evt.room_id)
+    if room is None or room.gone or room.user_id != evt.sender:
+        await self.reply(evt, "not_chat_room")
+        return None
+    return (room,)
+
+
+any_user = _precondition(_nothing)
+allowed_user = _precondition(_allowed)
+admin = _precondition(_admin)
+# The command is sent in a chat room by its owner; the handler gets the room's row.
+# (The class has a ``registry``.)
+chat_owner = _precondition(_chat_owner)
+
+
+def in_turn(func: F) -> F:
+    """Runs the handler in the room's turn: its place in the queue is taken before anything
+    is awaited; what the handler returns (a coroutine function, or None) runs there."""
+
+    @functools.wraps(func)
+    async def wrapper(self: Any, evt: MessageEvent, *args: Any, **kwargs: Any) -> None:
+        queues: RoomQueues = self.queues
+        async with queues.in_turn(evt.room_id, evt.event_id) as turn:
+            turn.set_result(await func(self, evt, *args, **kwargs))
+
+    return wrapper  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""!help, and a clear answer for commands a later version brings."""
+"""!help: the commands, one line each."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from maubot import MessageEvent
 from maubot.handlers import command
 
 from ..texts import help_text
-from .base import CommandBase
+from .base import CommandBase, any_user
 
 
 class HelpCommands(CommandBase):
     @command.new("help", help="List the commands")
+    @any_user
     async def help(self, evt: MessageEvent) -> None:
-        if not await self.begin(evt):
-            return
-        await self.bot.notify(evt.room_id, help_text(self.bot.settings.language))
+        await self.notices.send(evt.room_id, help_text(self.settings().language))

@@ -1,0 +1,79 @@
+"""Files as a service of the answer stage: a user's file in, an agent's files out.
+
+The workspace rules (names, size, which folder) live in ``files``; this part chooses the way
+(workspace, inline for agents that take files so, or refused) and tells the user a refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import files
+from .agents import Agent, Attachment
+from .config import Settings
+from .intake import Incoming
+from .matrix import Matrix
+from .notices import Notices
+
+
+class FileService:
+    def __init__(
+        self, mx: Matrix, settings: Callable[[], Settings], notices: Notices, log: logging.Logger
+    ) -> None:
+        self.mx = mx
+        self.settings = settings
+        self.notices = notices
+        self.log = log
+
+    async def take(
+        self, room_id: str, incoming: Incoming, agent: Agent | None
+    ) -> Attachment | None:
+        """The message's file, fetched into the workspace or into memory for an agent that
+        takes files inline; None after telling the user why the file was refused."""
+        content = incoming.file or {}
+        try:
+            attachment = await self._fetch(room_id, incoming, agent)
+        except files.FileRefused as e:
+            self.log.warning("File from %s in %s refused: %s", incoming.sender, room_id, e)
+            await self.notices.send(room_id, e.message(self.settings().language))
+            return None
+        if attachment is None:
+            name = files.safe_name(str(content.get("filename") or content.get("body") or ""))
+            await self.notices.say(room_id, "file.not_accepted", name=name)
+            return None
+        self.log.info(
+            "Received file %s from %s in %s",
+            attachment.workspace_path or attachment.name, incoming.sender, room_id,
+        )  # fmt: skip
+        return attachment
+
+    async def _fetch(
+        self, room_id: str, incoming: Incoming, agent: Agent | None
+    ) -> Attachment | None:
+        settings = self.settings()
+        content = incoming.file or {}
+        if settings.workspace_root:
+            return await files.save_incoming(
+                self.mx, settings.workspace_root, incoming.sender, room_id, content,
+                settings.max_file_bytes,
+            )  # fmt: skip
+        if agent is not None and agent.backend == "openai":
+            return await files.fetch_inline(self.mx, content, settings.max_file_bytes)
+        return None
+
+    async def send(self, room_id: str, user_id: str, paths: tuple[str, ...]) -> None:
+        """Uploads the files the agent returned; each refusal is said, the rest still go."""
+        settings = self.settings()
+        for rel_path in paths:
+            if not settings.workspace_root:
+                await self.notices.say(room_id, "file.missing", path=rel_path[:200])
+                continue
+            try:
+                await files.send_outgoing(
+                    self.mx, room_id, settings.workspace_root, rel_path, settings.max_file_bytes,
+                    user_id,
+                )  # fmt: skip
+            except files.FileRefused as e:
+                self.log.warning("Agent file %r refused in %s: %s", rel_path, room_id, e)
+                await self.notices.send(room_id, e.message(settings.language))

@@ -1,0 +1,105 @@
+"""Intake: what an incoming room event is to the plugin, decided in one place.
+
+``classify`` is a pure function of the event as JSON, used by live delivery and by the
+catch-up after a start alike, so both treat every event the same. Every field is
+type-checked: a malformed event is ignored, never an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mautrix.types import MessageEvent
+
+FILE_MSGTYPES = ("m.file", "m.image", "m.audio", "m.video")
+TEXT_MSGTYPES = ("m.text", "m.emote")
+ANSWERED_MSGTYPES = (*TEXT_MSGTYPES, *FILE_MSGTYPES)
+COMMAND_PREFIX = "!"
+
+
+class Kind(enum.Enum):
+    MESSAGE = "message"  # a message for the room's agent
+    COMMAND = "command"  # a `!`-command
+    IGNORED = "ignored"  # anything else: the bot's own, notices, edits, other types
+
+
+@dataclass(frozen=True)
+class Incoming:
+    kind: Kind
+    event_id: str = ""
+    room_id: str = ""
+    sender: str = ""
+    body: str = ""
+    timestamp: int = 0
+    command: str = ""  # the command's name, lower case, without the `!`
+    file: dict[str, Any] | None = None  # the content of a file message
+
+    @property
+    def is_message(self) -> bool:
+        return self.kind is Kind.MESSAGE
+
+
+IGNORED = Incoming(Kind.IGNORED)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _timestamp(value: Any) -> int:
+    # bool is an int to Python; a JSON true is no timestamp.
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def is_edit(content: dict[str, Any]) -> bool:
+    relates = content.get("m.relates_to")
+    return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+
+
+def command_name(body: str) -> str:
+    words = body[len(COMMAND_PREFIX) :].split(maxsplit=1)
+    return words[0].lower() if words else ""
+
+
+def classify(event: Any, bot_id: str) -> Incoming:
+    """What ``event`` (a room event as JSON) is: a message to answer, a command, or nothing."""
+    if not isinstance(event, dict) or event.get("type") != "m.room.message":
+        return IGNORED
+    content, sender = event.get("content"), _str(event.get("sender"))
+    event_id = _str(event.get("event_id"))
+    if not isinstance(content, dict) or not sender or not event_id or sender == bot_id:
+        return IGNORED
+    msgtype, body = content.get("msgtype"), _str(content.get("body"))
+    if msgtype not in ANSWERED_MSGTYPES or is_edit(content):
+        return IGNORED
+    is_file = msgtype in FILE_MSGTYPES
+    if body is None and not is_file:
+        return IGNORED
+    found = Incoming(
+        Kind.MESSAGE,
+        event_id=event_id,
+        room_id=_str(event.get("room_id")) or "",
+        sender=sender,
+        body=body or "",
+        timestamp=_timestamp(event.get("origin_server_ts")),
+        file=content if is_file else None,
+    )
+    if not is_file and found.body.startswith(COMMAND_PREFIX):
+        if msgtype != "m.text":
+            return IGNORED  # commands are plain text; an emote that starts with ! is neither
+        return replace(found, kind=Kind.COMMAND, command=command_name(found.body))
+    return found
+
+
+def as_json(evt: MessageEvent) -> dict[str, Any]:
+    """A live event in the form ``classify`` reads (its reply fallback already trimmed)."""
+    return {
+        "type": "m.room.message",
+        "event_id": evt.event_id,
+        "room_id": evt.room_id,
+        "sender": evt.sender,
+        "origin_server_ts": evt.timestamp,
+        "content": evt.content.serialize(),
+    }

@@ -1,0 +1,232 @@
+"""The room's queue: one worker per room answers its messages one after another.
+
+Rooms are independent (one slow agent never holds up another room); within a room, messages
+and the commands that change the conversation run in the order they arrived. The worker
+knows nothing of agents or Matrix: it hands each message to a ``Stage`` and keeps what
+``!cancel`` and ``!retry`` need. An idle worker leaves; the next message makes a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from .gate import StartGate
+from .intake import Incoming
+
+Control = Callable[[], Awaitable[None]]
+
+
+class Outcome(enum.Enum):
+    ANSWERED = "answered"  # done: nothing left to retry
+    KEEP = "keep"  # not answered (agent failed, rate limit): !retry sends it again
+    SKIPPED = "skipped"  # not the plugin's to answer: changes nothing
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A message sent again by !retry: it passes the same checks as a new one."""
+
+    incoming: Incoming
+
+
+# What a room's queue holds: a message, a retried one, or a command's slot, filled with what
+# the command wants done in turn (or None) once it has checked its arguments.
+QueueItem = Incoming | Retry | asyncio.Future
+
+
+class Stage(Protocol):
+    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> Outcome: ...
+
+    async def cancelled(self, room_id: str, incoming: Incoming) -> None: ...
+
+    async def interrupted(self, incoming: Incoming) -> None: ...
+
+
+def filled_slot(control: Control) -> asyncio.Future:
+    """A queue slot that already holds what to run (nothing to wait for)."""
+    slot = asyncio.get_running_loop().create_future()
+    slot.set_result(control)
+    return slot
+
+
+class RoomWorker:
+    def __init__(
+        self,
+        room_id: str,
+        stage: Stage,
+        release: Callable[[RoomWorker], bool],
+        log: logging.Logger,
+    ) -> None:
+        self.room_id = room_id
+        self.stage = stage
+        self.release = release
+        self.log = log
+        self.items: deque[QueueItem] = deque()
+        self._wakeup = asyncio.Event()
+        self.current: asyncio.Task | None = None
+        self.current_item: Incoming | None = None
+        self.unanswered: Incoming | None = None  # the last message that got no answer
+        self.task = asyncio.create_task(self._run())
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.items)
+
+    @property
+    def waiting(self) -> int:
+        """Messages queued behind the one being answered (command slots not counted)."""
+        return sum(1 for item in self.items if not isinstance(item, asyncio.Future))
+
+    def push(self, item: QueueItem) -> None:
+        self.items.append(item)
+        self._wakeup.set()
+
+    def push_front(self, items: list[QueueItem]) -> None:
+        """Puts caught-up events (sent before anything queued now) at the head, in order."""
+        self.items.extendleft(reversed(items))
+        self._wakeup.set()
+
+    def cancel(self) -> bool:
+        if self.current is None or self.current.done():
+            return False
+        self.current.cancel()
+        return True
+
+    def retry(self) -> bool:
+        """Sends the last unanswered message again, in turn; False when there is none."""
+        incoming, self.unanswered = self.unanswered, None
+        if incoming is None:
+            return False
+        self.push(Retry(incoming))
+        return True
+
+    async def stop(self) -> None:
+        interrupted = self.current_item
+        self.cancel()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if interrupted is not None:
+            await self.stage.interrupted(interrupted)
+
+    async def _run(self) -> None:
+        while True:
+            if not self.items:
+                # Idle: leave (no await between the check and the removal, so nothing can be
+                # queued here meanwhile); the next message makes a new worker.
+                if self.unanswered is None and self.release(self):
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            item = self.items.popleft()
+            try:
+                await self._do(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("Handling a message in %s failed", self.room_id)
+
+    async def _do(self, item: QueueItem) -> None:
+        if isinstance(item, asyncio.Future):
+            control = await item
+            if control is not None:
+                await control()
+        elif isinstance(item, Retry):
+            await self._message(item.incoming, retried=True)
+        else:
+            await self._message(item, retried=False)
+
+    async def _message(self, incoming: Incoming, retried: bool) -> None:
+        """Runs the stage as a task of its own, so !cancel stops it wherever it is."""
+        self.current_item = incoming
+        call = self.current = asyncio.create_task(self.stage.message(self.room_id, incoming, retried))
+        await asyncio.wait({call})
+        self.current = self.current_item = None
+        if call.cancelled():
+            self.unanswered = incoming
+            await self.stage.cancelled(self.room_id, incoming)
+            return
+        outcome = call.result()  # an exception is logged by _run
+        if outcome is Outcome.ANSWERED:
+            self.unanswered = None
+        elif outcome is Outcome.KEEP:
+            self.unanswered = incoming
+
+
+class RoomQueues:
+    """Every room's worker, made on the first message and gone when idle."""
+
+    def __init__(self, stage: Stage, gate: StartGate, log: logging.Logger) -> None:
+        self.stage = stage
+        self.gate = gate
+        self.log = log
+        self.workers: dict[str, RoomWorker] = {}
+        self._reserved: dict[str, asyncio.Future] = {}  # event id -> its place in a queue
+
+    def worker(self, room_id: str) -> RoomWorker:
+        worker = self.workers.get(room_id)
+        if worker is None:
+            worker = self.workers[room_id] = RoomWorker(room_id, self.stage, self._release, self.log)
+        return worker
+
+    def _release(self, worker: RoomWorker) -> bool:
+        # Before the gate opens, a worker stays: caught-up messages are still to come.
+        if self.workers.get(worker.room_id) is not worker or not self.gate.is_open:
+            return False
+        del self.workers[worker.room_id]
+        return True
+
+    def cancel(self, room_id: str) -> bool:
+        worker = self.workers.get(room_id)
+        return worker is not None and worker.cancel()
+
+    def retry(self, room_id: str) -> bool:
+        worker = self.workers.get(room_id)
+        return worker is not None and worker.retry()
+
+    def has_unanswered(self, room_id: str) -> bool:
+        worker = self.workers.get(room_id)
+        return worker is not None and worker.unanswered is not None
+
+    def busy_rooms(self) -> int:
+        return sum(1 for worker in self.workers.values() if worker.busy)
+
+    def reserve(self, event_id: str) -> asyncio.Future:
+        """A place for a command that is not dispatched yet (a caught-up one): the caller
+        puts it in the queue, and the command's ``in_turn`` takes it."""
+        slot = self._reserved[event_id] = asyncio.get_running_loop().create_future()
+        return slot
+
+    def release_reserved(self, event_ids: list[str]) -> None:
+        """Lets go of places no command took: the queue moves on past them."""
+        for event_id in event_ids:
+            slot = self._reserved.pop(event_id, None)
+            if slot is not None and not slot.done():
+                slot.set_result(None)
+
+    @asynccontextmanager
+    async def in_turn(self, room_id: str, event_id: str = "") -> AsyncIterator[asyncio.Future]:
+        """A place in the room's queue, taken at once (so in the order events arrived), or
+        the one reserved for this event; the command sets the future's result to what
+        should run there, or leaves it empty."""
+        slot = self._reserved.pop(event_id, None)
+        if slot is None:
+            slot = asyncio.get_running_loop().create_future()
+            self.worker(room_id).push(slot)
+        try:
+            yield slot
+        finally:
+            if not slot.done():
+                slot.set_result(None)
+
+    async def stop(self) -> None:
+        self.release_reserved(list(self._reserved))
+        await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        self.workers.clear()

@@ -1,0 +1,148 @@
+"""A start, end to end: rebuild the database from the rooms, catch up on what was missed,
+then open the gate. Also the rebuild of ``!lambda reset local``, with the gate closed.
+
+Live events that arrive meanwhile wait at the gate (their places in their rooms' queues
+already taken), and go after what was missed, so each room is answered in the order it was
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .catchup import (
+    SYNC_TOKEN_KEY,
+    CatchUp,
+    SyncPositions,
+    parse_invites,
+    timelines_of,
+    unanswered,
+)
+from .config import Settings
+from .db import Store
+from .gate import StartGate
+from .reconcile import Reconciler, Report
+from .registry import Registry
+
+SYNC_POSITION_EVERY_S = 60
+Invite = Callable[[str, str], Awaitable[None]]
+
+
+class Startup:
+    def __init__(
+        self,
+        *,
+        gate: StartGate,
+        store: Store,
+        registry: Registry,
+        reconciler: Reconciler,
+        catch_up: CatchUp,
+        invite: Invite,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.gate = gate
+        self.store = store
+        self.registry = registry
+        self.reconciler = reconciler
+        self.catch_up = catch_up
+        self.invite = invite
+        self.settings = settings
+        self.log = log
+        self.positions = SyncPositions()
+        self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
+
+    async def run(self) -> None:
+        """The start: never raises, never gives up while the homeserver or database is down."""
+        report = await self._reconcile_until_done()
+        try:
+            commands, invites = await self._catch_up()
+        except Exception:
+            self.log.exception("Catch-up failed; messages sent while down stay unanswered")
+            commands, invites = [], []
+        report.invites = len(invites)
+        self.log.info("Reconciled: %s", report.line())
+        self.gate.open()
+        await self.catch_up.dispatch(commands)
+        await self._pending_invites(invites)
+        await self.prune_handled()
+
+    async def _reconcile_until_done(self) -> Report:
+        delay = 1.0
+        while True:
+            try:
+                async with self._lock:
+                    await self.registry.load()
+                    return await self.reconciler.run()
+            except Exception as e:  # homeserver or database down: never give up, never raise
+                self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60)
+
+    async def _catch_up(self) -> tuple[list, list[tuple[str, str]]]:
+        """Queues what was missed (before anything that arrived during the start); returns
+        the missed commands and the pending invites the same /sync shows."""
+        sync = await self.catch_up.read(await self.store.get_value(SYNC_TOKEN_KEY))
+        timelines = timelines_of(sync)
+        candidates = [
+            e["event_id"] for t in timelines.values() for e in t if isinstance(e.get("event_id"), str)
+        ]
+        handled = await self.store.handled_among(candidates)
+        since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        # Commands count in every room (a !chats in the DM too); messages in chat rooms.
+        missed = unanswered(timelines, set(timelines), self.catch_up.mx.user_id, since_ms, handled)
+        active = {r.room_id for r in self.registry.rooms.values() if not r.gone and not r.archived}
+        commands = self.catch_up.queue(missed, active)
+        return commands, parse_invites(sync, self.catch_up.mx.user_id)
+
+    async def _pending_invites(self, invites: list[tuple[str, str]]) -> None:
+        # Invites maubot never dispatched (it drops the first sync after a start).
+        for room_id, inviter in invites:
+            self.log.info("Picking up the pending invite of %s to %s", inviter, room_id)
+            try:
+                await self.invite(room_id, inviter)
+            except Exception:
+                self.log.exception("Handling the pending invite to %s failed", room_id)
+
+    async def prune_handled(self) -> None:
+        try:
+            kept_ms = int((time.time() - self.settings().handled_kept_s) * 1000)
+            await self.store.prune_handled(kept_ms)
+        except Exception:
+            self.log.exception("Pruning handled events failed")
+
+    async def rebuild(self) -> Report:
+        """``reset local``: the plugin's rows dropped and rebuilt from the rooms, with the gate
+        closed meanwhile; what arrives during it waits and is handled after."""
+        self.gate.close()
+        try:
+            async with self._lock:
+                await self.store.clear_all()
+                await self.registry.load()
+                return await self.reconciler.run()
+        finally:
+            self.gate.open()
+
+    def sync_done(self, data: Any) -> None:
+        token = data.get("next_batch") if isinstance(data, dict) else None
+        if isinstance(token, str) and token:
+            self.positions.record(token)
+
+    async def keep_sync_position(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_POSITION_EVERY_S)
+            await self.save_sync_position()
+
+    async def save_sync_position(self) -> None:
+        """Stores where the next start's catch-up reads from (a catch-up window back)."""
+        token = self.positions.older_than(self.settings().catch_up_s)
+        if token is None:
+            return
+        try:
+            await self.store.set_value(SYNC_TOKEN_KEY, token)
+        except Exception:
+            self.log.exception("Saving the sync position failed")
