@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from devstack.stack import Deployment
+from lambda_plugin.files import user_dir
 from tests.servers.lambda_server import LambdaServer
 
 from .helpers import notice_text, onboard
@@ -121,12 +122,20 @@ async def test_agent_files_come_back_and_escapes_are_refused(stack, workspace, n
     bot = stack.bot_id
     await wes.command(got.room, "!agent files", bot)
     report = os.urandom(2048)
+    # An agent's files are taken from the user's own folder only: another user's inbox is
+    # inside the workspace too, and its folder name can be computed.
+    own = user_dir(wes.user_id) / "out"
+    (root / own).mkdir(parents=True, exist_ok=True)
+    (root / own / "report.bin").write_bytes(report)
     (root / "out").mkdir(exist_ok=True)
-    (root / "out" / "report.bin").write_bytes(report)
+    (root / "out" / "not-yours.bin").write_bytes(b"someone else's")
     outside = Path(tempfile.mkdtemp(prefix="lambda-outside-"))
     (outside / "secret.txt").write_text("secret")
-    (root / "out" / "link-out").symlink_to(outside / "secret.txt")
-    platform.reply_attachments = ["out/report.bin", "../secret.txt", "/etc/passwd", "out/link-out"]
+    (root / own / "link-out").symlink_to(outside / "secret.txt")
+    platform.reply_attachments = [
+        f"{own}/report.bin", "../secret.txt", "/etc/passwd", f"{own}/link-out",
+        "out/not-yours.bin",
+    ]  # fmt: skip
     try:
         await wes.sync_once(0)
         mark = wes.mark()
@@ -146,8 +155,8 @@ async def test_agent_files_come_back_and_escapes_are_refused(stack, workspace, n
             if len([
                 e for e in wes.events_since(got.room, mark)
                 if e["sender"] == bot and e["content"].get("msgtype") == "m.notice"
-            ]) >= 4 else None,
-            what="the answer and three refusals",
+            ]) >= 5 else None,
+            what="the answer and four refusals",
         )  # fmt: skip
     finally:
         platform.reply_attachments = []
@@ -158,5 +167,5 @@ async def test_agent_files_come_back_and_escapes_are_refused(stack, workspace, n
         hashlib.sha256(await wes.download(sent["content"]["url"])).digest()
         == hashlib.sha256(report).digest()
     )
-    assert len(refusals) == 3, [notice_text(e) for e in refusals]
+    assert len(refusals) == 4, [notice_text(e) for e in refusals]
     assert "secret" not in " ".join(notice_text(e) for e in refusals).replace("secret.txt", "")

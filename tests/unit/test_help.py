@@ -220,8 +220,8 @@ async def test_start_survives_a_homeserver_that_is_down(
 ) -> None:
     # start() returned (the fixture got the plugin) although reconciliation failed: it
     # retries in the background, and a command sent meanwhile is answered once it is ready.
-    assert not maubot_plugin.ready.is_set()
+    assert not maubot_plugin.gate.is_open
     content = await ask_help(maubot_test_bot, failing_homeserver)
     assert "list the commands" in content["body"]
-    assert maubot_plugin.ready.is_set()
+    assert maubot_plugin.gate.is_open
     assert failing_homeserver.joined_rooms_failures == 0
