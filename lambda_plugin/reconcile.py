@@ -409,11 +409,7 @@ def plan(
         if user is not None:
             result.users[owner] = user
             report.restored_user_meta += 1
-        if space is not None and space.marker_emptied:
-            marker = Marker(KIND_SPACE, owner).content()
-            result.state_writes.append((space.room_id, MARKER_TYPE, "", marker))
-            report.restored_room_meta += 1
-        _chat_writes(result, chats_of.rows, space, known_rooms, server)
+        _owner_writes(result, owner, chats_of.rows, space, known_rooms, server)
     levels = power_writes(spaces, numbered)
     result.state_writes.extend(levels)
     report.repaired_power_levels = len(levels)
@@ -424,8 +420,9 @@ def plan(
     return result
 
 
-def _chat_writes(
+def _owner_writes(
     result: Plan,
+    owner: str,
     rows: list[tuple[RoomState, ChatRoomRow, bool]],
     space: RoomState | None,
     known_rooms: dict[str, ChatRoomRow],
@@ -433,6 +430,10 @@ def _chat_writes(
 ) -> None:
     """Adds one owner's rows, markers and links to the plan."""
     report = result.report
+    if space is not None and space.marker_emptied:
+        content = Marker(KIND_SPACE, owner).content()
+        result.state_writes.append((space.room_id, MARKER_TYPE, "", content))
+        report.restored_room_meta += 1
     missing, differing = diff_rows([row for _, row, _ in rows], known_rooms)
     result.rooms.update(missing)
     result.rooms.update(differing)
@@ -441,8 +442,8 @@ def _chat_writes(
     space_id = space.room_id if space else None
     for room, row, write_marker in rows:
         if write_marker:
-            marker = Marker.for_chat(row, space_id)
-            result.state_writes.append((row.room_id, MARKER_TYPE, "", marker.content()))
+            content = Marker.for_chat(row, space_id).content()
+            result.state_writes.append((row.room_id, MARKER_TYPE, "", content))
             report.restored_room_meta += 1
         if space is not None:
             links = link_writes(space, room, row, server)

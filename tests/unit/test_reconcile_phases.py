@@ -20,6 +20,8 @@ from lambda_plugin.reconcile import (
     number_chats,
     parse_rooms,
     pick_spaces,
+    power_writes,
+    restore_markers,
     user_row,
 )
 from lambda_plugin.roomstate import RoomState
@@ -71,6 +73,40 @@ def test_parse_rooms_takes_parsed_rooms_and_raw_events_alike() -> None:
     rooms = parse_rooms({"!a": parsed, "!b": raw}, BOT)  # type: ignore[dict-item]
     assert rooms["!a"] is parsed
     assert rooms["!b"].creator == BOT and rooms["!b"].room_id == "!b"
+
+
+# restore_markers
+
+
+def test_restore_markers_takes_emptied_markers_back_from_the_database() -> None:
+    emptied_space = replace(space("!s", ANN), marker=None, marker_emptied=True)
+    emptied_chat = replace(chat("!c"), marker=None, marker_emptied=True)
+    unknown = replace(chat("!u"), marker=None, marker_emptied=True)
+    intact = chat("!i", chat_id="C2")
+    rooms = by_id(emptied_space, emptied_chat, unknown, intact)
+    known_users = {ANN: UserRow(ANN, "!s", 3, 1)}
+    known_row = row("!c", chat_id="C7", platform_chat_id="kept")
+    restored = restore_markers(rooms, BOT, known_users, {"!c": known_row})
+    assert restored["!s"].marker == Marker(KIND_SPACE, ANN)
+    assert restored["!c"].marker == Marker.for_chat(known_row, "!s")
+    assert restored["!s"].marker_emptied and restored["!c"].marker_emptied  # to be rewritten
+    assert restored["!u"] is unknown and restored["!i"] is intact
+    assert list(restored) == list(rooms) and rooms["!c"].marker is None  # input untouched
+
+
+def test_restore_markers_leaves_rooms_the_bot_did_not_make() -> None:
+    foreign = replace(chat("!c"), creator=ANN, marker=None, marker_emptied=True)
+    rooms = by_id(foreign)
+    assert restore_markers(rooms, BOT, {}, {"!c": row("!c")}) is rooms
+
+
+def test_restore_markers_keeps_a_space_only_for_the_user_the_database_names() -> None:
+    emptied = replace(space("!s", ANN), marker=None, marker_emptied=True)
+    as_chat = replace(chat("!s"), marker=None, marker_emptied=True)  # not a Space
+    elsewhere = {ANN: UserRow(ANN, "!other", 3, 1)}
+    here = {ANN: UserRow(ANN, "!s", 3, 1)}
+    assert restore_markers(by_id(emptied), BOT, elsewhere, {})["!s"].marker is None
+    assert restore_markers(by_id(as_chat), BOT, here, {})["!s"].marker is None
 
 
 # pick_spaces
@@ -237,6 +273,20 @@ def test_link_writes_nothing_for_consistent_links() -> None:
     managed = space("!s", ANN, children=("!a",))
     linked = RoomState("!a", parents={"!s": True})
     assert link_writes(managed, linked, row("!a"), "hs") == []
+
+
+# power_writes
+
+
+def test_power_writes_only_for_managed_rooms_that_need_them() -> None:
+    fix = {"redact": 100}
+    spaces = {ANN: replace(space("!s", ANN), power_levels_fix=fix), BOB: space("!b", BOB)}
+    fixed_chat = replace(chat("!c"), power_levels_fix=fix)
+    numbered = number_chats({ANN: [fixed_chat, chat("!d", chat_id="C2")]}, spaces, {}, {}, "e", 7)
+    assert power_writes(spaces, numbered) == [
+        ("!s", "m.room.power_levels", "", fix),
+        ("!c", "m.room.power_levels", "", fix),
+    ]
 
 
 # gone_rooms
