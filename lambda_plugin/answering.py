@@ -9,36 +9,51 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 
-from .agents import Agent, AgentError, AgentReply, AgentRequest
+from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents
 from .attachments import FileService
-from .config import Settings
 from .db import ChatRoomRow
+from .files import caption
+from .intake import Incoming
 from .matrix import HomeserverError, Matrix
 from .notices import Notices
+from .part import Part
+from .registry import Registry
 from .replies import StreamingReply
 
-TYPING_REFRESH_S = 20
-TYPING_AFTER_S = 0.5
 
+@dataclass(eq=False, kw_only=True)
+class Answerer(Part):
+    """The answer stage: the message (and its file) to the room's agent, the answer back."""
 
-class Answerer:
-    def __init__(
-        self,
-        mx: Matrix,
-        notices: Notices,
-        files: FileService,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.mx = mx
-        self.notices = notices
-        self.files = files
-        self.settings = settings
-        self.log = log
+    mx: Matrix
+    registry: Registry
+    agents: Agents
+    files: FileService
+    notices: Notices
 
-    async def answer(self, room: ChatRoomRow, agent: Agent, request: AgentRequest) -> bool:
+    async def answer(self, room_id: str, incoming: Incoming) -> bool | None:
+        """Hands the message (and its file) to the room's agent and sends the answer: True
+        when answered, False after telling the user it failed (kept for !retry), None when
+        it goes nowhere (the room is gone, the file refused and the user told why)."""
+        room = self.registry.room(room_id)
+        if room is None or room.gone:
+            return None
+        agent = self.agents.get(room.agent_id)
+        if agent is None:
+            await self.notices.say(room_id, "agent.unknown", agent=room.agent_id)
+            return False
+        body, attachments = incoming.body, ()
+        if incoming.file is not None:
+            attachment = await self.files.take(room_id, incoming, agent)
+            if attachment is None:
+                return None
+            body, attachments = caption(incoming.file), (attachment,)
+        request = AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
+        return await self.ask(room, agent, request)
+
+    async def ask(self, room: ChatRoomRow, agent: Agent, request: AgentRequest) -> bool:
         """Asks the agent and sends its answer; False after telling the user it failed."""
         reply = StreamingReply(
             lambda content: self.mx.send(room.room_id, content),
@@ -77,6 +92,9 @@ class Answerer:
 class _Typing:
     """Shows "typing" while its block runs, from half a second in; cleared at the end."""
 
+    REFRESH_S = 20
+    AFTER_S = 0.5
+
     def __init__(self, mx: Matrix, room_id: str, log: logging.Logger) -> None:
         self.mx = mx
         self.room_id = room_id
@@ -95,15 +113,15 @@ class _Typing:
             await self._set(False)
 
     async def _keep(self) -> None:
-        await asyncio.sleep(TYPING_AFTER_S)
+        await asyncio.sleep(self.AFTER_S)
         self.shown = True
         while True:
             await self._set(True)
-            await asyncio.sleep(TYPING_REFRESH_S)
+            await asyncio.sleep(self.REFRESH_S)
 
     async def _set(self, on: bool) -> None:
         try:
-            await self.mx.typing(self.room_id, on, timeout_ms=(TYPING_REFRESH_S + 10) * 1000)
+            await self.mx.typing(self.room_id, on, timeout_ms=(self.REFRESH_S + 10) * 1000)
         except HomeserverError as e:
             self.log.debug("Typing notification in %s failed: %s", self.room_id, e)
 

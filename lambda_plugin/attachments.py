@@ -6,25 +6,22 @@ The workspace rules (names, size, which folder) live in ``files``; this part cho
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import files
 from .agents import Agent, Attachment
-from .config import Settings
 from .intake import Incoming
 from .matrix import Matrix
 from .notices import Notices
+from .part import Part
 
 
-class FileService:
-    def __init__(
-        self, mx: Matrix, settings: Callable[[], Settings], notices: Notices, log: logging.Logger
-    ) -> None:
-        self.mx = mx
-        self.settings = settings
-        self.notices = notices
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class FileService(Part):
+    """Files in (from a message) and out (from an answer), for the answer stage."""
+
+    mx: Matrix
+    notices: Notices
 
     async def take(
         self, room_id: str, incoming: Incoming, agent: Agent | None

@@ -62,44 +62,45 @@ class LambdaBot(Plugin):
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     def _wire(self) -> None:
-        log, gate, store, mx = self.log, self.gate, self.store, Matrix(self.client, self.log)
-        settings = self.current_settings
-        self.mx = mx
-        self.registry = Registry(store)
-        chats = Chats(self.registry, mx, log)
-        notices = Notices(mx, settings)
-        files = FileService(mx, settings, notices, log)
-        answerer = Answerer(mx, notices, files, settings, log)
+        part = {"settings": self.current_settings, "log": self.log}
+        gate, store, mx = self.gate, self.store, Matrix(self.client, self.log)
+        registry = self.registry = Registry(store)
+        chats = Chats(registry, mx, self.log)
+        notices = Notices(mx, self.current_settings)
+        files = FileService(mx=mx, notices=notices, **part)
+        answerer = Answerer(
+            mx=mx, registry=registry, agents=self.agents, files=files, notices=notices, **part
+        )
         conversation = Conversation(
-            gate=gate, store=store, registry=self.registry, agents=self.agents,
-            answerer=answerer, files=files, notices=notices, mx=mx, settings=settings, log=log,
-        )  # fmt: skip
-        self.queues = RoomQueues(conversation, gate, log)
-        spaces = Spaces(mx, store, chats, settings, log)
-        self.reconciler = Reconciler(mx, store, self.registry, settings, log)
-        self.onboarding = Onboarding(
-            gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
-            settings=settings, log=log,
-        )  # fmt: skip
-        catch_up = CatchUp(mx, self.queues, self.client, self.message_handlers, log)
+            gate=gate, store=store, registry=registry, answerer=answerer, notices=notices, **part
+        )
+        queues = self.queues = RoomQueues(conversation, gate, self.log)
+        spaces = Spaces(mx=mx, store=store, chats=chats, **part)
+        reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
+        onboarding = Onboarding(
+            gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices, **part
+        )
+        catch_up = CatchUp(mx, queues, self.client, self.message_handlers, self.log)
         self.startup = Startup(
-            gate=gate, store=store, registry=self.registry, reconciler=self.reconciler,
-            catch_up=catch_up, invite=self.onboarding.handle_invite, settings=settings, log=log,
+            gate=gate, store=store, reconciler=reconciler, catch_up=catch_up,
+            invite=onboarding.handle_invite, **part,
         )  # fmt: skip
-        base = (gate, store, notices, settings, log)
-        agents, queues, registry = self.agents, self.queues, self.registry
+        base = {"gate": gate, "store": store, "notices": notices, **part}
         for handlers in (
-            HelpCommands(*base),
+            HelpCommands(**base),
             ChatCommands(
-                *base, registry=registry, spaces=spaces, agents=agents, server_name=mx.server_name
+                registry=registry, spaces=spaces, agents=self.agents,
+                server_name=mx.server_name, **base,
             ),
-            ContextCommands(*base, registry=registry, chats=chats, agents=agents, queues=queues),
+            ContextCommands(
+                registry=registry, chats=chats, agents=self.agents, queues=queues, **base
+            ),
             AdminCommands(
-                *base, registry=registry, reconciler=self.reconciler, spaces=spaces,
-                agents=agents, queues=queues, rebuild=self.startup.rebuild,
+                reconciler=reconciler, spaces=spaces, agents=self.agents, queues=queues,
+                rebuild=self.startup.rebuild, **base,
             ),
             Router(queues, conversation, gate, mx, command_names(COMMAND_CLASSES)),
-            self.onboarding,
+            onboarding,
         ):
             self.register_handler_class(handlers)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from weakref import WeakValueDictionary
 
 from .db import ChatRoomRow
@@ -22,12 +22,15 @@ from .registry import Registry
 Change = Callable[[ChatRoomRow], Awaitable[ChatRoomRow | None]]
 
 
+@dataclass(eq=False)
 class Chats:
-    def __init__(self, registry: Registry, mx: Matrix, log: logging.Logger) -> None:
-        self.registry = registry
-        self.mx = mx
-        self.log = log
-        self._locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+    """Writes chats: row and marker together, one change at a time per room."""
+
+    registry: Registry
+    mx: Matrix
+    log: logging.Logger
+    # A room's lock lives while a change holds it or waits for it: no lock per room forever.
+    _locks: WeakValueDictionary[str, asyncio.Lock] = field(default_factory=WeakValueDictionary)
 
     def lock(self, room_id: str) -> asyncio.Lock:
         lock = self._locks.get(room_id)

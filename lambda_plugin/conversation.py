@@ -3,20 +3,15 @@ file, then the answer. Also what the room says when a message is cancelled or un
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
-from .agents import AgentRequest, Agents
 from .answering import Answerer
-from .attachments import FileService
-from .config import Settings
 from .db import Store
-from .files import caption
 from .gate import StartGate
 from .intake import Incoming
-from .matrix import Matrix
 from .notices import Notices
+from .part import Part
 from .policy import Admission, RateLimiter, admit, refusal
 from .queue import Outcome
 from .registry import Registry
@@ -25,33 +20,19 @@ from .roomstate import matrix_to
 POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
 
 
-class Conversation:
-    def __init__(
-        self,
-        *,
-        gate: StartGate,
-        store: Store,
-        registry: Registry,
-        agents: Agents,
-        answerer: Answerer,
-        files: FileService,
-        notices: Notices,
-        mx: Matrix,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.gate = gate
-        self.store = store
-        self.registry = registry
-        self.agents = agents
-        self.answerer = answerer
-        self.files = files
-        self.notices = notices
-        self.mx = mx
-        self.settings = settings
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class Conversation(Part):
+    """The room queue's stage: each message through policy to the answer, in turn."""
+
+    gate: StartGate
+    store: Store
+    registry: Registry
+    answerer: Answerer
+    notices: Notices
+
+    def __post_init__(self) -> None:
         self.rate = RateLimiter(lambda: self.settings().requests_per_minute)
-        self._pointed: dict[str, float] = {}
+        self.pointer = SpacePointer(self.registry, self.notices)
 
     async def message(self, room_id: str, incoming: Incoming, retried: bool) -> Outcome:
         """Decides what a message gets, in the order the room's messages arrived."""
@@ -61,7 +42,7 @@ class Conversation:
         room = self.registry.room(room_id)
         admission = admit(room, incoming.sender, settings)
         if admission is Admission.POINT:
-            await self.point_to_space(room_id, incoming.sender)
+            await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
             return Outcome.SKIPPED
         if not retried and not await self.store.mark_handled(incoming.event_id, room_id):
@@ -74,24 +55,9 @@ class Conversation:
                 room_id, "message.too_fast", per_minute=settings.requests_per_minute
             )
             return Outcome.KEEP
-        return await self._answer(room_id, incoming)
-
-    async def _answer(self, room_id: str, incoming: Incoming) -> Outcome:
-        room = self.registry.room(room_id)
-        if room is None or room.gone:
+        answered = await self.answerer.answer(room_id, incoming)
+        if answered is None:
             return Outcome.SKIPPED
-        agent = self.agents.get(room.agent_id)
-        if agent is None:
-            await self.notices.say(room_id, "agent.unknown", agent=room.agent_id)
-            return Outcome.KEEP
-        body, attachments = incoming.body, ()
-        if incoming.file is not None:
-            attachment = await self.files.take(room_id, incoming, agent)
-            if attachment is None:
-                return Outcome.SKIPPED  # refused, and the user told why
-            body, attachments = caption(incoming.file), (attachment,)
-        request = AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
-        answered = await self.answerer.answer(room, agent, request)
         return Outcome.ANSWERED if answered else Outcome.KEEP
 
     async def cancelled(self, room_id: str, incoming: Incoming) -> None:
@@ -109,7 +75,16 @@ class Conversation:
                 incoming.room_id, "command.unknown", command=f"!{incoming.command[:32]}"
             )
 
-    async def point_to_space(self, room_id: str, sender: str) -> None:
+
+class SpacePointer:
+    """"Your chats are in your Space", said in a room that is not a chat: once a while."""
+
+    def __init__(self, registry: Registry, notices: Notices) -> None:
+        self.registry = registry
+        self.notices = notices
+        self._pointed: dict[str, float] = {}
+
+    async def point(self, room_id: str, sender: str) -> None:
         user = self.registry.users.get(sender)
         if user is None or not user.space_id:
             return
@@ -118,5 +93,5 @@ class Conversation:
             return
         self._pointed = {r: t for r, t in self._pointed.items() if now - t < POINTER_EVERY_S}
         self._pointed[room_id] = now
-        link = matrix_to(user.space_id, self.mx.server_name)
+        link = matrix_to(user.space_id, self.notices.mx.server_name)
         await self.notices.say(room_id, "pointer", link=link)

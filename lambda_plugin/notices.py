@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .config import Settings
 from .matrix import Matrix
@@ -10,12 +11,12 @@ from .replies import notice_content
 from .texts import text
 
 
+@dataclass(eq=False)
 class Notices:
     """Sends notices (Markdown rendered to HTML; other bots never answer a notice)."""
 
-    def __init__(self, mx: Matrix, settings: Callable[[], Settings]) -> None:
-        self.mx = mx
-        self.settings = settings
+    mx: Matrix
+    settings: Callable[[], Settings]
 
     def text(self, key: str, **values: object) -> str:
         return text(self.settings().language, key, **values)

@@ -2,42 +2,35 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from maubot.handlers import event
 from mautrix.client import SyncStream
 from mautrix.types import EventType, Membership, StateEvent
 
 from .chats import Chats
-from .config import Settings
 from .gate import StartGate
 from .matrix import HomeserverError, Matrix
 from .notices import Notices
+from .part import Part
+from .registry import Registry
 from .roomstate import NAME_MAX, clean_name, matrix_to
 from .spaces import Provisioned, Spaces
 
 
-class Onboarding:
-    def __init__(
-        self,
-        *,
-        gate: StartGate,
-        mx: Matrix,
-        spaces: Spaces,
-        chats: Chats,
-        notices: Notices,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.gate = gate
-        self.mx = mx
-        self.spaces = spaces
-        self.chats = chats
-        self.registry = chats.registry
-        self.notices = notices
-        self.settings = settings
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class Onboarding(Part):
+    """Invites, the bot leaving rooms, and renames done in the client."""
+
+    gate: StartGate
+    mx: Matrix
+    spaces: Spaces
+    chats: Chats
+    notices: Notices
+
+    @property
+    def registry(self) -> Registry:
+        return self.chats.registry
 
     @event.on(EventType.ROOM_MEMBER)
     async def on_member(self, evt: StateEvent) -> None:

@@ -14,7 +14,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .gate import StartGate
@@ -56,18 +56,16 @@ def filled_slot(control: Control) -> asyncio.Future:
     return slot
 
 
+@dataclass(eq=False)
 class RoomWorker:
-    def __init__(
-        self,
-        room_id: str,
-        stage: Stage,
-        release: Callable[[RoomWorker], bool],
-        log: logging.Logger,
-    ) -> None:
-        self.room_id = room_id
-        self.stage = stage
-        self.release = release
-        self.log = log
+    """Works through one room's queue; exits when idle."""
+
+    room_id: str
+    stage: Stage
+    release: Callable[[RoomWorker], bool]
+    log: logging.Logger
+
+    def __post_init__(self) -> None:
         self.items: deque[QueueItem] = deque()
         self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
@@ -160,15 +158,15 @@ class RoomWorker:
             self.unanswered = incoming
 
 
+@dataclass(eq=False)
 class RoomQueues:
     """Every room's worker, made on the first message and gone when idle."""
 
-    def __init__(self, stage: Stage, gate: StartGate, log: logging.Logger) -> None:
-        self.stage = stage
-        self.gate = gate
-        self.log = log
-        self.workers: dict[str, RoomWorker] = {}
-        self._reserved: dict[str, asyncio.Future] = {}  # event id -> its place in a queue
+    stage: Stage
+    gate: StartGate
+    log: logging.Logger
+    workers: dict[str, RoomWorker] = field(default_factory=dict)
+    _reserved: dict[str, asyncio.Future] = field(default_factory=dict)  # event id -> its place
 
     def worker(self, room_id: str) -> RoomWorker:
         worker = self.workers.get(room_id)

@@ -4,6 +4,7 @@ maubot dispatched it. Known commands are maubot's command handlers' to answer.""
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from maubot import MessageEvent
 from maubot.handlers import event
@@ -16,20 +17,13 @@ from .matrix import Matrix
 from .queue import RoomQueues, filled_slot
 
 
+@dataclass(eq=False)
 class Router:
-    def __init__(
-        self,
-        queues: RoomQueues,
-        conversation: Conversation,
-        gate: StartGate,
-        mx: Matrix,
-        command_names: Collection[str],
-    ) -> None:
-        self.queues = queues
-        self.conversation = conversation
-        self.gate = gate
-        self.mx = mx
-        self.command_names = command_names
+    queues: RoomQueues
+    conversation: Conversation
+    gate: StartGate
+    mx: Matrix
+    command_names: Collection[str]
 
     @event.on(EventType.ROOM_MESSAGE)
     async def on_message(self, evt: MessageEvent) -> None:

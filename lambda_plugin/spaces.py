@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .chats import Chats
-from .config import Settings
 from .db import ChatRoomRow, Store, now_ms
 from .marker import KIND_SPACE, Marker
 from .matrix import HomeserverError, Matrix
+from .part import Part
 from .roomstate import (
     clean_name,
     creators_privileged,
@@ -35,21 +33,16 @@ class TooManyChats(Exception):
     pass
 
 
-class Spaces:
-    def __init__(
-        self,
-        mx: Matrix,
-        store: Store,
-        chats: Chats,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.mx = mx
-        self.store = store
-        self.chats = chats
-        self.registry = chats.registry
-        self.settings = settings
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class Spaces(Part):
+    """Provisioning: a user's Space and chat rooms, made exactly once."""
+
+    mx: Matrix
+    store: Store
+    chats: Chats
+
+    def __post_init__(self) -> None:
+        self.registry = self.chats.registry
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._privileged: bool | None = None
 

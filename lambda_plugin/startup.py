@@ -9,9 +9,9 @@ written.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .catchup import (
@@ -22,37 +22,27 @@ from .catchup import (
     timelines_of,
     unanswered,
 )
-from .config import Settings
 from .db import Store
 from .gate import StartGate
+from .part import Part
 from .reconcile import Reconciler, Report
-from .registry import Registry
 
 SYNC_POSITION_EVERY_S = 60
 Invite = Callable[[str, str], Awaitable[None]]
 
 
-class Startup:
-    def __init__(
-        self,
-        *,
-        gate: StartGate,
-        store: Store,
-        registry: Registry,
-        reconciler: Reconciler,
-        catch_up: CatchUp,
-        invite: Invite,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.gate = gate
-        self.store = store
-        self.registry = registry
-        self.reconciler = reconciler
-        self.catch_up = catch_up
-        self.invite = invite
-        self.settings = settings
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class Startup(Part):
+    """The start hook's work, and the sync position the next start reads from."""
+
+    gate: StartGate
+    store: Store
+    reconciler: Reconciler
+    catch_up: CatchUp
+    invite: Invite
+
+    def __post_init__(self) -> None:
+        self.registry = self.reconciler.registry
         self.positions = SyncPositions()
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
 

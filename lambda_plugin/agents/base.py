@@ -219,6 +219,17 @@ class HttpClient:
         # The secret travels only in this header; it is never part of a URL or a body.
         self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
+    @classmethod
+    def of(
+        cls, http: aiohttp.ClientSession, options: AgentOptions, log: logging.Logger, secret: str
+    ) -> HttpClient:
+        """The client an agent's options describe: ``base_url``, ``timeout_s`` and the option
+        named ``secret`` (the API key or token)."""
+        return cls(
+            http, options.url("base_url"), log,
+            secret=options.text(secret), timeout_s=options.number("timeout_s", 120),
+        )  # fmt: skip
+
     def url(self, *segments: str) -> URL:
         """``base_url`` with path segments appended, each quoted whole ("/" included)."""
         path = self.base_url.raw_path.rstrip("/")

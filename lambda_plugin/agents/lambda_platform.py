@@ -31,13 +31,7 @@ class LambdaAgent(Agent):
     def __init__(self, spec: AgentSpec, http: aiohttp.ClientSession, log: logging.Logger) -> None:
         super().__init__(spec, log)
         options = AgentOptions(spec)
-        self.client = HttpClient(
-            http,
-            options.url("base_url"),
-            log,
-            secret=options.text("token"),
-            timeout_s=options.number("timeout_s", 120),
-        )
+        self.client = HttpClient.of(http, options, log, "token")
         self.max_answer_chars = options.whole("max_answer_chars", MAX_ANSWER_CHARS)
 
     def _chat(self, platform_chat_id: str, *action: str) -> URL:

@@ -66,13 +66,7 @@ class OpenAIAgent(StoreAgent):
         self.max_history = options.count("max_history", 40)
         self.stream = options.flag("stream", True)
         self.max_answer_chars = options.whole("max_answer_chars", MAX_ANSWER_CHARS)
-        self.client = HttpClient(
-            http,
-            options.url("base_url"),
-            log,
-            secret=options.text("api_key"),
-            timeout_s=options.number("timeout_s", 120),
-        )
+        self.client = HttpClient.of(http, options, log, "api_key")
 
     async def respond(
         self, request: AgentRequest, on_partial: PartialCallback | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -14,11 +15,13 @@ from .base import Agent
 from .factory import create_agent
 
 
+@dataclass(eq=False)
 class Agents:
-    def __init__(self, store: Store, http: aiohttp.ClientSession, log: logging.Logger) -> None:
-        self.store = store
-        self.http = http
-        self.log = log
+    store: Store
+    http: aiohttp.ClientSession
+    log: logging.Logger
+
+    def __post_init__(self) -> None:
         self._agents: dict[str, Agent] = {}
 
     def build(self, settings: Settings) -> dict[str, Agent]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
 
 from maubot import MessageEvent
 from maubot.handlers import command
@@ -11,7 +11,6 @@ from maubot.handlers import command
 from ..agents import Agents
 from ..queue import RoomQueues
 from ..reconcile import Reconciler, Report
-from ..registry import Registry
 from ..spaces import Spaces
 from .base import CommandBase, admin
 
@@ -19,24 +18,15 @@ HEALTH_TIMEOUT_S = 15
 CONFIRM = "--confirm"
 
 
+@dataclass(eq=False, kw_only=True)
 class AdminCommands(CommandBase):
-    def __init__(
-        self,
-        *base: Any,
-        registry: Registry,
-        reconciler: Reconciler,
-        spaces: Spaces,
-        agents: Agents,
-        queues: RoomQueues,
-        rebuild: Callable[[], Awaitable[Report]],
-    ) -> None:
-        super().__init__(*base)
-        self.registry = registry
-        self.reconciler = reconciler
-        self.spaces = spaces
-        self.agents = agents
-        self.queues = queues
-        self.rebuild = rebuild  # reset local: the database dropped and rebuilt, gate closed
+    """Commands for the plugin's admins (access.admins)."""
+
+    reconciler: Reconciler
+    spaces: Spaces
+    agents: Agents
+    queues: RoomQueues
+    rebuild: Callable[[], Awaitable[Report]]  # reset local: rebuilt with the gate closed
 
     def report_text(self, report: Report | None) -> str:
         if report is None:
@@ -52,7 +42,7 @@ class AdminCommands(CommandBase):
     @admin
     async def status(self, evt: MessageEvent) -> None:
         counts = await self.store.counts()
-        rooms = self.registry.rooms.values()
+        rooms = self.reconciler.registry.rooms.values()
         health = await self.agents.health(HEALTH_TIMEOUT_S)
         say = self.notices.text
         lines = [
@@ -109,5 +99,5 @@ class AdminCommands(CommandBase):
         self.log.info("Server reset by %s", evt.sender)
         left = await self.spaces.leave_everything(keep_room=evt.room_id)
         await self.store.clear_all()
-        await self.registry.load()
+        await self.reconciler.registry.load()
         await self.reply(evt, "admin.reset_server_done", rooms=left)

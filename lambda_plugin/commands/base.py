@@ -10,36 +10,29 @@ or caught-up command is never answered twice); a refusal is answered by the deco
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from maubot import MessageEvent
 
-from ..config import Settings
 from ..db import Store
 from ..gate import StartGate
+from ..matrix import HomeserverError
 from ..notices import Notices
+from ..part import Part
 from ..queue import RoomQueues
 
 Handler = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=Handler)
+T = TypeVar("T")
 
 
-class CommandBase:
-    def __init__(
-        self,
-        gate: StartGate,
-        store: Store,
-        notices: Notices,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.gate = gate
-        self.store = store
-        self.notices = notices
-        self.settings = settings
-        self.log = log
+@dataclass(eq=False, kw_only=True)
+class CommandBase(Part):
+    gate: StartGate
+    store: Store
+    notices: Notices
 
     async def begin(self, evt: MessageEvent) -> bool:
         """Waits until the plugin is ready; True when the event is new (not handled yet)."""
@@ -49,6 +42,16 @@ class CommandBase:
 
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
         await self.notices.say(evt.room_id, key, **values)
+
+    async def on_homeserver(self, evt: MessageEvent, what: str, call: Awaitable[T]) -> T | None:
+        """What ``call`` returns, or None after the homeserver refused it (logged, and the
+        user told: nothing else was changed)."""
+        try:
+            return await call
+        except HomeserverError as e:
+            self.log.warning("%s in %s failed: %s", what, evt.room_id, e)
+            await self.reply(evt, "error.homeserver")
+            return None
 
 
 def _precondition(check: Callable[[Any, MessageEvent], Awaitable[tuple | None]]) -> Callable:
@@ -115,3 +118,8 @@ def in_turn(func: F) -> F:
             turn.set_result(await func(self, evt, *args, **kwargs))
 
     return wrapper  # type: ignore[return-value]
+
+
+def owner_in_turn(func: F) -> F:
+    """Sent in a chat room by its owner, and changes the conversation: runs in turn."""
+    return in_turn(chat_owner(func))

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from maubot import MessageEvent
 from maubot.handlers import command
 
 from ..agents import AgentError, Agents
 from ..db import ChatRoomRow
-from ..matrix import HomeserverError
 from ..registry import Registry
 from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
 from ..spaces import Spaces, TooManyChats
 from .base import CommandBase, allowed_user, chat_owner
 
 
+@dataclass(eq=False, kw_only=True)
 class ChatCommands(CommandBase):
-    def __init__(
-        self, *base: Any, registry: Registry, spaces: Spaces, agents: Agents, server_name: str
-    ) -> None:
-        super().__init__(*base)
-        self.registry = registry
-        self.spaces = spaces
-        self.agents = agents
-        self.server_name = server_name
+    """Commands on the user's chat rooms."""
+
+    registry: Registry
+    spaces: Spaces
+    agents: Agents
+    server_name: str
 
     async def valid_name(self, evt: MessageEvent, raw: str, example: str) -> str | None:
         """The cleaned name, or None after telling the user what is wrong with it."""
@@ -54,13 +52,13 @@ class ChatCommands(CommandBase):
                 return
             agent_id, platform_chat_id = fork
         try:
-            room = await self.spaces.new_chat(evt.sender, wanted, agent_id, platform_chat_id)
+            room = await self.on_homeserver(
+                evt, "!new", self.spaces.new_chat(evt.sender, wanted, agent_id, platform_chat_id)
+            )
         except TooManyChats:
             await self.reply(evt, "new.too_many", max=self.settings().max_chats_per_user)
             return
-        except HomeserverError as e:
-            self.log.warning("!new for %s failed: %s", evt.sender, e)
-            await self.reply(evt, "error.homeserver")
+        if room is None:
             return
         link = matrix_to(room.room_id, self.server_name)
         await self.reply(evt, "new.created", name=room.name, link=link)
@@ -125,13 +123,9 @@ class ChatCommands(CommandBase):
         new_name = await self.valid_name(evt, name, "!rename Research")
         if new_name is None:
             return
-        try:
-            room = await self.spaces.rename(room, new_name)
-        except HomeserverError as e:
-            self.log.warning("!rename in %s failed: %s", evt.room_id, e)
-            await self.reply(evt, "error.homeserver")
-            return
-        await self.reply(evt, "renamed", name=room.name)
+        renamed = await self.on_homeserver(evt, "!rename", self.spaces.rename(room, new_name))
+        if renamed is not None:
+            await self.reply(evt, "renamed", name=renamed.name)
 
     @command.new("archive", help="Archive this chat (history kept)")
     @chat_owner
@@ -147,10 +141,8 @@ class ChatCommands(CommandBase):
         if room.archived == archived:
             await self.reply(evt, "already_archived" if archived else "not_archived")
             return
-        try:
-            room = await self.spaces.set_archived(room, archived)
-        except HomeserverError as e:
-            self.log.warning("Archive change in %s failed: %s", evt.room_id, e)
-            await self.reply(evt, "error.homeserver")
-            return
-        await self.reply(evt, "archived" if archived else "unarchived", name=room.name)
+        changed = await self.on_homeserver(
+            evt, "Archive change", self.spaces.set_archived(room, archived)
+        )
+        if changed is not None:
+            await self.reply(evt, "archived" if archived else "unarchived", name=changed.name)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from maubot import MessageEvent
 from maubot.handlers import command
+from maubot.handlers.command import CommandHandler
 
 from ..agents import Agent, AgentError, Agents
 from ..chats import Chats
@@ -14,30 +16,46 @@ from ..db import ChatRoomRow, SnapshotRow, now_ms
 from ..queue import Control, RoomQueues
 from ..registry import Registry
 from ..roomstate import clean_name, new_platform_chat_id
-from .base import CommandBase, chat_owner, in_turn
+from .base import CommandBase, Handler, chat_owner, owner_in_turn
 
 SNAPSHOT_NAME_MAX = 64
 
 
+def snapshot_command(command_name: str, help: str) -> Callable[[Handler], CommandHandler]:
+    """``!<name> <snapshot>``: a command on a snapshot of the user's, run in the room's turn
+    for the chat's owner; the handler gets the snapshot's name, checked."""
+
+    def decorator(func: Handler) -> CommandHandler:
+        @functools.wraps(func)
+        async def named(
+            self: ContextCommands, evt: MessageEvent, room: ChatRoomRow, name: str = ""
+        ) -> Control | None:
+            snapshot = clean_name(name or "")
+            if snapshot and len(snapshot) <= SNAPSHOT_NAME_MAX:
+                return await func(self, evt, room, snapshot)
+            await self.reply(
+                evt, "snapshot.name_bad", max=SNAPSHOT_NAME_MAX, example=f"!{command_name} draft"
+            )
+            return None
+
+        argument = command.argument("name", pass_raw=True, required=False)
+        with_argument = argument(owner_in_turn(named))
+        return command.new(command_name, help=help)(with_argument)
+
+    return decorator
+
+
+@dataclass(eq=False, kw_only=True)
 class ContextCommands(CommandBase):
-    def __init__(
-        self, *base: Any, registry: Registry, chats: Chats, agents: Agents, queues: RoomQueues
-    ) -> None:
-        super().__init__(*base)
-        self.registry = registry
-        self.chats = chats
-        self.agents = agents
-        self.queues = queues
+    """Commands on the conversation of the chat they are sent in."""
+
+    registry: Registry
+    chats: Chats
+    agents: Agents
+    queues: RoomQueues
 
     def agent_error(self, error: AgentError) -> str:
         return error.describe(self.settings().language)
-
-    async def snapshot_name(self, evt: MessageEvent, raw: str, example: str) -> str | None:
-        name = clean_name(raw or "")
-        if not name or len(name) > SNAPSHOT_NAME_MAX:
-            await self.reply(evt, "snapshot.name_bad", max=SNAPSHOT_NAME_MAX, example=example)
-            return None
-        return name
 
     async def snapshot_names(self, user_id: str) -> str:
         snaps = await self.store.snapshots_of(user_id)
@@ -52,8 +70,7 @@ class ContextCommands(CommandBase):
         return current, agent
 
     @command.new("clear", help="Start this chat's conversation afresh")
-    @in_turn
-    @chat_owner
+    @owner_in_turn
     async def clear(self, evt: MessageEvent, room: ChatRoomRow) -> Control:
         async def run() -> None:
             old: list[str] = []
@@ -76,14 +93,8 @@ class ContextCommands(CommandBase):
 
         return run
 
-    @command.new("save", help="Save this conversation as a snapshot: !save <name>")
-    @command.argument("name", pass_raw=True, required=False)
-    @in_turn
-    @chat_owner
-    async def save(self, evt: MessageEvent, room: ChatRoomRow, name: str = "") -> Control | None:
-        if not (snapshot_name := await self.snapshot_name(evt, name, "!save draft")):
-            return None
-
+    @snapshot_command("save", "Save this conversation as a snapshot: !save <name>")
+    async def save(self, evt: MessageEvent, room: ChatRoomRow, snapshot_name: str) -> Control:
         async def run() -> None:
             current, agent = await self.current_agent(evt)
             if agent is None:
@@ -104,13 +115,10 @@ class ContextCommands(CommandBase):
 
         return run
 
-    @command.new("load", help="Continue this chat from a snapshot: !load <name>")
-    @command.argument("name", pass_raw=True, required=False)
-    @in_turn
-    @chat_owner
-    async def load(self, evt: MessageEvent, room: ChatRoomRow, name: str = "") -> Control | None:
-        if not (snapshot_name := await self.snapshot_name(evt, name, "!load draft")):
-            return None
+    @snapshot_command("load", "Continue this chat from a snapshot: !load <name>")
+    async def load(
+        self, evt: MessageEvent, room: ChatRoomRow, snapshot_name: str
+    ) -> Control | None:
         snap = await self.store.get_snapshot(evt.sender, snapshot_name)
         if snap is None:
             names = await self.snapshot_names(evt.sender)
@@ -165,8 +173,7 @@ class ContextCommands(CommandBase):
 
     @command.new("agent", help="Show or switch this chat's agent: !agent [id]")
     @command.argument("agent_id", pass_raw=True, required=False)
-    @in_turn
-    @chat_owner
+    @owner_in_turn
     async def agent(
         self, evt: MessageEvent, room: ChatRoomRow, agent_id: str = ""
     ) -> Control | None:
