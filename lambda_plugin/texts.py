@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
-# (command usage, one-line description) in the order !help lists them.
+# (command usage, one-line description) in the order !help lists them: one for each command
+# the plugin registers (tests/unit/test_help.py ties the two together).
 COMMANDS: list[tuple[str, dict[str, str]]] = [
     ("!help", {"en": "list the commands", "ru": "список команд"}),
     ("!new [name]", {"en": "new chat room in your Space", "ru": "новый чат в вашем пространстве"}),
-    (
-        "!chats [archived]",
-        {"en": "your chats (or the archived ones)", "ru": "ваши чаты (или архивные)"},
-    ),
+    ("!chats [archived]", {"en": "your chats (or the archived ones)", "ru": "ваши чаты (или архивные)"}),
     ("!rename <name>", {"en": "rename this chat", "ru": "переименовать этот чат"}),
-    (
-        "!archive",
-        {
-            "en": "archive this chat (history kept)",
-            "ru": "архивировать этот чат (история сохраняется)",
-        },
-    ),
+    ("!archive", {"en": "archive this chat (history kept)", "ru": "архивировать этот чат (история сохраняется)"}),
     ("!unarchive", {"en": "bring this chat back", "ru": "вернуть этот чат из архива"}),
-    (
-        "!clear",
-        {"en": "start this chat's conversation afresh", "ru": "начать разговор в этом чате заново"},
-    ),
-    (
-        "!save <name>",
-        {"en": "save this conversation as a snapshot", "ru": "сохранить разговор как снимок"},
-    ),
-    (
-        "!load <name>",
-        {"en": "continue this chat from a snapshot", "ru": "продолжить чат из снимка"},
-    ),
+    ("!clear", {"en": "start this chat's conversation afresh", "ru": "начать разговор в этом чате заново"}),
+    ("!save <name>", {"en": "save this conversation as a snapshot", "ru": "сохранить разговор как снимок"}),
+    ("!load <name>", {"en": "continue this chat from a snapshot", "ru": "продолжить чат из снимка"}),
     ("!cancel", {"en": "stop the running answer", "ru": "остановить текущий ответ"}),
-    (
-        "!retry",
-        {
-            "en": "send the last unanswered message again",
-            "ru": "повторить последнее сообщение без ответа",
-        },
-    ),
-    (
-        "!context",
-        {"en": "this chat's agent, id and size", "ru": "агент, идентификатор и размер этого чата"},
-    ),
-    (
-        "!agent [id]",
-        {"en": "show or switch this chat's agent", "ru": "показать или сменить агента чата"},
-    ),
-    (
-        "!lambda status|reconcile|reset",
-        {"en": "admin: status and maintenance", "ru": "админ: состояние и обслуживание"},
-    ),
+    ("!retry", {"en": "send the last unanswered message again", "ru": "повторить последнее сообщение без ответа"}),
+    ("!context", {"en": "this chat's agent, id and size", "ru": "агент, идентификатор и размер этого чата"}),
+    ("!agent [id]", {"en": "show or switch this chat's agent", "ru": "показать или сменить агента чата"}),
+    ("!lambda status|reconcile|reset", {"en": "admin: status and maintenance", "ru": "админ: состояние и обслуживание"}),
 ]
-
-# The names the command handlers answer to (!help lists them); any other "!word" gets a
-# short "unknown command" answer.
-COMMAND_NAMES = frozenset(usage.split()[0].lstrip("!") for usage, _ in COMMANDS)
 
 TEXTS: dict[str, dict[str, str]] = {
     "en": {

@@ -25,6 +25,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 import lambda_plugin
+from lambda_plugin.bot import COMMAND_CLASSES
+from lambda_plugin.commands import command_names
 from lambda_plugin.config import Config
 from lambda_plugin.db import upgrade_table
 from lambda_plugin.texts import COMMANDS
@@ -169,6 +171,17 @@ async def test_help_lists_every_command(maubot_plugin, maubot_test_bot, homeserv
     assert "<code>!help</code>" in html
     assert "<code>!rename &lt;name&gt;</code>" in html
     assert "<strong>Lambda</strong>" in html
+
+
+def test_help_lists_exactly_the_registered_commands() -> None:
+    # !help's lines come from texts.COMMANDS, the answers from the handlers maubot registers:
+    # a command added, renamed or removed on one side only fails here.
+    registered = command_names(COMMAND_CLASSES)
+    listed = [usage.split()[0].lstrip("!") for usage, _ in COMMANDS]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == registered
+    for _, description in COMMANDS:
+        assert description.get("en") and description.get("ru")
 
 
 @pytest.mark.parametrize("maubot_plugin_config_overrides", [{"language": "ru"}])
