@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 from asyncpg import Record
 
 RowT = TypeVar("RowT", bound="Row")
 
 
+class _Columns:
+    """A row type's column list for SQL, read off its fields: written once, in order."""
+
+    def __get__(self, row: object, cls: type) -> str:
+        return ", ".join(f.name for f in fields(cls))
+
+
 class Row:
     """A table row; ``columns`` lists its columns, named as its fields."""
 
-    columns: ClassVar[str]
+    columns = _Columns()
 
     @classmethod
     def from_row(cls: type[RowT], row: Record) -> RowT:
@@ -33,7 +40,6 @@ class UserRow(Row):
     next_chat_index: int
     created_at: int
 
-    columns: ClassVar[str] = "user_id, space_id, next_chat_index, created_at"
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,6 @@ class ChatRoomRow(Row):
     gone: bool
     created_at: int
 
-    columns: ClassVar[str] = (
-        "room_id, user_id, chat_id, name, agent_id, platform_chat_id, archived, gone, created_at"
-    )
 
     @property
     def chat_number(self) -> int:
@@ -66,7 +69,6 @@ class SnapshotRow(Row):
     messages: str
     created_at: int
 
-    columns: ClassVar[str] = "user_id, name, agent_id, platform_chat_id, messages, created_at"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,6 @@ class HistoryRow(Row):
     content: str
     created_at: int
 
-    columns: ClassVar[str] = "platform_chat_id, seq, role, content, created_at"
 
 
 def chat_number(chat_id: str) -> int:
