@@ -35,12 +35,6 @@ class Store:
         )
         return UserRow.from_row(row) if row else None
 
-    async def get_user_by_space(self, space_id: str) -> UserRow | None:
-        row = await self.db.fetchrow(
-            f"SELECT {UserRow.columns} FROM lambda_user WHERE space_id=$1", space_id
-        )
-        return UserRow.from_row(row) if row else None
-
     async def all_users(self) -> list[UserRow]:
         rows = await self.db.fetch(f"SELECT {UserRow.columns} FROM lambda_user")
         return [UserRow.from_row(row) for row in rows]
@@ -55,10 +49,6 @@ class Store:
         user = await self.get_user(user_id)
         assert user is not None
         return user
-
-    async def upsert_user(self, user_id: str, space_id: str | None, next_chat_index: int) -> None:
-        """Writes a user; next_chat_index only ever grows."""
-        await self.upsert_users([UserRow(user_id, space_id, next_chat_index, now_ms())])
 
     async def upsert_users(self, users: list[UserRow]) -> None:
         """Writes users in one transaction; next_chat_index only ever grows."""
@@ -148,9 +138,6 @@ class Store:
                 " WHERE user_id=$1 AND next_chat_index < $2",
                 [(r.user_id, r.chat_number + 1) for r in rooms],
             )
-
-    async def delete_room(self, room_id: str) -> None:
-        await self.db.execute("DELETE FROM chat_room WHERE room_id=$1", room_id)
 
     # snapshots
 
@@ -249,11 +236,6 @@ class Store:
             )
             found.update(row["event_id"] for row in rows)
         return found
-
-    async def is_handled(self, event_id: str) -> bool:
-        return bool(
-            await self.db.fetchval("SELECT 1 FROM handled_event WHERE event_id=$1", event_id)
-        )
 
     # small plugin state
 
