@@ -8,5 +8,6 @@ ensure_python_envs
 ensure_postgres
 scripts/install-browser.sh
 .venvs/maubot/bin/ruff check .
+.venvs/maubot/bin/mypy lambda_plugin
 exec env LAMBDA_SYNAPSE_PYTHON="$ROOT/.venvs/synapse/bin/python" \
   .venvs/maubot/bin/python -m pytest "$@"

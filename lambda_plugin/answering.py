@@ -11,7 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents
+from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachment
 from .attachments import FileService
 from .db import ChatRoomRow
 from .files import caption
@@ -44,7 +44,7 @@ class Answerer(Part):
         if agent is None:
             await self.notices.say(room_id, "agent.unknown", agent=room.agent_id)
             return False
-        body, attachments = incoming.body, ()
+        body, attachments = incoming.body, tuple[Attachment, ...]()
         if incoming.file is not None:
             attachment = await self.files.take(room_id, incoming, agent)
             if attachment is None:

@@ -51,6 +51,7 @@ class LambdaBot(Plugin):
         # start() must never raise: maubot disables an instance whose start failed, for good.
         self._tasks: set[asyncio.Task] = set()
         self.gate = StartGate()
+        assert self.database is not None  # maubot.yaml asks for a database
         self.store = Store(self.database)
         self.agents = Agents(self.store, self.http, self.log.getChild("agents"))
         self.config.load_and_update()
@@ -142,7 +143,7 @@ class LambdaBot(Plugin):
         """The handlers maubot dispatches events to, as registered by this instance."""
         return list(self._handlers_at_startup)
 
-    def _build(self, config: BaseProxyConfig) -> tuple[Settings, dict[str, Agent]]:
+    def _build(self, config: Any) -> tuple[Settings, dict[str, Agent]]:
         """Checked settings and their agents, or ValueError naming the first bad key."""
         settings = Settings.from_config(config)
         return settings, self.agents.build(settings)

@@ -15,11 +15,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from maubot.matrix import MaubotMatrixClient, MaubotMessageEvent
 from mautrix.client import SyncStream
-from mautrix.types import EventType, MessageEvent
+from mautrix.types import JSON, EventType, MessageEvent
 
 from .intake import Incoming, Kind, classify
 from .matrix import HomeserverError, Matrix, one_off_sync_filter
@@ -192,7 +192,7 @@ class CatchUp:
 
     def _event(self, incoming: Incoming, raw: dict[str, Any]) -> MaubotMessageEvent | None:
         try:
-            event = MessageEvent.deserialize({**raw, "room_id": incoming.room_id})
+            event = MessageEvent.deserialize(cast(JSON, {**raw, "room_id": incoming.room_id}))
         except Exception:  # a malformed event is skipped, never fatal
             self.log.debug("Skipping a malformed event %s in catch-up", incoming.event_id)
             return None

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from maubot.handlers import event
 from mautrix.client import SyncStream
-from mautrix.types import EventType, Membership, StateEvent
+from mautrix.types import (
+    EventType,
+    Membership,
+    MemberStateEventContent,
+    RoomNameStateEventContent,
+    StateEvent,
+)
 
 from .chats import Chats
 from .gate import StartGate
@@ -36,6 +42,8 @@ class Onboarding(Part):
     async def on_member(self, evt: StateEvent) -> None:
         if not await self.gate.wait():
             return
+        if not isinstance(evt.content, MemberStateEventContent):
+            return
         membership = evt.content.membership
         if evt.state_key == self.mx.user_id and membership == Membership.INVITE:
             # An invite already joined shows up again in the room's timeline: not a new one.
@@ -50,9 +58,12 @@ class Onboarding(Part):
         if not await self.gate.wait():
             return
         room = self.registry.room(evt.room_id)
+        content = evt.content
         if room is None or evt.sender == self.mx.user_id:
             return
-        name = clean_name(evt.content.name or "")[:NAME_MAX]
+        if not isinstance(content, RoomNameStateEventContent):
+            return
+        name = clean_name(content.name if isinstance(content.name, str) else "")[:NAME_MAX]
         if evt.sender == room.user_id and name and name != room.name:
             await self.chats.update(room.room_id, name=name)
             self.log.info("Chat %s renamed in the client to %r", room.room_id, name)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow
 
@@ -26,6 +28,13 @@ class Store:
         # them on separate connections). One plugin instance owns its database, so a
         # process-local lock is enough.
         self._history_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        """A connection in a transaction: the writes in it hold together or not at all."""
+        conn: Connection  # mautrix leaves the connection's type to be inferred, and it can't be
+        async with self.db.acquire() as conn, conn.transaction():
+            yield conn
 
     # users
 
@@ -54,7 +63,7 @@ class Store:
         """Writes users in one transaction; next_chat_index only ever grows."""
         if not users:
             return
-        async with self.db.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.executemany(
                 "INSERT INTO lambda_user (user_id, space_id, next_chat_index, created_at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE SET"
@@ -109,7 +118,7 @@ class Store:
         past their chat numbers."""
         if not rooms:
             return
-        async with self.db.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.executemany(
                 f"INSERT INTO chat_room ({ChatRoomRow.columns})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -186,7 +195,7 @@ class Store:
 
     async def append_history(self, platform_chat_id: str, messages: list[tuple[str, str]]) -> None:
         """Appends (role, content) pairs after the conversation's last message, atomically."""
-        async with self._history_lock, self.db.acquire() as conn, conn.transaction():
+        async with self._history_lock, self._transaction() as conn:
             last = await conn.fetchval(
                 "SELECT MAX(seq) FROM history WHERE platform_chat_id=$1", platform_chat_id
             )
@@ -260,7 +269,7 @@ class Store:
 
     async def clear_all(self) -> None:
         """Drops every row of the plugin's tables (the dev reset); the schema stays."""
-        async with self.db.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             for table in (
                 "chat_room", "lambda_user", "snapshot", "history", "handled_event", "plugin_state",
             ):  # fmt: skip

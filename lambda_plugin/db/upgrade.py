@@ -7,7 +7,8 @@ from mautrix.util.async_db import Connection, UpgradeTable
 upgrade_table = UpgradeTable()
 
 
-@upgrade_table.register(description="Initial schema: users, chat rooms, snapshots, history")
+# mautrix types register() as taking the function, not as the decorator factory it also is.
+@upgrade_table.register(description="Initial schema: users, chat rooms, snapshots, history")  # type: ignore[call-arg, arg-type]
 async def upgrade_v1(conn: Connection) -> None:
     # One row per user who has (or is getting) a Space. space_id is unique: one Space per user.
     await conn.execute(
@@ -68,7 +69,7 @@ async def upgrade_v1(conn: Connection) -> None:
     await conn.execute("CREATE INDEX handled_event_room_idx ON handled_event (room_id, handled_at)")
 
 
-@upgrade_table.register(description="Small key-value state: the sync position catch-up reads from")
+@upgrade_table.register(description="Small key-value state: the sync position catch-up reads from")  # type: ignore[call-arg, arg-type]
 async def upgrade_v2(conn: Connection) -> None:
     await conn.execute(
         """CREATE TABLE plugin_state (
