@@ -64,12 +64,13 @@ class RoomWorker:
     stage: Stage
     release: Callable[[RoomWorker], bool]
     log: logging.Logger
+    gate: StartGate
 
     def __post_init__(self) -> None:
         self.items: deque[QueueItem] = deque()
         self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
-        self.current_item: Incoming | None = None
+        self.current_item: Incoming | None = None  # the message handed to the stage
         self.unanswered: Incoming | None = None  # the last message that got no answer
         self.task = asyncio.create_task(self._run())
 
@@ -106,15 +107,20 @@ class RoomWorker:
         return True
 
     async def stop(self) -> None:
-        interrupted = self.current_item
+        call, interrupted = self.current, self.current_item
         self.cancel()
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        # The cancelled stage call too: its clean-up (typing off) ends before stop() does.
+        await asyncio.gather(self.task, *([call] if call else []), return_exceptions=True)
         if interrupted is not None:
             await self.stage.interrupted(interrupted)
 
     async def _run(self) -> None:
         while True:
+            # Nothing is taken while the gate is closed: what the catch-up puts at the head
+            # of the queue goes before what arrived during the start.
+            if not self.gate.is_open and not await self.gate.wait():
+                return
             if not self.items:
                 # Idle: leave (no await between the check and the removal, so nothing can be
                 # queued here meanwhile); the next message makes a new worker.
@@ -141,10 +147,13 @@ class RoomWorker:
         else:
             await self._message(item, retried=False)
 
+    async def _hand(self, incoming: Incoming, retried: bool) -> Outcome:
+        self.current_item = incoming  # only now is it the stage's (a stop before this: not)
+        return await self.stage.message(self.room_id, incoming, retried)
+
     async def _message(self, incoming: Incoming, retried: bool) -> None:
         """Runs the stage as a task of its own, so !cancel stops it wherever it is."""
-        self.current_item = incoming
-        call = self.current = asyncio.create_task(self.stage.message(self.room_id, incoming, retried))
+        call = self.current = asyncio.create_task(self._hand(incoming, retried))
         await asyncio.wait({call})
         self.current = self.current_item = None
         if call.cancelled():
@@ -171,7 +180,7 @@ class RoomQueues:
     def worker(self, room_id: str) -> RoomWorker:
         worker = self.workers.get(room_id)
         if worker is None:
-            worker = self.workers[room_id] = RoomWorker(room_id, self.stage, self._release, self.log)
+            worker = self.workers[room_id] = RoomWorker(room_id, self.stage, self._release, self.log, self.gate)
         return worker
 
     def _release(self, worker: RoomWorker) -> bool:

@@ -517,19 +517,20 @@ async def test_idle_worker_leaves_when_the_gate_is_open(
     assert ROOM not in queues.workers
 
 
-async def test_idle_worker_stays_while_the_gate_is_closed(stage: FakeStage) -> None:
+async def test_nothing_is_taken_and_no_worker_leaves_while_the_gate_is_closed(
+    stage: FakeStage,
+) -> None:
     gate = StartGate()
     queues = RoomQueues(stage, gate, LOG)
     try:
         worker = queues.worker(ROOM)
         worker.push(msg("$1"))
-        await stage.until_done("$1")
         await settle()
-        assert queues.workers.get(ROOM) is worker  # caught-up messages may still come
+        assert stage.order("message") == []  # caught-up messages may still go ahead of it
+        assert queues.workers.get(ROOM) is worker
         assert not worker.task.done()
         gate.open()
-        worker.push(msg("$2"))  # same worker, still there
-        await stage.until_done("$2")
+        await stage.until_done("$1")
         await ended(worker)
         assert ROOM not in queues.workers
     finally:
@@ -557,18 +558,17 @@ async def test_idle_worker_with_an_unanswered_message_stays(
 async def test_a_replaced_worker_does_not_remove_its_successor(
     queues: RoomQueues, stage: FakeStage, gate: StartGate
 ) -> None:
-    gate.close()
     old = queues.worker(ROOM)
-    old.push(msg("$1"))
-    await stage.until_done("$1")
-    new = RoomWorker(ROOM, stage, queues._release, LOG)
+    new = RoomWorker(ROOM, stage, queues._release, LOG, queues.gate)
     queues.workers[ROOM] = new
-    await settle()  # both idle, both kept while the gate is closed
-    gate.open()
+    stage.step("$kept", outcome=Outcome.KEEP)  # keeps the new one in place meanwhile
+    new.push(msg("$kept"))
+    await stage.until_done("$kept")
     old.push(msg("$2"))
     await stage.until_done("$2")
     await settle()
     assert queues.workers.get(ROOM) is new  # the old one is no longer the room's: no removal
+    stage.step("$3", outcome=Outcome.ANSWERED)
     new.push(msg("$3"))
     await stage.until_done("$3")
     await ended(new)
@@ -604,7 +604,9 @@ async def test_push_front_puts_caught_up_items_first_in_order(
 
 
 async def test_push_front_on_an_idle_worker(stage: FakeStage) -> None:
-    queues = RoomQueues(stage, StartGate(), LOG)
+    gate = StartGate()
+    gate.open()
+    queues = RoomQueues(stage, gate, LOG)
     try:
         worker = queues.worker(ROOM)
         worker.push_front([msg("$m1"), msg("$m2")])
@@ -614,12 +616,6 @@ async def test_push_front_on_an_idle_worker(stage: FakeStage) -> None:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A live message queued while the gate is closed is already taken by the worker "
-    "(its stage call waits at the gate), so push_front cannot put caught-up items ahead of "
-    "it: it is answered before the messages missed while the bot was away (SPEC §5).",
-)
 async def test_caught_up_items_go_before_live_ones_queued_during_the_start(
     stage: FakeStage,
 ) -> None:
@@ -763,8 +759,6 @@ async def test_stop_with_idle_workers_and_open_slots(stage: FakeStage) -> None:
     gate = StartGate()  # closed: idle workers stay
     queues = RoomQueues(stage, gate, LOG)
     idle = queues.worker(ROOM)
-    idle.push(msg("$1"))
-    await stage.until_done("$1")
     waiting = queues.worker(OTHER_ROOM)
     place = queues.reserve("$cmd")
     waiting.push_front([place])
@@ -777,13 +771,6 @@ async def test_stop_with_idle_workers_and_open_slots(stage: FakeStage) -> None:
     assert queues.workers == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RoomQueues.stop() first lets go of reserved places; a worker waiting on one "
-    "takes the next message in that same loop turn and sets current_item before its stage "
-    "task has run a step. RoomWorker.stop() then cancels that task (so stage.message never "
-    "runs) but still calls stage.interrupted for the message.",
-)
 async def test_stop_interrupts_only_messages_the_stage_was_handed(stage: FakeStage) -> None:
     queues = RoomQueues(stage, StartGate(), LOG)
     worker = queues.worker(ROOM)
@@ -823,12 +810,6 @@ async def test_stop_after_a_stage_call_with_a_quick_cleanup(stage: FakeStage) ->
     assert stage.has("interrupted", "$1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RoomWorker.stop() cancels the worker's task while it awaits asyncio.wait({call}); "
-    "that does not wait for the stage call itself, so stop() returns (and calls interrupted) "
-    "while the cancelled stage call is still cleaning up.",
-)
 async def test_stop_waits_for_the_cancelled_stage_call(stage: FakeStage) -> None:
     gate = StartGate()
     gate.open()
