@@ -40,7 +40,7 @@ _PL = {
         "m.room.server_acl": 100, "m.room.join_rules": 100, "m.room.history_visibility": 100,
         "m.room.canonical_alias": 100, "m.room.name": 50, "m.room.topic": 50, "m.room.avatar": 50,
     },
-    "events_default": 0, "state_default": 100, "ban": 100, "kick": 100, "redact": 50,
+    "events_default": 0, "state_default": 100, "ban": 100, "kick": 100, "redact": 100,
     "invite": 50, "historical": 100,
 }  # fmt: skip
 

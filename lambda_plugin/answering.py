@@ -17,7 +17,7 @@ from .db import ChatRoomRow
 from .files import caption
 from .intake import Incoming
 from .matrix import HomeserverError, Matrix
-from .notices import Notices
+from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
 from .replies import StreamingReply
@@ -42,7 +42,9 @@ class Answerer(Part):
             return None
         agent = self.agents.get(room.agent_id)
         if agent is None:
-            await self.notices.say(room_id, "agent.unknown", agent=room.agent_id)
+            await self.notices.say(
+                room_id, "agent.unknown", agent=room.agent_id, reply_to=incoming.event_id
+            )
             return False
         body, attachments = incoming.body, tuple[Attachment, ...]()
         if incoming.file is not None:
@@ -51,12 +53,15 @@ class Answerer(Part):
                 return None
             body, attachments = caption(incoming.file), (attachment,)
         request = AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
-        return await self.ask(room, agent, request)
+        return await self.ask(room, agent, request, incoming.event_id)
 
-    async def ask(self, room: ChatRoomRow, agent: Agent, request: AgentRequest) -> bool:
-        """Asks the agent and sends its answer; False after telling the user it failed."""
+    async def ask(
+        self, room: ChatRoomRow, agent: Agent, request: AgentRequest, reply_to: str
+    ) -> bool:
+        """Asks the agent and sends its answer, marked as the answer to ``reply_to``; False
+        after telling the user it failed."""
         reply = StreamingReply(
-            lambda content: self.mx.send(room.room_id, content),
+            lambda content: self.mx.send(room.room_id, answering(content, reply_to)),
             self.settings().stream_edit_interval_s,
         )
         try:
@@ -66,25 +71,27 @@ class Answerer(Part):
             self.log.warning(
                 "Agent %s failed in %s (%s): %s", agent.agent_id, room.room_id, room.chat_id, error
             )
-            await self._failed(room.room_id, error.describe(self.settings().language))
+            await self._failed(room.room_id, error.describe(self.settings().language), reply_to)
             return False
         except Exception as error:
             self.log.error("Answering in %s failed", room.room_id, exc_info=error)
-            await self._failed(room.room_id, self.notices.text("agent.failed"))
+            await self._failed(room.room_id, self.notices.text("agent.failed"), reply_to)
             return False
-        return await self._deliver(room, reply, answer)
+        return await self._deliver(room, reply, answer, reply_to)
 
-    async def _failed(self, room_id: str, error: str) -> None:
-        await self.notices.say(room_id, "agent.error", error=error)
+    async def _failed(self, room_id: str, error: str, reply_to: str) -> None:
+        await self.notices.say(room_id, "agent.error", error=error, reply_to=reply_to)
 
-    async def _deliver(self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply) -> bool:
+    async def _deliver(
+        self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply, reply_to: str
+    ) -> bool:
         try:
             if answer.text.strip() or not answer.attachments:
                 await reply.finish(answer.text)
             await self.files.send(room.room_id, room.user_id, answer.attachments)
         except Exception:
             self.log.exception("Sending the answer in %s failed", room.room_id)
-            await self.notices.say(room.room_id, "send.failed")
+            await self.notices.say(room.room_id, "send.failed", reply_to=reply_to)
             return False
         return True
 

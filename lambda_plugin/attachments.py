@@ -33,11 +33,15 @@ class FileService(Part):
             attachment = await self._fetch(room_id, incoming, agent)
         except files.FileRefused as e:
             self.log.warning("File from %s in %s refused: %s", incoming.sender, room_id, e)
-            await self.notices.send(room_id, e.message(self.settings().language))
+            await self.notices.send(
+                room_id, e.message(self.settings().language), reply_to=incoming.event_id
+            )
             return None
         if attachment is None:
             name = files.safe_name(str(content.get("filename") or content.get("body") or ""))
-            await self.notices.say(room_id, "file.not_accepted", name=name)
+            await self.notices.say(
+                room_id, "file.not_accepted", name=name, reply_to=incoming.event_id
+            )
             return None
         self.log.info(
             "Received file %s from %s in %s",

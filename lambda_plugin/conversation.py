@@ -48,12 +48,13 @@ class Conversation(Part):
         if not retried and not await self.store.mark_handled(incoming.event_id, room_id):
             return Outcome.SKIPPED  # already answered (a redelivery, or caught up after a restart)
         if reason := refusal(room, len(incoming.body), settings):
-            await self.notices.say(room_id, reason[0], **reason[1])
+            await self.notices.say(room_id, reason[0], reply_to=incoming.event_id, **reason[1])
             return Outcome.SKIPPED
         if not self.rate.allow(incoming.sender):
             await self.notices.say(
-                room_id, "message.too_fast", per_minute=settings.requests_per_minute
-            )
+                room_id, "message.too_fast", per_minute=settings.requests_per_minute,
+                reply_to=incoming.event_id,
+            )  # fmt: skip
             return Outcome.KEEP
         answered = await self.answerer.answer(room_id, incoming)
         if answered is None:
@@ -61,7 +62,7 @@ class Conversation(Part):
         return Outcome.ANSWERED if answered else Outcome.KEEP
 
     async def cancelled(self, room_id: str, incoming: Incoming) -> None:
-        await self.notices.say(room_id, "cancelled")
+        await self.notices.say(room_id, "cancelled", reply_to=incoming.event_id)
 
     async def interrupted(self, incoming: Incoming) -> None:
         # Not answered after all: the next start's catch-up must see it as new.
@@ -72,8 +73,9 @@ class Conversation(Part):
             return
         if await self.store.mark_handled(incoming.event_id, incoming.room_id):
             await self.notices.say(
-                incoming.room_id, "command.unknown", command=f"!{incoming.command[:32]}"
-            )
+                incoming.room_id, "command.unknown", command=f"!{incoming.command[:32]}",
+                reply_to=incoming.event_id,
+            )  # fmt: skip
 
 
 class SpacePointer:

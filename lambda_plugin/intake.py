@@ -17,6 +17,9 @@ FILE_MSGTYPES = ("m.file", "m.image", "m.audio", "m.video")
 TEXT_MSGTYPES = ("m.text", "m.emote")
 ANSWERED_MSGTYPES = (*TEXT_MSGTYPES, *FILE_MSGTYPES)
 COMMAND_PREFIX = "!"
+# The field of the bot's notices that names the user's event they answer: whether a message
+# was answered is a fact in the room, not only in the plugin's database.
+ANSWERS = "ai.lambda.matrix.answers"
 
 
 class Kind(enum.Enum):
@@ -103,3 +106,15 @@ def as_json(evt: MessageEvent) -> dict[str, Any]:
         "origin_server_ts": evt.timestamp,
         "content": evt.content.serialize(),
     }
+
+
+def answered_ids(events: list[Any], bot_id: str) -> set[str]:
+    """The ids of the events the bot's messages among ``events`` say they answer."""
+    found = set()
+    for event in events:
+        content = event.get("content") if isinstance(event, dict) else None
+        if isinstance(content, dict) and event.get("sender") == bot_id:
+            answered = content.get(ANSWERS)
+            if isinstance(answered, str):
+                found.add(answered)
+    return found

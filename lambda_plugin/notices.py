@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Settings
+from .intake import ANSWERS
 from .matrix import Matrix
 from .replies import notice_content
 from .texts import text
@@ -21,9 +23,17 @@ class Notices:
     def text(self, key: str, **values: object) -> str:
         return text(self.settings().language, key, **values)
 
-    async def say(self, room_id: str, key: str, **values: object) -> str:
-        """Sends the text ``key`` with ``values``; returns the notice's event id."""
-        return await self.send(room_id, self.text(key, **values))
+    async def say(
+        self, room_id: str, key: str, *, reply_to: str | None = None, **values: object
+    ) -> str:
+        """Sends the text ``key`` with ``values``; returns the notice's event id.
+        ``reply_to``: the user's event this answers (recorded in the notice)."""
+        return await self.send(room_id, self.text(key, **values), reply_to=reply_to)
 
-    async def send(self, room_id: str, body: str) -> str:
-        return await self.mx.send(room_id, notice_content(body))
+    async def send(self, room_id: str, body: str, *, reply_to: str | None = None) -> str:
+        return await self.mx.send(room_id, answering(notice_content(body), reply_to))
+
+
+def answering(content: dict[str, Any], reply_to: str | None) -> dict[str, Any]:
+    """``content`` marked as the bot's answer to the event ``reply_to`` (when there is one)."""
+    return {**content, ANSWERS: reply_to} if reply_to else content

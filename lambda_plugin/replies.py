@@ -21,7 +21,8 @@ STREAM_CURSOR = " …"
 
 def notice_content(text: str) -> dict[str, Any]:
     """An m.notice (other bots don't answer those) with the Markdown rendered as HTML."""
-    content: dict[str, Any] = {"msgtype": "m.notice", "body": text}
+    # No mentions: an echoed "@room" or user id in an answer pings nobody.
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
     html = markdown.render(text)
     if html.strip() and html.strip() != f"<p>{text.strip()}</p>" and html.strip() != text.strip():
         content["format"] = "org.matrix.custom.html"
@@ -37,6 +38,7 @@ def edit_content(event_id: str, text: str) -> dict[str, Any]:
         "body": f"* {text}",
         "m.new_content": notice_content(text),
         "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+        "m.mentions": {},
     }
 
 

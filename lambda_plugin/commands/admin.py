@@ -61,7 +61,7 @@ class AdminCommands(CommandBase):
             say("admin.report_title"),
             self.report_text(self.reconciler.last_report),
         ]
-        await self.notices.send(evt.room_id, "\n".join(lines))
+        await self.reply_text(evt, "\n".join(lines))
 
     def health_text(self, problem: str | None) -> str:
         if problem == "timeout":
@@ -76,7 +76,7 @@ class AdminCommands(CommandBase):
         report = await self.reconciler.run(dry_run=dry_run)
         self.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
         title = self.notices.text("admin.reconcile_dry" if dry_run else "admin.reconcile_done")
-        await self.notices.send(evt.room_id, title + "\n" + self.report_text(report))
+        await self.reply_text(evt, title + "\n" + self.report_text(report))
 
     @lambda_.subcommand("reset", help="Dev reset: !lambda reset local|server [--confirm]")
     @command.argument("args", pass_raw=True, required=False)
@@ -94,7 +94,7 @@ class AdminCommands(CommandBase):
             self.log.info("Local reset by %s", evt.sender)
             report = await self.rebuild()
             done = self.notices.text("admin.reset_local_done")
-            await self.notices.send(evt.room_id, done + "\n" + self.report_text(report))
+            await self.reply_text(evt, done + "\n" + self.report_text(report))
             return
         self.log.info("Server reset by %s", evt.sender)
         left = await self.spaces.leave_everything(keep_room=evt.room_id)

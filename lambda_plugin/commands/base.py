@@ -41,7 +41,10 @@ class CommandBase(Part):
         return await self.store.mark_handled(evt.event_id, evt.room_id)
 
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
-        await self.notices.say(evt.room_id, key, **values)
+        await self.notices.say(evt.room_id, key, reply_to=evt.event_id, **values)
+
+    async def reply_text(self, evt: MessageEvent, body: str) -> None:
+        await self.notices.send(evt.room_id, body, reply_to=evt.event_id)
 
     async def on_homeserver(self, evt: MessageEvent, what: str, call: Awaitable[T]) -> T | None:
         """What ``call`` returns, or None after the homeserver refused it (logged, and the

@@ -105,7 +105,7 @@ class ChatCommands(CommandBase):
             return
         lines = [self.notices.text("chats.archived_title" if archived else "chats.title")]
         lines += [f"- {self.chat_line(room, evt.room_id)}" for room in rooms]
-        await self.notices.send(evt.room_id, "\n".join(lines))
+        await self.reply_text(evt, "\n".join(lines))
 
     def chat_line(self, room: ChatRoomRow, here: str) -> str:
         line = self.notices.text(

@@ -169,7 +169,7 @@ class ContextCommands(CommandBase):
         ]  # fmt: skip
         if error:
             lines.append(self.notices.text("context.unavailable", error=error))
-        await self.notices.send(evt.room_id, "\n".join(lines))
+        await self.reply_text(evt, "\n".join(lines))
 
     @command.new("agent", help="Show or switch this chat's agent: !agent [id]")
     @command.argument("agent_id", pass_raw=True, required=False)

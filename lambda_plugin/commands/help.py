@@ -13,4 +13,4 @@ class HelpCommands(CommandBase):
     @command.new("help", help="List the commands")
     @any_user
     async def help(self, evt: MessageEvent) -> None:
-        await self.notices.send(evt.room_id, help_text(self.settings().language))
+        await self.reply_text(evt, help_text(self.settings().language))
