@@ -57,10 +57,13 @@ class FileService(Part):
         if settings.workspace_root:
             return await files.save_incoming(
                 self.mx, settings.workspace_root, incoming.sender, room_id, content,
-                settings.max_file_bytes,
+                settings.max_file_bytes, quota_bytes=settings.workspace_quota_bytes,
+                deadline_s=settings.download_timeout_s,
             )  # fmt: skip
         if agent is not None and agent.backend == "openai":
-            return await files.fetch_inline(self.mx, content, settings.max_file_bytes)
+            return await files.fetch_inline(
+                self.mx, content, settings.max_file_bytes, deadline_s=settings.download_timeout_s
+            )
         return None
 
     async def send(self, room_id: str, user_id: str, paths: tuple[str, ...]) -> None:

@@ -81,10 +81,15 @@ class LambdaBot(Plugin):
         onboarding = Onboarding(
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices, **part
         )
+        router = Router(
+            queues=queues, conversation=conversation, gate=gate, notices=notices,
+            command_names=command_names(COMMAND_CLASSES), **part,
+        )  # fmt: skip
         catch_up = CatchUp(mx, queues, self.client, self.message_handlers, self.log)
         self.startup = Startup(
             gate=gate, store=store, reconciler=reconciler, catch_up=catch_up,
-            invite=onboarding.handle_invite, **part,
+            invite=onboarding.handle_invite, enqueue=router.enqueue,
+            background=self.background, **part,
         )  # fmt: skip
         base = {"gate": gate, "store": store, "notices": notices, **part}
         for handlers in (
@@ -100,7 +105,7 @@ class LambdaBot(Plugin):
                 reconciler=reconciler, spaces=spaces, agents=self.agents, queues=queues,
                 rebuild=self.startup.rebuild, **base,
             ),
-            Router(queues, conversation, gate, mx, command_names(COMMAND_CLASSES)),
+            router,
             onboarding,
         ):
             self.register_handler_class(handlers)

@@ -21,7 +21,7 @@ from maubot.matrix import MaubotMatrixClient, MaubotMessageEvent
 from mautrix.client import SyncStream
 from mautrix.types import JSON, EventType, MessageEvent
 
-from .intake import Incoming, Kind, classify
+from .intake import Incoming, Kind, answered_ids, classify
 from .matrix import HomeserverError, Matrix, one_off_sync_filter
 from .queue import QueueItem, RoomQueues
 
@@ -75,14 +75,16 @@ def unanswered(
     since_ms: int,
     handled: set[str],
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(room id, event) of what users said in ``rooms`` after ``since_ms`` that was not
-    handled, in each room's order. Where the database knows none of a room's recent events
-    (it was lost or reset), only what came after the bot's last word counts: what came
-    before was answered, and answering it again would repeat the bot."""
+    """(room id, event) of what users said in ``rooms`` after ``since_ms`` that nobody
+    answered, in each room's order. Answered is what the database recorded as handled, or
+    what a notice of the bot in the room names (``intake.ANSWERS``): that fact survives a
+    lost database. Where the database knows none of a room's recent events and no notice
+    names one (answers of older versions), only what came after the bot's last word counts."""
     found = []
     for room_id in sorted(rooms):
         events = timelines.get(room_id, [])
-        if not any(isinstance(e.get("event_id"), str) and e["event_id"] in handled for e in events):
+        answered = handled | answered_ids(events, bot_id)
+        if not any(isinstance(e.get("event_id"), str) and e["event_id"] in answered for e in events):
             last_bot = max(
                 (i for i, e in enumerate(events) if e.get("sender") == bot_id), default=-1
             )
@@ -92,7 +94,7 @@ def unanswered(
             if (
                 incoming.kind is not Kind.IGNORED
                 and incoming.timestamp >= since_ms
-                and incoming.event_id not in handled
+                and incoming.event_id not in answered
             ):
                 found.append((room_id, event))
     return found

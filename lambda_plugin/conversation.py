@@ -51,10 +51,11 @@ class Conversation(Part):
             await self.notices.say(room_id, reason[0], reply_to=incoming.event_id, **reason[1])
             return Outcome.SKIPPED
         if not self.rate.allow(incoming.sender):
-            await self.notices.say(
-                room_id, "message.too_fast", per_minute=settings.requests_per_minute,
-                reply_to=incoming.event_id,
-            )  # fmt: skip
+            if self.rate.tell(incoming.sender):
+                await self.notices.say(
+                    room_id, "message.too_fast", per_minute=settings.requests_per_minute,
+                    reply_to=incoming.event_id,
+                )  # fmt: skip
             return Outcome.KEEP
         answered = await self.answerer.answer(room_id, incoming)
         if answered is None:
@@ -69,7 +70,12 @@ class Conversation(Part):
         await self.store.unmark_handled(incoming.event_id)
 
     async def unknown_command(self, incoming: Incoming) -> None:
+        """Says a command is unknown, to an allowed user in a chat room the plugin manages
+        (another bot's `!cmd` in a shared room gets nothing)."""
         if not await self.gate.wait():
+            return
+        room = self.registry.room(incoming.room_id)
+        if room is None or room.gone or incoming.sender not in self.settings().allowed_users:
             return
         if await self.store.mark_handled(incoming.event_id, incoming.room_id):
             await self.notices.say(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from maubot.handlers import event
 from mautrix.client import SyncStream
@@ -20,8 +20,10 @@ from .matrix import HomeserverError, Matrix
 from .notices import Notices
 from .part import Part
 from .registry import Registry
-from .roomstate import NAME_MAX, clean_name, matrix_to
+from .roomstate import chat_name, matrix_to
 from .spaces import Provisioned, Spaces
+
+INVITES_REMEMBERED = 1000
 
 
 @dataclass(eq=False, kw_only=True)
@@ -33,6 +35,9 @@ class Onboarding(Part):
     spaces: Spaces
     chats: Chats
     notices: Notices
+
+    # Invites handled lately, oldest first (a dict keeps insertion order).
+    _invites_seen: dict[tuple[str, str], None] = field(default_factory=dict)
 
     @property
     def registry(self) -> Registry:
@@ -63,13 +68,20 @@ class Onboarding(Part):
             return
         if not isinstance(content, RoomNameStateEventContent):
             return
-        name = clean_name(content.name if isinstance(content.name, str) else "")[:NAME_MAX]
+        name = chat_name(content.name)
         if evt.sender == room.user_id and name and name != room.name:
             await self.chats.update(room.room_id, name=name)
             self.log.info("Chat %s renamed in the client to %r", room.room_id, name)
 
     async def handle_invite(self, room_id: str, inviter: str) -> None:
-        """Joins (or rejects) an invite and makes sure an allowed inviter has their Space."""
+        """Joins (or rejects) an invite and makes sure an allowed inviter has their Space.
+        The same invite seen again (maubot delivers some twice; a start's catch-up and its
+        first sync may both hold it) is handled once."""
+        if (room_id, inviter) in self._invites_seen:
+            return
+        self._invites_seen[(room_id, inviter)] = None
+        while len(self._invites_seen) > INVITES_REMEMBERED:
+            del self._invites_seen[next(iter(self._invites_seen))]
         if not await self._accept(room_id, inviter):
             return
         known = self.registry.room(room_id)

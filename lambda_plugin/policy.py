@@ -50,6 +50,7 @@ class RateLimiter:
         self.per_minute = per_minute
         self.clock = clock
         self._recent: dict[str, deque[float]] = {}  # user -> times of their last requests
+        self._told: dict[str, float] = {}  # user -> when they were last told to slow down
 
     def allow(self, user_id: str) -> bool:
         """Counts a request of the user; False past the limit (a refused one is not counted)."""
@@ -60,4 +61,14 @@ class RateLimiter:
         if len(times) >= self.per_minute():
             return False
         times.append(now)
+        return True
+
+    def tell(self, user_id: str) -> bool:
+        """Whether to tell the user they are over the limit: once a window, not once a
+        message (a flood of messages gets one notice)."""
+        now = self.clock()
+        self._told = {u: t for u, t in self._told.items() if now - t < 60}
+        if user_id in self._told:
+            return False
+        self._told[user_id] = now
         return True

@@ -3,8 +3,9 @@ maubot dispatched it. Known commands are maubot's command handlers' to answer.""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from maubot import MessageEvent
 from maubot.handlers import event
@@ -14,31 +15,63 @@ from .conversation import Conversation
 from .gate import StartGate
 from .intake import Incoming, Kind, as_json, classify
 from .matrix import Matrix
+from .notices import Notices
+from .part import Part
 from .queue import RoomQueues, filled_slot
 
 
-@dataclass(eq=False)
-class Router:
+class Queued(enum.Enum):
+    NOW = "now"  # queued, and next in turn
+    WAITS = "waits"  # queued behind others
+    FULL = "full"  # the room's queue has no place (access.max_queue_per_room)
+    NOT = "not"  # not a message (a command, or nothing)
+
+
+@dataclass(eq=False, kw_only=True)
+class Router(Part):
+    """Routes live messages (and what maubot's first sync held) into the rooms' queues."""
+
     queues: RoomQueues
     conversation: Conversation
     gate: StartGate
-    mx: Matrix
+    notices: Notices
     command_names: Collection[str]
+    _told_full: set[str] = field(default_factory=set)  # rooms told their queue is full
+
+    @property
+    def mx(self) -> Matrix:
+        return self.notices.mx
 
     @event.on(EventType.ROOM_MESSAGE)
     async def on_message(self, evt: MessageEvent) -> None:
         await self.route(classify(as_json(evt), self.mx.user_id))
 
     async def route(self, incoming: Incoming) -> None:
-        """Queues a message or an unknown command in its room; queued before the first
-        await, since handlers run as unordered tasks and the room's order must hold."""
-        if incoming.kind is Kind.MESSAGE:
-            worker = self.queues.worker(incoming.room_id)
-            waits = worker.busy
-            worker.push(incoming)
-            if waits and self.gate.is_open:
-                # It has to wait its turn: a read receipt shows the user it arrived.
-                await self.mx.receipt(incoming.room_id, incoming.event_id)
-        elif incoming.kind is Kind.COMMAND and incoming.command not in self.command_names:
+        """Queues a message or an unknown command in its room (see ``enqueue``); a message
+        that has to wait its turn gets a read receipt, so the user sees it arrived, and one
+        the queue has no place for a notice, once while the queue is full."""
+        queued = self.enqueue(incoming)
+        if queued is Queued.WAITS and self.gate.is_open:
+            await self.mx.receipt(incoming.room_id, incoming.event_id)
+        elif queued is Queued.FULL and incoming.room_id not in self._told_full:
+            self._told_full.add(incoming.room_id)
+            limit = self.settings().max_queue_per_room
+            await self.notices.say(
+                incoming.room_id, "queue.full", max=limit, reply_to=incoming.event_id
+            )
+
+    def enqueue(self, incoming: Incoming) -> Queued:
+        """Puts a message or an unknown command into its room's queue without awaiting
+        anything: handlers run as unordered tasks, and the room's order must hold."""
+        if incoming.kind is Kind.COMMAND and incoming.command not in self.command_names:
             answer = self.conversation.unknown_command
             self.queues.worker(incoming.room_id).push(filled_slot(lambda: answer(incoming)))
+        if incoming.kind is not Kind.MESSAGE:
+            return Queued.NOT
+        worker = self.queues.worker(incoming.room_id)
+        if worker.waiting >= self.settings().max_queue_per_room:
+            return Queued.FULL  # not taken: the user is told, and may send it again later
+        self._told_full.discard(incoming.room_id)
+        waits = worker.busy
+        worker.push(incoming)
+        return Queued.WAITS if waits else Queued.NOW

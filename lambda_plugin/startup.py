@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,12 @@ from .catchup import (
 )
 from .db import Store
 from .gate import StartGate
+from .intake import Incoming, Kind, classify
 from .part import Part
 from .reconcile import Reconciler, Report
 
 SYNC_POSITION_EVERY_S = 60
+PRUNE_EVERY_S = 3600
 Invite = Callable[[str, str], Awaitable[None]]
 
 
@@ -40,10 +42,13 @@ class Startup(Part):
     reconciler: Reconciler
     catch_up: CatchUp
     invite: Invite
+    enqueue: Callable[[Incoming], object]  # a live event's way into its room's queue
+    background: Callable[[Coroutine[Any, Any, Any]], object]
 
     def __post_init__(self) -> None:
         self.registry = self.reconciler.registry
         self.positions = SyncPositions()
+        self._first_sync_seen = False
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
 
     async def run(self) -> None:
@@ -118,14 +123,50 @@ class Startup(Part):
             self.gate.open()
 
     def sync_done(self, data: Any) -> None:
+        """Runs inside maubot's sync loop, before the sync's events are dispatched: notes
+        the position, and hands over what the first sync after a start holds."""
         token = data.get("next_batch") if isinstance(data, dict) else None
         if isinstance(token, str) and token:
             self.positions.record(token)
+        if not self._first_sync_seen:
+            self._first_sync_seen = True
+            self._hand_over(data)
+
+    def _hand_over(self, data: Any) -> None:
+        """maubot drops every event of its first sync after a (re)start, and it may end
+        after the catch-up has read: its messages and commands go the live way here, its
+        invites after the start. Where maubot did dispatch them too, the handled log keeps
+        each answered once."""
+        since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        commands = []
+        for room_id, events in timelines_of(data).items():
+            for raw in events:
+                incoming = classify({**raw, "room_id": room_id}, self.catch_up.mx.user_id)
+                if incoming.kind is Kind.IGNORED or incoming.timestamp < since_ms:
+                    continue
+                if incoming.kind is Kind.COMMAND:
+                    commands.append((incoming, raw))
+                else:
+                    self.enqueue(incoming)
+        invites = parse_invites(data, self.catch_up.mx.user_id)
+        if commands or invites:
+            self.background(self._after_start(commands, invites))
+
+    async def _after_start(self, commands: list, invites: list[tuple[str, str]]) -> None:
+        await self.catch_up.dispatch(commands)  # their handlers wait for the gate
+        if await self.gate.wait():
+            await self._pending_invites(invites)
 
     async def keep_sync_position(self) -> None:
+        """Saves the sync position every minute, and prunes the handled-event log every
+        hour while running (not only at a start): it stays bounded however long it runs."""
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(SYNC_POSITION_EVERY_S)
             await self.save_sync_position()
+            if time.monotonic() - last_prune >= PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                await self.prune_handled()
 
     async def save_sync_position(self) -> None:
         """Stores where the next start's catch-up reads from (a catch-up window back)."""

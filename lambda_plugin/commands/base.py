@@ -24,6 +24,9 @@ from ..part import Part
 from ..queue import RoomQueues
 
 Handler = Callable[..., Awaitable[Any]]
+# Room for a list in one answer: well under the event size limit with its HTML.
+LIST_BYTES = 8_000
+NAMES_BYTES = 2_000
 F = TypeVar("F", bound=Handler)
 T = TypeVar("T")
 
@@ -45,6 +48,24 @@ class CommandBase(Part):
 
     async def reply_text(self, evt: MessageEvent, body: str) -> None:
         await self.notices.send(evt.room_id, body, reply_to=evt.event_id)
+
+    async def snapshot_names(self, user_id: str) -> str:
+        """The user's snapshots as a short list (it fits in any answer), or "none"."""
+        snaps = await self.store.snapshots_of(user_id)
+        names = self.fitting([f"`{s.name}`" for s in snaps], NAMES_BYTES)
+        return ", ".join(names) or self.notices.text("none")
+
+    def fitting(self, lines: list[str], budget: int) -> list[str]:
+        """The first of ``lines`` that fit ``budget`` bytes, and "… and N more" for the
+        rest: a list answer always fits one event, however long the list grows."""
+        kept: list[str] = []
+        used = 0
+        for line in lines:
+            used += len(line.encode()) + 2
+            if used > budget:
+                return [*kept, self.notices.text("list.more", count=len(lines) - len(kept))]
+            kept.append(line)
+        return kept
 
     async def on_homeserver(self, evt: MessageEvent, what: str, call: Awaitable[T]) -> T | None:
         """What ``call`` returns, or None after the homeserver refused it (logged, and the

@@ -12,7 +12,7 @@ from ..db import ChatRoomRow
 from ..registry import Registry
 from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
 from ..spaces import Spaces, TooManyChats
-from .base import CommandBase, allowed_user, chat_owner
+from .base import LIST_BYTES, CommandBase, allowed_user, chat_owner
 
 
 @dataclass(eq=False, kw_only=True)
@@ -68,8 +68,7 @@ class ChatCommands(CommandBase):
         name = clean_name(raw_name)
         snap = await self.store.get_snapshot(evt.sender, name) if name else None
         if snap is None:
-            snaps = await self.store.snapshots_of(evt.sender)
-            names = ", ".join(f"`{s.name}`" for s in snaps) or self.notices.text("none")
+            names = await self.snapshot_names(evt.sender)
             await self.reply(evt, "new.from_unknown", name=name[:64], names=names)
             return None
         agent = self.agents.get(snap.agent_id)
@@ -104,7 +103,7 @@ class ChatCommands(CommandBase):
             await self.reply(evt, "chats.none_archived" if archived else "chats.none")
             return
         lines = [self.notices.text("chats.archived_title" if archived else "chats.title")]
-        lines += [f"- {self.chat_line(room, evt.room_id)}" for room in rooms]
+        lines += self.fitting([f"- {self.chat_line(room, evt.room_id)}" for room in rooms], LIST_BYTES)
         await self.reply_text(evt, "\n".join(lines))
 
     def chat_line(self, room: ChatRoomRow, here: str) -> str:

@@ -57,9 +57,15 @@ class ContextCommands(CommandBase):
     def agent_error(self, error: AgentError) -> str:
         return error.describe(self.settings().language)
 
-    async def snapshot_names(self, user_id: str) -> str:
-        snaps = await self.store.snapshots_of(user_id)
-        return ", ".join(f"`{s.name}`" for s in snaps) or self.notices.text("none")
+    async def _room_for_snapshot(self, evt: MessageEvent, name: str) -> bool:
+        """Whether the user may save ``name``: a new one within access.max_snapshots_per_user,
+        or one that replaces a snapshot of the same name; else the user is told."""
+        names = {s.name for s in await self.store.snapshots_of(evt.sender)}
+        limit = self.settings().max_snapshots_per_user
+        if name in names or len(names) < limit:
+            return True
+        await self.reply(evt, "save.too_many", max=limit)
+        return False
 
     async def current_agent(self, evt: MessageEvent) -> tuple[ChatRoomRow, Agent | None]:
         """The room as it is now (in its turn) and its agent; None after saying it is gone."""
@@ -96,6 +102,8 @@ class ContextCommands(CommandBase):
     @snapshot_command("save", "Save this conversation as a snapshot: !save <name>")
     async def save(self, evt: MessageEvent, room: ChatRoomRow, snapshot_name: str) -> Control:
         async def run() -> None:
+            if not await self._room_for_snapshot(evt, snapshot_name):
+                return
             current, agent = await self.current_agent(evt)
             if agent is None:
                 return
