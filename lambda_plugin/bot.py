@@ -17,7 +17,15 @@ from .answering import Answerer
 from .attachments import FileService
 from .catchup import CatchUp
 from .chats import Chats
-from .commands import AdminCommands, ChatCommands, ContextCommands, HelpCommands, command_names
+from .commands import (
+    AdminCommands,
+    ChatCommands,
+    CommandArgs,
+    CommandBase,
+    ContextCommands,
+    HelpCommands,
+    command_names,
+)
 from .config import Config, Settings
 from .conversation import Conversation
 from .db import Store, upgrade_table
@@ -25,6 +33,7 @@ from .gate import StartGate
 from .matrix import Matrix
 from .notices import Notices
 from .onboarding import Onboarding
+from .part import PartArgs
 from .queue import RoomQueues
 from .reconcile import Reconciler
 from .registry import Registry
@@ -63,7 +72,8 @@ class LambdaBot(Plugin):
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     def _wire(self) -> None:
-        part = {"settings": self.current_settings, "log": self.log}
+        """The parts, each given what it uses; the handler classes registered."""
+        part: PartArgs = {"settings": self.current_settings, "log": self.log}
         gate, store, mx = self.gate, self.store, Matrix(self.client, self.log)
         registry = self.registry = Registry(store)
         chats = Chats(registry, mx, self.log)
@@ -91,24 +101,31 @@ class LambdaBot(Plugin):
             invite=onboarding.handle_invite, enqueue=router.enqueue,
             background=self.background, **part,
         )  # fmt: skip
-        base = {"gate": gate, "store": store, "notices": notices, **part}
-        for handlers in (
+        commands = self._commands(notices, registry, chats, spaces, reconciler)
+        for handlers in (*commands, router, onboarding):
+            self.register_handler_class(handlers)
+
+    def _commands(
+        self, notices: Notices, registry: Registry, chats: Chats, spaces: Spaces,
+        reconciler: Reconciler,
+    ) -> tuple[CommandBase, ...]:  # fmt: skip
+        base: CommandArgs = {
+            "gate": self.gate, "store": self.store, "notices": notices,
+            "settings": self.current_settings, "log": self.log,
+        }  # fmt: skip
+        agents, queues = self.agents, self.queues
+        return (
             HelpCommands(**base),
             ChatCommands(
-                registry=registry, spaces=spaces, agents=self.agents,
-                server_name=mx.server_name, **base,
+                registry=registry, spaces=spaces, agents=agents,
+                server_name=notices.mx.server_name, **base,
             ),
-            ContextCommands(
-                registry=registry, chats=chats, agents=self.agents, queues=queues, **base
-            ),
+            ContextCommands(registry=registry, chats=chats, agents=agents, queues=queues, **base),
             AdminCommands(
-                reconciler=reconciler, spaces=spaces, agents=self.agents, queues=queues,
+                reconciler=reconciler, spaces=spaces, agents=agents, queues=queues,
                 rebuild=self.startup.rebuild, **base,
             ),
-            router,
-            onboarding,
-        ):
-            self.register_handler_class(handlers)
+        )
 
     def current_settings(self) -> Settings:
         return self.settings

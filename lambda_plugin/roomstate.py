@@ -167,7 +167,7 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
             continue  # most of a room's state: skipped before anything else is looked at
         key, content = event.get("state_key"), event.get("content")
         if isinstance(key, str) and isinstance(content, dict):
-            _read(room, etype, key, content, event, bot_id)
+            _read(room, event, bot_id)
         elif etype == MARKER_TYPE and key == "" and event.get("sender") == bot_id:
             room.marker, room.marker_emptied = None, True
     if room.creator != bot_id:
@@ -175,14 +175,9 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
     return room
 
 
-def _read(
-    room: RoomState,
-    etype: str,
-    key: str,
-    content: dict[str, Any],
-    event: dict[str, Any],
-    bot_id: str,
-) -> None:
+def _read(room: RoomState, event: dict[str, Any], bot_id: str) -> None:
+    """One wanted state event (its type, key and content already type-checked)."""
+    etype, key, content = event["type"], event["state_key"], event["content"]
     if etype == "m.room.create":
         _read_create(room, content, event)
     elif etype == "m.room.name":

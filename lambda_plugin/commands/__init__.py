@@ -3,7 +3,7 @@ from collections.abc import Iterable
 from maubot.handlers.command import CommandHandler
 
 from .admin import AdminCommands
-from .base import CommandBase
+from .base import CommandArgs, CommandBase
 from .chats import ChatCommands
 from .context import ContextCommands
 from .help import HelpCommands
@@ -11,6 +11,7 @@ from .help import HelpCommands
 __all__ = [
     "AdminCommands",
     "ChatCommands",
+    "CommandArgs",
     "CommandBase",
     "ContextCommands",
     "HelpCommands",

@@ -20,7 +20,7 @@ from ..db import Store
 from ..gate import StartGate
 from ..matrix import HomeserverError
 from ..notices import Notices
-from ..part import Part
+from ..part import Part, PartArgs
 from ..queue import RoomQueues
 
 Handler = Callable[..., Awaitable[Any]]
@@ -29,6 +29,14 @@ LIST_BYTES = 8_000
 NAMES_BYTES = 2_000
 F = TypeVar("F", bound=Handler)
 T = TypeVar("T")
+
+
+class CommandArgs(PartArgs):
+    """``CommandBase``'s fields, as keyword arguments for the wiring."""
+
+    gate: StartGate
+    store: Store
+    notices: Notices
 
 
 @dataclass(eq=False, kw_only=True)

@@ -1,4 +1,4 @@
-"""Rebuilds the database from the rooms themselves: Matrix topology is the truth.
+"""The plan of a reconciliation: a pure function of what was read and the database's rows.
 
 The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads,
 each parsed as it arrives (``roomstate.parse_room``). (A filtered full-state ``/sync`` would
@@ -12,62 +12,23 @@ already manages, and a second run on a consistent database writes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .db import UNIQUE_VIOLATION, ChatRoomRow, UserRow, chat_number
-from .marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
-from .matrix import HomeserverError
-from .roomstate import STATE_TYPES as STATE_TYPES  # read by the benchmarks
-from .roomstate import (
+from ..db import ChatRoomRow, UserRow, chat_number
+from ..marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from ..roomstate import (
     RoomState,
     adopted_platform_chat_id,
     parse_room,
     space_child,
     space_parent,
 )
-
-if TYPE_CHECKING:
-    from .config import Settings
-    from .db import Store
-    from .matrix import Matrix
-    from .registry import Registry
-
-READ_CONCURRENCY = 32
-
-
-@dataclass
-class Report:
-    joined_rooms: int = 0
-    restored_user_meta: int = 0  # user rows written (missing or different)
-    restored_room_meta: int = 0  # plugin markers written into rooms (backfill, fixes)
-    restored_chat_rows: int = 0  # chat rows that were missing from the database
-    repaired_chat_rows: int = 0  # chat rows that differed from the rooms
-    skipped_rooms: int = 0  # joined rooms that are not the plugin's
-    conflicts: int = 0  # contradictions resolved deterministically (see log)
-    repaired_links: int = 0  # m.space.child / m.space.parent written
-    repaired_power_levels: int = 0  # rooms whose levels let users redact or send plugin state
-    gone_rooms: int = 0  # rooms in the database the bot is no longer in
-    invites: int = 0  # pending invites handed to onboarding
-    writes: int = 0  # every write, database and homeserver
-    requests: int = 0  # homeserver requests made
-    seconds: float = 0.0
-    dry_run: bool = False
-
-    def line(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
-
-    def as_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["seconds"] = round(self.seconds, 3)
-        return data
-
+from .report import Report
 
 Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content
 
@@ -449,113 +410,3 @@ def _owner_writes(
             links = link_writes(space, room, row, server)
             result.state_writes.extend(links)
             report.repaired_links += len(links)
-
-
-class Reconciler:
-    """Reads the rooms, plans, applies. Takes only what it uses; ``settings`` is called on
-    each run, so a config reload in between is seen."""
-
-    def __init__(
-        self,
-        mx: Matrix,
-        store: Store,
-        registry: Registry,
-        settings: Callable[[], Settings],
-        log: logging.Logger,
-    ) -> None:
-        self.mx = mx
-        self.store = store
-        self.registry = registry
-        self.settings = settings
-        self.log = log
-        self.last_report: Report | None = None
-        self.unreadable = 0
-
-    async def run(self, dry_run: bool = False) -> Report:
-        """Reconciles once; returns the report."""
-        started = time.monotonic()
-        requests_before = self.mx.requests
-        # What the plugin knew before reading the rooms: a row that changes while they are
-        # read (a !clear, a rename) is newer than what was read, and is left alone.
-        known_users, known_rooms = dict(self.registry.users), dict(self.registry.rooms)
-        states = await self.read_topology()
-        result = plan(
-            states,
-            self.mx.user_id,
-            self.mx.server_name,
-            known_users,
-            known_rooms,
-            self.settings().default_agent,
-        )
-        report = result.report
-        report.skipped_rooms += self.unreadable
-        report.dry_run = dry_run
-        if not dry_run:
-            await self._apply(result, known_rooms)
-        report.requests = self.mx.requests - requests_before
-        report.seconds = time.monotonic() - started
-        self.last_report = report
-        return report
-
-    async def read_topology(self) -> dict[str, RoomState]:
-        """Every joined room's state, parsed as it arrives (only what reconciliation reads
-        is kept). Pending invites come with the catch-up /sync after the start."""
-        mx = self.mx
-        room_ids = await mx.joined_rooms()
-        limit = asyncio.Semaphore(READ_CONCURRENCY)
-        states: dict[str, RoomState] = {}
-        unreadable: list[str] = []
-
-        async def read(room_id: str) -> None:
-            async with limit:
-                try:
-                    events = await mx.state(room_id)
-                except HomeserverError as e:
-                    if e.status == 0:
-                        raise  # the homeserver is unreachable: the whole run is retried
-                    # One room that can't be read (left meanwhile, or broken) must not keep
-                    # the plugin from starting: it is skipped this time and logged.
-                    self.log.warning("Reconciliation skips %s: %s", room_id, e)
-                    unreadable.append(room_id)
-                    return
-            states[room_id] = parse_room(room_id, events, mx.user_id)
-
-        await asyncio.gather(*(read(room_id) for room_id in room_ids))
-        self.unreadable = len(unreadable)
-        return states
-
-    async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
-        registry = self.registry
-        changed = {
-            room_id
-            for room_id in result.rooms
-            if registry.rooms.get(room_id) is not known_rooms.get(room_id)
-        }
-        await self.store.upsert_users(list(result.users.values()))
-        # Rooms changed by a command during this run are newer than what was read: left alone.
-        rooms = [r for r in result.rooms.values() if r.room_id not in changed]
-        await self._write_rows(rooms, result.report)
-        for room_id, event_type, state_key, content in result.state_writes:
-            if room_id in changed and event_type == MARKER_TYPE:
-                continue
-            self.log.debug("Reconciliation writes %s/%s into %s", event_type, state_key, room_id)
-            try:
-                await self.mx.send_state(room_id, event_type, content, state_key)
-            except HomeserverError as e:
-                self.log.warning(
-                    "Reconciliation could not write %s into %s: %s", event_type, room_id, e
-                )
-        await registry.load()
-
-    async def _write_rows(self, rooms: list[ChatRoomRow], report: Report) -> None:
-        try:
-            await self.store.upsert_rooms(rooms)  # one transaction: thousands of rows in one go
-        except UNIQUE_VIOLATION:
-            # A contradiction the plan could not see (rows it did not know): row by row, so
-            # only that room is left as it was and the start goes on.
-            for room in rooms:
-                try:
-                    await self.store.upsert_room(room)
-                except UNIQUE_VIOLATION as e:
-                    report.conflicts += 1
-                    self.log.warning("Reconciliation could not write %s: %s", room.room_id, e)

@@ -1,0 +1,58 @@
+"""Rebuilds the database from the rooms themselves: Matrix topology is the truth.
+
+The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads,
+each parsed as it arrives (``roomstate.parse_room``). (A filtered full-state ``/sync`` would
+be one request, but Synapse's answer with a short timeline leaves out the newest state
+events, such as the last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()``
+(``plan.py``) is a pure function of what was read and the database's rows, made of named
+phases, so it is tested and benchmarked without a homeserver; ``Reconciler.run()``
+(``reconciler.py``) applies the plan. It never creates a room or a Space; it writes missing
+plugin state and links into rooms the bot already manages, and a second run on a consistent
+database writes nothing.
+"""
+
+from ..roomstate import STATE_TYPES, RoomState, adopted_platform_chat_id, parse_room
+from .plan import (
+    Numbered,
+    Plan,
+    child_owners,
+    diff_rows,
+    find_chats,
+    gone_rooms,
+    link_writes,
+    number_chats,
+    parse_rooms,
+    pick_spaces,
+    plan,
+    power_writes,
+    restore_markers,
+    trusted,
+    user_row,
+)
+from .reconciler import READ_CONCURRENCY, Reconciler
+from .report import Report
+
+__all__ = [
+    "READ_CONCURRENCY",
+    "STATE_TYPES",
+    "Numbered",
+    "Plan",
+    "Reconciler",
+    "Report",
+    "RoomState",
+    "adopted_platform_chat_id",
+    "child_owners",
+    "diff_rows",
+    "find_chats",
+    "gone_rooms",
+    "link_writes",
+    "number_chats",
+    "parse_room",
+    "parse_rooms",
+    "pick_spaces",
+    "plan",
+    "power_writes",
+    "restore_markers",
+    "trusted",
+    "user_row",
+]

@@ -1,0 +1,123 @@
+"""Applies a reconciliation plan: reads the rooms, plans, writes what the plan says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store
+from ..marker import MARKER_TYPE
+from ..matrix import HomeserverError, Matrix
+from ..registry import Registry
+from ..roomstate import RoomState, parse_room
+from .plan import Plan, plan
+from .report import Report
+
+READ_CONCURRENCY = 32
+
+
+@dataclass(eq=False)
+class Reconciler:
+    """Reads the rooms, plans, applies. Takes only what it uses; ``settings`` is called on
+    each run, so a config reload in between is seen."""
+
+    mx: Matrix
+    store: Store
+    registry: Registry
+    settings: Callable[[], Settings]
+    log: logging.Logger
+    last_report: Report | None = None
+    unreadable: int = 0
+
+    async def run(self, dry_run: bool = False) -> Report:
+        """Reconciles once; returns the report."""
+        started = time.monotonic()
+        requests_before = self.mx.requests
+        # What the plugin knew before reading the rooms: a row that changes while they are
+        # read (a !clear, a rename) is newer than what was read, and is left alone.
+        known_users, known_rooms = dict(self.registry.users), dict(self.registry.rooms)
+        states = await self.read_topology()
+        result = plan(
+            states,
+            self.mx.user_id,
+            self.mx.server_name,
+            known_users,
+            known_rooms,
+            self.settings().default_agent,
+        )
+        report = result.report
+        report.skipped_rooms += self.unreadable
+        report.dry_run = dry_run
+        if not dry_run:
+            await self._apply(result, known_rooms)
+        report.requests = self.mx.requests - requests_before
+        report.seconds = time.monotonic() - started
+        self.last_report = report
+        return report
+
+    async def read_topology(self) -> dict[str, RoomState]:
+        """Every joined room's state, parsed as it arrives (only what reconciliation reads
+        is kept). Pending invites come with the catch-up /sync after the start."""
+        mx = self.mx
+        room_ids = await mx.joined_rooms()
+        limit = asyncio.Semaphore(READ_CONCURRENCY)
+        states: dict[str, RoomState] = {}
+        unreadable: list[str] = []
+
+        async def read(room_id: str) -> None:
+            async with limit:
+                try:
+                    events = await mx.state(room_id)
+                except HomeserverError as e:
+                    if e.status == 0:
+                        raise  # the homeserver is unreachable: the whole run is retried
+                    # One room that can't be read (left meanwhile, or broken) must not keep
+                    # the plugin from starting: it is skipped this time and logged.
+                    self.log.warning("Reconciliation skips %s: %s", room_id, e)
+                    unreadable.append(room_id)
+                    return
+            states[room_id] = parse_room(room_id, events, mx.user_id)
+
+        await asyncio.gather(*(read(room_id) for room_id in room_ids))
+        self.unreadable = len(unreadable)
+        return states
+
+    async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
+        registry = self.registry
+        changed = {
+            room_id
+            for room_id in result.rooms
+            if registry.rooms.get(room_id) is not known_rooms.get(room_id)
+        }
+        await self.store.upsert_users(list(result.users.values()))
+        # Rooms changed by a command during this run are newer than what was read: left alone.
+        rooms = [r for r in result.rooms.values() if r.room_id not in changed]
+        await self._write_rows(rooms, result.report)
+        for room_id, event_type, state_key, content in result.state_writes:
+            if room_id in changed and event_type == MARKER_TYPE:
+                continue
+            self.log.debug("Reconciliation writes %s/%s into %s", event_type, state_key, room_id)
+            try:
+                await self.mx.send_state(room_id, event_type, content, state_key)
+            except HomeserverError as e:
+                self.log.warning(
+                    "Reconciliation could not write %s into %s: %s", event_type, room_id, e
+                )
+        await registry.load()
+
+    async def _write_rows(self, rooms: list[ChatRoomRow], report: Report) -> None:
+        try:
+            await self.store.upsert_rooms(rooms)  # one transaction: thousands of rows in one go
+        except UNIQUE_VIOLATION:
+            # A contradiction the plan could not see (rows it did not know): row by row, so
+            # only that room is left as it was and the start goes on.
+            for room in rooms:
+                try:
+                    await self.store.upsert_room(room)
+                except UNIQUE_VIOLATION as e:
+                    report.conflicts += 1
+                    self.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
