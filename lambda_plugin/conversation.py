@@ -70,14 +70,14 @@ class Conversation(Part):
         await self.store.unmark_handled(incoming.event_id)
 
     async def unknown_command(self, incoming: Incoming) -> None:
-        """Says a command is unknown, to an allowed user in a chat room the plugin manages
-        (another bot's `!cmd` in a shared room gets nothing)."""
+        """Says a command is unknown, in a chat room the plugin manages, to whom it would
+        answer a message there (another bot's `!cmd` in a shared room gets nothing)."""
         if not await self.gate.wait():
             return
-        room = self.registry.room(incoming.room_id)
-        if room is None or room.gone or incoming.sender not in self.settings().allowed_users:
+        if not await self.store.mark_handled(incoming.event_id, incoming.room_id):
             return
-        if await self.store.mark_handled(incoming.event_id, incoming.room_id):
+        room = self.registry.room(incoming.room_id)
+        if room is not None and admit(room, incoming.sender, self.settings()) is Admission.TAKE:
             await self.notices.say(
                 incoming.room_id, "command.unknown", command=f"!{incoming.command[:32]}",
                 reply_to=incoming.event_id,

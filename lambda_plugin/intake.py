@@ -61,6 +61,13 @@ def is_edit(content: dict[str, Any]) -> bool:
     return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
 
 
+def _malformed(content: dict[str, Any]) -> bool:
+    """A field present with the wrong type: the event is skipped, not guessed at."""
+    relates = content.get("m.relates_to", {})
+    body = content.get("body", "")
+    return not isinstance(relates, dict) or not isinstance(body, str)
+
+
 def command_name(body: str) -> str:
     words = body[len(COMMAND_PREFIX) :].split(maxsplit=1)
     return words[0].lower() if words else ""
@@ -75,7 +82,7 @@ def classify(event: Any, bot_id: str) -> Incoming:
     if not isinstance(content, dict) or not sender or not event_id or sender == bot_id:
         return IGNORED
     msgtype, body = content.get("msgtype"), _str(content.get("body"))
-    if msgtype not in ANSWERED_MSGTYPES or is_edit(content):
+    if msgtype not in ANSWERED_MSGTYPES or is_edit(content) or _malformed(content):
         return IGNORED
     is_file = msgtype in FILE_MSGTYPES
     if body is None and not is_file:

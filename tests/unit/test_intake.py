@@ -244,16 +244,13 @@ def test_missing_content_is_ignored() -> None:
 
 
 @pytest.mark.parametrize("relates", [None, [], [{"rel_type": "m.replace"}], "m.replace", 3])
-def test_malformed_relation_is_no_edit_and_no_crash(relates: Any) -> None:
-    got = classify(text("hi", extra={"m.relates_to": relates}), BOT)
-    assert got.kind is Kind.MESSAGE
-    assert got.body == "hi"
+def test_malformed_relation_is_skipped_not_guessed_at(relates: Any) -> None:
+    # SPEC §5: an event with a wrong type anywhere is skipped (what it relates to is unknown).
+    assert classify(text("hi", extra={"m.relates_to": relates}), BOT) is IGNORED
 
 
-def test_malformed_relation_on_a_command_is_no_crash() -> None:
-    got = classify(text("!help", extra={"m.relates_to": "m.replace"}), BOT)
-    assert got.kind is Kind.COMMAND
-    assert got.command == "help"
+def test_malformed_relation_on_a_command_is_skipped() -> None:
+    assert classify(text("!help", extra={"m.relates_to": "m.replace"}), BOT) is IGNORED
 
 
 @pytest.mark.parametrize("body", [42, 1.5, None, {"text": "hi"}, ["hi"], True])
@@ -267,8 +264,13 @@ def test_text_without_body_is_ignored() -> None:
 
 
 @pytest.mark.parametrize("body", [42, None, {"text": "!help"}, ["!help"]])
-def test_file_body_not_a_string_gives_an_empty_body(body: Any) -> None:
+def test_file_body_not_a_string_is_skipped(body: Any) -> None:
     content = {"msgtype": "m.file", "body": body, "url": "mxc://example.org/abc"}
+    assert classify(event(content), BOT) is IGNORED
+
+
+def test_file_without_body_is_a_message_with_an_empty_body() -> None:
+    content = {"msgtype": "m.file", "url": "mxc://example.org/abc"}
     got = classify(event(content), BOT)
     assert got.kind is Kind.MESSAGE
     assert got.body == ""
