@@ -32,7 +32,8 @@ Handlers = Callable[[], list[tuple[Callable, EventType]]]
 
 
 def catch_up_filter() -> str:
-    return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": ["m.room.message"]})
+    types = ["m.room.message", "m.room.encrypted"]  # encrypted ones are decrypted after
+    return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": types})
 
 
 def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:

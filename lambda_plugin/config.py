@@ -35,6 +35,7 @@ class Config(BaseProxyConfig):
         helper.copy("access.max_snapshots_per_user")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
+        helper.copy("spaces.encryption")
         helper.copy("agents.default")
         helper.copy_dict("agents.registry")
         helper.copy("files.workspace_root")
@@ -173,6 +174,8 @@ def _chat_name(value: Any, language: str) -> str:
         return TEXTS[language]["default_chat_name"]
     return template
 
+ENCRYPTION_MODES = ("auto", "always", "never")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -198,6 +201,7 @@ class Settings:
     workspace_quota_bytes: int
     download_timeout_s: float
     handled_kept_s: float
+    encryption: str  # auto | always | never
 
     @classmethod
     def from_config(cls, config: BaseProxyConfig) -> Settings:
@@ -227,7 +231,15 @@ class Settings:
             workspace_quota_bytes=int(_number(config, "files.workspace_quota_mb") * MB),
             download_timeout_s=_number(config, "files.download_timeout_s"),
             handled_kept_s=_number(config, "reconcile.handled_kept_days") * DAY_S,
+            encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
         )
+
+
+def _choice(config: BaseProxyConfig, key: str, choices: tuple[str, ...]) -> str:
+    value = config[key]
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, not {value!r}")
+    return str(value)
 
 
 def _language(value: Any) -> str:

@@ -21,6 +21,8 @@ from urllib.parse import quote
 import aiohttp
 from mautrix.client import Client
 
+from .crypto import Crypto
+
 MAX_WAIT_S = 30.0
 MAX_TRIES = 8
 TRANSIENT = (502, 503, 504)
@@ -67,6 +69,7 @@ class Matrix:
         self.client = client
         self.log = log
         self.requests = 0  # counted, for benchmarks and the status command
+        self.crypto = Crypto(client, log)
 
     @property
     def user_id(self) -> str:
@@ -175,6 +178,8 @@ class Matrix:
     async def send(
         self, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
     ) -> str:
+        # In an encrypted room the event goes out encrypted (when the bot can encrypt).
+        event_type, content = await self.crypto.seal(room_id, event_type, content)
         txn = f"lambda-{time.time_ns()}-{next(_txn_counter)}"
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{txn}"
         return (await self.request("PUT", path, content))["event_id"]

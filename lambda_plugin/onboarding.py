@@ -21,9 +21,13 @@ from .notices import Notices
 from .part import Part
 from .registry import Registry
 from .roomstate import chat_name, matrix_to
-from .spaces import Provisioned, Spaces
+from .spaces import EncryptionUnavailable, Provisioned, Spaces
 
 INVITES_REMEMBERED = 1000
+UNENCRYPTABLE = (
+    "No Space for %s: spaces.encryption is always, and the bot's client cannot encrypt"
+    " (maubot needs its encryption extra and the client a device id)"
+)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -95,6 +99,10 @@ class Onboarding(Part):
             result = await self.spaces.provision(inviter)
         except HomeserverError:
             self.log.exception("Provisioning for %s failed", inviter)
+            return
+        except EncryptionUnavailable:
+            self.log.error(UNENCRYPTABLE, inviter)
+            await self.notices.say(room_id, "encryption.unavailable")
             return
         if not result.created_space:
             await self.spaces.reinvite(inviter)  # back where they left, never a new Space

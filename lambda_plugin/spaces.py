@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .chats import Chats
+from .crypto import encryption_state
 from .db import ChatRoomRow, Store, now_ms
 from .marker import KIND_SPACE, Marker
 from .matrix import HomeserverError, Matrix
@@ -33,6 +34,10 @@ class TooManyChats(Exception):
     pass
 
 
+class EncryptionUnavailable(Exception):
+    """spaces.encryption is "always" and the bot's client cannot encrypt: no room is made."""
+
+
 @dataclass(eq=False, kw_only=True)
 class Spaces(Part):
     """Provisioning: a user's Space and chat rooms, made exactly once."""
@@ -55,8 +60,17 @@ class Spaces(Part):
             self._privileged = creators_privileged(await self.mx.default_room_version())
         return power_levels(owner, self.mx.user_id, self._privileged)
 
+    def encrypt_chats(self) -> bool:
+        """Whether new chat rooms are encrypted; EncryptionUnavailable when they must be and
+        cannot (checked before anything is made)."""
+        mode, available = self.settings().encryption, self.mx.crypto.available
+        if mode == "always" and not available:
+            raise EncryptionUnavailable()
+        return mode != "never" and available
+
     async def provision(self, user_id: str) -> Provisioned:
         """Gives the user their Space and first chat, once; completes a half-made one."""
+        self.encrypt_chats()
         async with self.lock(user_id):
             user = self.registry.users.get(user_id) or await self.registry.ensure_user(user_id)
             created = False
@@ -146,7 +160,11 @@ class Spaces(Part):
             "preset": "private_chat",
             "visibility": "private",
             "invite": [room.user_id],
-            "initial_state": [Marker.for_chat(room, space_id).state_event(), parent],
+            "initial_state": [
+                Marker.for_chat(room, space_id).state_event(),
+                parent,
+                *([encryption_state()] if self.encrypt_chats() else []),
+            ],
             "power_level_content_override": await self.power_levels(room.user_id),
         }
 

@@ -22,6 +22,7 @@ from .catchup import (
     timelines_of,
     unanswered,
 )
+from .crypto import ENCRYPTED
 from .db import Store
 from .gate import StartGate
 from .intake import Incoming, Kind, classify
@@ -83,6 +84,7 @@ class Startup(Part):
         the missed commands and the pending invites the same /sync shows."""
         sync = await self.catch_up.read(await self.store.get_value(SYNC_TOKEN_KEY))
         timelines = timelines_of(sync)
+        await self.catch_up.mx.crypto.open_all(timelines)
         candidates = [
             e["event_id"] for t in timelines.values() for e in t if isinstance(e.get("event_id"), str)
         ]
@@ -134,12 +136,24 @@ class Startup(Part):
 
     def _hand_over(self, data: Any) -> None:
         """maubot drops every event of its first sync after a (re)start, and it may end
-        after the catch-up has read: its messages and commands go the live way here, its
-        invites after the start. Where maubot did dispatch them too, the handled log keeps
-        each answered once."""
+        after the catch-up has read: its messages and commands go the live way here (the
+        encrypted ones once decrypted), its invites after the start. Where maubot did
+        dispatch them too, the handled log keeps each answered once."""
         since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        timelines = timelines_of(data)
+        sealed = {
+            room_id: [e for e in events if e.get("type") == ENCRYPTED]
+            for room_id, events in timelines.items()
+        }
+        commands = self._enqueue_all(timelines, since_ms)
+        invites = parse_invites(data, self.catch_up.mx.user_id)
+        if commands or invites or any(sealed.values()):
+            self.background(self._after_start(commands, invites, sealed, since_ms))
+
+    def _enqueue_all(self, timelines: dict[str, list[dict]], since_ms: int) -> list:
+        """Queues the messages of ``timelines`` the live way; returns the commands."""
         commands = []
-        for room_id, events in timelines_of(data).items():
+        for room_id, events in timelines.items():
             for raw in events:
                 incoming = classify({**raw, "room_id": room_id}, self.catch_up.mx.user_id)
                 if incoming.kind is Kind.IGNORED or incoming.timestamp < since_ms:
@@ -148,14 +162,21 @@ class Startup(Part):
                     commands.append((incoming, raw))
                 else:
                     self.enqueue(incoming)
-        invites = parse_invites(data, self.catch_up.mx.user_id)
-        if commands or invites:
-            self.background(self._after_start(commands, invites))
+        return commands
 
-    async def _after_start(self, commands: list, invites: list[tuple[str, str]]) -> None:
+    async def _after_start(
+        self, commands: list, invites: list[tuple[str, str]], sealed: dict, since_ms: int
+    ) -> None:
+        if any(sealed.values()):
+            await self.catch_up.mx.crypto.open_all(sealed)
+            commands += self._enqueue_all(sealed, since_ms)
         await self.catch_up.dispatch(commands)  # their handlers wait for the gate
         if await self.gate.wait():
             await self._pending_invites(invites)
+
+    async def hand_over(self, room_id: str, raw: dict[str, Any]) -> None:
+        """One event that reached no handler (decrypted late) goes the live way now."""
+        await self.catch_up.dispatch(self._enqueue_all({room_id: [raw]}, 0))
 
     async def keep_sync_position(self) -> None:
         """Saves the sync position every minute, and prunes the handled-event log every

@@ -11,7 +11,7 @@ from ..agents import AgentError, Agents
 from ..db import ChatRoomRow
 from ..registry import Registry
 from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
-from ..spaces import Spaces, TooManyChats
+from ..spaces import EncryptionUnavailable, Spaces, TooManyChats
 from .base import LIST_BYTES, CommandBase, allowed_user, chat_owner
 
 
@@ -57,6 +57,9 @@ class ChatCommands(CommandBase):
             )
         except TooManyChats:
             await self.reply(evt, "new.too_many", max=self.settings().max_chats_per_user)
+            return
+        except EncryptionUnavailable:
+            await self.reply(evt, "encryption.unavailable")
             return
         if room is None:
             return

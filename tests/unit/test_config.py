@@ -71,6 +71,7 @@ CUSTOM: dict[str, Any] = {
     "access.max_snapshots_per_user": 9,
     "spaces.space_name": "Space of {user_id}",
     "spaces.chat_name": "Talk #{n}",
+    "spaces.encryption": "never",
     "agents.default": "gpt",
     "agents.registry": {
         "echo": {"backend": "echo", "note": "kept"},
@@ -122,6 +123,7 @@ def test_base_config_defaults() -> None:
     assert s.shared_rooms is False
     assert s.space_name == "Lambda — {displayname}"
     assert s.chat_name == "Chat {n}"
+    assert s.encryption == "auto"
     assert s.default_agent == "echo"
     assert s.agents == {"echo": AgentSpec("echo", "echo", {})}
     assert s.workspace_root is None
@@ -188,6 +190,7 @@ def test_custom_config_gives_custom_settings() -> None:
     assert s.shared_rooms is True
     assert s.space_name == "Space of {user_id}"
     assert s.chat_name == "Talk #{n}"
+    assert s.encryption == "never"
     assert s.default_agent == "gpt"
     assert s.agents["gpt"] == AgentSpec(
         "gpt",
@@ -245,6 +248,9 @@ def test_valid_edge_values() -> None:
 
 
 INVALID: list[tuple[str, Any]] = [
+    ("spaces.encryption", "sometimes"),
+    ("spaces.encryption", True),
+    ("spaces.encryption", None),
     ("language", "de"),
     ("language", "EN"),
     ("language", None),

@@ -1,0 +1,99 @@
+"""End-to-end encryption through maubot's own client crypto (mautrix's OlmMachine).
+
+maubot gives a client crypto when it is installed with its ``encryption`` extra and the
+client has a device id. Live events reach the plugin's handlers decrypted; what the plugin
+reads itself (the catch-up's /sync) and sends itself (its own HTTP calls) goes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, cast
+
+from mautrix.client import Client
+from mautrix.errors import DecryptionError
+from mautrix.types import (
+    JSON,
+    EncryptedEvent,
+    EventType,
+    RoomEncryptionStateEventContent,
+    RoomID,
+)
+
+MEGOLM = "m.megolm.v1.aes-sha2"
+ENCRYPTED = "m.room.encrypted"
+PLAIN_KNOWN_S = 60  # how long "this room is not encrypted" is believed without asking again
+
+
+def encryption_state() -> dict[str, Any]:
+    """The ``initial_state`` entry that makes a new room end-to-end encrypted."""
+    return {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": MEGOLM}}
+
+
+class Crypto:
+    def __init__(self, client: Client, log: logging.Logger) -> None:
+        self.client = client
+        self.log = log
+        self._plain: dict[str, float] = {}  # room -> when it was last seen unencrypted
+
+    @property
+    def available(self) -> bool:
+        """Whether the bot can encrypt and decrypt (maubot gave its client crypto)."""
+        return getattr(self.client, "crypto", None) is not None
+
+    async def is_encrypted(self, room_id: str) -> bool:
+        """Whether the room is end-to-end encrypted (the state store, else the room)."""
+        room, store = RoomID(room_id), self.client.state_store
+        if store is not None and await store.is_encrypted(room):
+            return True
+        if time.monotonic() - self._plain.get(room_id, -PLAIN_KNOWN_S) < PLAIN_KNOWN_S:
+            return False
+        try:
+            content = await self.client.get_state_event(room, EventType.ROOM_ENCRYPTION)
+        except Exception:  # M_NOT_FOUND: not encrypted; anything else: asked again later
+            self._plain[room_id] = time.monotonic()
+            return False
+        info = RoomEncryptionStateEventContent.deserialize(cast(JSON, content.serialize()))
+        if store is not None:
+            await store.set_encryption_info(room, info)
+        return True
+
+    def forget(self, room_id: str) -> None:
+        """The room's encryption changed (the bot turned it on): ask again next time."""
+        self._plain.pop(room_id, None)
+
+    async def seal(self, room_id: str, event_type: str, content: dict[str, Any]) -> tuple[str, dict]:
+        """The event as it must be sent: encrypted in an encrypted room when the bot can."""
+        if not self.available or not await self.is_encrypted(room_id):
+            return event_type, content
+        # mautrix takes JSON content as it is (typed there as its content classes only).
+        sealed = await self.client.encrypt(
+            RoomID(room_id), EventType.find(event_type), cast(Any, content)
+        )
+        return ENCRYPTED, sealed.serialize()
+
+    async def open(self, room_id: str, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """An encrypted event of a /sync as the event it holds; None when it can't be
+        decrypted (yet: its keys may still arrive) or the bot has no crypto."""
+        crypto = getattr(self.client, "crypto", None)
+        if crypto is None:
+            return None
+        try:
+            event = EncryptedEvent.deserialize(cast(JSON, {**raw, "room_id": room_id}))
+            decrypted = await crypto.decrypt_megolm_event(event)
+        except DecryptionError as e:
+            self.log.debug("Can't decrypt %s in %s yet: %s", raw.get("event_id"), room_id, e)
+            return None
+        except Exception:  # a malformed event: skipped, never fatal
+            self.log.debug("Skipping a malformed encrypted event in %s", room_id)
+            return None
+        return cast(dict, decrypted.serialize())
+
+    async def open_all(self, timelines: dict[str, list[dict[str, Any]]]) -> None:
+        """Replaces each encrypted event of the timelines by what it holds, where the keys
+        are there (the rest stay as they are: intake ignores them)."""
+        for room_id, events in timelines.items():
+            for i, raw in enumerate(events):
+                if raw.get("type") == ENCRYPTED and (opened := await self.open(room_id, raw)):
+                    events[i] = opened
