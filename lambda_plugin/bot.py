@@ -40,6 +40,7 @@ from .registry import Registry
 from .routing import Router
 from .spaces import Spaces
 from .startup import Startup
+from .undecryptable import Undecryptable
 
 COMMAND_CLASSES = (HelpCommands, ChatCommands, ContextCommands, AdminCommands)
 
@@ -101,8 +102,11 @@ class LambdaBot(Plugin):
             invite=onboarding.handle_invite, enqueue=router.enqueue,
             background=self.background, **part,
         )  # fmt: skip
+        undecryptable = Undecryptable(
+            mx=mx, notices=notices, hand_over=self.startup.hand_over, **part
+        )
         commands = self._commands(notices, registry, chats, spaces, reconciler)
-        for handlers in (*commands, router, onboarding):
+        for handlers in (*commands, router, onboarding, undecryptable):
             self.register_handler_class(handlers)
 
     def _commands(
@@ -184,5 +188,6 @@ class LambdaBot(Plugin):
         except Exception as e:  # any bad value: the instance keeps running
             self.log.error("Config refused (%s); the previous config stays in force", e)
             return
+        self.startup.check_encryption()
         self.background(self.agents.swap(agents))
         self.log.info("Config reloaded")

@@ -180,6 +180,13 @@ class Spaces(Part):
         )
         return room
 
+    async def encrypt(self, room: ChatRoomRow) -> ChatRoomRow:
+        """Turns on end-to-end encryption in the chat room (for good: it can't be undone)."""
+        await self.mx.send_state(room.room_id, "m.room.encryption", encryption_state()["content"])
+        self.mx.crypto.forget(room.room_id)
+        self.log.info("Chat %s (%s) is now end-to-end encrypted", room.chat_id, room.room_id)
+        return room
+
     async def rename(self, room: ChatRoomRow, name: str) -> ChatRoomRow:
         await self.mx.send_state(room.room_id, "m.room.name", {"name": name})
         return await self.chats.update(room.room_id, name=name)

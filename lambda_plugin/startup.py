@@ -54,6 +54,7 @@ class Startup(Part):
 
     async def run(self) -> None:
         """The start: never raises, never gives up while the homeserver or database is down."""
+        self.check_encryption()
         report = await self._reconcile_until_done()
         try:
             commands, invites = await self._catch_up()
@@ -66,6 +67,15 @@ class Startup(Part):
         await self.catch_up.dispatch(commands)
         await self._pending_invites(invites)
         await self.prune_handled()
+
+    def check_encryption(self) -> None:
+        """One clear log line when chats must be encrypted and the bot cannot encrypt."""
+        if self.settings().encryption == "always" and not self.catch_up.mx.crypto.available:
+            self.log.error(
+                "spaces.encryption is always, but maubot gave this client no crypto (install"
+                " maubot with its encryption extra and give the client a device id): no chat"
+                " room will be made until this is fixed"
+            )
 
     async def _reconcile_until_done(self) -> Report:
         delay = 1.0

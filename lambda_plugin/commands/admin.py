@@ -56,12 +56,18 @@ class AdminCommands(CommandBase):
                 snapshots=counts["snapshot"],
                 busy=self.queues.busy_rooms(),
             ),
+            self.encryption_line(),
             say("admin.health_title"),
             *(f"- `{agent_id}`: {self.health_text(problem)}" for agent_id, problem in health.items()),
             say("admin.report_title"),
             self.report_text(self.reconciler.last_report),
         ]
         await self.reply_text(evt, "\n".join(lines))
+
+    def encryption_line(self) -> str:
+        on = self.spaces.mx.crypto.available
+        state = self.notices.text("admin.crypto_on" if on else "admin.crypto_off")
+        return self.notices.text("admin.encryption", state=state, mode=self.settings().encryption)
 
     def health_text(self, problem: str | None) -> str:
         if problem == "timeout":

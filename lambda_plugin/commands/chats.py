@@ -129,6 +129,20 @@ class ChatCommands(CommandBase):
         if renamed is not None:
             await self.reply(evt, "renamed", name=renamed.name)
 
+    @command.new("encrypt", help="End-to-end encrypt this chat: !encrypt --confirm")
+    @command.argument("flags", pass_raw=True, required=False)
+    @chat_owner
+    async def encrypt(self, evt: MessageEvent, room: ChatRoomRow, flags: str = "") -> None:
+        crypto = self.spaces.mx.crypto
+        if not crypto.available:
+            await self.reply(evt, "encrypt.unavailable")
+        elif await crypto.is_encrypted(room.room_id):
+            await self.reply(evt, "encrypt.already")
+        elif "--confirm" not in (flags or "").split():
+            await self.reply(evt, "encrypt.confirm")
+        elif await self.on_homeserver(evt, "!encrypt", self.spaces.encrypt(room)) is not None:
+            await self.reply(evt, "encrypt.done")
+
     @command.new("archive", help="Archive this chat (history kept)")
     @chat_owner
     async def archive(self, evt: MessageEvent, room: ChatRoomRow) -> None:
