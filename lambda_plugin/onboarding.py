@@ -128,7 +128,8 @@ class Onboarding(Part):
         first = result.first_room
         if first is not None:
             await self.notices.say(first.room_id, "welcome", name=first.name, agent=first.agent_id)
-        if not result.created_space and not await self._encrypted(room_id):
+        readable = self.mx.crypto.available or not await self._encrypted(room_id)
+        if not result.created_space and readable:
             space_name = await self._room_name(result.space_id)
             link = matrix_to(result.space_id, self.mx.server_name)
             await self.notices.say(room_id, "space.exists", name=space_name, link=link)

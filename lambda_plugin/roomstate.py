@@ -123,6 +123,7 @@ def _level(value: object) -> int:
 STATE_TYPES = [
     MARKER_TYPE,
     "m.room.create",
+    "m.room.encryption",
     "m.room.name",
     "m.room.power_levels",
     "m.room.tombstone",
@@ -142,6 +143,7 @@ class RoomState:
     is_space: bool = False
     name: str | None = None
     tombstoned: bool = False
+    encrypted: bool = False
     marker: Marker | None = None
     # The bot sent a marker whose content is gone (redacted) or unreadable.
     marker_emptied: bool = False
@@ -184,6 +186,8 @@ def _read(room: RoomState, event: dict[str, Any], bot_id: str) -> None:
         name = content.get("name")
         if name is None or isinstance(name, str):
             room.name = chat_name(name) or None
+    elif etype == "m.room.encryption":
+        room.encrypted = isinstance(content.get("algorithm"), str)
     elif etype == "m.room.tombstone":
         replacement = content.get("replacement_room")
         if replacement is None or isinstance(replacement, str):

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store
@@ -32,6 +32,7 @@ class Reconciler:
     log: logging.Logger
     last_report: Report | None = None
     unreadable: int = 0
+    _reported_sealed: set[str] = field(default_factory=set)  # rooms said unreadable once
 
     async def run(self, dry_run: bool = False) -> Report:
         """Reconciles once; returns the report."""
@@ -51,6 +52,7 @@ class Reconciler:
         )
         report = result.report
         report.skipped_rooms += self.unreadable
+        report.encrypted_unreadable = self._sealed_rooms(states, result)
         report.dry_run = dry_run
         if not dry_run:
             await self._apply(result, known_rooms)
@@ -58,6 +60,23 @@ class Reconciler:
         report.seconds = time.monotonic() - started
         self.last_report = report
         return report
+
+    def _sealed_rooms(self, states: dict[str, RoomState], result: Plan) -> int:
+        """Managed chat rooms that are encrypted while the bot cannot decrypt: counted in
+        the report, and each said once in the log (not ignored)."""
+        if self.mx.crypto.available:
+            return 0
+        managed = set(result.rooms) | set(self.registry.rooms)
+        sealed = [r for r in states.values() if r.encrypted and r.room_id in managed]
+        for room in sealed:
+            if room.room_id not in self._reported_sealed:
+                self._reported_sealed.add(room.room_id)
+                self.log.warning(
+                    "Chat room %s is end-to-end encrypted, but the bot cannot decrypt: its"
+                    " messages stay unanswered until maubot has crypto for this client",
+                    room.room_id,
+                )
+        return len(sealed)
 
     async def read_topology(self) -> dict[str, RoomState]:
         """Every joined room's state, parsed as it arrives (only what reconciliation reads

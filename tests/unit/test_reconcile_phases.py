@@ -313,6 +313,7 @@ class FakeMatrix:
     def __init__(self, states: dict[str, list[dict]]) -> None:
         self.states = states
         self.requests = 0
+        self.crypto = SimpleNamespace(available=True)
         self.sent: list[tuple[str, str, str, dict]] = []
 
     async def joined_rooms(self) -> list[str]:
