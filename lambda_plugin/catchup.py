@@ -27,6 +27,9 @@ from .queue import QueueItem, RoomQueues
 
 TIMELINE_LIMIT = 50
 SYNC_TOKEN_KEY = "catch_up_since"
+# The same position in the bot's account data: the rooms are the truth, and where the
+# catch-up resumes from survives a lost database too (no full /sync over every room).
+SYNC_POSITION_TYPE = "ai.lambda.matrix.catch_up"
 
 Handlers = Callable[[], list[tuple[Callable, EventType]]]
 

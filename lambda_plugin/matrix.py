@@ -199,6 +199,21 @@ class Matrix:
             body["timeout"] = timeout_ms
         await self.request("PUT", path, body)
 
+    async def account_data(self, data_type: str) -> dict[str, Any] | None:
+        """The bot's own account data of ``data_type``, or None where it has none."""
+        path = f"/_matrix/client/v3/user/{_q(self.user_id)}/account_data/{_q(data_type)}"
+        try:
+            data = await self.request("GET", path)
+        except HomeserverError as e:
+            if e.status == 404:
+                return None
+            raise
+        return data if isinstance(data, dict) else None
+
+    async def set_account_data(self, data_type: str, content: dict[str, Any]) -> None:
+        path = f"/_matrix/client/v3/user/{_q(self.user_id)}/account_data/{_q(data_type)}"
+        await self.request("PUT", path, content)
+
     async def displayname(self, user_id: str) -> str | None:
         try:
             profile = await self.request("GET", f"/_matrix/client/v3/profile/{_q(user_id)}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .catchup import (
+    SYNC_POSITION_TYPE,
     SYNC_TOKEN_KEY,
     CatchUp,
     SyncPositions,
@@ -26,6 +27,7 @@ from .crypto import ENCRYPTED
 from .db import Store
 from .gate import StartGate
 from .intake import Incoming, Kind, classify
+from .matrix import HomeserverError
 from .part import Part
 from .reconcile import Reconciler, Report
 
@@ -50,6 +52,7 @@ class Startup(Part):
         self.registry = self.reconciler.registry
         self.positions = SyncPositions()
         self._first_sync_seen = False
+        self._saved_position: str | None = None
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
 
     async def run(self) -> None:
@@ -92,7 +95,7 @@ class Startup(Part):
     async def _catch_up(self) -> tuple[list, list[tuple[str, str]]]:
         """Queues what was missed (before anything that arrived during the start); returns
         the missed commands and the pending invites the same /sync shows."""
-        sync = await self.catch_up.read(await self.store.get_value(SYNC_TOKEN_KEY))
+        sync = await self.catch_up.read(await self.stored_position())
         timelines = timelines_of(sync)
         await self.catch_up.mx.crypto.open_all(timelines)
         candidates = [
@@ -200,11 +203,27 @@ class Startup(Part):
                 await self.prune_handled()
 
     async def save_sync_position(self) -> None:
-        """Stores where the next start's catch-up reads from (a catch-up window back)."""
+        """Stores where the next start's catch-up reads from (a catch-up window back), in
+        the database and in the bot's account data, when it moved."""
         token = self.positions.older_than(self.settings().catch_up_s)
-        if token is None:
+        if token is None or token == self._saved_position:
             return
         try:
             await self.store.set_value(SYNC_TOKEN_KEY, token)
+            await self.catch_up.mx.set_account_data(SYNC_POSITION_TYPE, {"since": token})
+            self._saved_position = token
         except Exception:
             self.log.exception("Saving the sync position failed")
+
+    async def stored_position(self) -> str | None:
+        """Where the catch-up resumes from: the database's, else the account data's."""
+        token = await self.store.get_value(SYNC_TOKEN_KEY)
+        if token:
+            return token
+        try:
+            data = await self.catch_up.mx.account_data(SYNC_POSITION_TYPE)
+        except HomeserverError as e:
+            self.log.warning("Reading the stored sync position failed: %s", e)
+            return None
+        since = (data or {}).get("since")
+        return since if isinstance(since, str) and since else None
