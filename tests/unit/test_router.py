@@ -1,0 +1,293 @@
+"""Router: live messages into their rooms' queues. A full queue refuses a message and says so
+once while it stays full; unknown commands get a slot that answers them, known ones none; a
+message that has to wait gets a read receipt, once the gate is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from lambda_plugin.config import Settings
+from lambda_plugin.gate import StartGate
+from lambda_plugin.intake import Incoming, Kind
+from lambda_plugin.queue import RoomQueues
+from lambda_plugin.routing import Queued, Router
+from tests.unit.test_config import settings as make_settings
+from tests.unit.test_queue import TIMEOUT, FakeStage, ended, settle
+
+BOT = "@lambda:example.org"
+USER = "@alice:example.org"
+ROOM = "!a:example.org"
+OTHER_ROOM = "!b:example.org"
+LOG = logging.getLogger("test.router")
+LIMIT = 2
+
+
+@dataclass
+class FakeMatrix:
+    user_id: str = BOT
+    receipts: list[tuple[str, str]] = field(default_factory=list)
+
+    async def receipt(self, room_id: str, event_id: str) -> None:
+        await asyncio.sleep(0)
+        self.receipts.append((room_id, event_id))
+
+
+@dataclass
+class FakeNotices:
+    mx: FakeMatrix
+    said: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    async def say(
+        self, room_id: str, key: str, *, reply_to: str | None = None, **values: object
+    ) -> str:
+        await asyncio.sleep(0)
+        self.said.append((room_id, key, {"reply_to": reply_to, **values}))
+        return f"$notice{len(self.said)}"
+
+    def keys(self, key: str) -> list[tuple[str, str | None]]:
+        return [(room, values["reply_to"]) for room, k, values in self.said if k == key]
+
+
+@dataclass
+class FakeConversation:
+    """Only ``unknown_command`` is the router's to call (in the room's turn)."""
+
+    unknown: list[Incoming] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def unknown_command(self, incoming: Incoming) -> None:
+        self.unknown.append(incoming)
+        self.changed.set()
+
+    async def until_unknown(self, count: int) -> None:
+        async def wait() -> None:
+            while len(self.unknown) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), TIMEOUT)
+
+
+@dataclass
+class Env:
+    router: Router
+    queues: RoomQueues
+    stage: FakeStage
+    gate: StartGate
+    mx: FakeMatrix
+    notices: FakeNotices
+    conversation: FakeConversation
+
+
+@pytest.fixture(scope="module")
+def limited() -> Settings:
+    return replace(make_settings(), max_queue_per_room=LIMIT)
+
+
+def build(settings: Settings, gate: StartGate) -> Env:
+    stage = FakeStage(gate=gate)
+    queues = RoomQueues(stage, gate, LOG)
+    mx = FakeMatrix()
+    notices = FakeNotices(mx)
+    conversation = FakeConversation()
+    router = Router(
+        settings=lambda: settings,
+        log=LOG,
+        queues=queues,
+        conversation=conversation,  # type: ignore[arg-type]
+        gate=gate,
+        notices=notices,  # type: ignore[arg-type]
+        command_names={"help", "clear", "cancel"},
+    )
+    return Env(router, queues, stage, gate, mx, notices, conversation)
+
+
+@pytest.fixture
+async def env(limited: Settings) -> AsyncIterator[Env]:
+    gate = StartGate()
+    gate.open()
+    made = build(limited, gate)
+    yield made
+    await asyncio.wait_for(made.queues.stop(), TIMEOUT)
+
+
+@pytest.fixture
+async def closed_env(limited: Settings) -> AsyncIterator[Env]:
+    made = build(limited, StartGate())
+    yield made
+    await asyncio.wait_for(made.queues.stop(), TIMEOUT)
+
+
+def msg(event_id: str, room_id: str = ROOM) -> Incoming:
+    return Incoming(
+        Kind.MESSAGE, event_id=event_id, room_id=room_id, sender=USER, body=event_id, timestamp=1
+    )
+
+
+def cmd(event_id: str, name: str, room_id: str = ROOM) -> Incoming:
+    return Incoming(
+        Kind.COMMAND, event_id=event_id, room_id=room_id, sender=USER, body=f"!{name}", command=name
+    )
+
+
+async def route(env: Env, *incoming: Incoming) -> None:
+    for one in incoming:
+        await asyncio.wait_for(env.router.route(one), TIMEOUT)
+
+
+# --- a full queue ---------------------------------------------------------------------------
+
+
+async def test_the_queue_takes_its_limit_then_refuses(env: Env) -> None:
+    env.stage.blocked("$running")
+    assert env.router.enqueue(msg("$running")) is Queued.NOW
+    await env.stage.until_call("message", ROOM, "$running", False)
+    assert env.router.enqueue(msg("$w1")) is Queued.WAITS
+    assert env.router.enqueue(msg("$w2")) is Queued.WAITS
+    assert env.queues.worker(ROOM).waiting == LIMIT
+    assert env.router.enqueue(msg("$refused")) is Queued.FULL
+    assert env.queues.worker(ROOM).waiting == LIMIT  # not taken
+    assert env.router.enqueue(msg("$b", OTHER_ROOM)) is Queued.NOW  # rooms are independent
+
+
+async def test_a_full_queue_is_told_once_while_it_stays_full(env: Env) -> None:
+    release = {e: env.stage.blocked(e) for e in ("$running", "$w1", "$w2", "$w3")}
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    await route(env, msg("$w1"), msg("$w2"))
+    assert env.notices.said == []
+
+    await route(env, msg("$full1"), msg("$full2"), msg("$full3"))
+    assert env.notices.keys("queue.full") == [(ROOM, "$full1")]
+    assert env.notices.said[0][2]["max"] == LIMIT
+    assert env.queues.worker(ROOM).waiting == LIMIT
+
+    # The queue moves on: room again, so the next message is taken ...
+    release["$running"].set()
+    await env.stage.until_call("message", ROOM, "$w1", False)
+    await route(env, msg("$w3"))
+    assert env.queues.worker(ROOM).waiting == LIMIT
+    assert env.notices.keys("queue.full") == [(ROOM, "$full1")]
+    # ... and once full again, the next refused one is told again, once.
+    await route(env, msg("$full4"), msg("$full5"))
+    assert env.notices.keys("queue.full") == [(ROOM, "$full1"), (ROOM, "$full4")]
+
+    for event in release.values():
+        event.set()
+    await env.stage.until_done("$w1", "$w2", "$w3")
+    assert env.stage.order("message") == ["$running", "$w1", "$w2", "$w3"]
+    assert not any(env.stage.has("message", ROOM, e, False) for e in ("$full1", "$full2", "$full4"))
+
+
+async def test_a_full_queue_is_told_per_room(env: Env) -> None:
+    for room in (ROOM, OTHER_ROOM):
+        env.stage.blocked(f"$running{room}")
+        await route(env, msg(f"$running{room}", room))
+        await env.stage.until_call("message", room, f"$running{room}", False)
+        await route(env, msg(f"$w1{room}", room), msg(f"$w2{room}", room))
+    await route(env, msg("$fa1"), msg("$fb1", OTHER_ROOM), msg("$fa2"), msg("$fb2", OTHER_ROOM))
+    assert env.notices.keys("queue.full") == [(ROOM, "$fa1"), (OTHER_ROOM, "$fb1")]
+
+
+async def test_a_refused_message_gets_no_receipt(env: Env) -> None:
+    env.stage.blocked("$running")
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    await route(env, msg("$w1"), msg("$w2"), msg("$refused"))
+    assert (ROOM, "$refused") not in env.mx.receipts
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+async def test_an_unknown_command_gets_a_slot_that_answers_it(env: Env) -> None:
+    unknown = cmd("$frob", "frobnicate")
+    assert env.router.enqueue(unknown) is Queued.NOT
+    await env.conversation.until_unknown(1)
+    assert env.conversation.unknown == [unknown]
+    assert env.notices.said == []  # the conversation answers it (or not), the router never
+
+
+async def test_an_unknown_command_waits_its_turn(env: Env) -> None:
+    running = env.stage.blocked("$running")
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    await route(env, cmd("$frob", "frobnicate"), msg("$after"))
+    await settle()
+    assert env.conversation.unknown == []
+    worker = env.queues.worker(ROOM)
+    assert len(worker.items) == 2
+    assert worker.waiting == 1  # a command's slot is not a waiting message
+    running.set()
+    await env.stage.until_done("$after")
+    await env.conversation.until_unknown(1)
+    assert [i.event_id for i in env.conversation.unknown] == ["$frob"]
+
+
+async def test_known_commands_get_no_slot(env: Env) -> None:
+    for name in ("help", "clear", "cancel"):
+        assert env.router.enqueue(cmd(f"${name}", name)) is Queued.NOT
+    assert ROOM not in env.queues.workers  # no worker, no slot: the command handler's turn
+    await route(env, cmd("$help2", "help"))
+    await settle()
+    assert ROOM not in env.queues.workers
+    assert env.conversation.unknown == []
+    assert env.notices.said == []
+    assert env.mx.receipts == []
+
+
+async def test_ignored_events_are_not_queued(env: Env) -> None:
+    assert env.router.enqueue(Incoming(Kind.IGNORED)) is Queued.NOT
+    assert env.queues.workers == {}
+
+
+async def test_unknown_commands_do_not_fill_the_queue(env: Env) -> None:
+    env.stage.blocked("$running")
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    for i in range(LIMIT + 2):
+        await route(env, cmd(f"$c{i}", "frobnicate"))
+    assert env.router.enqueue(msg("$w1")) is Queued.WAITS
+    assert env.notices.keys("queue.full") == []
+
+
+# --- receipts -------------------------------------------------------------------------------
+
+
+async def test_a_waiting_message_gets_a_receipt_when_the_gate_is_open(env: Env) -> None:
+    env.stage.blocked("$first")
+    await route(env, msg("$first"))  # next in turn: no receipt (the answer starts at once)
+    await route(env, msg("$second"))
+    assert env.mx.receipts == [(ROOM, "$second")]
+
+
+async def test_no_receipt_while_the_gate_is_closed(closed_env: Env) -> None:
+    env = closed_env
+    await route(env, msg("$first"), msg("$second"))
+    assert env.mx.receipts == []
+    assert env.queues.worker(ROOM).waiting == 2  # both queued, nothing taken
+    env.gate.open()
+    await env.stage.until_done("$first", "$second")
+    worker = env.queues.workers.get(ROOM)
+    if worker is not None:
+        await ended(worker)
+    await route(env, msg("$third"))  # the queue is idle again: next in turn, no receipt
+    await env.stage.until_done("$third")
+    assert env.mx.receipts == []
+
+
+async def test_the_queue_is_full_also_while_the_gate_is_closed(closed_env: Env) -> None:
+    env = closed_env
+    await route(env, msg("$1"), msg("$2"), msg("$3"), msg("$4"))
+    assert env.queues.worker(ROOM).waiting == LIMIT
+    assert env.notices.keys("queue.full") == [(ROOM, "$3")]
+    env.gate.open()
+    await env.stage.until_done("$1", "$2")
+    assert env.stage.order("message") == ["$1", "$2"]

@@ -1,0 +1,354 @@
+"""Startup.sync_done: maubot drops its first sync after a start, so the plugin hands over that
+sync's messages (the live way), commands (to the catch-up's dispatch) and invites (after the
+gate opens) itself, once; every sync's position is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from lambda_plugin.config import Settings
+from lambda_plugin.gate import StartGate
+from lambda_plugin.intake import Incoming, Kind
+from lambda_plugin.startup import Startup
+from tests.unit.test_config import settings as make_settings
+
+BOT = "@lambda:example.org"
+USER = "@alice:example.org"
+INVITER = "@bob:example.org"
+ROOM = "!a:example.org"
+OTHER_ROOM = "!b:example.org"
+INVITE_ROOM = "!dm:example.org"
+LOG = logging.getLogger("test.startup")
+TIMEOUT = 5.0
+WINDOW_S = 600.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def message(event_id: str, body: str | None = None, **extra: Any) -> dict[str, Any]:
+    event = {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": USER,
+        "origin_server_ts": now_ms(),
+        "content": {"msgtype": "m.text", "body": body if body is not None else event_id},
+    }
+    event.update(extra)
+    return event
+
+
+def invite_of(inviter: str = INVITER) -> dict[str, Any]:
+    member = {
+        "type": "m.room.member",
+        "state_key": BOT,
+        "sender": inviter,
+        "content": {"membership": "invite"},
+    }
+    return {"invite_state": {"events": [member]}}
+
+
+def sync(token: str, timelines: dict[str, list[Any]], invites: dict[str, Any] | None = None):
+    return {
+        "next_batch": token,
+        "rooms": {
+            "join": {room: {"timeline": {"events": events}} for room, events in timelines.items()},
+            "invite": invites or {},
+        },
+    }
+
+
+@dataclass
+class FakeCatchUp:
+    mx: Any = field(default_factory=lambda: SimpleNamespace(user_id=BOT))
+    dispatched: list[list[tuple[Incoming, dict[str, Any]]]] = field(default_factory=list)
+    called: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
+        await asyncio.sleep(0)
+        self.dispatched.append(commands)
+        self.called.set()
+
+
+@dataclass
+class Env:
+    startup: Startup
+    gate: StartGate
+    catch_up: FakeCatchUp
+    enqueued: list[Incoming]
+    invited: list[tuple[str, str]]
+    tasks: list[asyncio.Task]
+
+    async def background_done(self) -> None:
+        await asyncio.wait_for(asyncio.gather(*self.tasks), TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def window() -> Settings:
+    return replace(make_settings(), catch_up_s=WINDOW_S)
+
+
+@pytest.fixture
+async def env(window: Settings):
+    gate = StartGate()
+    catch_up = FakeCatchUp()
+    enqueued: list[Incoming] = []
+    invited: list[tuple[str, str]] = []
+    tasks: list[asyncio.Task] = []
+
+    async def invite(room_id: str, inviter: str) -> None:
+        await asyncio.sleep(0)
+        invited.append((room_id, inviter))
+
+    def background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        tasks.append(task)
+        return task
+
+    startup = Startup(
+        settings=lambda: window,
+        log=LOG,
+        gate=gate,
+        store=None,  # type: ignore[arg-type]
+        reconciler=SimpleNamespace(registry=None),  # type: ignore[arg-type]
+        catch_up=catch_up,  # type: ignore[arg-type]
+        invite=invite,
+        enqueue=enqueued.append,
+        background=background,
+    )
+    made = Env(startup, gate, catch_up, enqueued, invited, tasks)
+    yield made
+    gate.stop()  # lets a task still waiting at the gate end
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
+
+
+def first_sync() -> dict[str, Any]:
+    old_ms = now_ms() - int((WINDOW_S + 120) * 1000)
+    bad_ids: list[Any] = [["$x"], {"id": "$x"}, None]
+    return sync(
+        "s1",
+        {
+            ROOM: [
+                message("$m1"),
+                message("$old", origin_server_ts=old_ms),
+                message("$old-cmd", body="!chats", origin_server_ts=old_ms),
+                message("$c1", body="!clear"),
+                message("$own", sender=BOT),
+                message("$own-cmd", body="!help", sender=BOT),
+                message("$notice", content={"msgtype": "m.notice", "body": "a bot's notice"}),
+                message("$content-null", content=None),
+                message("$body-number", content={"msgtype": "m.text", "body": 5}),
+                message("$ts-string", origin_server_ts=str(now_ms())),
+                *(message(bad) for bad in bad_ids),
+                "a string",
+                None,
+                message("$m2"),
+            ],
+            OTHER_ROOM: [message("$c2", body="!help"), message("$m3")],
+        },
+        invites={INVITE_ROOM: invite_of(), "!garbage:example.org": {"invite_state": None}},
+    )
+
+
+async def test_the_first_sync_is_handed_over(env: Env) -> None:
+    first = first_sync()
+    env.startup.sync_done(first)
+    # Messages at once, in each room's order, through the live way in.
+    assert [(i.room_id, i.event_id, i.kind) for i in env.enqueued] == [
+        (ROOM, "$m1", Kind.MESSAGE),
+        (ROOM, "$m2", Kind.MESSAGE),
+        (OTHER_ROOM, "$m3", Kind.MESSAGE),
+    ]
+    assert len(env.tasks) == 1
+    # Commands to the catch-up's dispatch (their handlers wait for the gate themselves).
+    await asyncio.wait_for(env.catch_up.called.wait(), TIMEOUT)
+    [commands] = env.catch_up.dispatched
+    assert [(i.room_id, i.event_id, i.command) for i, _ in commands] == [
+        (ROOM, "$c1", "clear"),
+        (OTHER_ROOM, "$c2", "help"),
+    ]
+    raw_timeline = first["rooms"]["join"][ROOM]["timeline"]["events"]
+    assert commands[0][1] is next(
+        e for e in raw_timeline if isinstance(e, dict) and e.get("event_id") == "$c1"
+    )
+    # Invites only once the gate is open.
+    await _turns()
+    assert env.invited == []
+    assert not env.tasks[0].done()
+    env.gate.open()
+    await env.background_done()
+    assert env.invited == [(INVITE_ROOM, INVITER)]
+    assert [token for _, token in env.startup.positions.seen] == ["s1"]
+
+
+async def test_only_the_first_sync_is_handed_over(env: Env) -> None:
+    env.gate.open()
+    env.startup.sync_done(first_sync())
+    await env.background_done()
+    handed = (list(env.enqueued), list(env.catch_up.dispatched), list(env.invited))
+    tasks = len(env.tasks)
+
+    second = sync(
+        "s2",
+        {ROOM: [message("$later"), message("$later-cmd", body="!clear")]},
+        invites={"!other-dm:example.org": invite_of("@carol:example.org")},
+    )
+    env.startup.sync_done(second)
+    env.startup.sync_done(sync("s3", {OTHER_ROOM: [message("$later2")]}))
+    await _turns()
+    assert len(env.tasks) == tasks  # nothing more in the background
+    await env.background_done()
+    assert (env.enqueued, env.catch_up.dispatched, env.invited) == handed
+    assert [token for _, token in env.startup.positions.seen] == ["s1", "s2", "s3"]
+
+
+async def test_a_first_sync_with_only_messages_starts_nothing_in_the_background(
+    env: Env,
+) -> None:
+    env.startup.sync_done(sync("s1", {ROOM: [message("$m1")]}))
+    assert [i.event_id for i in env.enqueued] == ["$m1"]
+    assert env.tasks == []
+    assert env.catch_up.dispatched == []
+
+
+async def test_a_first_sync_with_only_an_invite_hands_it_over_after_the_gate(env: Env) -> None:
+    env.startup.sync_done(sync("s1", {}, invites={INVITE_ROOM: invite_of()}))
+    assert env.enqueued == []
+    assert len(env.tasks) == 1
+    await _turns()
+    assert env.invited == []
+    env.gate.open()
+    await env.background_done()
+    assert env.invited == [(INVITE_ROOM, INVITER)]
+    assert env.catch_up.dispatched == [[]]
+
+
+async def test_invites_are_dropped_when_the_plugin_stops_before_the_gate_opens(env: Env) -> None:
+    env.startup.sync_done(sync("s1", {}, invites={INVITE_ROOM: invite_of()}))
+    env.gate.stop()
+    await env.background_done()
+    assert env.invited == []
+
+
+async def test_a_failing_invite_is_logged_and_the_others_go_on(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def invite(room_id: str, inviter: str) -> None:
+        await asyncio.sleep(0)
+        if room_id == INVITE_ROOM:
+            raise RuntimeError("invite broke")
+        env.invited.append((room_id, inviter))
+
+    env.startup.invite = invite
+    invites = {INVITE_ROOM: invite_of(), "!dm2:example.org": invite_of("@carol:example.org")}
+    env.startup.sync_done(sync("s1", {}, invites=invites))
+    env.gate.open()
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        await env.background_done()
+    assert env.invited == [("!dm2:example.org", "@carol:example.org")]
+    assert any(r.exc_info and INVITE_ROOM in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, "sync", [], 7, {}, {"next_batch": None}, {"next_batch": 5}, {"next_batch": ""},
+     {"next_batch": "s1", "rooms": None}, {"next_batch": "s1", "rooms": {"join": []}}],
+)  # fmt: skip
+async def test_a_malformed_first_sync_hands_over_nothing_and_never_raises(
+    env: Env, data: Any
+) -> None:
+    env.startup.sync_done(data)
+    assert env.enqueued == []
+    assert env.tasks == []
+    token = data.get("next_batch") if isinstance(data, dict) else None
+    expected = [token] if isinstance(token, str) and token else []
+    assert [t for _, t in env.startup.positions.seen] == expected
+    env.startup.sync_done(sync("s2", {ROOM: [message("$m1")]}))  # not the first any more
+    assert env.enqueued == []
+
+
+# --- encrypted events of the first sync ------------------------------------------------------
+
+
+@dataclass
+class FakeCrypto:
+    """Opens the encrypted events it has keys for, in place, as Crypto.open_all does."""
+
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)  # event id -> decrypted
+    opened: list[str] = field(default_factory=list)
+
+    async def open_all(self, timelines: dict[str, list[dict[str, Any]]]) -> None:
+        await asyncio.sleep(0)
+        for events in timelines.values():
+            for i, raw in enumerate(events):
+                if raw.get("type") == "m.room.encrypted" and raw["event_id"] in self.keys:
+                    self.opened.append(raw["event_id"])
+                    events[i] = self.keys[raw["event_id"]]
+
+
+def sealed(event_id: str, **extra: Any) -> dict[str, Any]:
+    event = {
+        "type": "m.room.encrypted",
+        "event_id": event_id,
+        "sender": USER,
+        "origin_server_ts": now_ms(),
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "…"},
+    }
+    event.update(extra)
+    return event
+
+
+async def test_encrypted_events_of_the_first_sync_are_handed_over_once_opened(
+    env: Env,
+) -> None:
+    old_ms = now_ms() - int((WINDOW_S + 120) * 1000)
+    crypto = FakeCrypto(
+        keys={
+            "$e1": message("$e1"),
+            "$e2": message("$e2", body="!clear"),
+            "$e-old": message("$e-old", origin_server_ts=old_ms),
+            "$e-own": message("$e-own", sender=BOT),
+        }
+    )
+    env.catch_up.mx.crypto = crypto
+    env.startup.sync_done(
+        sync(
+            "s1",
+            {
+                ROOM: [
+                    sealed("$e1"),
+                    sealed("$e2"),
+                    sealed("$no-keys"),
+                    sealed("$e-old", origin_server_ts=old_ms),
+                    sealed("$e-own", sender=BOT),
+                ]
+            },
+        )
+    )
+    assert env.enqueued == []  # not before they are opened
+    assert len(env.tasks) == 1
+    await asyncio.wait_for(env.catch_up.called.wait(), TIMEOUT)
+    assert [i.event_id for i in env.enqueued] == ["$e1"]
+    [commands] = env.catch_up.dispatched
+    assert [(i.event_id, i.command) for i, _ in commands] == [("$e2", "clear")]
+    assert sorted(crypto.opened) == ["$e-old", "$e-own", "$e1", "$e2"]
+    env.gate.open()
+    await env.background_done()
+    env.startup.sync_done(sync("s2", {ROOM: [sealed("$e3")]}))  # not the first any more
+    assert len(env.tasks) == 1
+    assert [i.event_id for i in env.enqueued] == ["$e1"]
+
+
+async def _turns(count: int = 20) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
