@@ -11,7 +11,8 @@ workspace cannot make the plugin write or read outside it. Every refusal and fai
 the caller as a :class:`FileRefused`, which names a text in ``texts.py``.
 
 The package is split by direction: ``names`` (safe names and folders, the refusal),
-``disk`` (walking folders without following links), ``incoming`` and ``outgoing``.
+``disk`` (walking folders without following links), ``encrypted`` (files of encrypted rooms,
+opened and made with mautrix's own helpers), ``incoming`` and ``outgoing``.
 """
 
 from __future__ import annotations

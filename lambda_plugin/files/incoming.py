@@ -17,6 +17,7 @@ import aiohttp
 from ..agents.base import Attachment
 from ..matrix import HomeserverError, Matrix
 from .disk import WalkTooLong, folder_bytes, open_dirs, reserve, unlink_quietly
+from .encrypted import NoCrypto, Sealed, Undecryptable, crypto, open_sealed, sealed_file
 from .names import (
     DEFAULT_MIME,
     FileRefused,
@@ -51,14 +52,18 @@ def caption(content: Any) -> str:
 
 
 class _Incoming:
-    """What a media event says about its file, checked before anything is downloaded."""
+    """What a media event says about its file, checked before anything is downloaded.
+
+    A file in an encrypted room comes as ``file`` (an EncryptedFile, see ``encrypted``)
+    instead of ``url``: then ``sealed`` says how to open it, and the sizes checked (declared,
+    Content-Length, received) are the ciphertext's, which AES-CTR keeps the same.
+    """
 
     def __init__(self, content: Any, max_bytes: int) -> None:
         content = _as_dict(content)
         raw_name = content.get("filename") or content.get("body")
         self.name = safe_name(raw_name if isinstance(raw_name, str) else "")
-        if "file" in content:
-            raise FileRefused("file.encrypted", "encrypted media is not supported", name=self.name)
+        self.sealed = self._sealed(content["file"]) if "file" in content else None
         info = content.get("info")
         info = info if isinstance(info, dict) else {}
         mime = info.get("mimetype")
@@ -72,7 +77,18 @@ class _Incoming:
         self.declared = size if isinstance(size, int) and not isinstance(size, bool) else None
         if self.declared is not None:
             self.check(self.declared, "declared size")
-        self.server, self.media_id = _parse_mxc(content.get("url"), self.name)
+        url = content.get("url") if self.sealed is None else self.sealed.url
+        self.server, self.media_id = _parse_mxc(url, self.name)
+
+    def _sealed(self, raw: Any) -> Sealed:
+        """The event's EncryptedFile, checked, with the means to open it at hand."""
+        try:
+            crypto()
+            return sealed_file(raw)
+        except NoCrypto as e:
+            raise FileRefused("file.encrypted", str(e), name=self.name) from e
+        except Undecryptable as e:
+            raise self.failed(f"encrypted file refused: {e}") from e
 
     def check(self, size: int, what: str) -> None:
         """Refuses a file of ``size`` bytes (declared, or received so far)."""
@@ -102,7 +118,7 @@ def _parse_mxc(url: Any, name: str) -> tuple[str, str]:
 
 
 async def _chunks(
-    mx: Matrix, incoming: _Incoming, on_chunk: Callable[[bytes], Awaitable[None]]
+    mx: Matrix, incoming: _Incoming, on_chunk: Callable[[bytes | bytearray], Awaitable[None]]
 ) -> int:
     """Streams the media to ``on_chunk``; its size. Refuses as soon as it passes the limit."""
     size = 0
@@ -121,10 +137,39 @@ async def _chunks(
     return size
 
 
+async def _receive(
+    mx: Matrix,
+    incoming: _Incoming,
+    on_chunk: Callable[[bytes | bytearray], Awaitable[None]],
+    deadline_s: float | None,
+) -> int:
+    """The file's bytes to ``on_chunk`` (:func:`_download`); its size.
+
+    A plain file streams as it comes. An encrypted one is kept whole in memory, as AES-CTR
+    with its hash over the whole ciphertext needs: at most ``max_bytes`` (or what the quota
+    leaves), since the ciphertext passes the same checks as it arrives. Its hash is checked,
+    it is decrypted in place and handed over at once: nothing unverified is ever written.
+    """
+    if incoming.sealed is None:
+        return await _download(mx, incoming, on_chunk, deadline_s)
+    ciphertext = bytearray()
+
+    async def keep(chunk: bytes | bytearray) -> None:
+        ciphertext.extend(chunk)
+
+    size = await _download(mx, incoming, keep, deadline_s)
+    try:
+        plaintext = await open_sealed(ciphertext, incoming.sealed)
+    except (NoCrypto, Undecryptable) as e:
+        raise incoming.failed(f"encrypted file not opened: {e}") from e
+    await on_chunk(plaintext)
+    return size
+
+
 async def _download(
     mx: Matrix,
     incoming: _Incoming,
-    on_chunk: Callable[[bytes], Awaitable[None]],
+    on_chunk: Callable[[bytes | bytearray], Awaitable[None]],
     deadline_s: float | None,
 ) -> int:
     """:func:`_chunks`, abandoned past ``deadline_s`` seconds in all: the read timeout alone
@@ -159,10 +204,12 @@ async def save_incoming(
     Returns the attachment with ``workspace_path`` relative to the root (posix separators).
     With ``quota_bytes`` (0: no limit), the user's folder (all their rooms) and the new file
     together must stay within it, checked before the download and while it runs.
-    A download not done in ``deadline_s`` seconds is abandoned. Raises FileRefused (nothing
-    left on disk) for an encrypted or oversize file, a full quota, a failed or too slow
-    download or a failed write; cancelled, it leaves nothing either and lets the
-    CancelledError through.
+    A file in an encrypted room (``content.file``) is decrypted once its hash is checked,
+    then saved like any other. A download not done in ``deadline_s`` seconds is abandoned.
+    Raises FileRefused (nothing left on disk) for an oversize file, a full quota, a failed or
+    too slow download, a failed write, or an encrypted file that cannot be opened (its hash,
+    key, iv or version wrong: ``file.download_failed``; no crypto library: ``file.encrypted``);
+    cancelled, it leaves nothing either and lets the CancelledError through.
     """
     incoming = _Incoming(content, max_bytes)
     if quota_bytes > 0:
@@ -219,10 +266,10 @@ async def _write_temp(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as out:
 
-        async def write(chunk: bytes) -> None:
+        async def write(chunk: bytes | bytearray) -> None:
             out.write(chunk)
 
-        size = await _download(mx, incoming, write, deadline_s)
+        size = await _receive(mx, incoming, write, deadline_s)
         out.flush()
         await asyncio.to_thread(os.fsync, out.fileno())
     return size
@@ -231,15 +278,16 @@ async def _write_temp(
 async def fetch_inline(
     mx: Matrix, content: Any, max_bytes: int, deadline_s: float | None = None
 ) -> Attachment:
-    """Downloads a media event's file into memory (``data``), for when no workspace is set;
-    abandoned (FileRefused ``file.timeout``) if not done in ``deadline_s`` seconds."""
+    """Downloads a media event's file into memory (``data``), for when no workspace is set,
+    decrypted when it is encrypted; abandoned (FileRefused ``file.timeout``) if not done in
+    ``deadline_s`` seconds. Refuses what :func:`save_incoming` refuses."""
     incoming = _Incoming(content, max_bytes)
-    chunks: list[bytes] = []
+    chunks: list[bytes | bytearray] = []
 
-    async def keep(chunk: bytes) -> None:
+    async def keep(chunk: bytes | bytearray) -> None:
         chunks.append(chunk)
 
-    size = await _download(mx, incoming, keep, deadline_s)
+    size = await _receive(mx, incoming, keep, deadline_s)
     return Attachment(
         name=incoming.name, mime_type=incoming.mime_type, size=size, data=b"".join(chunks)
     )

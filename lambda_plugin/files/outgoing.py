@@ -11,8 +11,11 @@ import struct
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mautrix.types import ContentURI
+
 from ..matrix import HomeserverError, Matrix
 from .disk import open_dirs
+from .encrypted import NoCrypto, seal
 from .names import DEFAULT_MIME, FileRefused, megabytes, safe_name, user_dir
 
 MAX_REL_PATH_CHARS = 4096
@@ -119,7 +122,14 @@ class _Changed(OSError):
 
 
 async def send_outgoing(
-    mx: Matrix, room_id: str, workspace_root: str, rel_path: str, max_bytes: int, user_id: str
+    mx: Matrix,
+    room_id: str,
+    workspace_root: str,
+    rel_path: str,
+    max_bytes: int,
+    user_id: str,
+    *,
+    encrypt: bool = False,
 ) -> str:
     """Checks, reads, uploads and sends a file an agent returned for ``user_id``; the event id.
 
@@ -127,7 +137,10 @@ async def send_outgoing(
 
     The message type follows the MIME type (guessed from the name): m.image, m.audio,
     m.video or m.file, with body and filename the file's name and info the MIME type, size
-    and, for PNG, GIF and JPEG, the image's width and height. Raises FileRefused.
+    and, for PNG, GIF and JPEG, the image's width and height. With ``encrypt`` (an encrypted
+    room) the file is uploaded encrypted and the message says where and how to open it in
+    ``file`` instead of ``url`` (see :func:`_upload`); the message itself is encrypted by
+    ``mx.send``. Raises FileRefused.
     """
     real = resolve_outgoing(workspace_root, rel_path, max_bytes, user_id)
     shown = _shown(rel_path)
@@ -139,17 +152,30 @@ async def send_outgoing(
     if dims and mime.startswith("image/"):
         info["w"], info["h"] = dims
     try:
-        url = await mx.upload(data, mime, name)
-        content = {
-            "msgtype": msgtype_for(mime),
-            "body": name,
-            "filename": name,
-            "url": url,
-            "info": info,
-        }
+        media = await _upload(mx, data, mime, name, encrypt)
+        content = {"msgtype": msgtype_for(mime), "body": name, "filename": name, **media}
+        content["info"] = info
         return await mx.send(room_id, content)
+    except NoCrypto as e:  # never sent in the clear instead
+        raise FileRefused("file.upload_failed", f"{shown!r} not encrypted: {e}", name=name) from e
     except HomeserverError as e:
         raise FileRefused("file.upload_failed", f"upload of {shown!r}: {e}", name=name) from e
+
+
+async def _upload(mx: Matrix, data: bytes, mime: str, name: str, encrypt: bool) -> dict[str, Any]:
+    """Uploads the file; where the message says it is: ``url``, or encrypted ``file``.
+
+    Encrypted, what is uploaded is the ciphertext under a new key, typed
+    application/octet-stream and without the file's name, so the homeserver learns neither
+    the content nor the name; ``file`` (the EncryptedFile with its ``mxc://`` url) is what
+    opens it, readable only inside the encrypted message. ``info`` stays beside it, outside
+    ``file``, as clients expect. NoCrypto without mautrix's crypto helpers.
+    """
+    if not encrypt:
+        return {"url": await mx.upload(data, mime, name)}
+    ciphertext, sealed = await seal(data)
+    sealed.url = ContentURI(await mx.upload(ciphertext, DEFAULT_MIME, ""))
+    return {"file": sealed.serialize()}
 
 
 async def _read_checked(root: str, real: Path, max_bytes: int, shown: str, name: str) -> bytes:

@@ -163,6 +163,21 @@ def event(media_id: str, name: str, size: int | None = None, **extra: Any) -> di
     return {"msgtype": "m.file", "body": name, "url": f"mxc://example.org/{media_id}", "info": info}
 
 
+def encrypted_event(
+    hs: FakeMedia, media_id: str, name: str, data: bytes, size: int | None = None
+) -> dict[str, Any]:
+    """A file message as an encrypted room has it: ``data`` encrypted with mautrix's own
+    helper, the ciphertext served as ``media_id``, and ``file`` instead of ``url``."""
+    from mautrix.crypto.attachments import encrypt_attachment
+
+    ciphertext, sealed = encrypt_attachment(data)
+    hs.media[media_id] = ciphertext
+    content = event(media_id, name, size)
+    del content["url"]
+    content["file"] = {**sealed.serialize(), "url": f"mxc://example.org/{media_id}"}
+    return content
+
+
 def everything(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

@@ -280,21 +280,6 @@ async def test_bad_urls_are_refused_without_a_request(
     assert hs.requests == []
 
 
-async def test_encrypted_files_are_refused(hs: FakeMedia, mx: Matrix, root: Path) -> None:
-    content = {
-        "msgtype": "m.file",
-        "body": "secret.pdf",
-        "file": {"url": "mxc://example.org/enc", "key": {}, "iv": "", "hashes": {}, "v": "v2"},
-    }
-    with pytest.raises(FileRefused) as refused:
-        await save_incoming(mx, str(root), USER, ROOM, content, MAX, NOW)
-    assert refused.value.key == "file.encrypted"
-    assert refused.value.values == {"name": "secret.pdf"}
-    assert "secret.pdf" in refused.value.message("en")
-    assert "зашифрован" in refused.value.message("ru")
-    assert hs.requests == [] and everything(root) == []
-
-
 async def test_fetch_inline_returns_the_bytes(hs: FakeMedia, mx: Matrix, root: Path) -> None:
     hs.media["m1"] = b"inline text"
     att = await fetch_inline(mx, event("m1", "a.txt"), MAX)
