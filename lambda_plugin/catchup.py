@@ -86,7 +86,7 @@ def unanswered(
     names one (answers of older versions), only what came after the bot's last word counts."""
     found = []
     for room_id in sorted(rooms):
-        events = timelines.get(room_id, [])
+        events = [e for e in timelines.get(room_id, []) if isinstance(e, dict)]
         answered = handled | answered_ids(events, bot_id)
         if not any(isinstance(e.get("event_id"), str) and e["event_id"] in answered for e in events):
             last_bot = max(

@@ -234,12 +234,6 @@ def test_hostile_dict_events_given_straight_to_unanswered_never_raise() -> None:
         assert ids(found) == [e for e in expected if e[1] not in handled]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unanswered() calls e.get() on every timeline entry: a string or null event in a "
-    "timeline given to it raises AttributeError (Startup only passes timelines_of's output, "
-    "which drops non-dict events, so this is not reachable from a /sync today)",
-)
 def test_non_dict_events_given_straight_to_unanswered_never_raise() -> None:
     timelines: dict[str, list[Any]] = {
         ROOM: [message("$first"), "a string", None, message("$ok")],
