@@ -69,6 +69,8 @@ class FileService(Part):
     async def send(self, room_id: str, user_id: str, paths: tuple[str, ...]) -> None:
         """Uploads the files the agent returned; each refusal is said, the rest still go."""
         settings = self.settings()
+        crypto = self.mx.crypto
+        encrypt = bool(paths) and crypto.available and await crypto.is_encrypted(room_id)
         for rel_path in paths:
             if not settings.workspace_root:
                 await self.notices.say(room_id, "file.missing", path=rel_path[:200])
@@ -76,7 +78,7 @@ class FileService(Part):
             try:
                 await files.send_outgoing(
                     self.mx, room_id, settings.workspace_root, rel_path, settings.max_file_bytes,
-                    user_id,
+                    user_id, encrypt=encrypt,
                 )  # fmt: skip
             except files.FileRefused as e:
                 self.log.warning("Agent file %r refused in %s: %s", rel_path, room_id, e)
