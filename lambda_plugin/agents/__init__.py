@@ -11,6 +11,7 @@ from .base import (
     Attachment,
     ContextInfo,
     PartialCallback,
+    Usage,
 )
 from .echo import EchoAgent
 from .factory import create_agent
@@ -31,6 +32,7 @@ __all__ = [
     "LambdaAgent",
     "OpenAIAgent",
     "PartialCallback",
+    "Usage",
     "create_agent",
 ]
 

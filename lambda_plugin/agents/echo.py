@@ -1,12 +1,13 @@
 """The embedded default agent: answers from the message itself, with no network.
 
 It keeps history like a real agent, so ``!clear``, ``!save``, ``!load`` and ``!context``
-show real effects without any agent deployed.
+show real effects without any agent deployed; and it counts a character as a token (the
+message's in, the answer's out), so usage and quotas show without one too.
 """
 
 from __future__ import annotations
 
-from .base import AgentReply, AgentRequest, PartialCallback, StoreAgent
+from .base import AgentReply, AgentRequest, PartialCallback, StoreAgent, Usage
 
 
 class EchoAgent(StoreAgent):
@@ -30,7 +31,7 @@ class EchoAgent(StoreAgent):
         # Blank lines between the parts: the reply is rendered as Markdown.
         answer = "\n\n".join(parts)
         await self.remember(request.platform_chat_id, request.text, answer)
-        return AgentReply(answer)
+        return AgentReply(answer, usage=Usage(len(request.text), len(answer)))
 
     async def health(self) -> str | None:
         return None

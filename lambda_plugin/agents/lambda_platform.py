@@ -18,10 +18,10 @@ from .base import (
     AgentReply,
     AgentRequest,
     ContextInfo,
-    HttpClient,
     PartialCallback,
     check_length,
 )
+from .http import HttpClient
 
 
 class LambdaAgent(Agent):
@@ -64,7 +64,9 @@ class LambdaAgent(Agent):
             raise self.client.unreadable("attachments as a list of paths", paths)
         if not text.strip() and not paths:
             raise AgentError.of("agent.empty", "the platform answered with no text and no files")
-        return AgentReply(text, tuple(paths))
+        # Optional in the contract: a platform that does not count gives none.
+        usage = self.read_usage(data.get("usage"), "tokens_in", "tokens_out")
+        return AgentReply(text, tuple(paths), usage)
 
     async def drop(self, platform_chat_id: str) -> None:
         # 404: the platform never saw this conversation, which is just as forgotten.

@@ -16,16 +16,15 @@ from ..config import AgentOptions, AgentSpec
 from ..db import Store
 from .base import (
     MAX_ANSWER_CHARS,
-    MAX_BODY_BYTES,
     AgentError,
     AgentReply,
     AgentRequest,
-    HttpClient,
     PartialCallback,
     StoreAgent,
+    Usage,
     check_length,
-    read_body,
 )
+from .http import MAX_BODY_BYTES, HttpClient, read_body
 
 # Files go inline only within these bounds: a chat model's context is small.
 TEXT_INLINE_BYTES = 100 * 1024
@@ -54,6 +53,7 @@ class OpenAIAgent(StoreAgent):
         "stream",
         "timeout_s",
         "max_answer_chars",
+        "stream_usage",
     )
 
     def __init__(
@@ -66,6 +66,8 @@ class OpenAIAgent(StoreAgent):
         self.max_history = options.count("max_history", 40)
         self.stream = options.flag("stream", True)
         self.max_answer_chars = options.whole("max_answer_chars", MAX_ANSWER_CHARS)
+        # Asks a streamed answer for its usage (a last chunk); off for a server refusing it.
+        self.stream_usage = options.flag("stream_usage", True)
         self.client = HttpClient.of(http, options, log, "api_key")
 
     async def respond(
@@ -74,7 +76,7 @@ class OpenAIAgent(StoreAgent):
         # Built first: a file this agent cannot take fails before any request is sent.
         user_text, images = self._user_message(request)
         messages = await self._messages(request.platform_chat_id, user_text, images)
-        payload = {"model": self.model, "messages": messages, "stream": self.stream}
+        payload = self._payload(messages)
         url = self.client.url("chat", "completions")
         # The client's time-out bounds the whole answer; the stream reader checks this
         # deadline too, for lines that come so fast that no read ever waits.
@@ -82,14 +84,32 @@ class OpenAIAgent(StoreAgent):
         async with self.client.request("POST", url, body=payload) as resp:
             # By the answer's type, not the request: some servers ignore "stream".
             if resp.content_type == "text/event-stream":
-                answer = await self._read_stream(resp, on_partial, deadline)
+                answer, usage = await self._read_stream(resp, on_partial, deadline)
             else:
-                answer, _ = self._content(json.loads(await read_body(resp)), "message")
+                data = json.loads(await read_body(resp))
+                answer, _ = self._content(data, "message")
+                usage = self._usage(data)
         check_length(answer, self.max_answer_chars)
         if not answer.strip():
             raise AgentError.of("agent.empty", f"POST {url.path}: the answer has no text")
         await self.remember(request.platform_chat_id, user_text, answer)
-        return AgentReply(answer)
+        return AgentReply(answer, usage=usage)
+
+    def _payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": self.stream,
+        }
+        if self.stream and self.stream_usage:
+            # A streamed answer's usage comes in a last chunk of its own, when asked for.
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _usage(self, data: Any) -> Usage | None:
+        """The usage an answer (or a chunk of one) carries; None when it has none."""
+        usage = data.get("usage") if isinstance(data, dict) else None
+        return self.read_usage(usage, "prompt_tokens", "completion_tokens")
 
     async def _messages(
         self, platform_chat_id: str, user_text: str, images: list[dict[str, Any]]
@@ -146,13 +166,18 @@ class OpenAIAgent(StoreAgent):
 
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, on_partial: PartialCallback | None, deadline: float
-    ) -> str:
+    ) -> tuple[str, Usage | None]:
+        """The streamed text, and the usage of the last chunk that has one (usually a last
+        chunk with no choices, asked for by ``stream_options.include_usage``)."""
         text = ""
         finished = False
+        usage = None
         async for data in _sse_data(resp.content, deadline):
             if data == "[DONE]":
-                return text
-            delta, done = self._content(json.loads(data), "delta")
+                return text, usage
+            chunk = json.loads(data)
+            usage = self._usage(chunk) or usage
+            delta, done = self._content(chunk, "delta")
             finished = finished or done
             if delta:
                 text += delta
@@ -162,7 +187,7 @@ class OpenAIAgent(StoreAgent):
         # Without [DONE] or a finish reason the stream was cut: the text may be partial.
         if not finished:
             raise AgentError.of("agent.unreadable", "the stream ended before [DONE]")
-        return text
+        return text, usage
 
     async def _show(self, on_partial: PartialCallback, text: str) -> None:
         try:

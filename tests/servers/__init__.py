@@ -8,8 +8,8 @@ which runs in another process. A test steers a server by setting attributes on i
   the wrong shape), "empty" (an answer without text), plus what a server adds;
 - ``reply_text``: the answer's text instead of the default "reply to: <text>".
 
-Every request is recorded in ``requests``; ``wait_requests(n)`` waits until n arrived
-(e.g. to act while one stalls), without polling.
+Every request is recorded in ``requests`` (a multipart form parsed into ``form``);
+``wait_requests(n)`` waits until n arrived (e.g. to act while one stalls), without polling.
 """
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ from typing import Any
 
 from aiohttp import web
 
+# Bodies larger than aiohttp's default 1 MiB are accepted: audio files come this way.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FormFile:
+    """A file field of a multipart form."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
 
 @dataclass(frozen=True)
 class Recorded:
@@ -30,7 +42,8 @@ class Recorded:
     raw_path: str  # as sent, percent-escapes kept
     headers: dict[str, str]
     json: Any = None
-    body: bytes = b""
+    body: bytes = b""  # empty for a multipart form: see ``form``
+    form: dict[str, str | FormFile] | None = None
 
 
 @dataclass
@@ -59,7 +72,9 @@ class LocalServer:
         return self.reply_text if self.reply_text is not None else f"reply to: {text}"
 
     async def start(self, host: str = "127.0.0.1") -> str:
-        app = web.Application(middlewares=[self._record, self._steer])
+        app = web.Application(
+            middlewares=[self._record, self._steer], client_max_size=MAX_REQUEST_BYTES
+        )
         app.add_routes(self.routes())
         # A short shutdown: stalled handlers are woken by stop() anyway.
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
@@ -96,13 +111,21 @@ class LocalServer:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        body = await request.read()
+        form = None
+        if request.content_type == "multipart/form-data":
+            # Read as a form (aiohttp keeps it for the handler), not as bytes, which would
+            # leave nothing for the form to be read from.
+            body = b""
+            posted = await request.post()
+            form = {name: _form_value(value) for name, value in posted.items()}
+        else:
+            body = await request.read()
         try:
             parsed = json.loads(body) if body else None
         except ValueError:
             parsed = None
         recorded = Recorded(
-            request.method, request.path, request.raw_path, dict(request.headers), parsed, body
+            request.method, request.path, request.raw_path, dict(request.headers), parsed, body, form
         )
         async with self._arrived:
             self.requests.append(recorded)
@@ -135,3 +158,11 @@ class LocalServer:
 def text_response(text: str) -> web.Response:
     """A body that claims to be JSON but is not."""
     return web.Response(text=text, content_type="application/json")
+
+
+def _form_value(value: Any) -> str | FormFile:
+    if isinstance(value, web.FileField):
+        data = value.file.read()
+        value.file.seek(0)  # the handler may read it as well
+        return FormFile(value.filename, value.content_type, data)
+    return str(value)

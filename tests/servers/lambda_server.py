@@ -3,7 +3,8 @@
 Conversations are kept per ``platform_chat_id``, so context counts, snapshots and restores
 are real. Modes (see the package doc): "garbage" answers text that is not JSON; "shape"
 JSON of the wrong shape; "empty" an answer with no text and no files. ``reply_attachments``
-are returned with every answer; ``token``, when set, is required as the Bearer token.
+are returned with every answer, and so is ``reply_usage`` as the optional ``usage`` object
+when set; ``token``, when set, is required as the Bearer token.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from . import LocalServer, text_response
 class LambdaServer(LocalServer):
     token: str | None = None
     reply_attachments: list[str] = field(default_factory=list)
+    # The answers' optional "usage" ({"tokens_in": .., "tokens_out": ..}); None: none sent.
+    reply_usage: Any = None
     health_status: str = "ok"
     # platform_chat_id -> [{"role": ..., "content": ...}, ...]
     chats: dict[str, list[dict[str, str]]] = field(default_factory=dict, repr=False)
@@ -61,7 +64,10 @@ class LambdaServer(LocalServer):
                 {"role": "user", "content": body["text"]},
                 {"role": "assistant", "content": text},
             ]
-        return self._answer({"text": text, "attachments": files})
+        answer: dict[str, Any] = {"text": text, "attachments": files}
+        if self.reply_usage is not None:
+            answer["usage"] = self.reply_usage
+        return self._answer(answer)
 
     async def _drop(self, request: web.Request) -> web.Response:
         self._check(request)

@@ -12,6 +12,17 @@ first piece without ``[DONE]``.
 
 "keepalive" streams keep-alive comments and "endless" streams pieces of text, one every
 ``chunk_delay_s``, never ending: until the client goes away or the server stops.
+
+Usage: every answer carries ``usage``, counting one token per character (the text of every
+message sent in, the answer out) unless ``usage`` is set: None sends none, anything else is
+sent as it is. A streamed answer carries it in a last chunk with no choices, only when the
+request asks (``stream_options.include_usage``), as OpenAI does.
+
+``POST /audio/transcriptions`` takes a multipart form (``file``, ``model``) and answers
+``{"text": transcript}``; ``transcription_mode`` steers it apart from ``mode``: "slow" waits
+``transcription_delay_s`` first, "fail" answers HTTP ``transcription_status`` (echoing the
+Authorization header), "garbage" text that is not JSON, "shape" JSON without ``text``,
+"empty" an empty text. The forms it got are in ``requests`` (``form``).
 """
 
 from __future__ import annotations
@@ -23,15 +34,23 @@ from aiohttp import web
 
 from . import LocalServer, text_response
 
+COUNT = "count"
+
 
 class OpenAIServer(LocalServer):
     leak_after: int = 0
     leak_filler: str = "x"
+    usage: Any = COUNT
+    transcript: str = "a voice message, transcribed"
+    transcription_mode: str = "ok"
+    transcription_status: int = 500
+    transcription_delay_s: float = 5.0
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/chat/completions", self._completions),
             web.get("/v1/models", self._models),
+            web.post("/v1/audio/transcriptions", self._transcriptions),
         ]
 
     async def start(self, host: str = "127.0.0.1") -> str:
@@ -49,15 +68,29 @@ class OpenAIServer(LocalServer):
         if self.mode in ("keepalive", "endless"):
             return await self._endless(request)
         if self.mode in ("stream", "cut") or body.get("stream"):
-            return await self._stream(request, self._answer(body))
+            return await self._stream(request, body)
         if self.mode == "garbage":
             return text_response("this is not JSON {")
         if self.mode == "shape":
             return web.json_response({"unexpected": True})
-        message = {"role": "assistant", "content": self._answer(body)}
-        return web.json_response(
-            {"object": "chat.completion", "choices": [_choice(message=message, finish="stop")]}
-        )
+        answer = self._answer(body)
+        message = {"role": "assistant", "content": answer}
+        data = {"object": "chat.completion", "choices": [_choice(message=message, finish="stop")]}
+        usage = self._usage(body, answer)
+        if usage is not None:
+            data["usage"] = usage
+        return web.json_response(data)
+
+    def _usage(self, body: dict[str, Any], answer: str) -> Any:
+        """The usage of an answer: one token a character, unless ``usage`` says otherwise."""
+        if self.usage != COUNT:
+            return self.usage
+        sent = sum(len(_text_of(m["content"])) for m in body["messages"])
+        return {
+            "prompt_tokens": sent,
+            "completion_tokens": len(answer),
+            "total_tokens": sent + len(answer),
+        }
 
     def _leak(self, request: web.Request) -> web.Response:
         echoed = self.leak_filler * self.leak_after + str(request.headers.get("Authorization"))
@@ -81,16 +114,18 @@ class OpenAIServer(LocalServer):
         if self.mode == "empty":
             return ""
         last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
-        content = last["content"]
-        if isinstance(content, list):  # text and image parts
-            content = " ".join(p["text"] for p in content if p.get("type") == "text")
-        return self.answer_for(content)
+        return self.answer_for(_text_of(last["content"]))
 
-    async def _stream(self, request: web.Request, answer: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        answer = self._answer(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        options = body.get("stream_options") or {}
+        with_usage = bool(options.get("include_usage")) and self.mode != "garbage"
 
         async def event(data: Any) -> None:
+            if isinstance(data, dict) and with_usage:
+                data = {"usage": None, **data}  # as OpenAI sends: null until the last chunk
             text = data if isinstance(data, str) else json.dumps(data)
             await resp.write(f"data: {text}\n\n".encode())
 
@@ -110,10 +145,37 @@ class OpenAIServer(LocalServer):
                 await resp.write_eof()
                 return resp
         await event({"choices": [_choice(delta={}, finish="stop")]})
+        usage = self._usage(body, answer)
+        if with_usage and usage is not None:
+            await event({"choices": [], "usage": usage})
         await event("[DONE]")
         await resp.write_eof()
         return resp
 
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        form = await request.post()  # read once already, and kept, by the recording
+        mode = self.transcription_mode
+        if mode == "slow" and await self.pause(self.transcription_delay_s):
+            return web.Response(status=503)  # stopping
+        if mode == "fail":
+            echoed = request.headers.get("Authorization")
+            error = {"message": "test failure", "authorization": echoed}
+            return web.json_response({"error": error}, status=self.transcription_status)
+        if not isinstance(form.get("file"), web.FileField) or not form.get("model"):
+            return web.json_response({"error": {"message": "file and model needed"}}, status=400)
+        if mode == "garbage":
+            return text_response("<html>this is not JSON</html>")
+        if mode == "shape":
+            return web.json_response({"transcript": self.transcript})
+        return web.json_response({"text": "" if mode == "empty" else self.transcript})
+
 
 def _choice(finish: str | None = None, **content: Any) -> dict[str, Any]:
     return {"index": 0, "finish_reason": finish, **content}
+
+
+def _text_of(content: Any) -> str:
+    """A message's text: the content itself, or the text parts beside images."""
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if p.get("type") == "text")
+    return str(content)

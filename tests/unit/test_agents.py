@@ -23,9 +23,10 @@ from lambda_plugin.agents import (
     AgentRequest,
     Attachment,
     ContextInfo,
+    Usage,
     create_agent,
 )
-from lambda_plugin.agents.base import ERROR_BODY_BYTES
+from lambda_plugin.agents.http import ERROR_BODY_BYTES
 from lambda_plugin.agents.openai import _sse_data
 from lambda_plugin.config import AgentSpec
 from lambda_plugin.db import Store, upgrade_table
@@ -192,7 +193,9 @@ def openai(make, server: OpenAIServer, **options: Any) -> Agent:
 async def test_openai_plain_answer(make, store: Store, openai_server: OpenAIServer) -> None:
     agent = openai(make, openai_server, stream=False, api_key=SECRET, system_prompt="Be brief.")
     reply = await agent.respond(ask("hello"))
-    assert reply == AgentReply("reply to: hello")
+    # The server counts a character as a token: the system prompt and the message in.
+    usage = Usage(len("Be brief.") + len("hello"), len("reply to: hello"))
+    assert reply == AgentReply("reply to: hello", usage=usage)
     [sent] = openai_server.requests
     assert sent.path == "/v1/chat/completions"
     assert sent.headers["Authorization"] == f"Bearer {SECRET}"
@@ -727,3 +730,108 @@ async def test_lambda_health_problem_leaks_no_part_of_the_token(
     problem = await platform(make, lambda_server).health()
     assert problem is not None and "yyyy" in problem
     assert SECRET[:8] not in problem
+
+
+# usage: what each answer cost, read where the backend says and never an error
+
+
+GARBAGE_USAGE = [
+    "many",
+    [3, 4],
+    {"prompt_tokens": 3},
+    {"prompt_tokens": "3", "completion_tokens": 4},
+    {"prompt_tokens": 3, "completion_tokens": -1},
+    {"prompt_tokens": True, "completion_tokens": 4},
+    {"prompt_tokens": 3, "completion_tokens": 4.0},
+    {"prompt_tokens": 3, "completion_tokens": 10**13},
+]
+
+
+def test_usage_of_reads_whole_counts_only() -> None:
+    assert Usage.of({"a": 0, "b": 7, "c": "x"}, "a", "b") == Usage(0, 7)
+    assert Usage.of({"a": 10**12, "b": 1}, "a", "b") == Usage(10**12, 1)
+    for data in [None, *GARBAGE_USAGE]:
+        assert Usage.of(data, "prompt_tokens", "completion_tokens") is None, data
+
+
+async def test_echo_counts_characters_as_tokens(make) -> None:
+    reply = await make("echo").respond(ask("hello"))
+    assert reply.usage == Usage(len("hello"), len(reply.text))
+
+
+async def test_openai_streamed_answer_asks_for_and_reads_its_usage(
+    make, openai_server: OpenAIServer
+) -> None:
+    reply = await openai(make, openai_server).respond(ask("hello"), None)
+    assert openai_server.requests[0].json["stream_options"] == {"include_usage": True}
+    assert reply.text == "reply to: hello"
+    assert reply.usage == Usage(len("hello"), len("reply to: hello"))
+
+
+async def test_openai_plain_answer_asks_for_no_stream_options(
+    make, openai_server: OpenAIServer
+) -> None:
+    reply = await openai(make, openai_server, stream=False).respond(ask("hello"))
+    assert "stream_options" not in openai_server.requests[0].json
+    assert reply.usage == Usage(len("hello"), len("reply to: hello"))
+
+
+async def test_openai_stream_usage_can_be_turned_off(make, openai_server: OpenAIServer) -> None:
+    # For a server that refuses stream_options: nothing asked, nothing counted.
+    reply = await openai(make, openai_server, stream_usage=False).respond(ask("hello"))
+    assert "stream_options" not in openai_server.requests[0].json
+    assert (reply.text, reply.usage) == ("reply to: hello", None)
+    with pytest.raises(ValueError, match=r"agents\.registry\.openai\.stream_usage"):
+        openai(make, openai_server, stream_usage="no")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_without_usage_answers_all_the_same(
+    make, store: Store, openai_server: OpenAIServer, stream: bool
+) -> None:
+    openai_server.usage = None
+    reply = await openai(make, openai_server, stream=stream).respond(ask("x"))
+    assert (reply.text, reply.usage) == ("reply to: x", None)
+    assert len(await history(store)) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("usage", GARBAGE_USAGE)
+async def test_openai_garbage_usage_is_none_never_an_error(
+    make, store: Store, openai_server: OpenAIServer, caplog, usage: Any, stream: bool
+) -> None:
+    openai_server.usage = usage
+    agent = openai(make, openai_server, stream=stream, api_key=SECRET)
+    for _ in range(2):
+        reply = await agent.respond(ask("x"))
+        assert (reply.text, reply.usage) == ("reply to: x", None)
+    assert len(await history(store)) == 4
+    assert caplog.text.count("reports usage that cannot be read") == 1  # once per agent
+    assert SECRET not in caplog.text
+
+
+async def test_lambda_answer_may_carry_its_usage(make, lambda_server: LambdaServer) -> None:
+    agent = platform(make, lambda_server)
+    assert (await agent.respond(ask("x"))).usage is None  # optional: older platforms
+    lambda_server.reply_usage = {"tokens_in": 120, "tokens_out": 35}
+    reply = await agent.respond(ask("x"))
+    assert reply == AgentReply("reply to: x", (), Usage(120, 35))
+
+
+@pytest.mark.parametrize(
+    "usage",
+    ["lots", {"tokens_in": 1}, {"tokens_in": -1, "tokens_out": 2}, {"prompt_tokens": 1}],
+)
+async def test_lambda_garbage_usage_is_none(make, lambda_server: LambdaServer, usage) -> None:
+    lambda_server.reply_usage = usage
+    reply = await platform(make, lambda_server).respond(ask("x"))
+    assert (reply.text, reply.usage) == ("reply to: x", None)
+
+
+@pytest.mark.parametrize("backend", ["echo", "openai", "lambda"])
+async def test_every_agent_takes_a_transcription_option(
+    make, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Read by the plugin (Settings), not the backend: no "unknown option" warning for it.
+    make(backend, base_url="http://h/v1", model="m", transcription=False)
+    assert "transcription" not in caplog.text
