@@ -1,15 +1,29 @@
-from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow, chat_number
-from .store import UNIQUE_VIOLATION, Store, now_ms
+from .rows import (
+    ChatRoomRow,
+    HistoryRow,
+    SnapshotRow,
+    UsageRow,
+    UserRow,
+    chat_number,
+    month_start,
+    utc_day,
+)
+from .store import TABLES, UNIQUE_VIOLATION, Store, Totals, now_ms
 from .upgrade import upgrade_table
 
 __all__ = [
+    "TABLES",
     "UNIQUE_VIOLATION",
     "ChatRoomRow",
     "HistoryRow",
     "SnapshotRow",
     "Store",
+    "Totals",
+    "UsageRow",
     "UserRow",
     "chat_number",
+    "month_start",
     "now_ms",
     "upgrade_table",
+    "utc_day",
 ]

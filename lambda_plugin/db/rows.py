@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from datetime import date, datetime, timezone
 from typing import TypeVar
 
 from asyncpg import Record
@@ -79,6 +80,29 @@ class HistoryRow(Row):
     content: str
     created_at: int
 
+
+
+@dataclass(frozen=True)
+class UsageRow(Row):
+    """What one user spent in one chat room on one UTC day."""
+
+    user_id: str
+    room_id: str
+    day: str  # 'YYYY-MM-DD', UTC
+    tokens_in: int
+    tokens_out: int
+    requests: int
+
+
+def utc_day(at: float | None = None) -> str:
+    """The UTC day of ``at`` (a time.time(); now when None) as usage counts it: 'YYYY-MM-DD'."""
+    moment = datetime.now(timezone.utc) if at is None else datetime.fromtimestamp(at, timezone.utc)
+    return moment.date().isoformat()
+
+
+def month_start(day: str) -> str:
+    """The first day of the month ``day`` ('YYYY-MM-DD') is in."""
+    return date.fromisoformat(day).replace(day=1).isoformat()
 
 
 def chat_number(chat_id: str) -> int:

@@ -9,12 +9,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+from asyncpg import Record
 from mautrix.util.async_db import Connection, Database
 
-from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UserRow
+from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UsageRow, UserRow
 
 # Raised on a unique or primary-key violation, whichever engine runs.
 UNIQUE_VIOLATION = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+# Every table of the plugin, in an order rows can be deleted in.
+TABLES = (
+    "chat_room", "lambda_user", "snapshot", "history", "handled_event", "usage", "plugin_state",
+)  # fmt: skip
+# Sums of a usage query: SUM is NULL over no rows, and NUMERIC on PostgreSQL.
+USAGE_SUMS = (
+    "COALESCE(SUM(tokens_in), 0) AS tokens_in, COALESCE(SUM(tokens_out), 0) AS tokens_out,"
+    " COALESCE(SUM(requests), 0) AS requests"
+)
+
+# (tokens_in, tokens_out, requests)
+Totals = tuple[int, int, int]
 
 
 def now_ms() -> int:
@@ -259,18 +272,75 @@ class Store:
             value,
         )
 
+    # usage: tokens per user, chat room and UTC day ('YYYY-MM-DD'); days compare as text
+
+    async def add_usage(
+        self, user_id: str, room_id: str, day: str, tokens_in: int, tokens_out: int
+    ) -> None:
+        """Counts one answered request and its tokens, atomically."""
+        await self.db.execute(
+            f"INSERT INTO usage ({UsageRow.columns}) VALUES ($1, $2, $3, $4, $5, 1)"
+            " ON CONFLICT (user_id, room_id, day) DO UPDATE SET"
+            " tokens_in = usage.tokens_in + excluded.tokens_in,"
+            " tokens_out = usage.tokens_out + excluded.tokens_out,"
+            " requests = usage.requests + 1",
+            user_id,
+            room_id,
+            day,
+            tokens_in,
+            tokens_out,
+        )
+
+    async def usage_since(self, user_id: str, first_day: str) -> Totals:
+        """A user's totals, all rooms together, from ``first_day`` on."""
+        return await self._totals("user_id", user_id, first_day)
+
+    async def chat_usage_since(self, room_id: str, first_day: str) -> Totals:
+        """A chat room's totals, all its users together, from ``first_day`` on."""
+        return await self._totals("room_id", room_id, first_day)
+
+    async def _totals(self, column: str, value: str, first_day: str) -> Totals:
+        row = await self.db.fetchrow(
+            f"SELECT {USAGE_SUMS} FROM usage WHERE {column}=$1 AND day >= $2", value, first_day
+        )
+        return _totals_of(row)
+
+    async def top_users(self, first_day: str, limit: int) -> list[tuple[str, int, int, int]]:
+        """The users who spent the most tokens (in and out) from ``first_day`` on, most first:
+        (user_id, tokens_in, tokens_out, requests)."""
+        rows = await self.db.fetch(
+            f"SELECT user_id, {USAGE_SUMS} FROM usage WHERE day >= $1 GROUP BY user_id"
+            " ORDER BY SUM(tokens_in) + SUM(tokens_out) DESC, user_id LIMIT $2",
+            first_day,
+            limit,
+        )
+        return [(row["user_id"], *_totals_of(row)) for row in rows]
+
+    async def usage_rows(self, first_day: str) -> list[UsageRow]:
+        """Every usage row from ``first_day`` on, by day, user and room (for an export)."""
+        rows = await self.db.fetch(
+            f"SELECT {UsageRow.columns} FROM usage WHERE day >= $1 ORDER BY day, user_id, room_id",
+            first_day,
+        )
+        return [UsageRow.from_row(row) for row in rows]
+
     # maintenance
 
     async def counts(self) -> dict[str, int]:
+        """Rows per table (plugin_state, a few keys of the plugin's own, left out)."""
         result = {}
-        for table in ("lambda_user", "chat_room", "snapshot", "history", "handled_event"):
+        for table in ("lambda_user", "chat_room", "snapshot", "history", "handled_event", "usage"):
             result[table] = int(await self.db.fetchval(f"SELECT COUNT(*) FROM {table}"))
         return result
 
     async def clear_all(self) -> None:
         """Drops every row of the plugin's tables (the dev reset); the schema stays."""
         async with self._transaction() as conn:
-            for table in (
-                "chat_room", "lambda_user", "snapshot", "history", "handled_event", "plugin_state",
-            ):  # fmt: skip
+            for table in TABLES:
                 await conn.execute(f"DELETE FROM {table}")
+
+
+def _totals_of(row: Record | None) -> Totals:
+    if row is None:
+        return 0, 0, 0
+    return int(row["tokens_in"]), int(row["tokens_out"]), int(row["requests"])

@@ -77,3 +77,22 @@ async def upgrade_v2(conn: Connection) -> None:
             value  TEXT NOT NULL
         )"""
     )
+
+
+@upgrade_table.register(description="Usage: tokens in and out per user, chat room and UTC day")  # type: ignore[call-arg, arg-type]
+async def upgrade_v3(conn: Connection) -> None:
+    # Held only here: a lost database loses the usage counted so far (quotas start afresh).
+    # day is the UTC date as 'YYYY-MM-DD', so text order is date order on both engines.
+    await conn.execute(
+        """CREATE TABLE usage (
+            user_id     TEXT NOT NULL,
+            room_id     TEXT NOT NULL,
+            day         TEXT NOT NULL,
+            tokens_in   BIGINT NOT NULL DEFAULT 0,
+            tokens_out  BIGINT NOT NULL DEFAULT 0,
+            requests    BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, room_id, day)
+        )"""
+    )
+    await conn.execute("CREATE INDEX usage_day_idx ON usage (day)")
+    await conn.execute("CREATE INDEX usage_room_idx ON usage (room_id, day)")

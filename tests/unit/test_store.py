@@ -19,7 +19,8 @@ from lambda_plugin.db import (
     upgrade_table,
 )
 
-TABLES = ("lambda_user", "chat_room", "snapshot", "history", "handled_event")
+TABLES = ("lambda_user", "chat_room", "snapshot", "history", "handled_event", "usage")
+SCHEMA_VERSION = 3
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 
@@ -85,7 +86,7 @@ def snapshot(name: str, user_id: str = ALICE, **kw: object) -> SnapshotRow:
 
 
 async def test_upgrade_table_applies(store: Store) -> None:
-    assert await store.db.fetchval("SELECT version FROM version") == 2
+    assert await store.db.fetchval("SELECT version FROM version") == SCHEMA_VERSION
     assert await store.db.fetchval("SELECT COUNT(*) FROM version") == 1
     for table in TABLES:
         assert await store.db.table_exists(table), table
@@ -101,7 +102,7 @@ async def test_second_start_is_a_no_op(store: Store) -> None:
     await again.start()
     try:
         assert await again.fetchval("SELECT COUNT(*) FROM version") == 1
-        assert await again.fetchval("SELECT version FROM version") == 2
+        assert await again.fetchval("SELECT version FROM version") == SCHEMA_VERSION
         restarted = Store(again)
         assert await restarted.get_room(room(3).room_id) == room(3)
         assert (await restarted.get_user(ALICE)).next_chat_index == 4
@@ -461,6 +462,7 @@ async def _fill(store: Store) -> None:
     await store.save_snapshot(snapshot("s"))
     await store.append_history("pc-1", [("user", "a"), ("assistant", "b"), ("user", "c")])
     await store.mark_handled("$e1", "!room:example.org")
+    await store.add_usage(ALICE, room(1).room_id, "2026-05-01", 10, 20)
 
 
 async def test_counts(store: Store) -> None:
@@ -473,6 +475,7 @@ async def test_counts(store: Store) -> None:
         "snapshot": 1,
         "history": 3,
         "handled_event": 1,
+        "usage": 1,
     }
     assert all(type(v) is int for v in counts.values())
 
@@ -483,10 +486,11 @@ async def test_clear_all(store: Store) -> None:
     assert await store.counts() == dict.fromkeys(TABLES, 0)
     assert await store.get_user(ALICE) is None
     assert await is_handled(store, "$e1") is False
+    assert await store.usage_since(ALICE, "2026-01-01") == (0, 0, 0)
     # The schema stays: everything can be written again from scratch.
     await _fill(store)
     assert (await store.counts())["chat_room"] == 3
-    assert await store.db.fetchval("SELECT version FROM version") == 2
+    assert await store.db.fetchval("SELECT version FROM version") == SCHEMA_VERSION
 
 
 async def test_plugin_state_values(store: Store) -> None:
