@@ -16,12 +16,13 @@ _venv() {  # _venv NAME PACKAGES...: (re)installs only when the package list cha
 }
 
 ensure_python_envs() {
-  local deps
-  deps="$("$PY" -c 'import tomllib; p = tomllib.load(open("'"$ROOT"'/pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')"
-  # shellcheck disable=SC2086
-  _venv maubot $deps
-  # shellcheck disable=SC2046
-  _venv synapse $(grep -v '^#' "$ROOT/requirements-synapse.txt")
+  # One requirement a line, read into arrays: never word-split or globbed by the shell
+  # (`maubot[encryption]==…` is a glob pattern to bash).
+  local -a deps synapse_deps
+  mapfile -t deps < <("$PY" -c 'import tomllib; p = tomllib.load(open("'"$ROOT"'/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
+  mapfile -t synapse_deps < <(grep -v -e '^#' -e '^[[:space:]]*$' "$ROOT/requirements-synapse.txt")
+  _venv maubot "${deps[@]}"
+  _venv synapse "${synapse_deps[@]}"
 }
 
 ensure_postgres() {
