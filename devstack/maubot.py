@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import io
@@ -11,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,33 @@ def build_mbp() -> Path:
 
 class ManagementError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class CryptoStatus:
+    """Whether maubot end-to-end encrypts for a client, as its management API reports it: a
+    client with crypto has an Olm account, whose fingerprint the API shows."""
+
+    on: bool
+    device_id: str | None = None
+    fingerprint: str | None = None
+    reason: str = ""  # why it is off
+
+    def describe(self) -> str:
+        if self.on:
+            return f"on (device {self.device_id}, fingerprint {self.fingerprint})"
+        return f"off: {self.reason}"
+
+
+def olm_import_error() -> str | None:
+    """Why maubot's Python can't import its encryption dependencies (None: it can)."""
+    probe = subprocess.run(
+        [maubot_python(), "-c", "import olm, mautrix.crypto"], capture_output=True, text=True
+    )
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {probe.returncode}"
 
 
 class Maubot:
@@ -208,6 +238,35 @@ class Maubot:
                 "avatar_url": "disable",
             },
         )
+
+    async def get_client(self, user_id: str) -> dict:
+        return await self.api("GET", f"/client/{user_id}")
+
+    async def crypto_status(self, user_id: str, timeout: float = 120) -> CryptoStatus:
+        """Waits until the client has started (maubot sets up crypto first), then says whether
+        it encrypts and, if not, why (from maubot's log lines about it)."""
+        deadline = time.monotonic() + timeout
+        info = await self.get_client(user_id)
+        while not info.get("started") and info.get("enabled") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            info = await self.get_client(user_id)
+        device_id = info.get("device_id") or None
+        if info.get("fingerprint"):
+            return CryptoStatus(True, device_id, info["fingerprint"])
+        return CryptoStatus(False, device_id, None, self._crypto_off_reason(info))
+
+    def _crypto_off_reason(self, info: dict) -> str:
+        log = self.log_text()
+        if not info.get("device_id"):
+            return "the bot client has no device id"
+        if "encryption dependencies not installed" in log:
+            why = olm_import_error() or "see maubot.log"
+            return f"maubot can't import its encryption dependencies ({why}): install maubot[encryption]"
+        if "crypto database is not prepared" in log:
+            return "maubot has no crypto database (crypto_database in its config)"
+        if not info.get("started"):
+            return f"the bot client did not start (see {self.log})"
+        return f"maubot did not set up crypto for the client (see {self.log})"
 
     async def create_instance(
         self, instance_id: str, user_id: str, config: dict | None = None

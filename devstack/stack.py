@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .matrix import MatrixUser
-from .maubot import Maubot, build_mbp
+from .maubot import CryptoStatus, Maubot, build_mbp
 from .postgres import Postgres
 from .procs import wait_until
 from .synapse import Synapse
+
+if TYPE_CHECKING:
+    from .e2e import E2EUser
 
 
 @dataclass
@@ -22,6 +26,8 @@ class Deployment:
     bot_id: str
     instance_id: str
     users: list[MatrixUser] = field(default_factory=list)
+    # Whether maubot encrypts for the bot client (its device id, Olm account), set by deploy().
+    crypto: CryptoStatus | None = None
 
     async def user(self, localpart: str, password: str = "password") -> MatrixUser:
         """Registers a user and returns it logged in; closed with the deployment."""
@@ -30,6 +36,21 @@ class Deployment:
         user = MatrixUser(self.synapse.url, user_id, login["access_token"])
         self.users.append(user)
         return user
+
+    async def e2e_user(self, localpart: str, password: str = "password") -> E2EUser:
+        """Registers a user and returns it logged in with its own encrypting device (an
+        ``E2EUser``, a ``MatrixUser`` on the decrypted timeline); closed with the deployment."""
+        from .e2e import E2EUser  # needs python-olm: maubot's encryption extra
+
+        user_id = self.synapse.register(localpart, password)
+        user = await E2EUser.login(self.synapse.url, user_id, password)
+        self.users.append(user)
+        return user
+
+    async def refresh_crypto(self) -> CryptoStatus:
+        """Asks maubot again (after a restart, say) whether the bot client encrypts."""
+        self.crypto = await self.maubot.crypto_status(self.bot_id)
+        return self.crypto
 
     async def configure(self, changes: dict) -> None:
         await self.maubot.update_config(self.instance_id, changes)
@@ -96,6 +117,7 @@ async def deploy(
         bot_id = synapse.register(bot_localpart, "bot-password")
         login = synapse.login(bot_id, "bot-password")
         await maubot.create_client(bot_id, login["access_token"], login["device_id"])
+        crypto = await maubot.crypto_status(bot_id)
         await maubot.create_instance(instance_id, bot_id, config)
     except BaseException:
         await maubot.close()
@@ -107,6 +129,7 @@ async def deploy(
         engine="postgres" if postgres else "sqlite",
         bot_id=bot_id,
         instance_id=instance_id,
+        crypto=crypto,
     )
 
 
