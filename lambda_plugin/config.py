@@ -33,6 +33,9 @@ class Config(BaseProxyConfig):
         helper.copy("access.requests_per_minute")
         helper.copy("access.max_queue_per_room")
         helper.copy("access.max_snapshots_per_user")
+        helper.copy("access.daily_tokens")
+        helper.copy("access.monthly_tokens")
+        helper.copy("access.token_limits")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("spaces.encryption")
@@ -45,6 +48,7 @@ class Config(BaseProxyConfig):
         helper.copy("replies.stream_edit_interval_s")
         helper.copy("reconcile.catch_up_minutes")
         helper.copy("reconcile.handled_kept_days")
+        helper.copy("transcription")
 
 
 class UserMatcher:
@@ -83,12 +87,13 @@ class AgentSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-class AgentOptions:
-    """Reads one agent's options, naming the exact config key in every error."""
+class Options:
+    """Reads a map of options, naming the exact config key in every error (never a value:
+    it could be a secret)."""
 
-    def __init__(self, spec: AgentSpec) -> None:
-        self.values = spec.options
-        self.prefix = f"agents.registry.{spec.agent_id}"
+    def __init__(self, values: dict[str, Any], prefix: str) -> None:
+        self.values = values
+        self.prefix = prefix
 
     def text(self, key: str, *, required: bool = False) -> str | None:
         value = self.values.get(key)
@@ -137,6 +142,91 @@ class AgentOptions:
         # Only a warning: refusing unknown keys would break configs written for other versions.
         for key in sorted(set(self.values) - set(known)):
             log.warning("Ignoring unknown option %s.%s", self.prefix, key)
+
+
+class AgentOptions(Options):
+    """One agent's options, read by its backend."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        super().__init__(spec.options, f"agents.registry.{spec.agent_id}")
+
+
+@dataclass(frozen=True)
+class TranscriptionSpec:
+    """An OpenAI-compatible ``POST {base_url}/audio/transcriptions`` for voice messages."""
+
+    base_url: URL
+    model: str
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
+    max_mb: float = 25.0  # larger audio is refused before it is sent
+    timeout_s: float = 120.0  # for the whole request
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * MB)
+
+
+TRANSCRIPTION_KEYS = ("base_url", "model", "api_key", "max_mb", "timeout_s")
+
+
+def _transcription(value: Any, key: str) -> TranscriptionSpec | None:
+    """A ``transcription`` map, or None for null or false (no transcription)."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a map of {', '.join(TRANSCRIPTION_KEYS)}, or null")
+    unknown = sorted(set(map(str, value)) - set(TRANSCRIPTION_KEYS))
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]} is not a transcription option")
+    options = Options(value, key)
+    return TranscriptionSpec(
+        base_url=options.url("base_url"),
+        model=options.text("model", required=True) or "",  # required: never empty here
+        api_key=options.text("api_key"),
+        max_mb=options.number("max_mb", TranscriptionSpec.max_mb),
+        timeout_s=options.number("timeout_s", TranscriptionSpec.timeout_s),
+    )
+
+
+def _agent_transcription(agents: dict[str, AgentSpec]) -> dict[str, TranscriptionSpec | None]:
+    """The agents with a transcription of their own (None: false, none at all); an agent
+    without the option, or with null, uses the top-level one."""
+    own: dict[str, TranscriptionSpec | None] = {}
+    for agent_id, spec in agents.items():
+        value = spec.options.get("transcription")
+        if value is not None:
+            own[agent_id] = _transcription(value, f"agents.registry.{agent_id}.transcription")
+    return own
+
+
+def _tokens(value: Any, key: str) -> int:
+    """A token limit: a whole number, 0 for no limit."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a whole number of tokens, 0 (no limit) or more")
+    return value
+
+
+def _token_limits(value: Any, daily: int, monthly: int) -> dict[str, tuple[int, int]]:
+    """access.token_limits: (daily, monthly) per user id; a limit left out is the global one."""
+    key = "access.token_limits"
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must map user ids to {{daily: .., monthly: ..}}")
+    limits = {}
+    for user_id, entry in value.items():
+        # Exact ids only: "@*:server" would read as a pattern, and it is none here.
+        if not isinstance(user_id, str) or not _USER_ID.match(user_id) or "*" in user_id:
+            raise ValueError(f"{key}: {user_id!r} is not a user id")
+        where = f"{key}.{user_id}"
+        if not isinstance(entry, dict) or not set(entry) <= {"daily", "monthly"}:
+            raise ValueError(f"{where} must be a map of daily and monthly")
+        day, month = (
+            _tokens(default if entry.get(name) is None else entry[name], f"{where}.{name}")
+            for name, default in (("daily", daily), ("monthly", monthly))
+        )
+        limits[user_id] = (day, month)
+    return limits
 
 
 def _users(value: Any, key: str) -> UserMatcher:
@@ -202,12 +292,30 @@ class Settings:
     download_timeout_s: float
     handled_kept_s: float
     encryption: str  # auto | always | never
+    transcription: TranscriptionSpec | None  # None: voice messages are not transcribed
+    # Agents whose own transcription option overrides the one above (None: off for them).
+    agent_transcription: dict[str, TranscriptionSpec | None]
+    daily_tokens: int  # 0: no limit
+    monthly_tokens: int  # 0: no limit
+    token_limits: dict[str, tuple[int, int]]  # user id -> (daily, monthly), 0: no limit
+
+    def token_limits_of(self, user_id: str) -> tuple[int, int]:
+        """The user's (daily, monthly) token limits; 0 is no limit."""
+        return self.token_limits.get(user_id, (self.daily_tokens, self.monthly_tokens))
+
+    def transcription_for(self, agent_id: str) -> TranscriptionSpec | None:
+        """How voice messages to this agent are transcribed (None: they are not)."""
+        if agent_id in self.agent_transcription:
+            return self.agent_transcription[agent_id]
+        return self.transcription
 
     @classmethod
     def from_config(cls, config: BaseProxyConfig) -> Settings:
         """Builds settings, or raises ValueError naming the first bad key."""
         language = _language(config["language"])
         agents = _registry(config["agents.registry"])
+        daily = _tokens(config["access.daily_tokens"], "access.daily_tokens")
+        monthly = _tokens(config["access.monthly_tokens"], "access.monthly_tokens")
         return cls(
             language=language,
             allowed_users=_users(config["access.allowed_users"], "access.allowed_users"),
@@ -232,6 +340,11 @@ class Settings:
             download_timeout_s=_number(config, "files.download_timeout_s"),
             handled_kept_s=_number(config, "reconcile.handled_kept_days") * DAY_S,
             encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
+            transcription=_transcription(config["transcription"], "transcription"),
+            agent_transcription=_agent_transcription(agents),
+            daily_tokens=daily,
+            monthly_tokens=monthly,
+            token_limits=_token_limits(config["access.token_limits"], daily, monthly),
         )
 
 

@@ -10,8 +10,9 @@ import pytest
 from mautrix.util.config import RecursiveDict
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from yarl import URL
 
-from lambda_plugin.config import AgentSpec, Config, Settings, UserMatcher
+from lambda_plugin.config import AgentSpec, Config, Settings, TranscriptionSpec, UserMatcher
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "base-config.yaml"
 yaml = YAML()
@@ -46,12 +47,16 @@ def settings(**overrides: Any) -> Settings:
     return Settings.from_config(config)
 
 
+# Keys whose value is a map of entries named by the operator: each counts as one key.
+MAP_KEYS = ("agents.registry", "access.token_limits", "transcription")
+
+
 def leaf_keys(data: Any, prefix: str = "") -> set[str]:
-    """Every dotted key of a config; agents.registry counts as one key (a map of agents)."""
+    """Every dotted key of a config; the MAP_KEYS count as one key each."""
     keys = set()
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path != "agents.registry":
+        if isinstance(value, dict) and path not in MAP_KEYS:
             keys |= leaf_keys(value, f"{path}.")
         else:
             keys.add(path)
@@ -69,6 +74,12 @@ CUSTOM: dict[str, Any] = {
     "access.requests_per_minute": 5,
     "access.max_queue_per_room": 4,
     "access.max_snapshots_per_user": 9,
+    "access.daily_tokens": 1000,
+    "access.monthly_tokens": 20000,
+    "access.token_limits": {
+        "@alice:example.org": {"daily": 5, "monthly": 50},
+        "@boss:example.org": {"daily": 0},
+    },
     "spaces.space_name": "Space of {user_id}",
     "spaces.chat_name": "Talk #{n}",
     "spaces.encryption": "never",
@@ -89,6 +100,13 @@ CUSTOM: dict[str, Any] = {
     "replies.stream_edit_interval_s": 0.25,
     "reconcile.catch_up_minutes": 3,
     "reconcile.handled_kept_days": 2,
+    "transcription": {
+        "base_url": "http://127.0.0.1:8000/v1",
+        "model": "whisper-1",
+        "api_key": "sk-transcribe-secret",
+        "max_mb": 10,
+        "timeout_s": 30,
+    },
 }
 
 
@@ -130,6 +148,10 @@ def test_base_config_defaults() -> None:
     assert s.max_file_bytes == 50 * 1024 * 1024
     assert s.stream_edit_interval_s == 1.0
     assert type(s.stream_edit_interval_s) is float
+    assert s.transcription is None and s.agent_transcription == {}
+    assert s.transcription_for("echo") is None
+    assert (s.daily_tokens, s.monthly_tokens, s.token_limits) == (0, 0, {})
+    assert s.token_limits_of("@alice:example.org") == (0, 0)
 
 
 def test_empty_user_config_gets_the_defaults() -> None:
@@ -203,6 +225,11 @@ def test_custom_config_gives_custom_settings() -> None:
     assert s.stream_edit_interval_s == 0.25
     assert s.catch_up_s == 180
     assert (s.max_message_chars, s.requests_per_minute) == (500, 5)
+    assert s.transcription == TranscriptionSpec(
+        URL("http://127.0.0.1:8000/v1"), "whisper-1", "sk-transcribe-secret", 10.0, 30.0
+    )
+    assert (s.daily_tokens, s.monthly_tokens) == (1000, 20000)
+    assert s.token_limits == {"@alice:example.org": (5, 50), "@boss:example.org": (0, 20000)}
 
 
 def test_limits_default_to_base_config() -> None:
@@ -293,6 +320,32 @@ INVALID: list[tuple[str, Any]] = [
     ("files.download_timeout_s", -300),
     ("reconcile.handled_kept_days", 0),
     ("reconcile.handled_kept_days", False),
+    ("access.daily_tokens", -1),
+    ("access.daily_tokens", 1.5),
+    ("access.daily_tokens", True),
+    ("access.daily_tokens", "1000"),
+    ("access.daily_tokens", None),
+    ("access.monthly_tokens", -20000),
+    ("access.monthly_tokens", "lots"),
+    ("access.token_limits", ["@alice:example.org"]),
+    ("access.token_limits", {"alice": {"daily": 1}}),
+    ("access.token_limits", {"@*:example.org": {"daily": 1}}),
+    ("access.token_limits", {"@alice:example.org": 1000}),
+    ("access.token_limits", {"@alice:example.org": {"weekly": 1}}),
+    ("access.token_limits", {"@alice:example.org": {"daily": -1}}),
+    ("access.token_limits", {"@alice:example.org": {"monthly": 2.5}}),
+    ("transcription", "on"),
+    ("transcription", True),
+    ("transcription", {"model": "whisper-1"}),
+    ("transcription", {"base_url": "http://h/v1"}),
+    ("transcription", {"base_url": "ftp://h", "model": "m"}),
+    ("transcription", {"base_url": "http://h", "model": 7}),
+    ("transcription", {"base_url": "http://h", "model": "m", "api_key": 12345}),
+    ("transcription", {"base_url": "http://h", "model": "m", "max_mb": 0}),
+    ("transcription", {"base_url": "http://h", "model": "m", "timeout_s": -1}),
+    ("transcription", {"base_url": "http://h", "model": "m", "apikey": "x"}),
+    ("agents.registry", {"echo": {"backend": "echo", "transcription": "on"}}),
+    ("agents.registry", {"echo": {"backend": "echo", "transcription": {"model": "m"}}}),
 ]
 
 
@@ -303,6 +356,86 @@ def test_invalid_value_is_refused_naming_its_key(key: str, value: Any) -> None:
     with pytest.raises(ValueError) as info:
         Settings.from_config(config)
     assert key in str(info.value)
+
+
+SECRET = "sk-never-shown-123"
+LEAKY_TRANSCRIPTION = [
+    {"base_url": f"http://user:{SECRET}@h/v1", "model": "m"},
+    {"base_url": f"http://h/v1?key={SECRET}x", "model": "m", "api_key": [SECRET]},
+    {"base_url": "http://h/v1", "model": "m", "api_key": {"key": SECRET}},
+    {"base_url": "http://h/v1", "model": "m", "api_key": SECRET, "max_mb": "big"},
+    {"base_url": SECRET, "model": "m", "api_key": SECRET},
+]
+
+
+@pytest.mark.parametrize("value", LEAKY_TRANSCRIPTION)
+@pytest.mark.parametrize("where", ["transcription", "agents.registry.echo.transcription"])
+def test_transcription_errors_never_show_a_secret(value: dict[str, Any], where: str) -> None:
+    config = make_config()
+    config[where] = value
+    with pytest.raises(ValueError) as info:
+        Settings.from_config(config)
+    assert where in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_the_api_key_stays_out_of_repr() -> None:
+    s = Settings.from_config(make_config(nested(CUSTOM)))
+    assert s.transcription is not None and s.transcription.api_key == "sk-transcribe-secret"
+    assert "sk-transcribe-secret" not in repr(s.transcription)
+    assert "sk-transcribe-secret" not in repr(s)
+
+
+def test_transcription_defaults_and_bounds() -> None:
+    s = settings(transcription={"base_url": "https://api.example.org/v1", "model": "whisper-1"})
+    assert s.transcription == TranscriptionSpec(URL("https://api.example.org/v1"), "whisper-1")
+    assert (s.transcription.api_key, s.transcription.max_mb) == (None, 25.0)
+    assert s.transcription.timeout_s == 120.0 and type(s.transcription.timeout_s) is float
+    assert s.transcription.max_bytes == 25 * 1024 * 1024
+    small = settings(transcription={"base_url": "http://h", "model": "m", "max_mb": 0.5})
+    assert small.transcription is not None and small.transcription.max_bytes == 512 * 1024
+    keyless = settings(transcription={"base_url": "http://h", "model": "m", "api_key": ""})
+    assert keyless.transcription is not None and keyless.transcription.api_key is None
+    assert settings(transcription=False).transcription is None
+
+
+def test_an_agent_may_have_its_own_transcription_or_none() -> None:
+    own = {"base_url": "http://local:9000/v1", "model": "small"}
+    registry = {
+        "echo": {"backend": "echo"},
+        "deaf": {"backend": "echo", "transcription": False},
+        "local": {"backend": "echo", "transcription": own},
+        "inherits": {"backend": "echo", "transcription": None},
+    }
+    user = {**CUSTOM, "agents.registry": registry, "agents.default": "echo"}
+    s = Settings.from_config(make_config(nested(user)))
+    assert s.transcription is not None
+    assert s.transcription_for("echo") == s.transcription
+    assert s.transcription_for("inherits") == s.transcription
+    assert s.transcription_for("unknown-agent") == s.transcription
+    assert s.transcription_for("deaf") is None
+    assert s.transcription_for("local") == TranscriptionSpec(URL("http://local:9000/v1"), "small")
+    # Without a top-level one, only the agent with its own transcribes.
+    s = settings(agents__registry=registry)
+    assert [a for a in registry if s.transcription_for(a)] == ["local"]
+
+
+def test_token_limits_of_a_user() -> None:
+    s = Settings.from_config(make_config(nested(CUSTOM)))
+    assert s.token_limits_of("@alice:example.org") == (5, 50)
+    assert s.token_limits_of("@boss:example.org") == (0, 20000)  # no daily limit for the boss
+    assert s.token_limits_of("@carol:example.org") == (1000, 20000)
+    assert s.token_limits_of("@Alice:example.org") == (1000, 20000)  # exact ids only
+    s = settings(access__token_limits={"@a:x.org": {}, "@b:x.org": {"daily": None}})
+    assert s.token_limits == {"@a:x.org": (0, 0), "@b:x.org": (0, 0)}
+    assert settings(access__token_limits=None).token_limits == {}
+
+
+def test_token_limits_map_is_replaced_whole() -> None:
+    # The user's map replaces the (empty) default; user ids with dots are kept as one key.
+    config = make_config(nested({"access.token_limits": {"@a.b:c.d.org": {"daily": 3}}}))
+    assert plain(config["access.token_limits"]) == {"@a.b:c.d.org": {"daily": 3}}
+    assert Settings.from_config(config).token_limits_of("@a.b:c.d.org") == (3, 0)
 
 
 def test_unknown_backend_names_the_agent() -> None:
