@@ -79,14 +79,16 @@ class Onboarding(Part):
 
     async def handle_invite(self, room_id: str, inviter: str) -> None:
         """Joins (or rejects) an invite and makes sure an allowed inviter has their Space.
-        The same invite seen again (maubot delivers some twice; a start's catch-up and its
-        first sync may both hold it) is handled once."""
+        The same invite seen again while the bot is in the room (maubot delivers some twice;
+        a start's catch-up and its first sync may both hold it) is handled once."""
         if (room_id, inviter) in self._invites_seen:
             return
         self._invites_seen[(room_id, inviter)] = None
         while len(self._invites_seen) > INVITES_REMEMBERED:
             del self._invites_seen[next(iter(self._invites_seen))]
         if not await self._accept(room_id, inviter):
+            # Refused or failed: the bot is not in the room, so a later invite is a new one.
+            self._invites_seen.pop((room_id, inviter), None)
             return
         known = self.registry.room(room_id)
         if known is not None or room_id in self.registry.spaces:
@@ -135,6 +137,9 @@ class Onboarding(Part):
             await self.notices.say(room_id, "space.exists", name=space_name, link=link)
 
     async def bot_removed(self, room_id: str, by: str) -> None:
+        # Out of the room: the next invite to it is a new one.
+        for key in [k for k in self._invites_seen if k[0] == room_id]:
+            del self._invites_seen[key]
         room = self.registry.room(room_id)
         if room is not None and not room.gone:
             await self.chats.update(room_id, gone=True)
