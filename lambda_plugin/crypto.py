@@ -7,18 +7,21 @@ reads itself (the catch-up's /sync) and sends itself (its own HTTP calls) goes t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, cast
 
 from mautrix.client import Client
-from mautrix.errors import DecryptionError
+from mautrix.errors import DecryptionError, EncryptionError
 from mautrix.types import (
     JSON,
     EncryptedEvent,
     EventType,
+    Membership,
     RoomEncryptionStateEventContent,
     RoomID,
+    UserID,
 )
 
 MEGOLM = "m.megolm.v1.aes-sha2"
@@ -36,6 +39,7 @@ class Crypto:
         self.client = client
         self.log = log
         self._plain: dict[str, float] = {}  # room -> when it was last seen unencrypted
+        self._share_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def available(self) -> bool:
@@ -67,11 +71,34 @@ class Crypto:
         """The event as it must be sent: encrypted in an encrypted room when the bot can."""
         if not self.available or not await self.is_encrypted(room_id):
             return event_type, content
+        room, crypto = RoomID(room_id), self.client.crypto
+        assert crypto is not None
         # mautrix takes JSON content as it is (typed there as its content classes only).
-        sealed = await self.client.encrypt(
-            RoomID(room_id), EventType.find(event_type), cast(Any, content)
-        )
+        plain, etype = cast(Any, content), EventType.find(event_type)
+        try:
+            sealed = await crypto.encrypt_megolm_event(room, etype, plain)
+        except EncryptionError:
+            await self._share(room)
+            sealed = await crypto.encrypt_megolm_event(room, etype, plain)
         return ENCRYPTED, sealed.serialize()
+
+    async def _share(self, room: RoomID) -> None:
+        """A new Megolm session, shared with the room's joined AND invited members: the
+        welcome lands in a chat room the user has only been invited to so far, and mautrix's
+        own sharing would leave them out (they could never read it)."""
+        crypto = self.client.crypto
+        assert crypto is not None
+        async with self._share_locks.setdefault(room, asyncio.Lock()):
+            await crypto.wait_group_session_share(room)
+            session = await crypto.crypto_store.get_outbound_group_session(room)
+            if session and session.shared and not session.expired:
+                return  # shared meanwhile
+            members = await self.client.get_members(room)
+            users = [
+                UserID(m.state_key) for m in members
+                if getattr(m.content, "membership", None) in (Membership.JOIN, Membership.INVITE)
+            ]  # fmt: skip
+            await crypto.share_group_session(room, users)
 
     async def open(self, room_id: str, raw: dict[str, Any]) -> dict[str, Any] | None:
         """An encrypted event of a /sync as the event it holds; None when it can't be
