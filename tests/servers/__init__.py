@@ -124,8 +124,9 @@ class LocalServer:
             parsed = json.loads(body) if body else None
         except ValueError:
             parsed = None
+        headers = dict(request.headers)
         recorded = Recorded(
-            request.method, request.path, request.raw_path, dict(request.headers), parsed, body, form
+            request.method, request.path, request.raw_path, headers, parsed, body, form
         )
         async with self._arrived:
             self.requests.append(recorded)
