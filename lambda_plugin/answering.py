@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from . import files
 from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachment
 from .attachments import FileService
 from .db import ChatRoomRow
@@ -21,6 +22,8 @@ from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
 from .replies import StreamingReply
+from .usage import Quota
+from .voice import Voice, is_voice
 
 
 @dataclass(eq=False, kw_only=True)
@@ -32,6 +35,8 @@ class Answerer(Part):
     agents: Agents
     files: FileService
     notices: Notices
+    voice: Voice
+    quota: Quota
 
     async def answer(self, room_id: str, incoming: Incoming) -> bool | None:
         """Hands the message (and its file) to the room's agent and sends the answer: True
@@ -46,14 +51,37 @@ class Answerer(Part):
                 room_id, "agent.unknown", agent=room.agent_id, reply_to=incoming.event_id
             )
             return False
+        try:
+            request = await self._request(room, agent, incoming)
+        except AgentError as error:  # the voice message's transcription failed
+            await self._agent_failed(room, agent, error, incoming.event_id)
+            return False
+        if request is None:
+            return None
+        return await self.ask(room, agent, request, incoming.event_id)
+
+    async def _request(
+        self, room: ChatRoomRow, agent: Agent, incoming: Incoming
+    ) -> AgentRequest | None:
+        """What the agent is asked: the text, a voice message's transcript, a file (into the
+        workspace, or inline); None after telling the user why a file was refused."""
         body, attachments = incoming.body, tuple[Attachment, ...]()
-        if incoming.file is not None:
-            attachment = await self.files.take(room_id, incoming, agent)
+        spec = self.settings().transcription_for(room.agent_id) if is_voice(incoming) else None
+        if spec is not None:
+            try:
+                body = await self.voice.transcript(incoming, spec)
+            except files.FileRefused as e:
+                await self.notices.send(
+                    room.room_id, e.message(self.settings().language), reply_to=incoming.event_id
+                )
+                return None
+        if incoming.file is not None and (spec is None or self.settings().workspace_root):
+            attachment = await self.files.take(room.room_id, incoming, agent)
             if attachment is None:
                 return None
-            body, attachments = caption(incoming.file), (attachment,)
-        request = AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
-        return await self.ask(room, agent, request, incoming.event_id)
+            body = body if spec is not None else caption(incoming.file)
+            attachments = (attachment,)
+        return AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
 
     async def ask(
         self, room: ChatRoomRow, agent: Agent, request: AgentRequest, reply_to: str
@@ -68,16 +96,24 @@ class Answerer(Part):
             async with _Typing(self.mx, room.room_id, self.log):
                 answer = await agent.respond(request, reply.partial)
         except AgentError as error:
-            self.log.warning(
-                "Agent %s failed in %s (%s): %s", agent.agent_id, room.room_id, room.chat_id, error
-            )
-            await self._failed(room.room_id, error.describe(self.settings().language), reply_to)
+            await self._agent_failed(room, agent, error, reply_to)
             return False
         except Exception as error:
             self.log.error("Answering in %s failed", room.room_id, exc_info=error)
             await self._failed(room.room_id, self.notices.text("agent.failed"), reply_to)
             return False
-        return await self._deliver(room, reply, answer, reply_to)
+        delivered = await self._deliver(room, reply, answer, reply_to)
+        if delivered:
+            await self.quota.record(request.user_id, room.room_id, answer.usage)
+        return delivered
+
+    async def _agent_failed(
+        self, room: ChatRoomRow, agent: Agent, error: AgentError, reply_to: str
+    ) -> None:
+        self.log.warning(
+            "Agent %s failed in %s (%s): %s", agent.agent_id, room.room_id, room.chat_id, error
+        )
+        await self._failed(room.room_id, error.describe(self.settings().language), reply_to)
 
     async def _failed(self, room_id: str, error: str, reply_to: str) -> None:
         await self.notices.say(room_id, "agent.error", error=error, reply_to=reply_to)

@@ -24,6 +24,7 @@ from .commands import (
     CommandBase,
     ContextCommands,
     HelpCommands,
+    UsageCommands,
     command_names,
 )
 from .config import Config, Settings
@@ -41,8 +42,10 @@ from .routing import Router
 from .spaces import Spaces
 from .startup import Startup
 from .undecryptable import Undecryptable
+from .usage import Quota
+from .voice import Voice
 
-COMMAND_CLASSES = (HelpCommands, ChatCommands, ContextCommands, AdminCommands)
+COMMAND_CLASSES = (HelpCommands, ChatCommands, ContextCommands, UsageCommands, AdminCommands)
 
 
 class LambdaBot(Plugin):
@@ -80,12 +83,16 @@ class LambdaBot(Plugin):
         chats = Chats(registry, mx, self.log)
         notices = Notices(mx, self.current_settings)
         files = FileService(mx=mx, notices=notices, **part)
+        quota = Quota(store=store, **part)
+        voice = Voice(mx=mx, notices=notices, http=self.http, **part)
         answerer = Answerer(
-            mx=mx, registry=registry, agents=self.agents, files=files, notices=notices, **part
-        )
+            mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
+            voice=voice, quota=quota, **part,
+        )  # fmt: skip
         conversation = Conversation(
-            gate=gate, store=store, registry=registry, answerer=answerer, notices=notices, **part
-        )
+            gate=gate, store=store, registry=registry, answerer=answerer, notices=notices,
+            quota=quota, **part,
+        )  # fmt: skip
         queues = self.queues = RoomQueues(conversation, gate, self.log)
         spaces = Spaces(mx=mx, store=store, chats=chats, **part)
         reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
@@ -125,6 +132,7 @@ class LambdaBot(Plugin):
                 server_name=notices.mx.server_name, **base,
             ),
             ContextCommands(registry=registry, chats=chats, agents=agents, queues=queues, **base),
+            UsageCommands(registry=registry, **base),
             AdminCommands(
                 reconciler=reconciler, spaces=spaces, agents=agents, queues=queues,
                 rebuild=self.startup.rebuild, **base,

@@ -16,6 +16,7 @@ from .policy import Admission, RateLimiter, admit, refusal
 from .queue import Outcome
 from .registry import Registry
 from .roomstate import matrix_to
+from .usage import Quota
 
 POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
 
@@ -29,6 +30,7 @@ class Conversation(Part):
     registry: Registry
     answerer: Answerer
     notices: Notices
+    quota: Quota
 
     def __post_init__(self) -> None:
         self.rate = RateLimiter(lambda: self.settings().requests_per_minute)
@@ -57,6 +59,9 @@ class Conversation(Part):
                     reply_to=incoming.event_id,
                 )  # fmt: skip
             return Outcome.KEEP
+        if over := await self.quota.refusal(incoming.sender):
+            await self.notices.say(room_id, over[0], reply_to=incoming.event_id, **over[1])
+            return Outcome.KEEP  # kept: !retry sends it after the reset or a raised limit
         answered = await self.answerer.answer(room_id, incoming)
         if answered is None:
             return Outcome.SKIPPED

@@ -25,15 +25,6 @@ from .texts import TEXTS
 # The longest answer read: the transcript of the longest audio accepted is far shorter.
 MAX_ANSWER_BYTES = 1024 * 1024
 
-# English texts of the errors, by key; texts.py's own (with their translations) win.
-TRANSCRIPTION_TEXTS: dict[str, str] = {
-    "transcription.too_large": "This voice message is too long to transcribe (over {max_mb} MB).",
-    "transcription.unreachable": "The transcription service is unreachable right now.",
-    "transcription.timeout": "The transcription service took too long to answer.",
-    "transcription.http_error": "The transcription service answered with an error (HTTP {status}).",
-    "transcription.unreadable": "The transcription service's answer could not be read.",
-    "transcription.empty": "No speech was recognised in this voice message.",
-}
 # The errors the HTTP client raises (as an agent's), as the transcription errors they are.
 _FROM_AGENT = {
     "agent.unreachable": "transcription.unreachable",
@@ -66,7 +57,7 @@ class TranscriptionError(AgentError):
 
     @classmethod
     def of(cls, key: str, cause: str, **values: Any) -> TranscriptionError:
-        template = TEXTS["en"].get(key, TRANSCRIPTION_TEXTS[key])
+        template = TEXTS["en"][key]
         return cls(template.format(**values), cause, key=key, values=values)
 
 

@@ -7,6 +7,7 @@ from .base import CommandArgs, CommandBase
 from .chats import ChatCommands
 from .context import ContextCommands
 from .help import HelpCommands
+from .usage import UsageCommands
 
 __all__ = [
     "AdminCommands",
@@ -15,6 +16,7 @@ __all__ = [
     "CommandBase",
     "ContextCommands",
     "HelpCommands",
+    "UsageCommands",
     "command_names",
 ]
 

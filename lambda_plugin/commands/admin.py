@@ -8,13 +8,17 @@ from dataclasses import dataclass
 from maubot import MessageEvent
 from maubot.handlers import command
 
+from .. import files
 from ..agents import Agents
+from ..db import month_start, utc_day
 from ..queue import RoomQueues
 from ..reconcile import Reconciler, Report
 from ..spaces import Spaces
-from .base import CommandBase, admin
+from .base import LIST_BYTES, CommandBase, admin
+from .usage import usage_csv
 
 HEALTH_TIMEOUT_S = 15
+TOP_USERS = 20
 CONFIRM = "--confirm"
 
 
@@ -83,6 +87,40 @@ class AdminCommands(CommandBase):
         self.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
         title = self.notices.text("admin.reconcile_dry" if dry_run else "admin.reconcile_done")
         await self.reply_text(evt, title + "\n" + self.report_text(report))
+
+    @lambda_.subcommand("usage", help="Top users this month: !lambda usage [csv]")
+    @command.argument("flags", pass_raw=True, required=False)
+    @admin
+    async def usage(self, evt: MessageEvent, flags: str = "") -> None:
+        first = month_start(utc_day())
+        if "csv" in (flags or "").split():
+            await self.usage_file(evt, first)
+            return
+        top = await self.store.top_users(first, TOP_USERS)
+        if not top:
+            await self.reply(evt, "usage.none")
+            return
+        lines = [self.notices.text("usage.top_title")]
+        lines += self.fitting([
+            self.notices.text(
+                "usage.top_line", user=user, tokens_in=tokens_in, tokens_out=tokens_out,
+                requests=requests,
+            )
+            for user, tokens_in, tokens_out, requests in top
+        ], LIST_BYTES)  # fmt: skip
+        await self.reply_text(evt, "\n".join(lines))
+
+    async def usage_file(self, evt: MessageEvent, first: str) -> None:
+        """This month's usage rows as a CSV file message (encrypted in an encrypted room)."""
+        data = usage_csv(await self.store.usage_rows(first))
+        mx = self.spaces.mx
+        encrypt = mx.crypto.available and await mx.crypto.is_encrypted(evt.room_id)
+        await self.reply(evt, "usage.csv", since=first)
+        try:
+            await files.send_bytes(mx, evt.room_id, data, f"usage-{first[:7]}.csv", encrypt=encrypt)
+        except files.FileRefused as e:
+            self.log.warning("Sending the usage CSV failed: %s", e)
+            await self.reply_text(evt, e.message(self.settings().language))
 
     @lambda_.subcommand("reset", help="Dev reset: !lambda reset local|server [--confirm]")
     @command.argument("args", pass_raw=True, required=False)

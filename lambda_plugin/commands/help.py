@@ -13,4 +13,7 @@ class HelpCommands(CommandBase):
     @command.new("help", help="List the commands")
     @any_user
     async def help(self, evt: MessageEvent) -> None:
-        await self.reply_text(evt, help_text(self.settings().language))
+        settings = self.settings()
+        heard = any(settings.transcription_for(agent_id) for agent_id in settings.agents)
+        voice = "help.voice_on" if heard else "help.voice_off"
+        await self.reply_text(evt, help_text(settings.language) + "\n\n" + self.notices.text(voice))

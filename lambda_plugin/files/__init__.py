@@ -26,7 +26,7 @@ from .names import (
     safe_segment,
     user_dir,
 )
-from .outgoing import image_size, msgtype_for, resolve_outgoing, send_outgoing
+from .outgoing import image_size, msgtype_for, resolve_outgoing, send_bytes, send_outgoing
 
 __all__ = [
     "FILE_MSGTYPES",
@@ -40,6 +40,7 @@ __all__ = [
     "safe_name",
     "safe_segment",
     "save_incoming",
+    "send_bytes",
     "send_outgoing",
     "user_dir",
 ]

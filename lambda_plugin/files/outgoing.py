@@ -146,6 +146,15 @@ async def send_outgoing(
     shown = _shown(rel_path)
     name = safe_name(PurePosixPath(rel_path).name)
     data = await _read_checked(workspace_root, real, max_bytes, shown, name)
+    return await send_bytes(mx, room_id, data, name, encrypt=encrypt, shown=repr(shown))
+
+
+async def send_bytes(
+    mx: Matrix, room_id: str, data: bytes, name: str, *, encrypt: bool, shown: str = ""
+) -> str:
+    """Uploads ``data`` and sends it as a file message named ``name`` (the message type and
+    info from its MIME type); the event id. Raises FileRefused."""
+    shown = shown or repr(name)
     mime = mimetypes.guess_type(name)[0] or DEFAULT_MIME
     info: dict[str, Any] = {"mimetype": mime, "size": len(data)}
     dims = image_size(data)
@@ -157,9 +166,9 @@ async def send_outgoing(
         content["info"] = info
         return await mx.send(room_id, content)
     except NoCrypto as e:  # never sent in the clear instead
-        raise FileRefused("file.upload_failed", f"{shown!r} not encrypted: {e}", name=name) from e
+        raise FileRefused("file.upload_failed", f"{shown} not encrypted: {e}", name=name) from e
     except HomeserverError as e:
-        raise FileRefused("file.upload_failed", f"upload of {shown!r}: {e}", name=name) from e
+        raise FileRefused("file.upload_failed", f"upload of {shown}: {e}", name=name) from e
 
 
 async def _upload(mx: Matrix, data: bytes, mime: str, name: str, encrypt: bool) -> dict[str, Any]:

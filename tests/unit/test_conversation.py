@@ -60,6 +60,12 @@ class FakeAnswerer:
 
 
 @dataclass
+class NoQuota:
+    async def refusal(self, user_id: str) -> None:
+        return None
+
+
+@dataclass
 class FakeNotices:
     said: list[str] = field(default_factory=list)
 
@@ -82,6 +88,7 @@ def conversation(**overrides: Any) -> tuple[Conversation, dict[str, Any]]:
                                                     False, False, 1)}),
         "answerer": FakeAnswerer(),
         "notices": FakeNotices(),
+        "quota": NoQuota(),
     }  # fmt: skip
     stage = Conversation(gate=gate, settings=lambda: current["settings"], log=LOG, **parts)
     return stage, {**parts, "current": current}

@@ -1,0 +1,50 @@
+"""Voice messages: transcribed through an OpenAI-compatible /audio/transcriptions endpoint
+(``transcription`` in the config, per agent overridable), shown in the room as a quoted
+notice, and handed to the agent as the user's text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from . import files
+from .config import TranscriptionSpec
+from .intake import Incoming
+from .matrix import Matrix
+from .notices import Notices
+from .part import Part
+from .transcription import Transcriber
+
+AUDIO = "m.audio"
+
+
+def is_voice(incoming: Incoming) -> bool:
+    """An audio message (Element's voice messages are m.audio with
+    org.matrix.msc3245.voice): what is transcribed, when a transcriber is configured."""
+    return incoming.file is not None and incoming.file.get("msgtype") == AUDIO
+
+
+@dataclass(eq=False, kw_only=True)
+class Voice(Part):
+    """Turns a voice message into the user's text."""
+
+    mx: Matrix
+    notices: Notices
+    http: aiohttp.ClientSession
+
+    async def transcript(self, incoming: Incoming, spec: TranscriptionSpec) -> str:
+        """The message's words, shown in the room as a quote. Raises FileRefused (the audio
+        could not be fetched, or is too long) or TranscriptionError (an AgentError)."""
+        settings = self.settings()
+        audio = await files.fetch_inline(
+            self.mx, incoming.file, min(spec.max_bytes, settings.max_file_bytes),
+            deadline_s=settings.download_timeout_s,
+        )  # fmt: skip
+        transcriber = Transcriber(spec, self.http, self.log)
+        text = await transcriber.transcribe(audio.data or b"", audio.name, audio.mime_type)
+        quoted = "\n".join(f"> {line}" for line in text.splitlines() or [""])
+        await self.notices.say(
+            incoming.room_id, "voice.transcript", text=quoted, reply_to=incoming.event_id
+        )
+        return text
