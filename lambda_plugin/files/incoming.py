@@ -51,6 +51,9 @@ def caption(content: Any) -> str:
     return ""
 
 
+OnChunk = Callable[[bytes | bytearray], Awaitable[None]]  # what takes the file's bytes
+
+
 class _Incoming:
     """What a media event says about its file, checked before anything is downloaded.
 
@@ -59,8 +62,9 @@ class _Incoming:
     Content-Length, received) are the ciphertext's, which AES-CTR keeps the same.
     """
 
-    def __init__(self, content: Any, max_bytes: int) -> None:
+    def __init__(self, content: Any, max_bytes: int, deadline_s: float | None = None) -> None:
         content = _as_dict(content)
+        self.deadline_s = deadline_s  # the whole download's, in seconds (None: no deadline)
         raw_name = content.get("filename") or content.get("body")
         self.name = safe_name(raw_name if isinstance(raw_name, str) else "")
         self.sealed = self._sealed(content["file"]) if "file" in content else None
@@ -117,9 +121,7 @@ def _parse_mxc(url: Any, name: str) -> tuple[str, str]:
     raise FileRefused("file.download_failed", f"not an mxc:// URI: {str(url)[:100]!r}", name=name)
 
 
-async def _chunks(
-    mx: Matrix, incoming: _Incoming, on_chunk: Callable[[bytes | bytearray], Awaitable[None]]
-) -> int:
+async def _chunks(mx: Matrix, incoming: _Incoming, on_chunk: OnChunk) -> int:
     """Streams the media to ``on_chunk``; its size. Refuses as soon as it passes the limit."""
     size = 0
     try:
@@ -137,12 +139,7 @@ async def _chunks(
     return size
 
 
-async def _receive(
-    mx: Matrix,
-    incoming: _Incoming,
-    on_chunk: Callable[[bytes | bytearray], Awaitable[None]],
-    deadline_s: float | None,
-) -> int:
+async def _receive(mx: Matrix, incoming: _Incoming, on_chunk: OnChunk) -> int:
     """The file's bytes to ``on_chunk`` (:func:`_download`); its size.
 
     A plain file streams as it comes. An encrypted one is kept whole in memory, as AES-CTR
@@ -151,13 +148,13 @@ async def _receive(
     it is decrypted in place and handed over at once: nothing unverified is ever written.
     """
     if incoming.sealed is None:
-        return await _download(mx, incoming, on_chunk, deadline_s)
+        return await _download(mx, incoming, on_chunk)
     ciphertext = bytearray()
 
     async def keep(chunk: bytes | bytearray) -> None:
         ciphertext.extend(chunk)
 
-    size = await _download(mx, incoming, keep, deadline_s)
+    size = await _download(mx, incoming, keep)
     try:
         plaintext = await open_sealed(ciphertext, incoming.sealed)
     except (NoCrypto, Undecryptable) as e:
@@ -166,14 +163,10 @@ async def _receive(
     return size
 
 
-async def _download(
-    mx: Matrix,
-    incoming: _Incoming,
-    on_chunk: Callable[[bytes | bytearray], Awaitable[None]],
-    deadline_s: float | None,
-) -> int:
-    """:func:`_chunks`, abandoned past ``deadline_s`` seconds in all: the read timeout alone
+async def _download(mx: Matrix, incoming: _Incoming, on_chunk: OnChunk) -> int:
+    """:func:`_chunks`, abandoned past the incoming file's deadline: the read timeout alone
     lets a server that trickles a byte now and then hold a download for ever."""
+    deadline_s = incoming.deadline_s
     if deadline_s is None:
         return await _chunks(mx, incoming, on_chunk)
     try:
@@ -211,13 +204,13 @@ async def save_incoming(
     key, iv or version wrong: ``file.download_failed``; no crypto library: ``file.encrypted``);
     cancelled, it leaves nothing either and lets the CancelledError through.
     """
-    incoming = _Incoming(content, max_bytes)
+    incoming = _Incoming(content, max_bytes, deadline_s)
     if quota_bytes > 0:
         await _apply_quota(incoming, workspace_root, user_id, quota_bytes)
     folder = inbox_dir(user_id, room_id)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     wanted = f"{stamp}-{incoming.name}"
-    placed, size = await _download_into(mx, incoming, workspace_root, folder, wanted, deadline_s)
+    placed, size = await _download_into(mx, incoming, workspace_root, folder, wanted)
     return Attachment(
         name=incoming.name,
         mime_type=incoming.mime_type,
@@ -232,7 +225,6 @@ async def _download_into(
     workspace_root: str,
     folder: PurePosixPath,
     wanted: str,
-    deadline_s: float | None,
 ) -> tuple[str, int]:
     """Downloads into a temporary file in the folder, then moves it to a free name like
     ``wanted``; the name and size. Refused, failed or cancelled, it leaves nothing behind."""
@@ -244,7 +236,7 @@ async def _download_into(
     placed: str | None = None
     done = False
     try:
-        size = await _write_temp(mx, incoming, dir_fd, tmp, deadline_s)
+        size = await _write_temp(mx, incoming, dir_fd, tmp)
         placed = reserve(dir_fd, wanted)
         os.replace(tmp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         done = True
@@ -259,9 +251,7 @@ async def _download_into(
     return placed, size
 
 
-async def _write_temp(
-    mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str, deadline_s: float | None
-) -> int:
+async def _write_temp(mx: Matrix, incoming: _Incoming, dir_fd: int, tmp: str) -> int:
     """Streams the download into a new file ``tmp`` of the folder, synced to disk; its size."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as out:
@@ -269,7 +259,7 @@ async def _write_temp(
         async def write(chunk: bytes | bytearray) -> None:
             out.write(chunk)
 
-        size = await _receive(mx, incoming, write, deadline_s)
+        size = await _receive(mx, incoming, write)
         out.flush()
         await asyncio.to_thread(os.fsync, out.fileno())
     return size
@@ -281,13 +271,13 @@ async def fetch_inline(
     """Downloads a media event's file into memory (``data``), for when no workspace is set,
     decrypted when it is encrypted; abandoned (FileRefused ``file.timeout``) if not done in
     ``deadline_s`` seconds. Refuses what :func:`save_incoming` refuses."""
-    incoming = _Incoming(content, max_bytes)
+    incoming = _Incoming(content, max_bytes, deadline_s)
     chunks: list[bytes | bytearray] = []
 
     async def keep(chunk: bytes | bytearray) -> None:
         chunks.append(chunk)
 
-    size = await _receive(mx, incoming, keep, deadline_s)
+    size = await _receive(mx, incoming, keep)
     return Attachment(
         name=incoming.name, mime_type=incoming.mime_type, size=size, data=b"".join(chunks)
     )
