@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from devstack.matrix import MatrixUser
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, Marker
-from lambda_plugin.roomstate import clean_name, new_platform_chat_id, space_child
-from lambda_plugin.spaces import Spaces
+from lambda_plugin.roomstate import (
+    clean_name,
+    creators_privileged,
+    new_platform_chat_id,
+    space_child,
+    space_parent,
+)
+from lambda_plugin.roomstate import power_levels as plugin_power_levels
 
 # base-config.yaml's defaults, which the benchmark instance runs with
 SPACE_NAME = "Lambda — {displayname}"
@@ -57,16 +62,11 @@ def layout(rooms: int, chats_per_owner: int = 9) -> tuple[int, int]:
 
 
 async def power_levels(bot: MatrixUser, owner: str) -> dict:
-    """The plugin's own power levels for ``owner``'s rooms (Spaces.power_levels, unchanged)."""
-
-    async def default_room_version() -> str:
-        caps = await bot.request("GET", "/_matrix/client/v3/capabilities")
-        return str(caps.get("capabilities", {}).get("m.room_versions", {}).get("default", "10"))
-
-    stub = SimpleNamespace(
-        mx=SimpleNamespace(user_id=bot.user_id, default_room_version=default_room_version)
-    )
-    return await Spaces(stub).power_levels(owner)  # type: ignore[arg-type]
+    """The plugin's own power levels for ``owner``'s rooms, as Spaces.power_levels makes
+    them (roomstate.power_levels for the homeserver's default room version, unchanged)."""
+    caps = await bot.request("GET", "/_matrix/client/v3/capabilities")
+    version = str(caps.get("capabilities", {}).get("m.room_versions", {}).get("default", "10"))
+    return plugin_power_levels(owner, bot.user_id, creators_privileged(version))
 
 
 def levels_for(template: dict, owner: str) -> dict:
@@ -116,11 +116,7 @@ async def create_chat(
             invite=[user_id],
             initial_state=[
                 marker.state_event(),
-                {
-                    "type": "m.space.parent",
-                    "state_key": space,
-                    "content": {"via": [server], "canonical": True},
-                },
+                {"type": "m.space.parent", "state_key": space, "content": space_parent(server)},
             ],
             power_level_content_override=levels,
         )
