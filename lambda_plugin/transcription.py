@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
+from .agent_config import TranscriptionSpec
 from .agents.base import AgentError
 from .agents.http import HttpClient, read_body
-from .config import TranscriptionSpec
 from .texts import TEXTS
 
 # The longest answer read: the transcript of the longest audio accepted is far shorter.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from . import files
-from .config import TranscriptionSpec
+from .agent_config import TranscriptionSpec
 from .intake import Incoming
 from .matrix import Matrix
 from .notices import Notices

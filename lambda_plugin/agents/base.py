@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from ..config import AgentOptions, AgentSpec
+from ..agent_config import AgentOptions, AgentSpec
 from ..db import Store
 from ..texts import TEXTS, text
 

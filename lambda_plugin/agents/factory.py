@@ -6,7 +6,7 @@ import logging
 
 import aiohttp
 
-from ..config import AgentSpec
+from ..agent_config import AgentSpec
 from ..db import Store
 from .base import Agent
 from .echo import EchoAgent

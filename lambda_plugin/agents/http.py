@@ -15,7 +15,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from ..config import AgentOptions
+from ..agent_config import AgentOptions
 from .base import AgentError
 
 # Bounds on what an agent may send back, so a broken endpoint cannot exhaust memory.

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..config import AgentOptions, AgentSpec
+from ..agent_config import AgentOptions, AgentSpec
 from .base import (
     MAX_ANSWER_CHARS,
     Agent,

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from ..config import AgentOptions, AgentSpec
+from ..agent_config import AgentOptions, AgentSpec
 from ..db import Store
 from .base import (
     MAX_ANSWER_CHARS,

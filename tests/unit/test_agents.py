@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from mautrix.util.async_db import Database
 
+from lambda_plugin.agent_config import AgentSpec
 from lambda_plugin.agents import (
     Agent,
     AgentError,
@@ -28,7 +29,6 @@ from lambda_plugin.agents import (
 )
 from lambda_plugin.agents.http import ERROR_BODY_BYTES
 from lambda_plugin.agents.openai import _sse_data
-from lambda_plugin.config import AgentSpec
 from lambda_plugin.db import Store, upgrade_table
 from lambda_plugin.texts import TEXTS
 from tests.servers.lambda_server import LambdaServer

@@ -12,7 +12,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from yarl import URL
 
-from lambda_plugin.config import AgentSpec, Config, Settings, TranscriptionSpec, UserMatcher
+from lambda_plugin.agent_config import AgentSpec, TranscriptionSpec
+from lambda_plugin.config import Config, Settings, UserMatcher
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "base-config.yaml"
 yaml = YAML()

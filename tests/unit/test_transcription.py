@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from lambda_plugin.agent_config import TranscriptionSpec
 from lambda_plugin.agents import AgentError
-from lambda_plugin.config import TranscriptionSpec
 from lambda_plugin.texts import TEXTS
 from lambda_plugin.transcription import (
     MAX_ANSWER_BYTES,
