@@ -12,10 +12,7 @@ already manages, and a second run on a consistent database writes nothing.
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,17 +25,7 @@ from ..roomstate import (
     space_child,
     space_parent,
 )
-from .report import Report
-
-Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content
-
-
-@dataclass
-class Plan:
-    users: dict[str, UserRow] = field(default_factory=dict)
-    rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
-    state_writes: list[Write] = field(default_factory=list)  # into rooms the bot manages
-    report: Report = field(default_factory=Report)
+from .report import Plan, Write, without_gc
 
 
 @dataclass(slots=True)
@@ -328,21 +315,7 @@ def gone_rooms(
     return gone
 
 
-@contextmanager
-def _without_gc() -> Iterator[None]:
-    """Pauses the cyclic garbage collector: building tens of thousands of rows makes it run
-    full collections over an ever larger heap, which turns linear work quadratic. Nothing
-    made here is cyclic; the pause lasts one plan."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-@_without_gc()
+@without_gc()
 def plan(
     states: dict[str, RoomState] | dict[str, list[dict[str, Any]]],
     bot_id: str,

@@ -1,9 +1,15 @@
-"""The report of a reconciliation: stable keys, logged in one line, shown by !lambda status."""
+"""What a reconciliation comes to: its plan of writes and its report (stable keys, logged in
+one line, shown by !lambda status)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..db import ChatRoomRow, UserRow
 
 
 @dataclass
@@ -32,3 +38,28 @@ class Report:
         data = dict(self.__dict__)
         data["seconds"] = round(self.seconds, 3)
         return data
+
+
+Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content
+
+
+@dataclass
+class Plan:
+    users: dict[str, UserRow] = field(default_factory=dict)
+    rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
+    state_writes: list[Write] = field(default_factory=list)  # into rooms the bot manages
+    report: Report = field(default_factory=Report)
+
+
+@contextmanager
+def without_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector: building tens of thousands of rows makes it run
+    full collections over an ever larger heap, which turns linear work quadratic. Nothing
+    made here is cyclic; the pause lasts one plan."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
