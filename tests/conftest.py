@@ -17,6 +17,9 @@ from devstack.stack import Deployment, deploy, undeploy
 from devstack.synapse import Synapse
 
 ENGINES = ["sqlite", "postgres"]
+# Plain chat rooms unless a test asks for encrypted ones (tests/real/test_encryption.py turns
+# spaces.encryption to auto for its own users): the plain test client can't decrypt.
+PLAIN_ROOMS = {"spaces": {"encryption": "never"}}
 _names = itertools.count(1)
 
 
@@ -57,12 +60,9 @@ async def stack(request: pytest.FixtureRequest, synapse: Synapse) -> AsyncIterat
     engine = request.param
     pg = request.getfixturevalue("postgres") if engine == "postgres" else None
     state = _state_dir(f"lambda-maubot-{engine}-")
-    # Plain chat rooms unless a test asks for encrypted ones (tests/real/test_encryption.py
-    # turns spaces.encryption to auto for its own users): the plain test client can't decrypt.
     deployment = await deploy(
-        state, synapse, pg, bot_localpart=f"lambda_{engine}",
-        config={"spaces": {"encryption": "never"}},
-    )  # fmt: skip
+        state, synapse, pg, bot_localpart=f"lambda_{engine}", config=PLAIN_ROOMS
+    )
     yield deployment
     await undeploy(deployment)
     if not os.environ.get("LAMBDA_KEEP_STATE"):

@@ -11,7 +11,7 @@ import pytest_asyncio
 from devstack.stack import deploy, undeploy
 from devstack.synapse import Synapse
 
-from ..conftest import _state_dir
+from ..conftest import PLAIN_ROOMS, _state_dir
 from .helpers import is_room_invite, is_space_invite
 
 pytestmark = pytest.mark.real
@@ -37,7 +37,9 @@ async def limited():
     synapse = Synapse(state / "synapse", limits=LOW_LIMITS)
     try:
         synapse.start()
-        deployment = await deploy(state / "maubot", synapse, None, bot_localpart="lambda_limited")
+        deployment = await deploy(
+            state / "maubot", synapse, None, bot_localpart="lambda_limited", config=PLAIN_ROOMS
+        )
         yield deployment
         await undeploy(deployment)
     finally:

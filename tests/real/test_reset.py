@@ -11,7 +11,7 @@ from devstack.matrix import MatrixUser
 from devstack.reset import reset
 from devstack.stack import deploy, undeploy
 
-from ..conftest import _state_dir
+from ..conftest import PLAIN_ROOMS, _state_dir
 from .helpers import notice_text, onboard
 
 pytestmark = pytest.mark.real
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.real
 async def own_stack(synapse):
     """A deployment of its own: a server reset leaves every room its bot manages."""
     state = _state_dir("lambda-reset-")
-    deployment = await deploy(state, synapse, None, bot_localpart="lambda_reset")
+    deployment = await deploy(
+        state, synapse, None, bot_localpart="lambda_reset", config=PLAIN_ROOMS
+    )
     login = synapse.login(deployment.bot_id, "bot-password")
     bot = MatrixUser(synapse.url, deployment.bot_id, login["access_token"])
     deployment.users.append(bot)
