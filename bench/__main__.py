@@ -1,5 +1,6 @@
-"""``python -m bench [--quick]``: every benchmark on a stack of its own, a table of the figures
-next to the goals, and bench/results/latest.json (quick.json with --quick)."""
+"""``python -m bench [--quick] [--engines sqlite,postgres]``: every benchmark on a stack of its
+own (one per plugin database engine), a table of the figures next to the goals, and
+bench/results/latest.json (quick.json with --quick)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 from devstack.procs import REPO
 from devstack.synapse import synapse_python
 
-from . import burst, latency, provision, reconcile, stream_cpu, synthetic
+from . import burst, first_words, latency, provision, reconcile, stream_cpu, synthetic
 from .env import BenchStack
 from .report import evaluate, table
 
@@ -33,7 +34,10 @@ SIZES = {
         "synthetic": [1_000, 10_000],
         "synthetic_timeout": 120,
         "latency_samples": 30,
+        "first_words_samples": 30,
+        "provision_alone": 5,
         "provision_users": 10,
+        "provision_rounds": 3,
         "burst_rooms": 10,
         "burst_per_room": 10,
         "stream_cpu_reps": 1,
@@ -44,13 +48,21 @@ SIZES = {
         "synthetic": [10_000, 100_000],
         "synthetic_timeout": 900,
         "latency_samples": 200,
+        "first_words_samples": 100,
+        "provision_alone": 10,
         "provision_users": 50,
+        "provision_rounds": 3,
         "burst_rooms": 50,
         "burst_per_room": 20,
         "stream_cpu_reps": 3,
     },
 }
-BENCHMARKS = ("synthetic", "stream_cpu", "reconcile", "latency", "provision", "burst")
+BENCHMARKS = (
+    "synthetic", "stream_cpu", "reconcile", "latency", "first_words", "provision", "burst",
+)  # fmt: skip
+# The ones that run on a Synapse + maubot stack, once per plugin database engine.
+STACK_BENCHMARKS = ("reconcile", "latency", "first_words", "provision", "burst")
+ENGINES = ("sqlite", "postgres")
 
 _t0 = time.monotonic()
 
@@ -83,7 +95,7 @@ def synthetic_keys(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def meta(mode: str, sizes: dict[str, Any], engine: str) -> dict[str, Any]:
+def meta(mode: str, sizes: dict[str, Any], engines: list[str]) -> dict[str, Any]:
     def run(cmd: list[str]) -> str:
         try:
             return subprocess.run(
@@ -98,9 +110,10 @@ def meta(mode: str, sizes: dict[str, Any], engine: str) -> dict[str, Any]:
     return {
         "mode": mode,
         "sizes": sizes,
-        "plugin_db_engine": engine,
-        "git_commit": run(["git", "rev-parse", "--short", "HEAD"]),
+        "engines": engines,
+        "git_commit": run(["git", "rev-parse", "HEAD"]),
         "git_dirty": bool(run(["git", "status", "--porcelain", "--", "lambda_plugin"])),
+        "bench_dirty": bool(run(["git", "status", "--porcelain", "--", "bench", "devstack"])),
         # what was measured, even when the plugin's files differ from the commit
         "plugin_sources_sha256": digest.hexdigest()[:16],
         "cpus": os.cpu_count(),
@@ -111,6 +124,20 @@ def meta(mode: str, sizes: dict[str, Any], engine: str) -> dict[str, Any]:
     }
 
 
+def engines_of(args: argparse.Namespace) -> list[str]:
+    """--engines, else --engine, else both for the full run and SQLite for the quick one."""
+    if args.engines:
+        wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    elif args.engine:
+        wanted = [args.engine]
+    else:
+        wanted = ["sqlite"] if args.quick else list(ENGINES)
+    unknown = [e for e in wanted if e not in ENGINES]
+    if unknown or not wanted:
+        raise SystemExit(f"bench: unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
+    return list(dict.fromkeys(wanted))
+
+
 async def main_async(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "full"
     sizes = dict(SIZES[mode])
@@ -118,11 +145,15 @@ async def main_async(args: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         sizes[key] = json.loads(value)
     only = set(args.only.split(",")) if args.only else set(BENCHMARKS)
+    unknown = only - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"bench: unknown benchmark(s) {sorted(unknown)}")
+    engines = engines_of(args)
     profile_dir = (RESULTS / f"profiles-{mode}") if args.profile else None
-    results: dict[str, Any] = {"meta": meta(mode, sizes, args.engine)}
+    results: dict[str, Any] = {"meta": meta(mode, sizes, engines)}
     failed = False
 
-    async def attempt(name: str, coro) -> Any:
+    async def attempt(where: dict[str, Any], name: str, coro) -> Any:
         nonlocal failed
         try:
             return await coro
@@ -132,64 +163,37 @@ async def main_async(args: argparse.Namespace) -> int:
             failed = True
             log(f"{name} FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
-            results.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
+            where.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
             return None
 
     started = time.monotonic()
     if "synthetic" in only:
         log(f"synthetic plan() at {sizes['synthetic']} rooms, each in its own process")
         runs = await attempt(
-            "reconcile",
+            results,
+            "synthetic",
             synthetic.run_sizes(
                 sizes["synthetic"], sizes["synthetic_timeout"], log, profile_dir=profile_dir
             ),
         )
         if runs:
-            results.setdefault("reconcile", {}).update(synthetic_keys(runs))
+            results.setdefault("synthetic", {}).update(synthetic_keys(runs))
     if "stream_cpu" in only:
         # In this process, before any stack runs: its CPU time is the plugin code's alone.
         log("stream_cpu: 10 KB and 12 KB answers in 4-character deltas through StreamingReply")
-        got = await attempt("stream_cpu", stream_cpu.measure(sizes["stream_cpu_reps"]))
+        got = await attempt(results, "stream_cpu", stream_cpu.measure(sizes["stream_cpu_reps"]))
         if got:
             results["stream_cpu"] = got
-    if only - {"synthetic", "stream_cpu"}:
-        stack = BenchStack(engine=args.engine, keep=args.keep)
-        try:
-            log(f"starting Synapse + maubot + plugin (state in {stack.root})")
-            await stack.start()
-            log("stack up")
-            if "reconcile" in only:
-                got = await attempt(
-                    "reconcile",
-                    reconcile.run(
-                        stack, sizes["reconcile_rooms"], sizes["reconcile_reps"], log, profile_dir
-                    ),
-                )
-                if got:
-                    results.setdefault("reconcile", {}).update(got)
-                # whatever happened there, the plugin serves again
-                await attempt("reconcile", stack.set_instance_started(True))
-            if "latency" in only:
-                got = await attempt(
-                    "latency", latency.run(stack, sizes["latency_samples"], log, profile_dir)
-                )
-                if got:
-                    results["latency"] = got
-            handoff = None
-            if "provision" in only or "burst" in only:
-                got = await attempt(
-                    "provision", provision.run(stack, sizes["provision_users"], log)
-                )
-                if got:
-                    results["provision"], handoff = got
-            if "burst" in only and handoff:
-                rooms = handoff[: sizes["burst_rooms"]]
-                got = await attempt("burst", burst.run(stack, rooms, sizes["burst_per_room"], log))
-                if got:
-                    results["burst"] = got
-        finally:
-            log("stopping the stack")
-            await stack.stop()
+    if only & set(STACK_BENCHMARKS):
+        results["engines"] = {}
+        for engine in engines:
+            on_engine = results["engines"][engine] = {}
+            engine_started = time.monotonic()
+            profiles = None
+            if profile_dir is not None:
+                profiles = profile_dir if engine == engines[0] else profile_dir / engine
+            await run_stack(engine, only, sizes, on_engine, attempt, args.keep, profiles)
+            on_engine["seconds"] = round(time.monotonic() - engine_started, 1)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     results["goals"] = evaluate(results)
     print(table(results), flush=True)
@@ -200,16 +204,89 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def run_stack(
+    engine: str,
+    only: set[str],
+    sizes: dict[str, Any],
+    results: dict[str, Any],
+    attempt,
+    keep: bool,
+    profile_dir: Path | None,
+) -> None:
+    """The stack benchmarks on a Synapse + maubot + plugin of their own, the plugin's
+    database on ``engine``; figures into ``results``, each failure there too."""
+    stack = BenchStack(engine=engine, keep=keep)
+    try:
+        log(f"[{engine}] starting Synapse + maubot + plugin (state in {stack.root})")
+        await attempt(results, "stack", stack.start())
+        if "stack" in results:  # nothing can run without it
+            for name in only & set(STACK_BENCHMARKS):
+                results.setdefault(name, {})["error"] = "the stack did not start"
+            return
+        log(f"[{engine}] stack up")
+        if "reconcile" in only:
+            got = await attempt(
+                results,
+                "reconcile",
+                reconcile.run(
+                    stack, sizes["reconcile_rooms"], sizes["reconcile_reps"], log, profile_dir
+                ),
+            )
+            if got:
+                results.setdefault("reconcile", {}).update(got)
+            # whatever happened there, the plugin serves again
+            await attempt(results, "reconcile", stack.set_instance_started(True))
+        if "latency" in only:
+            got = await attempt(
+                results,
+                "latency",
+                latency.run(stack, sizes["latency_samples"], log, profile_dir),
+            )
+            if got:
+                results["latency"] = got
+        if "first_words" in only:
+            got = await attempt(
+                results, "first_words", first_words.run(stack, sizes["first_words_samples"], log)
+            )
+            if got:
+                results["first_words"] = got
+        handoff = None
+        if "provision" in only or "burst" in only:
+            got = await attempt(
+                results,
+                "provision",
+                provision.run(
+                    stack,
+                    sizes["provision_users"],
+                    log,
+                    sizes["provision_alone"],
+                    sizes["provision_rounds"],
+                ),
+            )
+            if got:
+                results["provision"], handoff = got
+        if "burst" in only and handoff:
+            rooms = handoff[: sizes["burst_rooms"]]
+            got = await attempt(
+                results, "burst", burst.run(stack, rooms, sizes["burst_per_room"], log)
+            )
+            if got:
+                results["burst"] = got
+    finally:
+        log(f"[{engine}] stopping the stack")
+        await stack.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/run.sh")
     parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument(
-        "--engine",
-        choices=("sqlite", "postgres"),
-        default="sqlite",
-        help="the plugin's database (default: sqlite, maubot's default)",
+        "--engines",
+        help="the plugin's database engines, comma-separated, each on a stack of its own "
+        "(default: sqlite,postgres for the full run, sqlite for --quick)",
     )
+    parser.add_argument("--engine", choices=ENGINES, help="one engine: --engines ENGINE")
     parser.add_argument(
         "--profile",
         action="store_true",

@@ -18,6 +18,7 @@ from devstack.postgres import Postgres
 from devstack.stack import Deployment, deploy, undeploy
 from devstack.synapse import RAISED_LIMITS, Synapse
 
+from .agent_server import StreamingAgent
 from .common import LogTail, homeserver_requests
 
 BOT_LOCALPART = "lambda_bench"
@@ -47,6 +48,8 @@ PLUGIN_CONFIG = {
     "spaces": {"encryption": "never"},
     "reconcile": {"catch_up_minutes": 0.5},
 }
+# The streaming agent of first_words, in agents.registry next to echo (which stays the default).
+STREAM_AGENT = "bench_stream"
 
 
 class BenchStack:
@@ -59,6 +62,7 @@ class BenchStack:
         self.postgres: Postgres | None = None
         self.dep: Deployment | None = None
         self.log: LogTail | None = None
+        self.agent = StreamingAgent()
         self._users: list[MatrixUser] = []
         self._device: MatrixUser | None = None
         self._names = 0
@@ -70,13 +74,18 @@ class BenchStack:
         if self.engine == "postgres":
             self.postgres = Postgres(self.root / "pg")
             await asyncio.to_thread(self.postgres.start)
+        await self.agent.start()
+        config = {
+            **PLUGIN_CONFIG,
+            "agents": {"registry": {STREAM_AGENT: self.agent.config()}},
+        }
         try:
             self.dep = await deploy(
                 self.root / "maubot",
                 self.synapse,
                 self.postgres,
                 bot_localpart=BOT_LOCALPART,
-                config=PLUGIN_CONFIG,
+                config=config,
             )
         except Exception as e:
             why = self._maubot_error()
@@ -107,6 +116,8 @@ class BenchStack:
                 await undeploy(self.dep)
             except BaseException:
                 self.dep.maubot.stop()
+        with contextlib.suppress(Exception):
+            await self.agent.stop()
         for stop in (self.synapse.stop, self.postgres.stop if self.postgres else None):
             if stop is None:
                 continue

@@ -2,11 +2,16 @@
 # Runs every benchmark on a Synapse + maubot + plugin stack of its own (started here, stopped
 # at the end, also on Ctrl-C), prints the figures next to the goals and writes
 # bench/results/latest.json, or bench/results/quick.json with --quick (small sizes, < 5 min).
-# Other options: --only reconcile,latency  --profile  --engine postgres  --set KEY=JSON  --keep
+# The full run measures the plugin database on SQLite and on PostgreSQL (a stack each), the
+# quick run on SQLite; --engines sqlite,postgres (or --engine E) chooses.
+# Other options: --only reconcile,latency  --profile  --set KEY=JSON  --keep  --out FILE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_python_envs
-if [[ " $* " == *" --engine postgres "* ]]; then ensure_postgres; fi
+args=" $* "
+if [[ "$args" == *postgres* ]] || [[ "$args" != *" --quick "* && "$args" != *" --engine"* ]]; then
+  ensure_postgres
+fi
 export LAMBDA_SYNAPSE_PYTHON="$ROOT/.venvs/synapse/bin/python"
 exec .venvs/maubot/bin/python -m bench "$@"
