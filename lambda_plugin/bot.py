@@ -103,15 +103,15 @@ class LambdaBot(Plugin):
             queues=queues, conversation=conversation, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,
         )  # fmt: skip
-        catch_up = CatchUp(mx, queues, self.client, self.message_handlers, self.log)
+        catch_up = CatchUp(
+            mx, queues, self.client, self.message_handlers, router.enqueue, self.log
+        )
+        undecryptable = Undecryptable(mx=mx, notices=notices, catch_up=catch_up, **part)
         self.startup = Startup(
             gate=gate, store=store, reconciler=reconciler, catch_up=catch_up,
-            invite=onboarding.handle_invite, enqueue=router.enqueue,
+            invite=onboarding.handle_invite, sealed=undecryptable.attempt,
             background=self.background, **part,
         )  # fmt: skip
-        undecryptable = Undecryptable(
-            mx=mx, notices=notices, hand_over=self.startup.hand_over, **part
-        )
         commands = self._commands(notices, registry, chats, spaces, reconciler)
         for handlers in (*commands, router, onboarding, undecryptable):
             self.register_handler_class(handlers)

@@ -138,12 +138,14 @@ class CatchUp:
         queues: RoomQueues,
         client: MaubotMatrixClient,
         handlers: Handlers,
+        enqueue: Callable[[Incoming], object],
         log: logging.Logger,
     ) -> None:
         self.mx = mx
         self.queues = queues
         self.client = client
         self.handlers = handlers  # the handlers maubot dispatches events to, as registered
+        self.enqueue = enqueue  # a live event's way into its room's queue (Router.enqueue)
         self.log = log
 
     async def read(self, since: str | None) -> dict[str, Any]:
@@ -181,6 +183,25 @@ class CatchUp:
         count = sum(len(items) for items in heads.values())
         self.log.info("Caught up %d message(s) sent while the bot was away", count)
         return commands
+
+    def enqueue_all(self, timelines: dict[str, list[dict]], since_ms: int) -> list:
+        """Queues the messages of ``timelines`` the live way (events older than ``since_ms``
+        and what is not a message or command left out); returns the commands."""
+        commands = []
+        for room_id, events in timelines.items():
+            for raw in events:
+                incoming = classify({**raw, "room_id": room_id}, self.mx.user_id)
+                if incoming.kind is Kind.IGNORED or incoming.timestamp < since_ms:
+                    continue
+                if incoming.kind is Kind.COMMAND:
+                    commands.append((incoming, raw))
+                else:
+                    self.enqueue(incoming)
+        return commands
+
+    async def hand_over(self, room_id: str, raw: dict[str, Any]) -> None:
+        """One event that reached no handler (decrypted late) goes the live way now."""
+        await self.dispatch(self.enqueue_all({room_id: [raw]}, 0))
 
     async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
         """Hands missed commands to the same handlers live ones reach; a place reserved for a

@@ -26,11 +26,11 @@ from .catchup import (
 from .crypto import ENCRYPTED
 from .db import Store
 from .gate import StartGate
-from .intake import Incoming, Kind, classify
 from .matrix import HomeserverError
 from .part import Part
 from .reconcile import Reconciler, Report
 
+Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
 PRUNE_EVERY_S = 3600
 Invite = Callable[[str, str], Awaitable[None]]
@@ -45,7 +45,7 @@ class Startup(Part):
     reconciler: Reconciler
     catch_up: CatchUp
     invite: Invite
-    enqueue: Callable[[Incoming], object]  # a live event's way into its room's queue
+    sealed: Sealed  # an event still encrypted after a start's read: retried, else told
     background: Callable[[Coroutine[Any, Any, Any]], object]
 
     def __post_init__(self) -> None:
@@ -107,7 +107,23 @@ class Startup(Part):
         missed = unanswered(timelines, set(timelines), self.catch_up.mx.user_id, since_ms, handled)
         active = {r.room_id for r in self.registry.rooms.values() if not r.gone and not r.archived}
         commands = self.catch_up.queue(missed, active)
+        self._retry_sealed(timelines, since_ms, handled)
         return commands, parse_invites(sync, self.catch_up.mx.user_id)
+
+    def _retry_sealed(self, timelines: dict[str, list[dict]], since_ms: int, handled: set) -> None:
+        """What a start read and could not decrypt (the keys may come late; maubot never
+        dispatched it): each recent one is tried again in the background, else its sender
+        is told, as live ones are."""
+        for room_id, events in timelines.items():
+            for raw in events:
+                sender, ts = raw.get("sender"), raw.get("origin_server_ts")
+                if (
+                    raw.get("type") == ENCRYPTED and isinstance(sender, str)
+                    and sender != self.catch_up.mx.user_id
+                    and isinstance(ts, int) and ts >= since_ms
+                    and raw.get("event_id") not in handled
+                ):  # fmt: skip
+                    self.background(self.sealed(room_id, sender, raw))
 
     async def _pending_invites(self, invites: list[tuple[str, str]]) -> None:
         # Invites maubot never dispatched (it drops the first sync after a start).
@@ -158,38 +174,21 @@ class Startup(Part):
             room_id: [e for e in events if e.get("type") == ENCRYPTED]
             for room_id, events in timelines.items()
         }
-        commands = self._enqueue_all(timelines, since_ms)
+        commands = self.catch_up.enqueue_all(timelines, since_ms)
         invites = parse_invites(data, self.catch_up.mx.user_id)
         if commands or invites or any(sealed.values()):
             self.background(self._after_start(commands, invites, sealed, since_ms))
-
-    def _enqueue_all(self, timelines: dict[str, list[dict]], since_ms: int) -> list:
-        """Queues the messages of ``timelines`` the live way; returns the commands."""
-        commands = []
-        for room_id, events in timelines.items():
-            for raw in events:
-                incoming = classify({**raw, "room_id": room_id}, self.catch_up.mx.user_id)
-                if incoming.kind is Kind.IGNORED or incoming.timestamp < since_ms:
-                    continue
-                if incoming.kind is Kind.COMMAND:
-                    commands.append((incoming, raw))
-                else:
-                    self.enqueue(incoming)
-        return commands
 
     async def _after_start(
         self, commands: list, invites: list[tuple[str, str]], sealed: dict, since_ms: int
     ) -> None:
         if any(sealed.values()):
             await self.catch_up.mx.crypto.open_all(sealed)
-            commands += self._enqueue_all(sealed, since_ms)
+            commands += self.catch_up.enqueue_all(sealed, since_ms)
+            self._retry_sealed(sealed, since_ms, set())
         await self.catch_up.dispatch(commands)  # their handlers wait for the gate
         if await self.gate.wait():
             await self._pending_invites(invites)
-
-    async def hand_over(self, room_id: str, raw: dict[str, Any]) -> None:
-        """One event that reached no handler (decrypted late) goes the live way now."""
-        await self.catch_up.dispatch(self._enqueue_all({room_id: [raw]}, 0))
 
     async def keep_sync_position(self) -> None:
         """Saves the sync position every minute, and prunes the handled-event log every

@@ -10,13 +10,13 @@ notice per device and session, and the log one line.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from maubot.handlers import event
 from mautrix.types import EncryptedEvent, EventType
 
+from .catchup import CatchUp
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
@@ -24,30 +24,31 @@ from .part import Part
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # about 15 s for late keys, then the notice
 TOLD_REMEMBERED = 1000
 
-HandOver = Callable[[str, dict[str, Any]], Awaitable[None]]
-
-
 @dataclass(eq=False, kw_only=True)
 class Undecryptable(Part):
     """Retries what maubot could not decrypt; tells the sender when it stays shut."""
 
     mx: Matrix
     notices: Notices
-    hand_over: HandOver  # an opened event the live way (startup.Startup.hand_over)
+    catch_up: CatchUp  # an opened event goes the live way through it
     _told: dict[tuple[str, ...], None] = field(default_factory=dict)
 
     @event.on(EventType.ROOM_ENCRYPTED)
     async def on_encrypted(self, evt: EncryptedEvent) -> None:
-        if evt.sender == self.mx.user_id or not self.mx.crypto.available:
+        await self.attempt(evt.room_id, evt.sender, evt.serialize())
+
+    async def attempt(self, room_id: str, sender: str, raw: dict[str, Any]) -> None:
+        """Tries an encrypted event again while its keys may still arrive: handled the live
+        way once open, else the sender is told (live events, and what a start read)."""
+        if sender == self.mx.user_id or not self.mx.crypto.available:
             return
-        raw = evt.serialize()
         for delay in (0.0, *RETRY_DELAYS_S):
             await asyncio.sleep(delay)
-            opened = await self.mx.crypto.open(evt.room_id, raw)
+            opened = await self.mx.crypto.open(room_id, raw)
             if opened is not None:
-                await self.hand_over(evt.room_id, opened)
+                await self.catch_up.hand_over(room_id, opened)
                 return
-        await self._tell(evt.room_id, evt.sender, raw)
+        await self._tell(room_id, sender, raw)
 
     async def _tell(self, room_id: str, sender: str, raw: dict[str, Any]) -> None:
         """One notice per room, sender, device and session; one log line each time."""

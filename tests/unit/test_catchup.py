@@ -367,7 +367,7 @@ async def closed() -> tuple[StartGate, FakeStage, RoomQueues]:
 
 def catch_up(queues: RoomQueues) -> CatchUp:
     mx = SimpleNamespace(user_id=BOT)
-    return CatchUp(mx, queues, None, lambda: [], LOG)  # type: ignore[arg-type]
+    return CatchUp(mx, queues, None, lambda: [], lambda _: None, LOG)  # type: ignore[arg-type]
 
 
 def live(event_id: str, room_id: str = ROOM) -> Incoming:

@@ -141,7 +141,7 @@ async def test_reset_local_holds_the_gate_closed_until_the_rebuild_is_done() -> 
     reconciler = BlockingReconciler(FakeRegistry())
     startup = Startup(
         gate=gate, store=store, reconciler=reconciler, catch_up=None, invite=None,
-        enqueue=None, background=None, settings=make_settings, log=LOG,
+        sealed=None, background=None, settings=make_settings, log=LOG,
     )  # type: ignore[arg-type]  # fmt: skip
     rebuild = asyncio.create_task(startup.rebuild())
     await asyncio.wait_for(reconciler.started.wait(), TIMEOUT)

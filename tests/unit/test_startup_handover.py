@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from lambda_plugin.catchup import CatchUp
 from lambda_plugin.config import Settings
 from lambda_plugin.gate import StartGate
 from lambda_plugin.intake import Incoming, Kind
@@ -70,9 +71,13 @@ def sync(token: str, timelines: dict[str, list[Any]], invites: dict[str, Any] | 
 
 @dataclass
 class FakeCatchUp:
+    """The real ``enqueue_all`` (what goes where), a recording ``dispatch``."""
+
+    enqueue: Any = None
     mx: Any = field(default_factory=lambda: SimpleNamespace(user_id=BOT))
     dispatched: list[list[tuple[Incoming, dict[str, Any]]]] = field(default_factory=list)
     called: asyncio.Event = field(default_factory=asyncio.Event)
+    enqueue_all = CatchUp.enqueue_all
 
     async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
         await asyncio.sleep(0)
@@ -88,6 +93,7 @@ class Env:
     enqueued: list[Incoming]
     invited: list[tuple[str, str]]
     tasks: list[asyncio.Task]
+    retried: list[str]
 
     async def background_done(self) -> None:
         await asyncio.wait_for(asyncio.gather(*self.tasks), TIMEOUT)
@@ -101,14 +107,19 @@ def window() -> Settings:
 @pytest.fixture
 async def env(window: Settings):
     gate = StartGate()
-    catch_up = FakeCatchUp()
     enqueued: list[Incoming] = []
+    catch_up = FakeCatchUp(enqueue=enqueued.append)
     invited: list[tuple[str, str]] = []
     tasks: list[asyncio.Task] = []
+    retried: list[str] = []
 
     async def invite(room_id: str, inviter: str) -> None:
         await asyncio.sleep(0)
         invited.append((room_id, inviter))
+
+    async def sealed(room_id: str, sender: str, raw: dict[str, Any]) -> None:
+        """Still encrypted after the start's read: the live retry-then-notice path."""
+        retried.append(raw["event_id"])
 
     def background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -123,10 +134,10 @@ async def env(window: Settings):
         reconciler=SimpleNamespace(registry=None),  # type: ignore[arg-type]
         catch_up=catch_up,  # type: ignore[arg-type]
         invite=invite,
-        enqueue=enqueued.append,
+        sealed=sealed,
         background=background,
     )
-    made = Env(startup, gate, catch_up, enqueued, invited, tasks)
+    made = Env(startup, gate, catch_up, enqueued, invited, tasks, retried)
     yield made
     gate.stop()  # lets a task still waiting at the gate end
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
@@ -344,8 +355,11 @@ async def test_encrypted_events_of_the_first_sync_are_handed_over_once_opened(
     assert sorted(crypto.opened) == ["$e-old", "$e-own", "$e1", "$e2"]
     env.gate.open()
     await env.background_done()
+    # What stays shut (and is recent, and not the bot's) goes the live retry-then-notice way.
+    assert env.retried == ["$no-keys"]
+    tasks = len(env.tasks)
     env.startup.sync_done(sync("s2", {ROOM: [sealed("$e3")]}))  # not the first any more
-    assert len(env.tasks) == 1
+    assert len(env.tasks) == tasks
     assert [i.event_id for i in env.enqueued] == ["$e1"]
 
 
