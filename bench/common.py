@@ -276,7 +276,7 @@ def endpoint(path: str) -> str:
 
 
 _VARIABLE_AFTER = {"send", "state", "typing", "receipt", "join", "m.read", "profile", "user",
-                   "filter", "m.room.message"}  # fmt: skip
+                   "filter", "m.room.message", "m.room.encrypted", "sendToDevice"}  # fmt: skip
 
 
 def homeserver_requests(log: Path, after: int, user_id: str) -> dict[str, dict[str, float]]:

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 from ruamel.yaml import YAML
@@ -20,6 +21,11 @@ from devstack.synapse import RAISED_LIMITS, Synapse
 
 from .agent_server import StreamingAgent
 from .common import LogTail, homeserver_requests
+
+if TYPE_CHECKING:
+    from devstack.e2e import E2EUser
+
+    E2E = TypeVar("E2E", bound=E2EUser)
 
 BOT_LOCALPART = "lambda_bench"
 BOT_PASSWORD = "bot-password"  # what devstack.stack.deploy gives the bot
@@ -38,7 +44,8 @@ BENCH_SYNAPSE_CONFIG = {
 # The plugin's own per-user message limit (base-config: 30 a minute) would answer most of a
 # latency run or a burst with "slow down": raised, like Synapse's, so speed is what is measured.
 # The benchmark's users are plain clients that can't decrypt: chat rooms stay unencrypted
-# (as in the tests), whatever maubot's crypto.
+# (as in the tests), whatever maubot's crypto; latency_e2e turns `auto` on only while its
+# encrypting user is onboarded.
 # The catch-up window is 30 seconds instead of 10 minutes: the plugin stores where its
 # catch-up resumes from only once it has run a whole window, and the reconcile benchmark lets
 # it run that long once (see reconcile.py), like a bot that has been up a while, without
@@ -162,6 +169,15 @@ class BenchStack:
 
         return list(await asyncio.gather(*(one(n) for n in names)))
 
+    async def e2e_user(self, localpart: str, cls: type[E2E]) -> E2E:
+        """A registered user logged in with its own encrypting device (``cls``, an
+        ``E2EUser`` or a subclass); closed with the stack."""
+        user_id = await asyncio.to_thread(self.synapse.register, localpart, USER_PASSWORD)
+        user = await cls.login(self.synapse.url, user_id, USER_PASSWORD, device_name="bench")
+        self._users.append(user)
+        assert isinstance(user, cls)  # login() makes a cls
+        return user
+
     async def bot_device(self) -> MatrixUser:
         """The bot's own account on a second device: what the plugin itself could do."""
         login = await asyncio.to_thread(self.synapse.login, self.bot_id, BOT_PASSWORD)
@@ -204,6 +220,21 @@ class BenchStack:
                 return tables
             left = failed
         raise RuntimeError(f"could not empty the plugin tables {left}")
+
+    def crypto_status(self) -> str:
+        """Whether maubot encrypts for the bot client, as devstack found at deploy."""
+        assert self.dep is not None
+        return self.dep.crypto.describe() if self.dep.crypto else "unknown"
+
+    @property
+    def crypto_on(self) -> bool:
+        assert self.dep is not None
+        return bool(self.dep.crypto and self.dep.crypto.on)
+
+    async def configure(self, changes: dict) -> None:
+        """Merges ``changes`` into the instance config (the plugin reloads it live)."""
+        assert self.dep is not None
+        await self.dep.configure(changes)
 
     async def instance_config(self) -> dict:
         """The instance's configuration as maubot holds it (base-config merged with ours)."""

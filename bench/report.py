@@ -54,6 +54,12 @@ SHOWN = {
         ("samples", ""), ("bot_p50_ms", "ms"), ("bot_p99_ms", "ms"), ("raw_p50_ms", "ms"),
         ("raw_p99_ms", "ms"), ("overhead_p50_ms", "ms"),
     ],
+    "latency_e2e": [
+        ("samples", ""), ("plain_p50_ms", "ms"), ("plain_p95_ms", "ms"), ("e2e_p50_ms", "ms"),
+        ("e2e_p95_ms", "ms"), ("encrypted_overhead_p50_ms", "ms"),
+        ("encrypted_overhead_p95_ms", "ms"), ("paired_difference_p50_ms", "ms"),
+        ("undecryptable", ""),
+    ],
     "first_words": [
         ("samples", ""), ("first_token_delay_ms", "ms"), ("stream_edit_interval_s", "s"),
         ("p50_ms", "ms"), ("p95_ms", "ms"), ("raw_p50_ms", "ms"),
