@@ -88,8 +88,10 @@ class Answerer(Part):
     ) -> bool:
         """Asks the agent and sends its answer, marked as the answer to ``reply_to``; False
         after telling the user it failed."""
+        # Partials are not the answer yet: only what finishes it names the message (an
+        # answer cut short by a stop is caught up again after the start).
         reply = StreamingReply(
-            lambda content: self.mx.send(room.room_id, answering(content, reply_to)),
+            lambda content: self.mx.send(room.room_id, content),
             self.settings().stream_edit_interval_s,
         )
         try:
@@ -102,10 +104,9 @@ class Answerer(Part):
             self.log.error("Answering in %s failed", room.room_id, exc_info=error)
             await self._failed(room.room_id, self.notices.text("agent.failed"), reply_to)
             return False
-        delivered = await self._deliver(room, reply, answer, reply_to)
-        if delivered:
-            await self.quota.record(request.user_id, room.room_id, answer.usage)
-        return delivered
+        # Spent once the agent answered, whether or not the answer then reaches the room.
+        await self.quota.record(request.user_id, room.room_id, answer.usage)
+        return await self._deliver(room, reply, answer, (reply_to, request.user_id))
 
     async def _agent_failed(
         self, room: ChatRoomRow, agent: Agent, error: AgentError, reply_to: str
@@ -119,12 +120,16 @@ class Answerer(Part):
         await self.notices.say(room_id, "agent.error", error=error, reply_to=reply_to)
 
     async def _deliver(
-        self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply, reply_to: str
+        self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply, to: tuple[str, str]
     ) -> bool:
+        """The answer into the room, naming the message it answers; the agent's files from
+        the requester's own folder. ``to``: (the message's event id, its sender)."""
+        reply_to, requester = to
+        reply.send = lambda content: self.mx.send(room.room_id, answering(content, reply_to))
         try:
             if answer.text.strip() or not answer.attachments:
                 await reply.finish(answer.text)
-            await self.files.send(room.room_id, room.user_id, answer.attachments)
+            await self.files.send(room.room_id, requester, answer.attachments)
         except Exception:
             self.log.exception("Sending the answer in %s failed", room.room_id)
             await self.notices.say(room.room_id, "send.failed", reply_to=reply_to)

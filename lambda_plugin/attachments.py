@@ -6,7 +6,8 @@ The workspace rules (names, size, which folder) live in ``files``; this part cho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from . import files
 from .agents import Agent, Attachment
@@ -22,6 +23,7 @@ class FileService(Part):
 
     mx: Matrix
     notices: Notices
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def take(
         self, room_id: str, incoming: Incoming, agent: Agent | None
@@ -30,7 +32,9 @@ class FileService(Part):
         takes files inline; None after telling the user why the file was refused."""
         content = incoming.file or {}
         try:
-            attachment = await self._fetch(room_id, incoming, agent)
+            # One download at a time per user: each sees what the others left of the quota.
+            async with self._locks.setdefault(incoming.sender, asyncio.Lock()):
+                attachment = await self._fetch(room_id, incoming, agent)
         except files.FileRefused as e:
             self.log.warning("File from %s in %s refused: %s", incoming.sender, room_id, e)
             await self.notices.send(

@@ -82,17 +82,7 @@ class LambdaBot(Plugin):
         registry = self.registry = Registry(store)
         chats = Chats(registry, mx, self.log)
         notices = Notices(mx, self.current_settings)
-        files = FileService(mx=mx, notices=notices, **part)
-        quota = Quota(store=store, **part)
-        voice = Voice(mx=mx, notices=notices, http=self.http, **part)
-        answerer = Answerer(
-            mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
-            voice=voice, quota=quota, **part,
-        )  # fmt: skip
-        conversation = Conversation(
-            gate=gate, store=store, registry=registry, answerer=answerer, notices=notices,
-            quota=quota, **part,
-        )  # fmt: skip
+        conversation = self._conversation(part, mx, registry, notices)
         queues = self.queues = RoomQueues(conversation, gate, self.log)
         spaces = Spaces(mx=mx, store=store, chats=chats, **part)
         reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
@@ -106,7 +96,9 @@ class LambdaBot(Plugin):
         catch_up = CatchUp(
             mx, queues, self.client, self.message_handlers, router.enqueue, self.log
         )
-        undecryptable = Undecryptable(mx=mx, notices=notices, catch_up=catch_up, **part)
+        undecryptable = Undecryptable(
+            mx=mx, notices=notices, catch_up=catch_up, registry=registry, **part
+        )
         self.startup = Startup(
             gate=gate, store=store, reconciler=reconciler, catch_up=catch_up,
             invite=onboarding.handle_invite, sealed=undecryptable.attempt,
@@ -115,6 +107,22 @@ class LambdaBot(Plugin):
         commands = self._commands(notices, registry, chats, spaces, reconciler)
         for handlers in (*commands, router, onboarding, undecryptable):
             self.register_handler_class(handlers)
+
+    def _conversation(
+        self, part: PartArgs, mx: Matrix, registry: Registry, notices: Notices
+    ) -> Conversation:
+        """A message's way from the room's queue to the answer: policy, quota, voice, files."""
+        files = FileService(mx=mx, notices=notices, **part)
+        quota = Quota(store=self.store, **part)
+        voice = Voice(mx=mx, notices=notices, http=self.http, **part)
+        answerer = Answerer(
+            mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
+            voice=voice, quota=quota, **part,
+        )  # fmt: skip
+        return Conversation(
+            gate=self.gate, store=self.store, registry=registry, answerer=answerer,
+            notices=notices, quota=quota, **part,
+        )  # fmt: skip
 
     def _commands(
         self, notices: Notices, registry: Registry, chats: Chats, spaces: Spaces,
@@ -135,7 +143,7 @@ class LambdaBot(Plugin):
             UsageCommands(registry=registry, **base),
             AdminCommands(
                 reconciler=reconciler, spaces=spaces, agents=agents, queues=queues,
-                rebuild=self.startup.rebuild, **base,
+                rebuild=self.startup.rebuild, reconcile_now=self.startup.reconcile_now, **base,
             ),
         )
 

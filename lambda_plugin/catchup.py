@@ -206,12 +206,14 @@ class CatchUp:
     async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
         """Hands missed commands to the same handlers live ones reach; a place reserved for a
         command its handler did not take (it needs no turn, or was refused) is let go."""
-        handlers = [f for f, event_type in self.handlers() if event_type == EventType.ROOM_MESSAGE]
-        events = [e for e in (self._event(i, raw) for i, raw in commands) if e is not None]
-        # Started in order and not awaited one by one: handlers that keep a room's order
-        # take their place before their first await.
-        tasks = [asyncio.create_task(handler(e)) for e in events for handler in handlers]
         try:
+            handlers = [
+                f for f, event_type in self.handlers() if event_type == EventType.ROOM_MESSAGE
+            ]
+            events = [e for e in (self._event(i, raw) for i, raw in commands) if e is not None]
+            # Started in order and not awaited one by one: handlers that keep a room's order
+            # take their place before their first await.
+            tasks = [asyncio.create_task(handler(e)) for e in events for handler in handlers]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
@@ -220,10 +222,10 @@ class CatchUp:
     def _event(self, incoming: Incoming, raw: dict[str, Any]) -> MaubotMessageEvent | None:
         try:
             event = MessageEvent.deserialize(cast(JSON, {**raw, "room_id": incoming.room_id}))
+            event.content.trim_reply_fallback()  # as maubot does for live events
         except Exception:  # a malformed event is skipped, never fatal
             self.log.debug("Skipping a malformed event %s in catch-up", incoming.event_id)
             return None
-        event.content.trim_reply_fallback()  # as maubot does for live events
         wrapped = MaubotMessageEvent(event, self.client)
         wrapped.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
         return wrapped

@@ -10,6 +10,7 @@ from .answering import Answerer
 from .db import Store
 from .gate import StartGate
 from .intake import Incoming
+from .matrix import HomeserverError
 from .notices import Notices
 from .part import Part
 from .policy import Admission, RateLimiter, admit, refusal
@@ -40,6 +41,10 @@ class Conversation(Part):
         """Decides what a message gets, in the order the room's messages arrived."""
         if not await self.gate.wait():
             return Outcome.SKIPPED
+        # Recorded first, whatever it gets: a message the plugin leaves alone (another
+        # member's, an unmanaged room's) is not caught up again at every start either.
+        if not retried and not await self.store.mark_handled(incoming.event_id, room_id):
+            return Outcome.SKIPPED  # already handled (a redelivery, or caught up after a restart)
         settings = self.settings()
         room = self.registry.room(room_id)
         admission = admit(room, incoming.sender, settings)
@@ -47,8 +52,6 @@ class Conversation(Part):
             await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
             return Outcome.SKIPPED
-        if not retried and not await self.store.mark_handled(incoming.event_id, room_id):
-            return Outcome.SKIPPED  # already answered (a redelivery, or caught up after a restart)
         if reason := refusal(room, len(incoming.body), settings):
             await self.notices.say(room_id, reason[0], reply_to=incoming.event_id, **reason[1])
             return Outcome.SKIPPED
@@ -62,7 +65,12 @@ class Conversation(Part):
         if over := await self.quota.refusal(incoming.sender):
             await self.notices.say(room_id, over[0], reply_to=incoming.event_id, **over[1])
             return Outcome.KEEP  # kept: !retry sends it after the reset or a raised limit
-        answered = await self.answerer.answer(room_id, incoming)
+        try:
+            answered = await self.answerer.answer(room_id, incoming)
+        except HomeserverError as e:  # a send refused (too big, gone): said, and kept
+            self.log.warning("Answering %s in %s failed: %s", incoming.event_id, room_id, e)
+            await self.notices.say(room_id, "send.failed", reply_to=incoming.event_id)
+            return Outcome.KEEP
         if answered is None:
             return Outcome.SKIPPED
         return Outcome.ANSWERED if answered else Outcome.KEEP

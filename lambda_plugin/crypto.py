@@ -13,7 +13,7 @@ import time
 from typing import Any, cast
 
 from mautrix.client import Client
-from mautrix.errors import DecryptionError, EncryptionError
+from mautrix.errors import DecryptionError, EncryptionError, MNotFound
 from mautrix.types import (
     JSON,
     EncryptedEvent,
@@ -55,9 +55,11 @@ class Crypto:
             return False
         try:
             content = await self.client.get_state_event(room, EventType.ROOM_ENCRYPTION)
-        except Exception:  # M_NOT_FOUND: not encrypted; anything else: asked again later
+        except MNotFound:
             self._plain[room_id] = time.monotonic()
             return False
+        # Anything else (429, 5xx, time-out) raises: nothing goes out in the clear because
+        # the room's state could not be read.
         info = RoomEncryptionStateEventContent.deserialize(cast(JSON, content.serialize()))
         if store is not None:
             await store.set_encryption_info(room, info)

@@ -64,8 +64,8 @@ def is_edit(content: dict[str, Any]) -> bool:
 def _malformed(content: dict[str, Any]) -> bool:
     """A field present with the wrong type: the event is skipped, not guessed at."""
     relates = content.get("m.relates_to", {})
-    body = content.get("body", "")
-    return not isinstance(relates, dict) or not isinstance(body, str)
+    texts = (content.get(key, "") for key in ("body", "format", "formatted_body"))
+    return not isinstance(relates, dict) or not all(isinstance(t, str) for t in texts)
 
 
 def command_name(body: str) -> str:

@@ -41,6 +41,9 @@ def refusal(room: ChatRoomRow, length: int, settings: Settings) -> tuple[str, di
     return None
 
 
+PRUNE_AT = 1000  # users remembered before idle ones are dropped
+
+
 class RateLimiter:
     """Requests per user and minute (all rooms together), in a sliding window."""
 
@@ -55,6 +58,8 @@ class RateLimiter:
     def allow(self, user_id: str) -> bool:
         """Counts a request of the user; False past the limit (a refused one is not counted)."""
         now = self.clock()
+        if len(self._recent) > PRUNE_AT:  # users idle for a minute are forgotten
+            self._recent = {u: t for u, t in self._recent.items() if t and now - t[-1] <= 60}
         times = self._recent.setdefault(user_id, deque())
         while times and now - times[0] > 60:
             times.popleft()

@@ -59,11 +59,7 @@ class Startup(Part):
         """The start: never raises, never gives up while the homeserver or database is down."""
         self.check_encryption()
         report = await self._reconcile_until_done()
-        try:
-            commands, invites = await self._catch_up()
-        except Exception:
-            self.log.exception("Catch-up failed; messages sent while down stay unanswered")
-            commands, invites = [], []
+        commands, invites = await self._catch_up_retried()
         report.invites = len(invites)
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
@@ -91,6 +87,25 @@ class Startup(Part):
                 self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
+
+    async def _catch_up_retried(self) -> tuple[list, list[tuple[str, str]]]:
+        """The catch-up, tried again a few times while the homeserver stumbles: what users
+        sent while the bot was away is not given up at the first error."""
+        for attempt, delay in enumerate((1.0, 4.0, 16.0, None)):
+            try:
+                return await self._catch_up()
+            except Exception as e:
+                if delay is None:
+                    self.log.exception("Catch-up failed; messages sent while down stay unanswered")
+                    break
+                self.log.warning("Catch-up failed (%s); retry %d in %.0fs", e, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        return [], []
+
+    async def reconcile_now(self, dry_run: bool) -> Report:
+        """``!lambda reconcile``: one run, never at the same time as a start or a reset."""
+        async with self._lock:
+            return await self.reconciler.run(dry_run=dry_run)
 
     async def _catch_up(self) -> tuple[list, list[tuple[str, str]]]:
         """Queues what was missed (before anything that arrived during the start); returns

@@ -10,6 +10,7 @@ notice per device and session, and the log one line.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,11 @@ from .catchup import CatchUp
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
+from .policy import Admission, admit
+from .registry import Registry
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # about 15 s for late keys, then the notice
+TELL_EVERY_S = 3600
 TOLD_REMEMBERED = 1000
 
 @dataclass(eq=False, kw_only=True)
@@ -31,18 +35,30 @@ class Undecryptable(Part):
     mx: Matrix
     notices: Notices
     catch_up: CatchUp  # an opened event goes the live way through it
-    _told: dict[tuple[str, ...], None] = field(default_factory=dict)
+    registry: Registry
+    _told: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def _managed(self, room_id: str, sender: str) -> bool:
+        """A chat room of the plugin, and a sender whose messages it would answer there."""
+        room = self.registry.room(room_id)
+        settings = self.settings()
+        return room is not None and admit(room, sender, settings) is Admission.TAKE
 
     @event.on(EventType.ROOM_ENCRYPTED)
     async def on_encrypted(self, evt: EncryptedEvent) -> None:
-        await self.attempt(evt.room_id, evt.sender, evt.serialize())
+        # Every encrypted event reaches this handler next to maubot's own decryption: one
+        # that opens at once was opened (and dispatched) by maubot too, and is left to it.
+        raw = evt.serialize()
+        if evt.sender == self.mx.user_id or await self.mx.crypto.open(evt.room_id, raw):
+            return
+        await self.attempt(evt.room_id, evt.sender, raw)
 
     async def attempt(self, room_id: str, sender: str, raw: dict[str, Any]) -> None:
         """Tries an encrypted event again while its keys may still arrive: handled the live
         way once open, else the sender is told (live events, and what a start read)."""
         if sender == self.mx.user_id or not self.mx.crypto.available:
             return
-        for delay in (0.0, *RETRY_DELAYS_S):
+        for delay in RETRY_DELAYS_S:
             await asyncio.sleep(delay)
             opened = await self.mx.crypto.open(room_id, raw)
             if opened is not None:
@@ -59,10 +75,14 @@ class Undecryptable(Part):
             "Can't decrypt %s from %s (device %s, session %s) in %s: its keys did not arrive",
             raw.get("event_id"), sender, device, session, room_id,
         )  # fmt: skip
-        key = (room_id, sender, device, session)
-        if key in self._told or sender not in self.settings().allowed_users:
+        # Told once per device and session, and at most once an hour per room and sender
+        # (the session ids are the sender's to make up), only in the plugin's chat rooms.
+        now = time.monotonic()
+        key, room_key = (room_id, sender, device, session), (room_id, sender)
+        recently = now - self._told.get(room_key, -TELL_EVERY_S) < TELL_EVERY_S
+        if key in self._told or recently or not self._managed(room_id, sender):
             return
-        self._told[key] = None
+        self._told[key] = self._told[room_key] = now
         while len(self._told) > TOLD_REMEMBERED:
             del self._told[next(iter(self._told))]
         await self.notices.say(room_id, "encryption.undecryptable")

@@ -17,6 +17,7 @@ from .part import Part
 from .transcription import Transcriber
 
 AUDIO = "m.audio"
+SHOWN_CHARS = 4000
 
 
 def is_voice(incoming: Incoming) -> bool:
@@ -43,8 +44,9 @@ class Voice(Part):
         )  # fmt: skip
         transcriber = Transcriber(spec, self.http, self.log)
         text = await transcriber.transcribe(audio.data or b"", audio.name, audio.mime_type)
-        quoted = "\n".join(f"> {line}" for line in text.splitlines() or [""])
-        await self.notices.say(
-            incoming.room_id, "voice.transcript", text=quoted, reply_to=incoming.event_id
-        )
+        # Shown, not the answer (no answers marker): at most SHOWN_CHARS, so the notice
+        # always fits one event; the agent gets all of it.
+        shown = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " …"
+        quoted = "\n".join(f"> {line}" for line in shown.splitlines() or [""])
+        await self.notices.say(incoming.room_id, "voice.transcript", text=quoted)
         return text

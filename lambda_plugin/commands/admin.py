@@ -31,6 +31,7 @@ class AdminCommands(CommandBase):
     agents: Agents
     queues: RoomQueues
     rebuild: Callable[[], Awaitable[Report]]  # reset local: rebuilt with the gate closed
+    reconcile_now: Callable[[bool], Awaitable[Report]]  # a run, not during a start or reset
 
     def report_text(self, report: Report | None) -> str:
         if report is None:
@@ -83,7 +84,7 @@ class AdminCommands(CommandBase):
     @admin
     async def reconcile(self, evt: MessageEvent, flags: str = "") -> None:
         dry_run = "--dry-run" in (flags or "")
-        report = await self.reconciler.run(dry_run=dry_run)
+        report = await self.reconcile_now(dry_run)
         self.log.info("Reconciled on request of %s: %s", evt.sender, report.line())
         title = self.notices.text("admin.reconcile_dry" if dry_run else "admin.reconcile_done")
         await self.reply_text(evt, title + "\n" + self.report_text(report))

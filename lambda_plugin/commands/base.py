@@ -24,6 +24,8 @@ from ..part import Part, PartArgs
 from ..queue import RoomQueues
 
 Handler = Callable[..., Awaitable[Any]]
+# Commands without arguments are made with must_consume_args=False: else maubot itself
+# answers trailing words ("Usage: …"), past the gate, the access policy and the handled log.
 # Room for a list in one answer: well under the event size limit with its HTML.
 LIST_BYTES = 8_000
 NAMES_BYTES = 2_000

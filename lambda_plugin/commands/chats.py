@@ -143,12 +143,12 @@ class ChatCommands(CommandBase):
         elif await self.on_homeserver(evt, "!encrypt", self.spaces.encrypt(room)) is not None:
             await self.reply(evt, "encrypt.done")
 
-    @command.new("archive", help="Archive this chat (history kept)")
+    @command.new("archive", help="Archive this chat (history kept)", must_consume_args=False)
     @chat_owner
     async def archive(self, evt: MessageEvent, room: ChatRoomRow) -> None:
         await self._set_archived(evt, room, True)
 
-    @command.new("unarchive", help="Bring this chat back into your Space")
+    @command.new("unarchive", help="Bring this chat back into your Space", must_consume_args=False)
     @chat_owner
     async def unarchive(self, evt: MessageEvent, room: ChatRoomRow) -> None:
         await self._set_archived(evt, room, False)

@@ -57,6 +57,15 @@ class ContextCommands(CommandBase):
     def agent_error(self, error: AgentError) -> str:
         return error.describe(self.settings().language)
 
+    async def _drop(self, agent: Agent, platform_chat_id: str) -> AgentError | None:
+        """Tells the agent side to drop a conversation the chat no longer uses."""
+        try:
+            await agent.drop(platform_chat_id)
+        except AgentError as e:
+            self.log.warning("Dropping %s upstream failed: %s", platform_chat_id, e)
+            return e
+        return None
+
     async def _room_for_snapshot(self, evt: MessageEvent, name: str) -> bool:
         """Whether the user may save ``name``: a new one within access.max_snapshots_per_user,
         or one that replaces a snapshot of the same name; else the user is told."""
@@ -75,7 +84,7 @@ class ContextCommands(CommandBase):
             await self.reply(evt, "agent.unknown", agent=current.agent_id)
         return current, agent
 
-    @command.new("clear", help="Start this chat's conversation afresh")
+    @command.new("clear", help="Start this chat's conversation afresh", must_consume_args=False)
     @owner_in_turn
     async def clear(self, evt: MessageEvent, room: ChatRoomRow) -> Control:
         async def run() -> None:
@@ -89,12 +98,8 @@ class ContextCommands(CommandBase):
             assert fresh is not None
             self.log.info("Cleared %s: %s -> %s", room.room_id, old[0], fresh.platform_chat_id)
             agent = self.agents.get(fresh.agent_id)
-            if agent is not None:
-                try:
-                    await agent.drop(old[0])
-                except AgentError as e:
-                    self.log.warning("Dropping %s upstream failed: %s", old[0], e)
-                    await self.reply(evt, "clear.upstream_failed", error=self.agent_error(e))
+            if agent is not None and (error := await self._drop(agent, old[0])):
+                await self.reply(evt, "clear.upstream_failed", error=self.agent_error(error))
             await self.reply(evt, "clear.done", pcid=fresh.platform_chat_id)
 
         return run
@@ -145,13 +150,15 @@ class ContextCommands(CommandBase):
                 self.log.warning("Restoring snapshot %s failed: %s", snap.name, e)
                 await self.reply(evt, "agent.error", error=self.agent_error(e))
                 return
+            old = self.registry.rooms[room.room_id].platform_chat_id
             fresh = await self.chats.update(room.room_id, platform_chat_id=fresh_id)
             self.log.info("Loaded snapshot %s into %s as %s", snap.name, room.room_id, fresh_id)
+            await self._drop(agent, old)  # replaced, as by !clear: its history goes
             await self.reply(evt, "load.done", name=snap.name, pcid=fresh.platform_chat_id)
 
         return run
 
-    @command.new("context", help="This chat's agent, id, size and your snapshots")
+    @command.new("context", help="This chat's agent, id, size and your snapshots", must_consume_args=False)
     @chat_owner
     async def context(self, evt: MessageEvent, room: ChatRoomRow) -> None:
         agent = self.agents.get(room.agent_id)
@@ -201,13 +208,13 @@ class ContextCommands(CommandBase):
 
         return run
 
-    @command.new("cancel", help="Stop the running answer")
+    @command.new("cancel", help="Stop the running answer", must_consume_args=False)
     @chat_owner
     async def cancel(self, evt: MessageEvent, room: ChatRoomRow) -> None:
         if not self.queues.cancel(room.room_id):
             await self.reply(evt, "cancel.nothing")
 
-    @command.new("retry", help="Send the last unanswered message again")
+    @command.new("retry", help="Send the last unanswered message again", must_consume_args=False)
     @chat_owner
     async def retry(self, evt: MessageEvent, room: ChatRoomRow) -> None:
         if not self.queues.has_unanswered(room.room_id):

@@ -10,7 +10,7 @@ from .base import CommandBase, any_user
 
 
 class HelpCommands(CommandBase):
-    @command.new("help", help="List the commands")
+    @command.new("help", help="List the commands", must_consume_args=False)
     @any_user
     async def help(self, evt: MessageEvent) -> None:
         settings = self.settings()

@@ -32,7 +32,7 @@ class UsageCommands(CommandBase):
 
     registry: Registry
 
-    @command.new("usage", help="Your tokens today and this month: !usage")
+    @command.new("usage", help="Your tokens today and this month: !usage", must_consume_args=False)
     @allowed_user
     async def usage(self, evt: MessageEvent) -> None:
         today = utc_day()
