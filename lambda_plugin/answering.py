@@ -16,7 +16,7 @@ from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachm
 from .attachments import FileService
 from .db import ChatRoomRow
 from .files import caption
-from .intake import Incoming
+from .intake import ANSWERING, Incoming
 from .matrix import HomeserverError, Matrix
 from .notices import Notices, answering
 from .part import Part
@@ -91,7 +91,7 @@ class Answerer(Part):
         # Partials are not the answer yet: only what finishes it names the message (an
         # answer cut short by a stop is caught up again after the start).
         reply = StreamingReply(
-            lambda content: self.mx.send(room.room_id, content),
+            lambda content: self.mx.send(room.room_id, answering(content, reply_to, ANSWERING)),
             self.settings().stream_edit_interval_s,
         )
         try:

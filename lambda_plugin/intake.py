@@ -20,6 +20,9 @@ COMMAND_PREFIX = "!"
 # The field of the bot's notices that names the user's event they answer: whether a message
 # was answered is a fact in the room, not only in the plugin's database.
 ANSWERS = "ai.lambda.matrix.answers"
+# The field of what the bot sends while it works on a message (a streamed answer's first
+# event, a voice message's transcript): linked to the message, but not its answer yet.
+ANSWERING = "ai.lambda.matrix.answering"
 
 
 class Kind(enum.Enum):

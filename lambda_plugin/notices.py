@@ -30,10 +30,15 @@ class Notices:
         ``reply_to``: the user's event this answers (recorded in the notice)."""
         return await self.send(room_id, self.text(key, **values), reply_to=reply_to)
 
-    async def send(self, room_id: str, body: str, *, reply_to: str | None = None) -> str:
-        return await self.mx.send(room_id, answering(notice_content(body), reply_to))
+    async def send(
+        self, room_id: str, body: str, *, reply_to: str | None = None, field: str = ANSWERS
+    ) -> str:
+        return await self.mx.send(room_id, answering(notice_content(body), reply_to, field))
 
 
-def answering(content: dict[str, Any], reply_to: str | None) -> dict[str, Any]:
-    """``content`` marked as the bot's answer to the event ``reply_to`` (when there is one)."""
-    return {**content, ANSWERS: reply_to} if reply_to else content
+def answering(
+    content: dict[str, Any], reply_to: str | None, field: str = ANSWERS
+) -> dict[str, Any]:
+    """``content`` marked as the bot's answer to the event ``reply_to`` (when there is one),
+    or, with ``field=ANSWERING``, as work on it that is not its answer yet."""
+    return {**content, field: reply_to} if reply_to else content

@@ -10,7 +10,7 @@ import aiohttp
 
 from . import files
 from .agent_config import TranscriptionSpec
-from .intake import Incoming
+from .intake import ANSWERING, Incoming
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
@@ -44,9 +44,12 @@ class Voice(Part):
         )  # fmt: skip
         transcriber = Transcriber(spec, self.http, self.log)
         text = await transcriber.transcribe(audio.data or b"", audio.name, audio.mime_type)
-        # Shown, not the answer (no answers marker): at most SHOWN_CHARS, so the notice
+        # Shown, not the answer (marked as work on the message): at most SHOWN_CHARS, so it
         # always fits one event; the agent gets all of it.
         shown = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " …"
         quoted = "\n".join(f"> {line}" for line in shown.splitlines() or [""])
-        await self.notices.say(incoming.room_id, "voice.transcript", text=quoted)
+        text_shown = self.notices.text("voice.transcript", text=quoted)
+        await self.notices.send(
+            incoming.room_id, text_shown, reply_to=incoming.event_id, field=ANSWERING
+        )
         return text
