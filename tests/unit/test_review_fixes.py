@@ -97,3 +97,33 @@ def test_a_partial_answer_does_not_count_as_the_answer() -> None:
     # so the question is answered again after the start.
     found = unanswered({ROOM: [earlier, question, partial]}, {ROOM}, BOT, 0, {"$earlier"})
     assert [e["event_id"] for _, e in found] == ["$q"]
+
+
+def spaces_with(encryption: str, can_encrypt: bool) -> Any:
+    from dataclasses import replace
+
+    from lambda_plugin.spaces import Spaces
+    from tests.unit.test_config import settings as make_settings
+
+    mx = SimpleNamespace(crypto=SimpleNamespace(available=can_encrypt), user_id=BOT)
+    chats = SimpleNamespace(registry=None)
+    current = replace(make_settings(), encryption=encryption)
+    return Spaces(mx=mx, store=None, chats=chats, settings=lambda: current, log=LOG)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("mode", "can_encrypt", "encrypted"),
+    [("auto", True, True), ("auto", False, False), ("never", True, False), ("always", True, True)],
+)
+def test_new_chat_rooms_are_encrypted_as_configured(
+    mode: str, can_encrypt: bool, encrypted: bool
+) -> None:
+    assert spaces_with(mode, can_encrypt).encrypt_chats() is encrypted
+
+
+async def test_always_without_crypto_makes_no_room_at_all() -> None:
+    from lambda_plugin.spaces import EncryptionUnavailable
+
+    spaces = spaces_with("always", False)
+    with pytest.raises(EncryptionUnavailable):
+        await spaces.provision(USER)  # checked before the Space: nothing is made
