@@ -29,7 +29,7 @@ from devstack.e2e import E2EUser
 from devstack.matrix import Event
 from devstack.stack import Deployment
 from lambda_plugin.files import user_dir
-from lambda_plugin.intake import ANSWERS
+from lambda_plugin.intake import ANSWERING, ANSWERS
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
@@ -136,7 +136,12 @@ def bot_messages(user: E2EUser, room: str, bot: str, mark=None) -> list[Event]:
 
 
 def answers_to(user: E2EUser, room: str, bot: str, event_id: str) -> list[Event]:
-    return [e for e in bot_messages(user, room, bot) if e["content"].get(ANSWERS) == event_id]
+    """The bot's messages for ``event_id``: its answer, or a streamed answer's first event
+    (marked as work on it until the final edit names it as answered)."""
+    return [
+        e for e in bot_messages(user, room, bot)
+        if event_id in (e["content"].get(ANSWERS), e["content"].get(ANSWERING))
+    ]  # fmt: skip
 
 
 async def answer_to(
