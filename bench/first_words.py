@@ -29,7 +29,7 @@ from .common import (
     wait_idle,
 )
 from .env import STREAM_AGENT, BenchStack
-from .latency import exchange, onboard
+from .latency import PlainPair, onboard
 
 SAMPLE_TIMEOUT = 60
 WARMUP = 3
@@ -119,28 +119,13 @@ async def run(stack: BenchStack, samples: int, log) -> dict[str, Any]:
     user = await stack.user(stack.unique("words"))
     user_loop = SyncLoop(user)
     await user_loop.start()
-    # the physical limit, as in latency: B answers A from its own sync loop, at once
-    a, b = await stack.users("wraw", 2)
-    a_loop = SyncLoop(a)
-    answers: set[asyncio.Task] = set()
-
-    def answer_at_once(room_id: str, event: Event, _arrived: float) -> None:
-        body = event.get("content", {}).get("body", "")
-        if event.get("sender") == a.user_id and body.startswith("ping "):
-            task = asyncio.create_task(b.send_text(room_id, "re: " + body[5:]))
-            answers.add(task)
-            task.add_done_callback(answers.discard)
-
-    b_loop = SyncLoop(b, on_event=answer_at_once)
+    pair = PlainPair(stack, "wraw")  # the physical limit, as in latency
     runs: list[dict[str, Any]] = []
     raw_ms: list[float] = []
     try:
         _, _, room = await onboard(stack, user, user_loop)
         await _say(user_loop, user, room, stack.bot_id, f"!agent {STREAM_AGENT}", STREAM_AGENT)
-        raw_room = await a.create_room(preset="private_chat", invite=[b.user_id])
-        await b.join(raw_room)
-        await a_loop.start()
-        await b_loop.start()
+        await pair.start()
         await wait_idle(stack.pids(), timeout=30)
         hs_log = stack.synapse.dir / "homeserver.log"
         hs_mark = LogTail(hs_log).mark()
@@ -148,7 +133,7 @@ async def run(stack: BenchStack, samples: int, log) -> dict[str, Any]:
         for i in range(WARMUP + samples):  # interleaved: both see the same conditions
             token = f"{i}-{uuid.uuid4().hex[:8]}"
             got = await stream_exchange(stack, user_loop, user, room, "fw-" + token)
-            raw = await exchange(a_loop, a, raw_room, b.user_id, "r" + token)
+            raw = await pair.exchange("r" + token)
             if i >= WARMUP:
                 runs.append(got)
                 raw_ms.append(raw)
@@ -160,10 +145,8 @@ async def run(stack: BenchStack, samples: int, log) -> dict[str, Any]:
             for name, v in homeserver_requests(hs_log, hs_mark, stack.bot_id).items()
         }
     finally:
-        for loop in (user_loop, a_loop, b_loop):
-            await loop.stop()
-        for task in list(answers):
-            task.cancel()
+        await user_loop.stop()
+        await pair.stop()
 
     def ms(key: str, start: str) -> list[float]:
         return [(r[key] - r[start]) * 1000 for r in runs]

@@ -73,6 +73,46 @@ async def exchange(
     return (arrived - sent) * 1000
 
 
+class PlainPair:
+    """The physical limit a bot's round trip is set against: two plain users, B answering A
+    from its own sync loop at once, in a room of their own."""
+
+    def __init__(self, stack: BenchStack, prefix: str) -> None:
+        self.stack = stack
+        self.prefix = prefix
+        self.answers: set[asyncio.Task] = set()
+        self.loops: list[SyncLoop] = []
+
+    async def start(self) -> None:
+        self.a, self.b = await self.stack.users(self.prefix, 2)
+        self.a_loop = SyncLoop(self.a)
+        self.loops = [self.a_loop, SyncLoop(self.b, on_event=self._answer_at_once)]
+        self.room = await self.a.create_room(preset="private_chat", invite=[self.b.user_id])
+        await self.b.join(self.room)
+        for loop in self.loops:
+            await loop.start()
+
+    def _answer_at_once(self, room_id: str, event: Event, _arrived: float) -> None:
+        body = event.get("content", {}).get("body", "")
+        if event.get("sender") == self.a.user_id and body.startswith("ping "):
+            task = asyncio.create_task(self.b.send_text(room_id, "re: " + body[5:]))
+            self.answers.add(task)
+            task.add_done_callback(self.answers.discard)
+
+    def exchange_args(self) -> tuple[SyncLoop, MatrixUser, str, str]:
+        return self.a_loop, self.a, self.room, self.b.user_id
+
+    async def exchange(self, token: str) -> float:
+        """Milliseconds of one plain round trip (see :func:`exchange`)."""
+        return await exchange(*self.exchange_args(), token)
+
+    async def stop(self) -> None:
+        for loop in self.loops:
+            await loop.stop()
+        for task in list(self.answers):
+            task.cancel()
+
+
 async def run(
     stack: BenchStack, samples: int, log, profile_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -81,25 +121,10 @@ async def run(
     user = await stack.user(stack.unique("latency"))
     user_loop = SyncLoop(user)
     await user_loop.start()
-    # the physical limit: two plain users; B answers A from its own sync loop, at once
-    a, b = await stack.users("raw", 2)
-    a_loop = SyncLoop(a)
-    answers: set[asyncio.Task] = set()
-
-    def answer_at_once(room_id: str, event: Event, _arrived: float) -> None:
-        body = event.get("content", {}).get("body", "")
-        if event.get("sender") == a.user_id and body.startswith("ping "):
-            task = asyncio.create_task(b.send_text(room_id, "re: " + body[5:]))
-            answers.add(task)
-            task.add_done_callback(answers.discard)
-
-    b_loop = SyncLoop(b, on_event=answer_at_once)
+    pair = PlainPair(stack, "raw")
     try:
         _, _, room = await onboard(stack, user, user_loop)
-        raw_room = await a.create_room(preset="private_chat", invite=[b.user_id])
-        await b.join(raw_room)
-        await a_loop.start()
-        await b_loop.start()
+        await pair.start()
         bot_ms: list[float] = []
         raw_ms: list[float] = []
         # the first answer also proves the bot's sync runs (after homeserver restarts)
@@ -108,7 +133,7 @@ async def run(
         for i in range(warmup + samples):  # interleaved: both see the same conditions
             token = f"{i}-{uuid.uuid4().hex[:8]}"
             bot = await exchange(user_loop, user, room, stack.bot_id, "b" + token)
-            raw = await exchange(a_loop, a, raw_room, b.user_id, "r" + token)
+            raw = await pair.exchange("r" + token)
             if i >= warmup:
                 bot_ms.append(bot)
                 raw_ms.append(raw)
@@ -119,7 +144,7 @@ async def run(
         n = min(samples, 30)
         for kind, args in (
             ("bot", (user_loop, user, room, stack.bot_id)),
-            ("raw", (a_loop, a, raw_room, b.user_id)),
+            ("raw", pair.exchange_args()),
         ):
             await wait_idle(stack.pids(), timeout=10)
             profilers = []
@@ -150,10 +175,8 @@ async def run(
             for name, prof in profilers:
                 profiles[f"{kind}_{name}"] = prof.stop()
     finally:
-        for loop in (user_loop, a_loop, b_loop):
-            await loop.stop()
-        for task in list(answers):
-            task.cancel()
+        await user_loop.stop()
+        await pair.stop()
     bot_p50, raw_p50 = median(bot_ms), median(raw_ms)
     log(f"latency: bot p50 {bot_p50:.1f}ms, raw p50 {raw_p50:.1f}ms")
     return {
