@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from devstack.matrix import Event, MatrixUser, invite_state_value
 from devstack.stack import Deployment
+from lambda_plugin.intake import ANSWERING, ANSWERS
+
+ANSWER_TIMEOUT = 120
 
 
 def is_space_invite(_room_id: str, state: list[Event]) -> bool:
@@ -48,3 +51,46 @@ async def onboard(user: MatrixUser, stack: Deployment, encrypted: bool = False) 
 def notice_text(event: Event) -> str:
     assert event["content"]["msgtype"] == "m.notice", event
     return event["content"]["body"]
+
+
+def bot_messages(user: MatrixUser, room: str, bot: str, mark=None) -> list[Event]:
+    """The bot's messages after ``mark`` as the client reads them, edits left out."""
+    return [
+        e
+        for e in user.events_since(room, mark)
+        if e["type"] == "m.room.message"
+        and e["sender"] == bot
+        and (e["content"].get("m.relates_to") or {}).get("rel_type") != "m.replace"
+    ]
+
+
+def answers_to(
+    user: MatrixUser, room: str, bot: str, event_id: str, mark=None, in_progress: bool = False
+) -> list[Event]:
+    """The bot's messages that say they answer ``event_id``; with ``in_progress``, also what
+    it sent while working on it (a streamed answer's first event, until its final edit)."""
+    fields = (ANSWERS, ANSWERING) if in_progress else (ANSWERS,)
+    return [
+        e for e in bot_messages(user, room, bot, mark)
+        if event_id in (e["content"].get(field) for field in fields)
+    ]  # fmt: skip
+
+
+async def answer_to(
+    user: MatrixUser, room: str, bot: str, event_id: str, timeout: float = ANSWER_TIMEOUT,
+    in_progress: bool = False,
+) -> Event:  # fmt: skip
+    """Waits for the bot's answer to ``event_id`` and returns it."""
+    return await user.wait_until(
+        lambda: next(iter(answers_to(user, room, bot, event_id, in_progress=in_progress)), None),
+        timeout,
+        f"the answer to {event_id} in {room}",
+    )
+
+
+async def ask(
+    user: MatrixUser, room: str, text: str, bot: str, in_progress: bool = False
+) -> tuple[str, Event]:
+    """Sends ``text``; returns its event id and the bot's answer to it."""
+    event_id = await user.send_text(room, text)
+    return event_id, await answer_to(user, room, bot, event_id, in_progress=in_progress)

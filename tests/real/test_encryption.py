@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,12 @@ from devstack.e2e import E2EUser
 from devstack.matrix import Event
 from devstack.stack import Deployment
 from lambda_plugin.files import user_dir
-from lambda_plugin.intake import ANSWERING, ANSWERS
+from lambda_plugin.intake import ANSWERS
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
-from .helpers import notice_text, onboard
+from . import helpers
+from .helpers import ANSWER_TIMEOUT, bot_messages, notice_text, onboard
 from .test_order_and_noise import start_instance, stop_instance, wipe_plugin_database
 
 pytestmark = pytest.mark.real
@@ -41,7 +43,6 @@ _names = itertools.count(1)
 PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
 ENCRYPTED = "m.room.encrypted"
 # Catch-up after a start waits for reconciliation; maubot's first sync may long-poll 30 s.
-ANSWER_TIMEOUT = 120
 # The plugin tries an undecryptable message again for about 15 s before its notice.
 NOTICE_TIMEOUT = 60
 UNDECRYPTABLE = "could not decrypt"
@@ -124,40 +125,10 @@ def need_crypto(stack: Deployment) -> None:
 # reading the room
 
 
-def bot_messages(user: E2EUser, room: str, bot: str, mark=None) -> list[Event]:
-    """The bot's messages after ``mark`` as the client reads them, edits left out."""
-    return [
-        e
-        for e in user.events_since(room, mark)
-        if e["type"] == "m.room.message"
-        and e["sender"] == bot
-        and (e["content"].get("m.relates_to") or {}).get("rel_type") != "m.replace"
-    ]
-
-
-def answers_to(user: E2EUser, room: str, bot: str, event_id: str) -> list[Event]:
-    """The bot's messages for ``event_id``: its answer, or a streamed answer's first event
-    (marked as work on it until the final edit names it as answered)."""
-    return [
-        e for e in bot_messages(user, room, bot)
-        if event_id in (e["content"].get(ANSWERS), e["content"].get(ANSWERING))
-    ]  # fmt: skip
-
-
-async def answer_to(
-    user: E2EUser, room: str, bot: str, event_id: str, timeout: float = ANSWER_TIMEOUT
-) -> Event:
-    """The bot's (decrypted) answer to ``event_id``."""
-    return await user.wait_until(
-        lambda: next(iter(answers_to(user, room, bot, event_id)), None),
-        timeout,
-        f"the answer to {event_id}",
-    )
-
-
-async def ask(user: E2EUser, room: str, text: str, bot: str) -> tuple[str, Event]:
-    event_id = await user.send_text(room, text)
-    return event_id, await answer_to(user, room, bot, event_id)
+# Streamed answers here: a message's first answer event is marked as work in progress.
+answers_to = partial(helpers.answers_to, in_progress=True)
+answer_to = partial(helpers.answer_to, in_progress=True)
+ask = partial(helpers.ask, in_progress=True)
 
 
 async def on_server(user: E2EUser, room: str, event_id: str) -> Event:

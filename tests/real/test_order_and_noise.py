@@ -11,12 +11,19 @@ from devstack.matrix import Event, MatrixError, MatrixUser
 from devstack.stack import Deployment
 from lambda_plugin.intake import ANSWERS
 
-from .helpers import notice_text, onboard
+from .helpers import (
+    ANSWER_TIMEOUT,
+    answer_to,
+    answers_to,
+    ask,
+    bot_messages,
+    notice_text,
+    onboard,
+)
 
 pytestmark = pytest.mark.real
 PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
 # Catch-up after a start waits for reconciliation; maubot's first sync may long-poll 30 s.
-ANSWER_TIMEOUT = 120
 PLUGIN_TABLES = (
     "history", "snapshot", "handled_event", "plugin_state", "chat_room", "lambda_user", "usage"
 )
@@ -26,39 +33,6 @@ LOG_RECORD = re.compile(r"(?m)^(?=\[\d{4}-\d\d-\d\d )")
 def echo(text: str, number: int) -> str:
     """The echo agent's whole answer to ``text`` as message ``number`` of its conversation."""
     return f"echo: {text}\n\n(message {number} in this conversation)"
-
-
-def bot_messages(user: MatrixUser, room: str, bot: str, mark=None) -> list[Event]:
-    """The bot's messages in the room after ``mark`` (edits of earlier ones left out)."""
-    return [
-        e
-        for e in user.events_since(room, mark)
-        if e["type"] == "m.room.message"
-        and e["sender"] == bot
-        and (e["content"].get("m.relates_to") or {}).get("rel_type") != "m.replace"
-    ]
-
-
-def answers_to(user: MatrixUser, room: str, bot: str, event_id: str, mark=None) -> list[Event]:
-    """The bot's messages that say they answer ``event_id``."""
-    return [e for e in bot_messages(user, room, bot, mark) if e["content"].get(ANSWERS) == event_id]
-
-
-async def answer_to(
-    user: MatrixUser, room: str, bot: str, event_id: str, timeout: float = ANSWER_TIMEOUT
-) -> Event:
-    """Waits for the bot's answer to ``event_id`` and returns it."""
-    return await user.wait_until(
-        lambda: next(iter(answers_to(user, room, bot, event_id)), None),
-        timeout,
-        f"the answer to {event_id} in {room}",
-    )
-
-
-async def ask(user: MatrixUser, room: str, text: str, bot: str) -> tuple[str, Event]:
-    """Sends ``text``; returns its event id and the bot's answer to it."""
-    event_id = await user.send_text(room, text)
-    return event_id, await answer_to(user, room, bot, event_id)
 
 
 def position(user: MatrixUser, room: str, event: Event) -> int:
