@@ -74,7 +74,7 @@ class FileService(Part):
         """Uploads the files the agent returned; each refusal is said, the rest still go."""
         settings = self.settings()
         crypto = self.mx.crypto
-        encrypt = bool(paths) and crypto.available and await crypto.is_encrypted(room_id)
+        encrypt = bool(paths) and await crypto.must_seal(room_id)
         for rel_path in paths:
             if not settings.workspace_root:
                 await self.notices.say(room_id, "file.missing", path=rel_path[:200])

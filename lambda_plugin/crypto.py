@@ -65,13 +65,17 @@ class Crypto:
             await store.set_encryption_info(room, info)
         return True
 
+    async def must_seal(self, room_id: str) -> bool:
+        """Whether what the bot sends into the room goes out encrypted (it can, the room is)."""
+        return self.available and await self.is_encrypted(room_id)
+
     def forget(self, room_id: str) -> None:
         """The room's encryption changed (the bot turned it on): ask again next time."""
         self._plain.pop(room_id, None)
 
     async def seal(self, room_id: str, event_type: str, content: dict[str, Any]) -> tuple[str, dict]:
         """The event as it must be sent: encrypted in an encrypted room when the bot can."""
-        if not self.available or not await self.is_encrypted(room_id):
+        if not await self.must_seal(room_id):
             return event_type, content
         room, crypto = RoomID(room_id), self.client.crypto
         assert crypto is not None

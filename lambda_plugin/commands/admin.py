@@ -115,7 +115,7 @@ class AdminCommands(CommandBase):
         """This month's usage rows as a CSV file message (encrypted in an encrypted room)."""
         data = usage_csv(await self.store.usage_rows(first))
         mx = self.spaces.mx
-        encrypt = mx.crypto.available and await mx.crypto.is_encrypted(evt.room_id)
+        encrypt = await mx.crypto.must_seal(evt.room_id)
         await self.reply(evt, "usage.csv", since=first)
         try:
             await files.send_bytes(mx, evt.room_id, data, f"usage-{first[:7]}.csv", encrypt=encrypt)
