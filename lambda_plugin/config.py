@@ -51,6 +51,7 @@ class Config(BaseProxyConfig):
         helper.copy("replies.stream_edit_interval_s")
         helper.copy("reconcile.catch_up_minutes")
         helper.copy("reconcile.handled_kept_days")
+        helper.copy("reconcile.read_batch")
         helper.copy("transcription")
 
 
@@ -87,6 +88,13 @@ def _tokens(value: Any, key: str) -> int:
     """A token limit: a whole number, 0 for no limit."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} must be a whole number of tokens, 0 (no limit) or more")
+    return value
+
+
+def _read_batch(value: Any) -> int:
+    """reconcile.read_batch: rooms per batched read, 0 (one /state per room) to 1000."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+        raise ValueError("reconcile.read_batch must be a whole number from 0 to 1000")
     return value
 
 
@@ -175,6 +183,7 @@ class Settings:
     workspace_quota_bytes: int
     download_timeout_s: float
     handled_kept_s: float
+    read_batch: int  # rooms per sliding-sync read at start; 0: one /state per room
     encryption: str  # auto | always | never
     transcription: TranscriptionSpec | None  # None: voice messages are not transcribed
     # Agents whose own transcription option overrides the one above (None: off for them).
@@ -223,6 +232,7 @@ class Settings:
             workspace_quota_bytes=int(_number(config, "files.workspace_quota_mb") * MB),
             download_timeout_s=_number(config, "files.download_timeout_s"),
             handled_kept_s=_number(config, "reconcile.handled_kept_days") * DAY_S,
+            read_batch=_read_batch(config["reconcile.read_batch"]),
             encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
             transcription=_transcription(config["transcription"], "transcription"),
             agent_transcription=_agent_transcription(agents),

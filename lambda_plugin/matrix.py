@@ -23,6 +23,9 @@ from mautrix.client import Client
 
 from .crypto import Crypto
 
+# Simplified sliding sync (MSC4186; Synapse serves it by default): many rooms' state in one
+# request. Read only through ``rooms_state``, which a caller can do without.
+SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 MAX_WAIT_S = 30.0
 MAX_TRIES = 8
 TRANSIENT = (502, 503, 504)
@@ -158,6 +161,30 @@ class Matrix:
 
     async def state(self, room_id: str) -> list[dict[str, Any]]:
         return await self.request("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state")
+
+    async def rooms_state(
+        self, room_ids: list[str], types: list[str], conn_id: str
+    ) -> dict[str, list[Any]]:
+        """The current state events of ``types`` (every state key) in many rooms, with one
+        sliding-sync request: room id -> events, for the asked rooms the answer holds in
+        shape only (a caller reads the others another way). ``conn_id`` names the
+        connection; a request without a position restarts it, so a fixed name leaves no
+        leftovers on the homeserver."""
+        required = [[event_type, "*"] for event_type in types]
+        wanted = {"required_state": required, "timeline_limit": 0}
+        body = {"conn_id": conn_id, "room_subscriptions": dict.fromkeys(room_ids, wanted)}
+        data = await self.request("POST", SLIDING_SYNC, body, query={"timeout": "0"})
+        rooms = data.get("rooms") if isinstance(data, dict) else None
+        if not isinstance(rooms, dict):
+            return {}
+        asked = set(room_ids)
+        return {
+            room_id: room["required_state"]
+            for room_id, room in rooms.items()
+            if room_id in asked
+            and isinstance(room, dict)
+            and isinstance(room.get("required_state"), list)
+        }
 
     async def state_event(self, room_id: str, event_type: str, state_key: str = "") -> dict | None:
         """The content of one state event, or None when the room has none."""

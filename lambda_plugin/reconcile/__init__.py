@@ -1,9 +1,13 @@
 """Rebuilds the database from the rooms themselves: Matrix topology is the truth.
 
-The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads,
-each parsed as it arrives (``roomstate.parse_room``). (A filtered full-state ``/sync`` would
-be one request, but Synapse's answer with a short timeline leaves out the newest state
-events, such as the last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()``
+The topology is read with one ``/joined_rooms`` and the rooms' state of the types
+reconciliation reads (``STATE_TYPES``), ``reconcile.read_batch`` rooms a request through
+the homeserver's simplified sliding sync (MSC4186), each batch parsed as it arrives
+(``roomstate.parse_room``); a room a batch did not bring, and every room of a homeserver
+without sliding sync, is read with its own ``/state`` (bounded concurrency). (A filtered
+full-state ``/sync`` would be one request, but Synapse's answer with a short timeline leaves
+out the newest state events, such as the last ``m.space.child`` of a Space, so it cannot be
+trusted; sliding sync's ``required_state`` is the current state.) ``plan()``
 (``plan.py``) is a pure function of what was read and the database's rows, made of named
 phases, so it is tested and benchmarked without a homeserver; ``Reconciler.run()``
 (``reconciler.py``) applies the plan. It never creates a room or a Space; it writes missing

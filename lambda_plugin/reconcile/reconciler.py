@@ -13,11 +13,15 @@ from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store
 from ..marker import MARKER_TYPE
 from ..matrix import HomeserverError, Matrix
 from ..registry import Registry
-from ..roomstate import RoomState, parse_room
+from ..roomstate import STATE_TYPES, RoomState, parse_room
 from .plan import Plan, plan
 from .report import Report
 
-READ_CONCURRENCY = 32
+READ_CONCURRENCY = 32  # /state reads at once
+BATCHES_AT_ONCE = 4  # sliding-sync reads at once (reconcile.read_batch rooms each)
+# The sliding-sync connections of a start's reads, one per batch: each read restarts its
+# connection, so the homeserver keeps no more than one start's worth of them.
+CONN_ID = "ai.lambda.matrix.reconcile"
 
 
 @dataclass(eq=False)
@@ -33,6 +37,7 @@ class Reconciler:
     last_report: Report | None = None
     unreadable: int = 0
     _reported_sealed: set[str] = field(default_factory=set)  # rooms said unreadable once
+    sliding_sync: bool = True  # until the homeserver says it has none
 
     async def run(self, dry_run: bool = False) -> Report:
         """Reconciles once; returns the report."""
@@ -80,11 +85,52 @@ class Reconciler:
 
     async def read_topology(self) -> dict[str, RoomState]:
         """Every joined room's state, parsed as it arrives (only what reconciliation reads
-        is kept). Pending invites come with the catch-up /sync after the start."""
-        mx = self.mx
-        room_ids = await mx.joined_rooms()
-        limit = asyncio.Semaphore(READ_CONCURRENCY)
+        is kept): in batches through sliding sync where the homeserver has it, one /state
+        per room otherwise and for any room a batch did not bring. Pending invites come
+        with the catch-up /sync after the start."""
+        room_ids = await self.mx.joined_rooms()
         states: dict[str, RoomState] = {}
+        size = self.settings().read_batch
+        if size and self.sliding_sync:
+            await self._read_batches(room_ids, size, states)
+        left = [room_id for room_id in room_ids if room_id not in states]
+        self.unreadable = await self._read_each(left, states)
+        return states
+
+    async def _read_batches(
+        self, room_ids: list[str], size: int, states: dict[str, RoomState]
+    ) -> None:
+        mx, limit = self.mx, asyncio.Semaphore(BATCHES_AT_ONCE)
+
+        async def read(index: int, batch: list[str]) -> None:
+            async with limit:
+                if not self.sliding_sync:
+                    return  # an earlier batch found none: these are read room by room
+                try:
+                    found = await mx.rooms_state(batch, STATE_TYPES, f"{CONN_ID}.{index}")
+                except HomeserverError as e:
+                    if e.status == 0:
+                        raise  # the homeserver is unreachable: the whole run is retried
+                    self._batch_failed(e)
+                    return
+            for room_id, events in found.items():
+                states[room_id] = parse_room(room_id, events, mx.user_id)
+
+        batches = [room_ids[i : i + size] for i in range(0, len(room_ids), size)]
+        await asyncio.gather(*(read(index, batch) for index, batch in enumerate(batches)))
+
+    def _batch_failed(self, e: HomeserverError) -> None:
+        if e.status in (400, 404, 405) or e.errcode == "M_UNRECOGNIZED":
+            # No sliding sync here (or not for this client): not asked again by this
+            # instance; every room is read with /state, as before.
+            self.sliding_sync = False
+            self.log.info("No sliding sync on the homeserver (%s): rooms are read one by one", e)
+        else:
+            self.log.warning("A batched read of rooms failed (%s): read one by one instead", e)
+
+    async def _read_each(self, room_ids: list[str], states: dict[str, RoomState]) -> int:
+        """One /state per room, READ_CONCURRENCY at a time; returns how many were unreadable."""
+        mx, limit = self.mx, asyncio.Semaphore(READ_CONCURRENCY)
         unreadable: list[str] = []
 
         async def read(room_id: str) -> None:
@@ -102,8 +148,7 @@ class Reconciler:
             states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
-        self.unreadable = len(unreadable)
-        return states
+        return len(unreadable)
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         registry = self.registry

@@ -94,6 +94,37 @@ async def test_wiped_database_is_rebuilt(stack: Deployment, new_user) -> None:
     assert report_value(line, "writes") == "0", line
 
 
+async def wiped_and_restarted(stack: Deployment) -> str:
+    await stack.sql("DELETE FROM chat_room")
+    await stack.sql("DELETE FROM lambda_user")
+    return await restart(stack)
+
+
+async def test_rooms_read_in_batches_or_one_by_one_rebuild_the_same(
+    stack: Deployment, new_user
+) -> None:
+    ivy = await new_user("ivy")
+    got = await onboard(ivy, stack)
+    await ivy.command(got.room, "!new Second", stack.bot_id)
+    mine = f"{ROWS} WHERE user_id='{ivy.user_id}'"
+    before = normalise(await stack.sql(mine))
+    assert len(before) == 2
+
+    # By default the rooms are read through sliding sync, many rooms a request.
+    line = await wiped_and_restarted(stack)
+    joined, requests = int(report_value(line, "joined_rooms")), int(report_value(line, "requests"))
+    assert joined >= 4 and requests < joined, line
+    assert normalise(await stack.sql(mine)) == before
+
+    await stack.configure({"reconcile": {"read_batch": 0}})  # one /state per room
+    try:
+        line = await wiped_and_restarted(stack)
+        assert int(report_value(line, "requests")) > int(report_value(line, "joined_rooms"))
+        assert normalise(await stack.sql(mine)) == before
+    finally:
+        await stack.configure({"reconcile": {"read_batch": 200}})
+
+
 async def test_half_made_space_is_completed_not_duplicated(stack: Deployment, new_user) -> None:
     jo = await new_user("jo")
     bot = await bot_device(stack)

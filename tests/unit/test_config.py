@@ -101,6 +101,7 @@ CUSTOM: dict[str, Any] = {
     "replies.stream_edit_interval_s": 0.25,
     "reconcile.catch_up_minutes": 3,
     "reconcile.handled_kept_days": 2,
+    "reconcile.read_batch": 50,
     "transcription": {
         "base_url": "http://127.0.0.1:8000/v1",
         "model": "whisper-1",
@@ -240,6 +241,7 @@ def test_limits_default_to_base_config() -> None:
     assert s.workspace_quota_bytes == 1024 * 1024 * 1024
     assert s.download_timeout_s == 300.0 and type(s.download_timeout_s) is float
     assert s.handled_kept_s == 7 * 24 * 3600.0 and type(s.handled_kept_s) is float
+    assert s.read_batch == 200
 
 
 def test_custom_limits() -> None:
@@ -248,6 +250,7 @@ def test_custom_limits() -> None:
     assert s.workspace_quota_bytes == 10 * 1024 * 1024
     assert s.download_timeout_s == 60.0
     assert s.handled_kept_s == 2 * 24 * 3600.0
+    assert s.read_batch == 50 and settings(reconcile__read_batch=0).read_batch == 0
     fractions = settings(files__workspace_quota_mb=0.5, reconcile__handled_kept_days=0.5)
     assert fractions.workspace_quota_bytes == 512 * 1024
     assert fractions.handled_kept_s == 12 * 3600.0
@@ -321,6 +324,11 @@ INVALID: list[tuple[str, Any]] = [
     ("files.download_timeout_s", -300),
     ("reconcile.handled_kept_days", 0),
     ("reconcile.handled_kept_days", False),
+    ("reconcile.read_batch", -1),
+    ("reconcile.read_batch", 1001),
+    ("reconcile.read_batch", 2.5),
+    ("reconcile.read_batch", True),
+    ("reconcile.read_batch", None),
     ("access.daily_tokens", -1),
     ("access.daily_tokens", 1.5),
     ("access.daily_tokens", True),

@@ -155,3 +155,37 @@ async def test_other_errors_are_final_and_carry_the_errcode(
     error = caught.value
     assert (error.status, error.errcode, error.message) == (403, "M_FORBIDDEN", "not allowed")
     assert len(hs.seen) == 1
+
+
+async def test_rooms_state_keeps_only_asked_rooms_in_shape(
+    hs: ScriptedHomeserver, mx: Matrix
+) -> None:
+    create = {"type": "m.room.create", "state_key": "", "content": {}, "sender": "@a:example.org"}
+    rooms = {
+        "!a:x": {"required_state": [create]},
+        "!b:x": {"required_state": "not a list"},
+        "!c:x": ["not a room"],
+        "!d:x": {},
+        "!not-asked:x": {"required_state": [create]},
+    }
+    hs.script = [(200, {"pos": "1", "rooms": rooms}, {})]
+    found = await mx.rooms_state(["!a:x", "!b:x", "!c:x", "!d:x", "!e:x"], ["m.room.create"], "c")
+    assert found == {"!a:x": [create]}
+    assert hs.seen[-1][:2] == ("POST", matrix.SLIDING_SYNC)
+
+
+@pytest.mark.parametrize("body", [{"rooms": None}, {"rooms": []}, [], "text", None])
+async def test_rooms_state_of_an_answer_out_of_shape_is_nothing(
+    hs: ScriptedHomeserver, mx: Matrix, body: Any
+) -> None:
+    hs.script = [(200, body, {})] if body is not None else [(200, {"pos": "1"}, {})]
+    assert await mx.rooms_state(["!a:x"], ["m.room.create"], "c") == {}
+
+
+async def test_rooms_state_of_a_homeserver_without_sliding_sync_is_its_error(
+    hs: ScriptedHomeserver, mx: Matrix
+) -> None:
+    hs.script = [(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, {})]
+    with pytest.raises(HomeserverError) as raised:
+        await mx.rooms_state(["!a:x"], ["m.room.create"], "c")
+    assert (raised.value.status, raised.value.errcode) == (404, "M_UNRECOGNIZED")

@@ -9,6 +9,7 @@ from typing import Any
 
 from lambda_plugin.db import ChatRoomRow, UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import (
     Reconciler,
     adopted_platform_chat_id,
@@ -313,6 +314,9 @@ class FakeMatrix:
     def __init__(self, states: dict[str, list[dict]]) -> None:
         self.states = states
         self.requests = 0
+        self.batches: list[tuple[list[str], str]] = []  # (room ids, connection) per batch
+        self.batch_error: HomeserverError | None = None
+        self.left_out: set[str] = set()  # rooms a batched answer leaves out
         self.crypto = SimpleNamespace(available=True)
         self.sent: list[tuple[str, str, str, dict]] = []
 
@@ -323,6 +327,19 @@ class FakeMatrix:
     async def state(self, room_id: str) -> list[dict]:
         self.requests += 1
         return self.states[room_id]
+
+    async def rooms_state(
+        self, room_ids: list[str], types: list[str], conn_id: str
+    ) -> dict[str, list[dict]]:
+        self.requests += 1
+        self.batches.append((room_ids, conn_id))
+        if self.batch_error is not None:
+            raise self.batch_error
+        return {
+            room_id: [e for e in self.states[room_id] if e["type"] in types]
+            for room_id in room_ids
+            if room_id not in self.left_out
+        }
 
     async def send_state(self, room_id: str, event_type: str, content: dict, key: str) -> str:
         self.requests += 1
@@ -377,11 +394,11 @@ async def test_reconciler_runs_on_what_it_is_given() -> None:
     mx = FakeMatrix({"!s": the_space, "!old": older_room})
     store = FakeStore()
     registry = FakeRegistry(store)
-    settings = SimpleNamespace(default_agent="first")
+    settings = SimpleNamespace(default_agent="first", read_batch=0)
     log = logging.getLogger("test.reconcile")
     reconciler = Reconciler(mx, store, registry, lambda: settings, log)  # type: ignore[arg-type]
 
-    settings = SimpleNamespace(default_agent="gpt")  # read at run time, not at construction
+    settings = SimpleNamespace(default_agent="gpt", read_batch=0)  # read at run time
     report = await reconciler.run()
     assert reconciler.last_report is report
     assert report.restored_chat_rows == 1 and report.requests == len(mx.sent) + 3
@@ -392,3 +409,84 @@ async def test_reconciler_runs_on_what_it_is_given() -> None:
     dry_runner = Reconciler(mx, fresh, FakeRegistry(fresh), lambda: settings, log)  # type: ignore[arg-type]
     dry = await dry_runner.run(dry_run=True)
     assert dry.dry_run and dry.restored_chat_rows == 1 and len(mx.sent) == 2
+
+
+def many_rooms(n: int) -> dict[str, list[dict]]:
+    """A Space of ``n`` chat rooms, each with its marker, and a room the bot did not make."""
+    space = [
+        event("m.room.create", {"type": "m.space"}),
+        event(MARKER_TYPE, Marker(KIND_SPACE, ANN).content()),
+        event("m.room.member", {"membership": "join"}, BOT),  # not read: left out of batches
+    ]
+    states = {"!space": space, "!theirs": [event("m.room.create", {}, sender=ANN)]}
+    for i in range(n):
+        room = f"!c{i}"
+        marker = Marker(KIND_CHAT, ANN, "!space", str(i + 1), "echo", f"p{i}")
+        states[room] = [
+            event("m.room.create", {}),
+            event(MARKER_TYPE, marker.content()),
+            event("m.space.parent", {"via": ["hs"]}, "!space"),
+        ]
+        space.append(event("m.space.child", {"via": ["hs"]}, room))
+    return states
+
+
+def reconciler_for(mx: FakeMatrix, read_batch: int) -> Reconciler:
+    store = FakeStore()
+    settings = SimpleNamespace(default_agent="echo", read_batch=read_batch)
+    log = logging.getLogger("test.reconcile")
+    return Reconciler(mx, store, FakeRegistry(store), lambda: settings, log)  # type: ignore[arg-type]
+
+
+async def test_batched_reads_find_what_reads_room_by_room_find() -> None:
+    one_by_one = await reconciler_for(FakeMatrix(many_rooms(25)), read_batch=0).read_topology()
+    mx = FakeMatrix(many_rooms(25))
+    batched = await reconciler_for(mx, read_batch=10).read_topology()
+    assert batched == one_by_one and len(batched) == 27
+    assert [len(ids) for ids, _ in mx.batches] == [10, 10, 7]
+    assert len({conn for _, conn in mx.batches}) == 3  # a connection each, reused next start
+    assert mx.requests == 1 + 3  # /joined_rooms and the batches: no /state
+
+
+async def test_rooms_a_batch_leaves_out_are_read_room_by_room() -> None:
+    mx = FakeMatrix(many_rooms(5))
+    mx.left_out = {"!c3", "!space"}
+    reconciler = reconciler_for(mx, read_batch=100)
+    states = await reconciler.read_topology()
+    assert states["!c3"].marker is not None and len(states["!space"].children) == 5
+    assert mx.requests == 1 + 1 + 2  # joined, one batch, two /state
+
+
+async def test_a_homeserver_without_sliding_sync_is_read_room_by_room_and_not_asked_again() -> None:
+    mx = FakeMatrix(many_rooms(30))
+    mx.batch_error = HomeserverError(404, "M_UNRECOGNIZED", "Unrecognized request")
+    reconciler = reconciler_for(mx, read_batch=10)
+    report = await reconciler.run()
+    assert report.restored_chat_rows == 30 and not reconciler.sliding_sync
+    asked = len(mx.batches)
+    assert 1 <= asked <= 3  # batches already under way may ask once each
+    await reconciler.run()
+    assert len(mx.batches) == asked
+
+
+async def test_a_failed_batch_is_read_room_by_room_and_batches_go_on() -> None:
+    mx = FakeMatrix(many_rooms(8))
+    mx.batch_error = HomeserverError(500, "M_UNKNOWN", "Internal server error")
+    reconciler = reconciler_for(mx, read_batch=100)
+    assert (await reconciler.run()).restored_chat_rows == 8
+    assert reconciler.sliding_sync  # a server error is no answer about sliding sync
+    mx.batch_error = None
+    requests = mx.requests
+    await reconciler.run()
+    assert mx.requests - requests == 2  # /joined_rooms and one batch
+
+
+async def test_an_unreachable_homeserver_fails_the_whole_read() -> None:
+    mx = FakeMatrix(many_rooms(3))
+    mx.batch_error = HomeserverError(0, None, "connection failed: ClientConnectorError")
+    try:
+        await reconciler_for(mx, read_batch=10).read_topology()
+    except HomeserverError as e:
+        assert e.status == 0
+    else:
+        raise AssertionError("the read went on without the homeserver")
