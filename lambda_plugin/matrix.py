@@ -79,6 +79,10 @@ class Matrix:
         return self.client.mxid
 
     @property
+    def device_id(self) -> str | None:
+        return self.client.device_id or None
+
+    @property
     def server_name(self) -> str:
         return self.client.mxid.split(":", 1)[1]
 

@@ -33,10 +33,11 @@ from .plan import (
     trusted,
     user_row,
 )
-from .reconciler import READ_CONCURRENCY, Reconciler
+from .reconciler import BATCHES_AT_ONCE, READ_CONCURRENCY, Reconciler
 from .report import Report
 
 __all__ = [
+    "BATCHES_AT_ONCE",
     "READ_CONCURRENCY",
     "STATE_TYPES",
     "Numbered",

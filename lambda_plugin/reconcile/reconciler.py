@@ -37,7 +37,7 @@ class Reconciler:
     last_report: Report | None = None
     unreadable: int = 0
     _reported_sealed: set[str] = field(default_factory=set)  # rooms said unreadable once
-    sliding_sync: bool = True  # until the homeserver says it has none
+    sliding_sync: bool = True  # until a batched read fails
 
     async def run(self, dry_run: bool = False) -> Report:
         """Reconciles once; returns the report."""
@@ -91,7 +91,7 @@ class Reconciler:
         room_ids = await self.mx.joined_rooms()
         states: dict[str, RoomState] = {}
         size = self.settings().read_batch
-        if size and self.sliding_sync:
+        if size and self.sliding_sync and self.mx.device_id:  # sliding sync wants a device
             await self._read_batches(room_ids, size, states)
         left = [room_id for room_id in room_ids if room_id not in states]
         self.unreadable = await self._read_each(left, states)
@@ -105,12 +105,10 @@ class Reconciler:
         async def read(index: int, batch: list[str]) -> None:
             async with limit:
                 if not self.sliding_sync:
-                    return  # an earlier batch found none: these are read room by room
+                    return  # an earlier batch failed: these are read room by room
                 try:
                     found = await mx.rooms_state(batch, STATE_TYPES, f"{CONN_ID}.{index}")
                 except HomeserverError as e:
-                    if e.status == 0:
-                        raise  # the homeserver is unreachable: the whole run is retried
                     self._batch_failed(e)
                     return
             for room_id, events in found.items():
@@ -120,10 +118,14 @@ class Reconciler:
         await asyncio.gather(*(read(index, batch) for index, batch in enumerate(batches)))
 
     def _batch_failed(self, e: HomeserverError) -> None:
-        if e.status in (400, 404, 405) or e.errcode == "M_UNRECOGNIZED":
-            # No sliding sync here (or not for this client): not asked again by this
-            # instance; every room is read with /state, as before.
-            self.sliding_sync = False
+        """Whatever failed (no sliding sync, a server error, a time-out), the rooms are read
+        with /state, which fails the run if the homeserver is really gone; this instance
+        asks no more batches, so a server that can't answer them is not made to try again
+        and again (the next instance start tries once more)."""
+        if not self.sliding_sync:
+            return  # said once
+        self.sliding_sync = False
+        if e.status == 404 or e.errcode == "M_UNRECOGNIZED":
             self.log.info("No sliding sync on the homeserver (%s): rooms are read one by one", e)
         else:
             self.log.warning("A batched read of rooms failed (%s): read one by one instead", e)

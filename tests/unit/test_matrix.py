@@ -6,6 +6,7 @@ answers each request with the next step of its script (then 200 with a default b
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,9 +31,10 @@ class ScriptedHomeserver:
         self.url = ""
         self.script: list[Any] = []  # DROP or (status, json body, headers)
         self.seen: list[tuple[str, str, float]] = []  # (method, path, monotonic time)
+        self.bodies: list[bytes] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
+        self.bodies.append(await request.read())
         self.seen.append((request.method, request.path, time.monotonic()))
         step = self.script.pop(0) if self.script else (200, None, {})
         if step == DROP:
@@ -172,6 +174,12 @@ async def test_rooms_state_keeps_only_asked_rooms_in_shape(
     found = await mx.rooms_state(["!a:x", "!b:x", "!c:x", "!d:x", "!e:x"], ["m.room.create"], "c")
     assert found == {"!a:x": [create]}
     assert hs.seen[-1][:2] == ("POST", matrix.SLIDING_SYNC)
+    body = json.loads(hs.bodies[-1])
+    wanted = {"required_state": [["m.room.create", "*"]], "timeline_limit": 0}
+    assert body == {
+        "conn_id": "c",
+        "room_subscriptions": dict.fromkeys(["!a:x", "!b:x", "!c:x", "!d:x", "!e:x"], wanted),
+    }
 
 
 @pytest.mark.parametrize("body", [{"rooms": None}, {"rooms": []}, [], "text", None])

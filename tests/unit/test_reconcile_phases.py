@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from lambda_plugin.db import ChatRoomRow, UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import (
+    BATCHES_AT_ONCE,
     Reconciler,
     adopted_platform_chat_id,
     child_owners,
@@ -309,7 +313,7 @@ def test_gone_rooms_marks_rooms_left_or_upgraded_once() -> None:
 
 
 class FakeMatrix:
-    user_id, server_name = BOT, "hs"
+    user_id, server_name, device_id = BOT, "hs", "DEVICE"
 
     def __init__(self, states: dict[str, list[dict]]) -> None:
         self.states = states
@@ -317,6 +321,7 @@ class FakeMatrix:
         self.batches: list[tuple[list[str], str]] = []  # (room ids, connection) per batch
         self.batch_error: HomeserverError | None = None
         self.left_out: set[str] = set()  # rooms a batched answer leaves out
+        self.state_error: HomeserverError | None = None
         self.crypto = SimpleNamespace(available=True)
         self.sent: list[tuple[str, str, str, dict]] = []
 
@@ -326,6 +331,8 @@ class FakeMatrix:
 
     async def state(self, room_id: str) -> list[dict]:
         self.requests += 1
+        if self.state_error is not None:
+            raise self.state_error
         return self.states[room_id]
 
     async def rooms_state(
@@ -333,6 +340,7 @@ class FakeMatrix:
     ) -> dict[str, list[dict]]:
         self.requests += 1
         self.batches.append((room_ids, conn_id))
+        await asyncio.sleep(0)  # batches overlap, as on a real homeserver
         if self.batch_error is not None:
             raise self.batch_error
         return {
@@ -464,29 +472,43 @@ async def test_a_homeserver_without_sliding_sync_is_read_room_by_room_and_not_as
     report = await reconciler.run()
     assert report.restored_chat_rows == 30 and not reconciler.sliding_sync
     asked = len(mx.batches)
-    assert 1 <= asked <= 3  # batches already under way may ask once each
+    assert 1 <= asked <= BATCHES_AT_ONCE  # batches already under way ask once each
     await reconciler.run()
     assert len(mx.batches) == asked
 
 
-async def test_a_failed_batch_is_read_room_by_room_and_batches_go_on() -> None:
-    mx = FakeMatrix(many_rooms(8))
-    mx.batch_error = HomeserverError(500, "M_UNKNOWN", "Internal server error")
-    reconciler = reconciler_for(mx, read_batch=100)
-    assert (await reconciler.run()).restored_chat_rows == 8
-    assert reconciler.sliding_sync  # a server error is no answer about sliding sync
+@pytest.mark.parametrize(
+    "error",
+    [
+        HomeserverError(500, "M_UNKNOWN", "Internal server error"),  # a device-less token
+        HomeserverError(0, None, "connection failed: TimeoutError"),  # a batch too slow
+        HomeserverError(400, "M_BAD_JSON", "bad body"),
+    ],
+)
+async def test_a_failed_batch_is_read_room_by_room_and_no_more_batches_are_asked(
+    error: HomeserverError,
+) -> None:
+    mx = FakeMatrix(many_rooms(28))
+    mx.batch_error = error
+    reconciler = reconciler_for(mx, read_batch=10)
+    assert (await reconciler.run()).restored_chat_rows == 28
+    assert not reconciler.sliding_sync and len(mx.batches) <= 3
+    asked = len(mx.batches)
     mx.batch_error = None
-    requests = mx.requests
     await reconciler.run()
-    assert mx.requests - requests == 2  # /joined_rooms and one batch
+    assert len(mx.batches) == asked  # this instance reads room by room from now on
 
 
 async def test_an_unreachable_homeserver_fails_the_whole_read() -> None:
     mx = FakeMatrix(many_rooms(3))
-    mx.batch_error = HomeserverError(0, None, "connection failed: ClientConnectorError")
-    try:
+    mx.batch_error = mx.state_error = HomeserverError(0, None, "connection failed: refused")
+    with pytest.raises(HomeserverError) as raised:
         await reconciler_for(mx, read_batch=10).read_topology()
-    except HomeserverError as e:
-        assert e.status == 0
-    else:
-        raise AssertionError("the read went on without the homeserver")
+    assert raised.value.status == 0 and len(mx.batches) == 1
+
+
+async def test_a_client_without_a_device_reads_room_by_room() -> None:
+    mx = FakeMatrix(many_rooms(3))
+    mx.device_id = None  # type: ignore[assignment]
+    states = await reconciler_for(mx, read_batch=10).read_topology()
+    assert len(states) == 5 and mx.batches == []
