@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 SIZES = {
     "quick": {
-        "reconcile_rooms": 200,
+        "reconcile_rooms": 2_000,  # the goals are set at 2,000 rooms
         "reconcile_reps": 3,
         "synthetic": [1_000, 10_000],
         "synthetic_timeout": 120,

@@ -293,7 +293,7 @@ def homeserver_requests(log: Path, after: int, user_id: str) -> dict[str, dict[s
         if match["user"] != user_id:
             continue
         name = f"{match['method']} {endpoint(match['path'])}"
-        if "sync" in name:  # the client's own long poll names a stored filter; others inline
+        if name.startswith("GET sync"):  # the client's long poll names a stored filter
             inline = "filter=%7B" in match["path"] or "filter={" in match["path"]
             name += " (inline filter)" if inline else " (stored filter)"
         entry = out.setdefault(name, {"count": 0, "seconds": 0.0, "cpu": 0.0})

@@ -12,7 +12,7 @@ from typing import Any
 
 from devstack.matrix import MatrixUser
 from lambda_plugin import reconcile as plugin_reconcile_module
-from lambda_plugin.matrix import one_off_sync_filter
+from lambda_plugin.matrix import SLIDING_SYNC, one_off_sync_filter
 
 from .common import CpuMeter, LogTail, homeserver_requests, median, report_values, wait_idle
 from .env import BenchStack
@@ -22,6 +22,7 @@ from .topology import layout, provision
 RECONCILE_TIMEOUT = 600
 STATE_TYPES = plugin_reconcile_module.STATE_TYPES
 READ_CONCURRENCY = getattr(plugin_reconcile_module, "READ_CONCURRENCY", 16)
+BATCHES_AT_ONCE = getattr(plugin_reconcile_module, "BATCHES_AT_ONCE", 4)
 
 
 def invites_filter() -> str:
@@ -50,6 +51,26 @@ async def fetch_state_concurrent(bot: MatrixUser, concurrency: int) -> int:
 
     await asyncio.gather(*(one(r) for r in room_ids))
     return 1 + len(room_ids)
+
+
+async def fetch_sliding_sync(bot: MatrixUser, batch: int, at_once: int) -> int:
+    """/joined_rooms, then the rooms' state of the plugin's types through simplified
+    sliding sync, ``batch`` rooms a request and ``at_once`` requests at a time, as the
+    plugin reads them; returns requests."""
+    room_ids = await bot.joined_rooms()
+    limit = asyncio.Semaphore(at_once)
+    wanted = {"required_state": [[t, "*"] for t in STATE_TYPES], "timeline_limit": 0}
+    batches = [room_ids[i : i + batch] for i in range(0, len(room_ids), batch)]
+
+    async def one(index: int, ids: list[str]) -> None:
+        body = {"conn_id": f"bench.floor.{index}", "room_subscriptions": dict.fromkeys(ids, wanted)}
+        async with limit:
+            data = await bot.request("POST", SLIDING_SYNC, body, timeout="0")
+        if len(data.get("rooms", {})) != len(ids):
+            raise RuntimeError(f"sliding sync returned {len(data.get('rooms', {}))} of {len(ids)}")
+
+    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batches)))
+    return 1 + len(batches)
 
 
 async def fetch_state_serial(bot: MatrixUser) -> int:
@@ -236,6 +257,16 @@ async def run(
         "floor /state: "
         + " ".join(f"{k}={v:.3f}s" for k, v in floor.items() if k.startswith("state"))
     )
+    batch = int((await stack.instance_config()).get("reconcile", {}).get("read_batch", 200))
+    if batch:  # what the plugin reads with, measured alone
+        await stack.restart_synapse()
+        await wait_idle(pids(), timeout=30)
+        tag = f"sliding_sync_b{batch}"
+        floor[f"{tag}_cold"], _ = await _timed(fetch_sliding_sync(bot, batch, BATCHES_AT_ONCE))
+        for _ in range(2):
+            took, _ = await _timed(fetch_sliding_sync(bot, batch, BATCHES_AT_ONCE))
+            floor[f"{tag}_warm"] = min(took, floor.get(f"{tag}_warm", took))
+        log(f"floor sliding sync: cold {floor[f'{tag}_cold']:.3f}s warm {floor[f'{tag}_warm']:.3f}s")
 
     # The plugin stores where its catch-up resumes from (in its database and in the bot's
     # account data) once it has run a whole catch-up window; a bot that has been up for a
