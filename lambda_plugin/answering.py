@@ -104,9 +104,11 @@ class Answerer(Part):
             self.log.error("Answering in %s failed", room.room_id, exc_info=error)
             await self._failed(room.room_id, self.notices.text("agent.failed"), reply_to)
             return False
-        # Spent once the agent answered, whether or not the answer then reaches the room.
-        await self.quota.record(request.user_id, room.room_id, answer.usage)
-        return await self._deliver(room, reply, answer, (reply_to, request.user_id))
+        try:
+            return await self._deliver(room, reply, answer, (reply_to, request.user_id))
+        finally:  # spent once the agent answered, whether or not the answer reaches the room;
+            # written after the send, which it must not delay
+            await self.quota.record(request.user_id, room.room_id, answer.usage)
 
     async def _agent_failed(
         self, room: ChatRoomRow, agent: Agent, error: AgentError, reply_to: str
