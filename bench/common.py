@@ -31,6 +31,15 @@ SYNC_FILTER = {
         "include_leave": False,
     },
 }
+# The filter maubot's client syncs with (maubot/client.py): what the bot's account costs
+# the homeserver per sync, whatever the plugin does.
+MAUBOT_SYNC_FILTER = {
+    "room": {
+        "timeline": {"limit": 50, "lazy_load_members": True},
+        "state": {"lazy_load_members": True},
+    },
+    "presence": {"not_types": ["m.presence"]},
+}
 
 
 class SyncLoop:
@@ -44,8 +53,10 @@ class SyncLoop:
         on_event: Callable[[str, Event, float], None] | None = None,
         poll_ms: int = 10_000,
         on_invite: Callable[[str, list[Event], float], None] | None = None,
+        sync_filter: dict[str, Any] | None = None,
     ) -> None:
         self.user = user
+        self.sync_filter = sync_filter or SYNC_FILTER
         self.on_event = on_event
         self.on_invite = on_invite
         self.poll_ms = poll_ms
@@ -61,7 +72,7 @@ class SyncLoop:
     async def start(self) -> None:
         """One immediate sync first (so later waits see only what is new), then the loop."""
         path = f"/_matrix/client/v3/user/{quote(self.user.user_id)}/filter"
-        self.filter_id = (await self.user.request("POST", path, SYNC_FILTER))["filter_id"]
+        self.filter_id = (await self.user.request("POST", path, self.sync_filter))["filter_id"]
         await self._sync_once(0)
         self._task = asyncio.create_task(self._run())
 

@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
@@ -194,6 +195,23 @@ class BenchStack:
     async def set_client_sync(self, sync: bool) -> None:
         assert self.dep is not None
         await self.dep.maubot.api("PUT", f"/client/{self.bot_id}", json={"sync": sync})
+
+    @contextlib.asynccontextmanager
+    async def plugin_paused(self) -> AsyncIterator[None]:
+        """The plugin stopped and maubot's client not syncing, so the bot's account does only
+        what the benchmark does with it; both back, and the plugin serving, afterwards."""
+        assert self.log is not None
+        await self.set_instance_started(False)
+        await self.set_client_sync(False)
+        try:
+            yield
+        finally:
+            hs_mark = LogTail(self.synapse.dir / "homeserver.log").mark()
+            mark = self.log.mark()
+            await self.set_client_sync(True)
+            await self._first_sync_done(hs_mark)
+            await self.set_instance_started(True)
+            await self.log.wait_for("Reconciled: ", mark, 120)
 
     async def plugin_tables(self) -> list[str]:
         """The plugin's tables, as maubot's database API lists them (the schema's version

@@ -12,6 +12,7 @@ from typing import Any
 from devstack.matrix import Event, MatrixUser
 
 from .common import (
+    MAUBOT_SYNC_FILTER,
     CpuMeter,
     LogTail,
     SyncLoop,
@@ -75,18 +76,29 @@ async def exchange(
 
 class PlainPair:
     """The physical limit a bot's round trip is set against: two plain users, B answering A
-    from its own sync loop at once, in a room of their own."""
+    from its own sync loop at once, in a room of their own. ``answerer``, if given, is B (a
+    plain client on the bot's own account, say); it leaves the room at the end."""
 
-    def __init__(self, stack: BenchStack, prefix: str) -> None:
+    def __init__(
+        self,
+        stack: BenchStack,
+        prefix: str,
+        answerer: MatrixUser | None = None,
+        answerer_filter: dict[str, Any] | None = None,
+    ) -> None:
         self.stack = stack
         self.prefix = prefix
+        self.answerer = answerer
+        self.answerer_filter = answerer_filter
         self.answers: set[asyncio.Task] = set()
         self.loops: list[SyncLoop] = []
 
     async def start(self) -> None:
-        self.a, self.b = await self.stack.users(self.prefix, 2)
+        users = await self.stack.users(self.prefix, 1 if self.answerer else 2)
+        self.a, self.b = users[0], self.answerer or users[1]
         self.a_loop = SyncLoop(self.a)
-        self.loops = [self.a_loop, SyncLoop(self.b, on_event=self._answer_at_once)]
+        b_loop = SyncLoop(self.b, on_event=self._answer_at_once, sync_filter=self.answerer_filter)
+        self.loops = [self.a_loop, b_loop]
         self.room = await self.a.create_room(preset="private_chat", invite=[self.b.user_id])
         await self.b.join(self.room)
         for loop in self.loops:
@@ -111,6 +123,39 @@ class PlainPair:
             await loop.stop()
         for task in list(self.answers):
             task.cancel()
+        if self.answerer is not None:
+            await self.b.leave(self.room)  # nothing of it is left for the plugin
+
+
+async def bot_account_round_trips(stack: BenchStack, pair: PlainPair, n: int) -> dict[str, Any]:
+    """Where the bot's overhead goes: the same round trip answered at once by a plain client
+    on the bot's own account (in every room the bot is in, syncing with maubot's filter), with
+    the plugin stopped and maubot's client not syncing, interleaved with the two plain users
+    again."""
+    warmup = 3
+    answerer = await stack.bot_device()
+    account = PlainPair(stack, stack.unique("acct"), answerer, MAUBOT_SYNC_FILTER)
+    account_ms: list[float] = []
+    raw_ms: list[float] = []
+    async with stack.plugin_paused():
+        await account.start()
+        try:
+            for i in range(warmup + n):
+                token = f"{i}-{uuid.uuid4().hex[:8]}"
+                account_sample = await account.exchange("a" + token)
+                raw_sample = await pair.exchange("q" + token)
+                if i >= warmup:
+                    account_ms.append(account_sample)
+                    raw_ms.append(raw_sample)
+        finally:
+            await account.stop()
+    account_p50, raw_p50 = median(account_ms), median(raw_ms)
+    return {
+        "samples": n,
+        "p50_ms": round(account_p50, 1),
+        "raw_p50_ms": round(raw_p50, 1),
+        "overhead_p50_ms": round(account_p50 - raw_p50, 1),
+    }
 
 
 async def run(
@@ -174,11 +219,16 @@ async def run(
                 }
             for name, prof in profilers:
                 profiles[f"{kind}_{name}"] = prof.stop()
+        account = await bot_account_round_trips(stack, pair, samples)
     finally:
         await user_loop.stop()
         await pair.stop()
     bot_p50, raw_p50 = median(bot_ms), median(raw_ms)
     log(f"latency: bot p50 {bot_p50:.1f}ms, raw p50 {raw_p50:.1f}ms")
+    log(
+        f"latency: a plain client on the bot's account p50 {account['p50_ms']:.1f}ms,"
+        f" raw p50 {account['raw_p50_ms']:.1f}ms (plugin stopped)"
+    )
     return {
         "samples": len(bot_ms),
         "bot_p50_ms": round(bot_p50, 1),
@@ -192,5 +242,9 @@ async def run(
         "raw_p90_ms": round(percentile(raw_ms, 90), 1),
         "cpu_ms_per_exchange": cpu,
         "bot_requests": bot_requests,
+        # the homeserver's cost of the bot's account alone: the overhead a plain client has
+        # on it, in as many rooms, with no plugin
+        "bot_account": account,
+        "overhead_over_bot_account_p50_ms": round(bot_p50 - account["p50_ms"], 1),
         **({"profile": profiles} if profiles else {}),
     }

@@ -214,9 +214,16 @@ def measure(rooms: int, dms: bool, profile: Path | None) -> dict[str, Any]:
 
 
 async def run_sizes(
-    sizes: list[int], timeout: float, log, dms: bool = True, profile_dir: Path | None = None
+    sizes: list[int],
+    timeout: float,
+    log,
+    dms: bool = True,
+    profile_dir: Path | None = None,
+    reps: int = 3,
 ) -> dict[int, dict[str, Any]]:
-    """Each size in a subprocess of its own, bounded by ``timeout`` seconds (killed after)."""
+    """Each size ``reps`` times, each run in a subprocess of its own bounded by ``timeout``
+    seconds (killed after); the run with the median ``seconds`` stands for the size (one
+    short run alone is at the mercy of the machine's noise), all runs' seconds beside it."""
     out: dict[int, dict[str, Any]] = {}
     for size in sizes:
         cmd = [sys.executable, "-m", "bench.synthetic", "--rooms", str(size)]
@@ -226,34 +233,44 @@ async def run_sizes(
             profile_dir.mkdir(parents=True, exist_ok=True)
             suffix = "" if dms else "-nodm"
             cmd += ["--profile", str(profile_dir / f"synthetic-{size}{suffix}.txt")]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
-            raise
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            out[size] = {"error": f"timed out after {timeout:.0f}s"}
-            log(f"synthetic {size} rooms: timed out after {timeout:.0f}s")
-            continue
-        if proc.returncode != 0:
-            out[size] = {"error": stderr.decode(errors="replace").strip()[-500:]}
+        runs = []
+        for _ in range(reps):
+            runs.append(await _one_process(cmd, timeout))
+            if "error" in runs[-1]:
+                break
+        if "error" in runs[-1]:
+            out[size] = runs[-1]
             log(f"synthetic {size} rooms failed: {out[size]['error']}")
             continue
-        out[size] = json.loads(stdout.decode().strip().splitlines()[-1])
+        runs.sort(key=lambda r: r["seconds"])
+        out[size] = {**runs[len(runs) // 2], "seconds_runs": [r["seconds"] for r in runs]}
         log(
-            f"synthetic {size} rooms{'' if dms else ' (no DMs)'}: plan {out[size]['seconds']:.2f}s,"
-            f" peak RSS {out[size]['peak_rss_mb']:.0f} MB"
+            f"synthetic {size} rooms{'' if dms else ' (no DMs)'}: plan {out[size]['seconds']:.2f}s"
+            f" (median of {len(runs)}), peak RSS {out[size]['peak_rss_mb']:.0f} MB"
         )
     return out
+
+
+async def _one_process(cmd: list[str], timeout: float) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"error": f"timed out after {timeout:.0f}s"}
+    if proc.returncode != 0:
+        return {"error": stderr.decode(errors="replace").strip()[-500:]}
+    return json.loads(stdout.decode().strip().splitlines()[-1])
 
 
 def main() -> None:
