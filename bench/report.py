@@ -53,6 +53,7 @@ SHOWN = {
     "latency": [
         ("samples", ""), ("bot_p50_ms", "ms"), ("bot_p99_ms", "ms"), ("raw_p50_ms", "ms"),
         ("raw_p99_ms", "ms"), ("overhead_p50_ms", "ms"),
+        ("overhead_over_bot_account_p50_ms", "ms"),
     ],
     "latency_e2e": [
         ("samples", ""), ("plain_p50_ms", "ms"), ("plain_p95_ms", "ms"), ("e2e_p50_ms", "ms"),
