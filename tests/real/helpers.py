@@ -53,6 +53,26 @@ def notice_text(event: Event) -> str:
     return event["content"]["body"]
 
 
+async def completed(
+    user: MatrixUser, room: str, first: Event, mark=None, timeout: float = 60
+) -> str:
+    """The complete text of the answer ``first``: a streamed one is edited (the edits after
+    ``mark``) until it no longer ends with the cursor."""
+
+    def latest() -> str | None:
+        body = notice_text(first)
+        for e in user.events_since(room, mark):
+            relates = e["content"].get("m.relates_to", {})
+            if (
+                relates.get("rel_type") == "m.replace"
+                and relates.get("event_id") == first["event_id"]
+            ):
+                body = e["content"]["m.new_content"]["body"]
+        return None if body.endswith(" …") else body
+
+    return await user.wait_until(latest, timeout, "a complete answer")
+
+
 def bot_messages(user: MatrixUser, room: str, bot: str, mark=None) -> list[Event]:
     """The bot's messages after ``mark`` as the client reads them, edits left out."""
     return [

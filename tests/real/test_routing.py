@@ -13,7 +13,7 @@ from devstack.stack import Deployment
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
-from .helpers import notice_text, onboard
+from .helpers import completed, notice_text, onboard
 
 pytestmark = pytest.mark.real
 PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
@@ -32,19 +32,7 @@ async def final_answer(user, room: str, bot: str, mark, timeout: float = 60) -> 
     """The bot's first answer after ``mark`` once complete: streamed answers are edited
     until they no longer end with the cursor."""
     first = await user.wait_for_event(room, is_answer(bot), mark, timeout)
-
-    def latest() -> str | None:
-        body = notice_text(first)
-        for e in user.events_since(room, mark):
-            relates = e["content"].get("m.relates_to", {})
-            if (
-                relates.get("rel_type") == "m.replace"
-                and relates.get("event_id") == first["event_id"]
-            ):
-                body = e["content"]["m.new_content"]["body"]
-        return None if body.endswith(" …") else body
-
-    return await user.wait_until(latest, timeout, "a complete answer")
+    return await completed(user, room, first, mark, timeout)
 
 
 async def say(user, room: str, body: str, bot: str, timeout: float = 60) -> str:

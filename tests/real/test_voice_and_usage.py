@@ -20,7 +20,7 @@ from devstack.matrix import Event, MatrixUser
 from devstack.stack import Deployment
 from tests.servers.openai_server import COUNT, OpenAIServer
 
-from .helpers import notice_text, onboard
+from .helpers import completed, notice_text, onboard
 
 pytestmark = pytest.mark.real
 
@@ -67,31 +67,13 @@ def from_bot(bot: str, answers: str | None = None, starts: str | None = None):
     return match
 
 
-async def final_answer(user: MatrixUser, room: str, first: Event, timeout: float = 60) -> str:
-    """The complete text of the answer ``first``: a streamed one is edited until it no
-    longer ends with the cursor."""
-
-    def latest() -> str | None:
-        body = notice_text(first)
-        for e in user.events_since(room):
-            relates = e["content"].get("m.relates_to", {})
-            if (
-                relates.get("rel_type") == "m.replace"
-                and relates.get("event_id") == first["event_id"]
-            ):
-                body = e["content"]["m.new_content"]["body"]
-        return None if body.endswith(" …") else body
-
-    return await user.wait_until(latest, timeout, "a complete answer")
-
-
 async def say(user: MatrixUser, room: str, body: str, bot: str, timeout: float = 60) -> str:
     """Sends ``body`` and returns the bot's complete answer to it."""
     await user.sync_once(0)
     mark = user.mark()
     sent = await user.send_text(room, body)
     first = await user.wait_for_event(room, from_bot(bot, answers=sent), mark, timeout)
-    return await final_answer(user, room, first, timeout)
+    return await completed(user, room, first, timeout=timeout)
 
 
 async def retry(user: MatrixUser, room: str, bot: str, answers: str, starts: str) -> Event:
