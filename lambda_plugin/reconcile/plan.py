@@ -1,12 +1,8 @@
 """The plan of a reconciliation: a pure function of what was read and the database's rows.
 
-The topology is read with one ``/joined_rooms`` and bounded concurrent ``/state`` reads,
-each parsed as it arrives (``roomstate.parse_room``). (A filtered full-state ``/sync`` would
-be one request, but Synapse's answer with a short timeline leaves out the newest state
-events, such as the last ``m.space.child`` of a Space, so it cannot be trusted.) ``plan()``
-is a pure function of what was read and the database's rows, made of named phases, so it is
-tested and benchmarked without a homeserver; ``Reconciler.run()`` applies the plan. It never
-creates a room or a Space; it writes missing plugin state and links into rooms the bot
+``plan()`` is made of named phases, so it is tested and benchmarked without a homeserver
+(how the rooms are read: the package's docstring); ``Reconciler.run()`` applies the plan. It
+never creates a room or a Space; it writes missing plugin state and links into rooms the bot
 already manages, and a second run on a consistent database writes nothing.
 """
 
