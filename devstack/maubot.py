@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from ruamel.yaml import YAML
 
-from .procs import REPO, free_port, start_server, stop_process
+from .procs import REPO, free_port, kill_process, start_server, stop_process
 
 API = "/_matrix/maubot/v1"
 PLUGIN_ID = "ai.lambda.matrix"
@@ -179,6 +179,11 @@ class Maubot:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: maubot and the plugin get no chance to stop (no ``stop()`` runs)."""
+        kill_process(self.proc)
         self.proc = None
 
     def log_text(self) -> str:

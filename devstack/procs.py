@@ -79,6 +79,14 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
         proc.wait()
 
 
+def kill_process(proc: subprocess.Popen | None) -> None:
+    """SIGKILL, as an OOM kill or a power cut would: no clean-up code of the process runs."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.kill()
+    proc.wait()
+
+
 def start_server(
     args: list[str], output: Path, cwd: Path, ready_url: str, what: str, log: Path
 ) -> subprocess.Popen:

@@ -68,6 +68,16 @@ class Deployment:
         self.maubot.start()
         await self.maubot.login()
 
+    async def kill_server(self, while_down=None) -> None:
+        """SIGKILLs the whole maubot process (no ``stop()`` runs), runs ``while_down()`` if
+        given, starts it again."""
+        await self.maubot.close()
+        self.maubot.kill()
+        if while_down is not None:
+            await while_down()
+        self.maubot.start()
+        await self.maubot.login()
+
     async def sql(self, query: str) -> list[dict]:
         """Runs SQL in the plugin's database through maubot's database API (the UI's tab)."""
         result = await self.maubot.api(
