@@ -8,6 +8,8 @@ short notice; the caller keeps the message for !retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -17,12 +19,13 @@ from .attachments import FileService
 from .db import ChatRoomRow
 from .files import caption
 from .intake import ANSWERING, Incoming
+from .ledger import Fate, Ledger
 from .matrix import HomeserverError, Matrix
 from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
 from .replies import StreamingReply
-from .usage import Quota
+from .usage import Quota, estimate
 from .voice import Voice, is_voice
 
 
@@ -37,28 +40,29 @@ class Answerer(Part):
     notices: Notices
     voice: Voice
     quota: Quota
+    ledger: Ledger
 
-    async def answer(self, room_id: str, incoming: Incoming) -> bool | None:
-        """Hands the message (and its file) to the room's agent and sends the answer: True
-        when answered, False after telling the user it failed (kept for !retry), None when
-        it goes nowhere (the room is gone, the file refused and the user told why)."""
+    async def answer(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
+        """Hands the message (and its file) to the room's agent and sends the answer; the
+        message's fate and why: answered, kept after telling the user it failed (for
+        !retry), refused (the file refused and the user told why), left (the room is gone)."""
         room = self.registry.room(room_id)
         if room is None or room.gone:
-            return None
+            return Fate.LEFT, "gone"
         agent = self.agents.get(room.agent_id)
         if agent is None:
             await self.notices.say(
                 room_id, "agent.unknown", agent=room.agent_id, reply_to=incoming.event_id
             )
-            return False
+            return Fate.KEPT, "agent"
         try:
             request = await self._request(room, agent, incoming)
         except AgentError as error:  # the voice message's transcription failed
             await self._agent_failed(room, agent, error, incoming.event_id)
-            return False
+            return Fate.KEPT, "agent"
         if request is None:
-            return None
-        return await self.ask(room, agent, request, incoming.event_id)
+            return Fate.REFUSED, "file"
+        return await self.ask(room, agent, request, incoming)
 
     async def _request(
         self, room: ChatRoomRow, agent: Agent, incoming: Incoming
@@ -81,34 +85,58 @@ class Answerer(Part):
                 return None
             body = body if spec is not None else caption(incoming.file)
             attachments = (attachment,)
-        return AgentRequest(room.platform_chat_id, body, incoming.sender, attachments)
+        return AgentRequest(
+            room.platform_chat_id, body, incoming.sender, attachments, incoming.event_id
+        )
 
     async def ask(
-        self, room: ChatRoomRow, agent: Agent, request: AgentRequest, reply_to: str
-    ) -> bool:
-        """Asks the agent and sends its answer, marked as the answer to ``reply_to``; False
-        after telling the user it failed."""
-        # Partials are not the answer yet: only what finishes it names the message (an
-        # answer cut short by a stop is caught up again after the start).
-        reply = StreamingReply(
-            lambda content: self.mx.send(room.room_id, answering(content, reply_to, ANSWERING)),
-            self.settings().stream_edit_interval_s,
-        )
+        self, room: ChatRoomRow, agent: Agent, request: AgentRequest, incoming: Incoming
+    ) -> tuple[Fate, str]:
+        """Asks the agent (the message taken, in the ledger) and sends its answer, marked as
+        the answer to the message; an unfinished answer of an earlier attempt is finished in
+        place. Kept after telling the user it failed."""
+        reply = self._reply(room.room_id, incoming)
+        await self.ledger.taken(incoming.event_id)
         try:
             async with _Typing(self.mx, room.room_id, self.log):
                 answer = await agent.respond(request, reply.partial)
-        except AgentError as error:
-            await self._agent_failed(room, agent, error, reply_to)
-            return False
-        except Exception as error:
-            self.log.error("Answering in %s failed", room.room_id, exc_info=error)
-            await self._failed(room.room_id, self.notices.text("agent.failed"), reply_to)
-            return False
+        except BaseException as error:
+            await self._cut(room, request, reply, error)
+            if isinstance(error, AgentError):
+                await self._agent_failed(room, agent, error, incoming.event_id)
+            elif isinstance(error, Exception):
+                self.log.error("Answering in %s failed", room.room_id, exc_info=error)
+                await self._failed(room.room_id, self.notices.text("agent.failed"), incoming.event_id)
+            else:
+                raise  # cancelled: by !cancel (kept) or a stop (answered at the next start)
+            return Fate.KEPT, "agent"
         try:
-            return await self._deliver(room, reply, answer, (reply_to, request.user_id))
+            return await self._deliver(room, reply, answer, (incoming.event_id, request.user_id))
         finally:  # spent once the agent answered, whether or not the answer reaches the room;
             # written after the send, which it must not delay
             await self.quota.record(request.user_id, room.room_id, answer.usage)
+
+    def _reply(self, room_id: str, incoming: Incoming) -> StreamingReply:
+        # Partials are not the answer yet: only what finishes it names the message.
+        mark = functools.partial(answering, reply_to=incoming.event_id, field=ANSWERING)
+        return StreamingReply(
+            lambda content: self.mx.send(room_id, mark(content)),
+            self.settings().stream_edit_interval_s,
+            send_partial=lambda content: self.mx.send(room_id, mark(content), wait_outage=False),
+            resume=incoming.resume,
+            started=lambda event_id: self.ledger.answer_started(incoming.event_id, event_id),
+        )
+
+    async def _cut(
+        self, room: ChatRoomRow, request: AgentRequest, reply: StreamingReply, error: BaseException
+    ) -> None:
+        """An answer that did not finish: what streamed of it is counted (estimated: the
+        agent never said), and its message in the room marked as cut off."""
+        if reply.streamed_chars:
+            cost = estimate(len(request.text), reply.streamed_chars)
+            with contextlib.suppress(Exception):
+                await self.quota.record(request.user_id, room.room_id, cost)
+        await reply.interrupt(self.notices.text("answer.interrupted"))
 
     async def _agent_failed(
         self, room: ChatRoomRow, agent: Agent, error: AgentError, reply_to: str
@@ -123,7 +151,7 @@ class Answerer(Part):
 
     async def _deliver(
         self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply, to: tuple[str, str]
-    ) -> bool:
+    ) -> tuple[Fate, str]:
         """The answer into the room, naming the message it answers; the agent's files from
         the requester's own folder. ``to``: (the message's event id, its sender)."""
         reply_to, requester = to
@@ -134,9 +162,11 @@ class Answerer(Part):
             await self.files.send(room.room_id, requester, answer.attachments)
         except Exception:
             self.log.exception("Sending the answer in %s failed", room.room_id)
-            await self.notices.say(room.room_id, "send.failed", reply_to=reply_to)
-            return False
-        return True
+            await reply.interrupt(self.notices.text("answer.interrupted"))
+            with contextlib.suppress(HomeserverError):
+                await self.notices.say(room.room_id, "send.failed", reply_to=reply_to)
+            return Fate.KEPT, "send"
+        return Fate.ANSWERED, ""
 
 
 class _Typing:

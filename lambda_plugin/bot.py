@@ -31,6 +31,7 @@ from .config import Config, Settings
 from .conversation import Conversation
 from .db import Store, upgrade_table
 from .gate import StartGate
+from .ledger import Ledger
 from .matrix import Matrix
 from .notices import Notices
 from .onboarding import Onboarding
@@ -38,6 +39,7 @@ from .part import PartArgs
 from .queue import RoomQueues
 from .reconcile import Reconciler
 from .registry import Registry
+from .replay import CommandReplay
 from .routing import Router
 from .spaces import Spaces
 from .startup import Startup
@@ -65,7 +67,7 @@ class LambdaBot(Plugin):
         self._tasks: set[asyncio.Task] = set()
         self.gate = StartGate()
         assert self.database is not None  # maubot.yaml asks for a database
-        self.store = Store(self.database)
+        self.store = Store(self.database, lambda: self.settings.database_wait_s)
         self.agents = Agents(self.store, self.http, self.log.getChild("agents"))
         self.config.load_and_update()
         self.settings, agents = self._initial_settings()
@@ -79,7 +81,11 @@ class LambdaBot(Plugin):
         """The parts, each given what it uses; the handler classes registered."""
         part: PartArgs = {"settings": self.current_settings, "log": self.log}
         gate, store, mx = self.gate, self.store, Matrix(self.client, self.log)
+        mx.outage_s = lambda: self.settings.homeserver_wait_s
         registry = self.registry = Registry(store)
+        ledger = self.ledger = Ledger(
+            store=store, bot_id=lambda: mx.user_id, background=self.background, **part
+        )
         chats = Chats(registry, mx, self.log)
         notices = Notices(mx, self.current_settings)
         conversation = self._conversation(part, mx, registry, notices)
@@ -90,19 +96,17 @@ class LambdaBot(Plugin):
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices, **part
         )
         router = Router(
-            queues=queues, conversation=conversation, gate=gate, notices=notices,
+            queues=queues, ledger=ledger, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,
         )  # fmt: skip
-        catch_up = CatchUp(
-            mx, queues, self.client, self.message_handlers, router.enqueue, self.log
-        )
+        catch_up = CatchUp(mx, queues, self.log)
         undecryptable = Undecryptable(
-            mx=mx, notices=notices, catch_up=catch_up, registry=registry, **part
+            mx=mx, notices=notices, enqueue=router.enqueue, registry=registry, **part
         )
         self.startup = Startup(
-            gate=gate, store=store, reconciler=reconciler, catch_up=catch_up,
-            invite=onboarding.handle_invite, sealed=undecryptable.attempt,
-            background=self.background, **part,
+            gate=gate, store=store, ledger=ledger, reconciler=reconciler, catch_up=catch_up,
+            enqueue=router.enqueue, invite=onboarding.handle_invite,
+            sealed=undecryptable.attempt, background=self.background, **part,
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)
         for handlers in (*commands, router, onboarding, undecryptable):
@@ -117,11 +121,12 @@ class LambdaBot(Plugin):
         voice = Voice(mx=mx, notices=notices, http=self.http, **part)
         answerer = Answerer(
             mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
-            voice=voice, quota=quota, **part,
+            voice=voice, quota=quota, ledger=self.ledger, **part,
         )  # fmt: skip
         return Conversation(
-            gate=self.gate, store=self.store, registry=registry, answerer=answerer,
-            notices=notices, quota=quota, **part,
+            gate=self.gate, ledger=self.ledger, registry=registry, answerer=answerer,
+            notices=notices, quota=quota, command_names=command_names(COMMAND_CLASSES),
+            replay=CommandReplay(self.client, self.message_handlers, self.log), **part,
         )  # fmt: skip
 
     def _commands(
@@ -129,7 +134,7 @@ class LambdaBot(Plugin):
         reconciler: Reconciler,
     ) -> tuple[CommandBase, ...]:  # fmt: skip
         base: CommandArgs = {
-            "gate": self.gate, "store": self.store, "notices": notices,
+            "gate": self.gate, "store": self.store, "ledger": self.ledger, "notices": notices,
             "settings": self.current_settings, "log": self.log,
         }  # fmt: skip
         agents, queues = self.agents, self.queues

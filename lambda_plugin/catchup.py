@@ -2,36 +2,32 @@
 
 maubot drops every event of the first sync after a start, user messages included, so after
 reconciliation the plugin reads the recent timeline of every room itself (one filtered
-``/sync``) and hands each unanswered message or command, oldest first, to the same paths live
-events take: ``intake.classify`` decides what each is, the room's queue keeps the order.
-The data of maubot's first sync (which it drops) is handed over the same way. Handled event
-ids are stored, so nothing is answered twice.
+``/sync``), merges it with what maubot's first sync held and with what the ledger says was
+left unfinished (a crash, a stop mid-answer), and puts it all at the head of the rooms'
+queues: one sequence per room, messages and commands alike, in timeline order, each event
+once. ``intake.classify`` decides what each is; the ledger decides what is done.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from maubot.matrix import MaubotMatrixClient, MaubotMessageEvent
-from mautrix.client import SyncStream
-from mautrix.types import JSON, EventType, MessageEvent
-
-from .intake import Incoming, Kind, answered_ids, classify
+from .db import LedgerRow
+from .intake import ANSWERING, Incoming, Kind, answered_ids, classify
+from .ledger import DONE, Fate, incoming_of
 from .matrix import HomeserverError, Matrix, one_off_sync_filter
-from .queue import QueueItem, RoomQueues
+from .queue import RoomQueues
 
 TIMELINE_LIMIT = 50
 SYNC_TOKEN_KEY = "catch_up_since"
 # The same position in the bot's account data: the rooms are the truth, and where the
 # catch-up resumes from survives a lost database too (no full /sync over every room).
 SYNC_POSITION_TYPE = "ai.lambda.matrix.catch_up"
-
-Handlers = Callable[[], list[tuple[Callable, EventType]]]
 
 
 def catch_up_filter() -> str:
@@ -72,36 +68,136 @@ def timelines_of(sync: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def unanswered(
+def partials_of(events: list[dict[str, Any]], bot_id: str) -> dict[str, str]:
+    """For each message an unfinished answer names (``intake.ANSWERING``), the bot's last
+    such event: the one a re-answer finishes."""
+    found = {}
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        content = event.get("content")
+        event_id = event.get("event_id")
+        if event.get("sender") == bot_id and isinstance(content, dict) and isinstance(event_id, str):
+            answering = content.get(ANSWERING)
+            relates = content.get("m.relates_to")
+            if isinstance(answering, str) and not isinstance(relates, dict):
+                found[answering] = event_id
+    return found
+
+
+@dataclass
+class StartPlan:
+    """What a start hands to the rooms' queues, and what it found already done."""
+
+    rooms: dict[str, list[Incoming]] = field(default_factory=dict)  # in timeline order
+    answered: list[str] = field(default_factory=list)  # unfinished in the ledger, answered in the room
+
+    @property
+    def count(self) -> int:
+        return sum(len(items) for items in self.rooms.values())
+
+
+def plan_start(
     timelines: dict[str, list[dict[str, Any]]],
-    rooms: set[str],
+    unfinished: list[LedgerRow],
+    states: dict[str, str],
     bot_id: str,
     since_ms: int,
-    handled: set[str],
-) -> list[tuple[str, dict[str, Any]]]:
-    """(room id, event) of what users said in ``rooms`` after ``since_ms`` that nobody
-    answered, in each room's order. Answered is what the database recorded as handled, or
-    what a notice of the bot in the room names (``intake.ANSWERS``): that fact survives a
-    lost database. Where the database knows none of a room's recent events and no notice
-    names one (answers of older versions), only what came after the bot's last word counts."""
-    found = []
-    for room_id in sorted(rooms):
-        events = [e for e in timelines.get(room_id, []) if isinstance(e, dict)]
-        answered = handled | answered_ids(events, bot_id)
-        if not any(isinstance(e.get("event_id"), str) and e["event_id"] in answered for e in events):
-            last_bot = max(
-                (i for i, e in enumerate(events) if e.get("sender") == bot_id), default=-1
-            )
-            events = events[last_bot + 1 :]
-        for event in events:
-            incoming = classify({**event, "room_id": room_id}, bot_id)
+    active: Collection[str] | None = None,
+) -> StartPlan:
+    """Pure: the events a start runs, per room, in timeline order, each once. From the
+    timelines (the catch-up's read and maubot's first sync): every message and command
+    since ``since_ms`` that no answer in the room names and the ledger has not ended. From
+    the ledger: every event left unfinished, however old. Done = an end in the ledger other
+    than kept, or a finished answer in the room naming it (a lost database answers nothing
+    twice). Messages count only in ``active`` rooms (when given); commands everywhere."""
+    plan = StartPlan()
+    picked: dict[str, dict[str, tuple[int, int, Incoming]]] = {}  # (group, position, event)
+    order = 0
+    for room_id, events in timelines.items():
+        answered = answered_ids(events, bot_id)
+        partials = partials_of(events, bot_id)
+        for raw in events:
+            if not isinstance(raw, dict):
+                continue
+            found = classify({**raw, "room_id": room_id}, bot_id)
+            order += 1
             if (
-                incoming.kind is not Kind.IGNORED
-                and incoming.timestamp >= since_ms
-                and incoming.event_id not in answered
-            ):
-                found.append((room_id, event))
-    return found
+                found.kind is Kind.IGNORED or found.event_id in answered
+                or found.timestamp < since_ms
+                or (found.is_message and active is not None and room_id not in active)
+                or states.get(found.event_id) in DONE | {Fate.KEPT.value}
+            ):  # fmt: skip
+                continue
+            found = found.resuming(partials.get(found.event_id, ""))
+            # Room order is the timeline's (a sender's clock may be off), not the timestamps.
+            picked.setdefault(room_id, {}).setdefault(found.event_id, (1, order, found))
+        for row in unfinished:
+            if row.room_id == room_id and row.event_id in answered:
+                plan.answered.append(row.event_id)
+    done = set(plan.answered)
+    for row in unfinished:
+        kept = incoming_of(row, bot_id)
+        if kept is None or row.event_id in done:
+            continue
+        order += 1
+        room = picked.setdefault(row.room_id, {})
+        if row.event_id in room:  # where the timeline has it
+            if not kept.resume:
+                kept = kept.resuming(room[row.event_id][2].resume)
+            room[row.event_id] = (*room[row.event_id][:2], kept)
+        else:  # not in what was read: placed by time
+            room[row.event_id] = (0, kept.timestamp, kept)
+    for room_id, entries in picked.items():
+        plan.rooms[room_id] = _in_order(list(entries.values()))
+    return plan
+
+
+def _in_order(entries: list[tuple[int, int, Incoming]]) -> list[Incoming]:
+    """The timeline's events in its order; the ledger's others placed among them by time."""
+    ordered = [e[2] for e in sorted((e for e in entries if e[0] == 1), key=lambda e: e[1])]
+    for _, _, incoming in sorted((e for e in entries if e[0] == 0), key=lambda e: e[1]):
+        later = (i for i, e in enumerate(ordered) if e.timestamp > incoming.timestamp)
+        ordered.insert(next(later, len(ordered)), incoming)
+    return ordered
+
+
+def merged(*sources: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Timelines from several reads, each room's events once (by event id), in room order:
+    an event another read lacks goes right after the event it follows in its own read (or,
+    with none shared before it, by its timestamp): every read's own order is kept."""
+    rooms: dict[str, list[dict[str, Any]]] = {}
+    for source in sources:
+        for room_id, events in source.items():
+            rooms[room_id] = _merge_one(rooms.get(room_id, []), events)
+    return rooms
+
+
+def _merge_one(into: list[dict[str, Any]], events: list[Any]) -> list[dict[str, Any]]:
+    result = list(into)
+    at = {str(e.get("event_id")): i for i, e in enumerate(result)}
+    anchor: int | None = None  # where the last shared event of ``events`` is in ``result``
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        key = str(event.get("event_id"))
+        if key in at:
+            anchor = at[key]
+            continue
+        if anchor is None:
+            ts = event.get("origin_server_ts")
+            ts = ts if isinstance(ts, int) else 0
+            later = (
+                i for i, e in enumerate(result)
+                if isinstance(e.get("origin_server_ts"), int) and e["origin_server_ts"] > ts
+            )  # fmt: skip
+            place = next(later, len(result))
+        else:
+            place = anchor + 1
+        result.insert(place, event)
+        at = {str(e.get("event_id")): i for i, e in enumerate(result)}
+        anchor = place
+    return result
 
 
 class SyncPositions:
@@ -127,25 +223,11 @@ class SyncPositions:
 
 
 class CatchUp:
-    """Reads what was missed and queues it, messages and commands as one sequence per room.
+    """Reads what was missed and queues it, messages and commands as one sequence per room."""
 
-    A missed command gets a reserved place in its room's queue, at its place in the
-    timeline; the command handler that maubot's dispatch runs later takes that place."""
-
-    def __init__(
-        self,
-        mx: Matrix,
-        queues: RoomQueues,
-        client: MaubotMatrixClient,
-        handlers: Handlers,
-        enqueue: Callable[[Incoming], object],
-        log: logging.Logger,
-    ) -> None:
+    def __init__(self, mx: Matrix, queues: RoomQueues, log: logging.Logger) -> None:
         self.mx = mx
         self.queues = queues
-        self.client = client
-        self.handlers = handlers  # the handlers maubot dispatches events to, as registered
-        self.enqueue = enqueue  # a live event's way into its room's queue (Router.enqueue)
         self.log = log
 
     async def read(self, since: str | None) -> dict[str, Any]:
@@ -161,71 +243,23 @@ class CatchUp:
             del query["since"]  # a position the homeserver no longer knows: read it all
             return await self.mx.sync(query)
 
-    def queue(
-        self, missed: list[tuple[str, dict[str, Any]]], active: set[str]
-    ) -> list[tuple[Incoming, dict[str, Any]]]:
-        """Puts missed messages and places for missed commands at the head of their rooms'
-        queues, in timeline order; returns the commands, for maubot's handlers."""
-        heads: dict[str, list[QueueItem]] = {}
-        commands: list[tuple[Incoming, dict[str, Any]]] = []
-        for room_id, raw in missed:
-            incoming = classify({**raw, "room_id": room_id}, self.mx.user_id)
-            if incoming.kind is Kind.MESSAGE and room_id in active:
-                heads.setdefault(room_id, []).append(incoming)
-            elif incoming.kind is Kind.COMMAND:
-                heads.setdefault(room_id, []).append(self.queues.reserve(incoming.event_id))
-                commands.append((incoming, raw))
-            else:
-                continue
-            self.log.info("Catching up %s in %s", incoming.event_id, room_id)
-        for room_id, items in heads.items():
-            self.queues.worker(room_id).push_front(items)
-        count = sum(len(items) for items in heads.values())
-        self.log.info("Caught up %d message(s) sent while the bot was away", count)
-        return commands
+    def queue(self, plan: StartPlan) -> None:
+        """Puts a start's events at the head of their rooms' queues, before anything that
+        arrived during the start; nothing is awaited, so it happens whole or not at all."""
+        for room_id, items in plan.rooms.items():
+            for incoming in items:
+                self.log.info("Catching up %s in %s", incoming.event_id, room_id)
+            self.queues.worker(room_id).push_front(list(items))
+        self.log.info("Caught up %d message(s) sent while the bot was away", plan.count)
 
-    def enqueue_all(self, timelines: dict[str, list[dict]], since_ms: int) -> list:
-        """Queues the messages of ``timelines`` the live way (events older than ``since_ms``
-        and what is not a message or command left out); returns the commands."""
-        commands = []
-        for room_id, events in timelines.items():
-            for raw in events:
-                incoming = classify({**raw, "room_id": room_id}, self.mx.user_id)
-                if incoming.kind is Kind.IGNORED or incoming.timestamp < since_ms:
-                    continue
-                if incoming.kind is Kind.COMMAND:
-                    commands.append((incoming, raw))
-                else:
-                    self.enqueue(incoming)
-        return commands
-
-    async def hand_over(self, room_id: str, raw: dict[str, Any]) -> None:
-        """One event that reached no handler (decrypted late) goes the live way now."""
-        await self.dispatch(self.enqueue_all({room_id: [raw]}, 0))
-
-    async def dispatch(self, commands: list[tuple[Incoming, dict[str, Any]]]) -> None:
-        """Hands missed commands to the same handlers live ones reach; a place reserved for a
-        command its handler did not take (it needs no turn, or was refused) is let go."""
-        try:
-            handlers = [
-                f for f, event_type in self.handlers() if event_type == EventType.ROOM_MESSAGE
-            ]
-            events = [e for e in (self._event(i, raw) for i, raw in commands) if e is not None]
-            # Started in order and not awaited one by one: handlers that keep a room's order
-            # take their place before their first await.
-            tasks = [asyncio.create_task(handler(e)) for e in events for handler in handlers]
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            self.queues.release_reserved([incoming.event_id for incoming, _ in commands])
-
-    def _event(self, incoming: Incoming, raw: dict[str, Any]) -> MaubotMessageEvent | None:
-        try:
-            event = MessageEvent.deserialize(cast(JSON, {**raw, "room_id": incoming.room_id}))
-            event.content.trim_reply_fallback()  # as maubot does for live events
-        except Exception:  # a malformed event is skipped, never fatal
-            self.log.debug("Skipping a malformed event %s in catch-up", incoming.event_id)
-            return None
-        wrapped = MaubotMessageEvent(event, self.client)
-        wrapped.source = SyncStream.JOINED_ROOM | SyncStream.TIMELINE
-        return wrapped
+    async def recent_of(self, room_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """The newest events of rooms with an answer under way when the plugin stopped, to
+        find whether it finished (its answer names it) or which event to finish."""
+        found = {}
+        for room_id in room_ids:
+            try:
+                found[room_id] = await self.mx.recent(room_id, TIMELINE_LIMIT)
+            except HomeserverError as e:
+                self.log.warning("Reading the recent events of %s failed: %s", room_id, e)
+        await self.mx.crypto.open_all(found)
+        return found

@@ -39,6 +39,8 @@ class Config(BaseProxyConfig):
         helper.copy("access.daily_tokens")
         helper.copy("access.monthly_tokens")
         helper.copy("access.token_limits")
+        helper.copy("access.max_kept_per_room")
+        helper.copy("access.answer_estimate_tokens")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("spaces.encryption")
@@ -52,6 +54,8 @@ class Config(BaseProxyConfig):
         helper.copy("reconcile.catch_up_minutes")
         helper.copy("reconcile.handled_kept_days")
         helper.copy("reconcile.read_batch")
+        helper.copy("outages.homeserver_wait_s")
+        helper.copy("outages.database_wait_s")
         helper.copy("transcription")
 
 
@@ -191,6 +195,10 @@ class Settings:
     daily_tokens: int  # 0: no limit
     monthly_tokens: int  # 0: no limit
     token_limits: dict[str, tuple[int, int]]  # user id -> (daily, monthly), 0: no limit
+    max_kept_per_room: int  # messages held for !retry in one room
+    answer_estimate_tokens: int  # what a running answer reserves against a quota
+    homeserver_wait_s: float  # how long a send is retried while the homeserver is unreachable
+    database_wait_s: float  # how long a database call is retried while the database is down
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
         """The user's (daily, monthly) token limits; 0 is no limit."""
@@ -239,6 +247,12 @@ class Settings:
             daily_tokens=daily,
             monthly_tokens=monthly,
             token_limits=_token_limits(config["access.token_limits"], daily, monthly),
+            max_kept_per_room=_whole(config, "access.max_kept_per_room"),
+            answer_estimate_tokens=_tokens(
+                config["access.answer_estimate_tokens"], "access.answer_estimate_tokens"
+            ),
+            homeserver_wait_s=_number(config, "outages.homeserver_wait_s"),
+            database_wait_s=_number(config, "outages.database_wait_s"),
         )
 
 

@@ -3,18 +3,20 @@ file, then the answer. Also what the room says when a message is cancelled or un
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from .answering import Answerer
-from .db import Store
 from .gate import StartGate
 from .intake import Incoming
+from .ledger import Fate, Ledger
 from .matrix import HomeserverError
 from .notices import Notices
 from .part import Part
 from .policy import Admission, RateLimiter, admit, refusal
-from .queue import Outcome
 from .registry import Registry
 from .roomstate import matrix_to
 from .usage import Quota
@@ -24,77 +26,113 @@ POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room an
 
 @dataclass(eq=False, kw_only=True)
 class Conversation(Part):
-    """The room queue's stage: each message through policy to the answer, in turn."""
+    """The room queue's stage: each message through policy to the answer, in turn; its
+    fate recorded in the ledger."""
 
     gate: StartGate
-    store: Store
+    ledger: Ledger
     registry: Registry
     answerer: Answerer
     notices: Notices
     quota: Quota
+    replay: Callable[[Incoming], Awaitable[None]]  # a missed command, to maubot's handlers
+    command_names: Collection[str]
 
     def __post_init__(self) -> None:
         self.rate = RateLimiter(lambda: self.settings().requests_per_minute)
         self.pointer = SpacePointer(self.registry, self.notices)
 
-    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> Outcome:
-        """Decides what a message gets, in the order the room's messages arrived."""
+    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> None:
+        """Decides what a message gets, in the order the room's messages arrived, and
+        records it: one fate per message, whatever fails."""
         if not await self.gate.wait():
-            return Outcome.SKIPPED
-        # Recorded first, whatever it gets: a message the plugin leaves alone (another
-        # member's, an unmanaged room's) is not caught up again at every start either.
-        if not retried and not await self.store.mark_handled(incoming.event_id, room_id):
-            return Outcome.SKIPPED  # already handled (a redelivery, or caught up after a restart)
+            return
+        if not await self.ledger.claim(incoming, retried):
+            return  # done already (a redelivery, a duplicate of the catch-up), or kept
+        try:
+            fate, reason = await self._decide(room_id, incoming)
+        except asyncio.CancelledError:
+            self.ledger.release(incoming.event_id)  # !cancel keeps it; a stop leaves it
+            raise
+        except Exception:
+            await self.ledger.keep(incoming, "error")  # logged by the queue; !retry tries it
+            raise
+        if fate is Fate.KEPT:
+            await self._keep(room_id, incoming, reason)
+        else:
+            await self.ledger.end(incoming.event_id, fate, reason)
+
+    async def _decide(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
         settings = self.settings()
         room = self.registry.room(room_id)
         admission = admit(room, incoming.sender, settings)
         if admission is Admission.POINT:
             await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
-            return Outcome.SKIPPED
+            return Fate.LEFT, admission.value
         if reason := refusal(room, len(incoming.body), settings):
             await self.notices.say(room_id, reason[0], reply_to=incoming.event_id, **reason[1])
-            return Outcome.SKIPPED
+            return Fate.REFUSED, reason[0]
         if not self.rate.allow(incoming.sender):
             if self.rate.tell(incoming.sender):
                 await self.notices.say(
                     room_id, "message.too_fast", per_minute=settings.requests_per_minute,
                     reply_to=incoming.event_id,
                 )  # fmt: skip
-            return Outcome.KEEP
-        if over := await self.quota.refusal(incoming.sender):
-            await self.notices.say(room_id, over[0], reply_to=incoming.event_id, **over[1])
-            return Outcome.KEEP  # kept: !retry sends it after the reset or a raised limit
+            return Fate.KEPT, "rate"
+        with self.quota.hold(incoming.sender, len(incoming.body)) as held:
+            if over := await self.quota.refusal(incoming.sender, held):
+                await self.notices.say(room_id, over[0], reply_to=incoming.event_id, **over[1])
+                return Fate.KEPT, "quota"  # !retry sends it after the reset or a raised limit
+            return await self._answer(room_id, incoming)
+
+    async def _answer(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
         try:
-            answered = await self.answerer.answer(room_id, incoming)
-        except HomeserverError as e:  # a send refused (too big, gone): said, and kept
+            return await self.answerer.answer(room_id, incoming)
+        except HomeserverError as e:  # a send refused (too big, gone), or an outage outlasted
             self.log.warning("Answering %s in %s failed: %s", incoming.event_id, room_id, e)
-            await self.notices.say(room_id, "send.failed", reply_to=incoming.event_id)
-            return Outcome.KEEP
-        if answered is None:
-            return Outcome.SKIPPED
-        return Outcome.ANSWERED if answered else Outcome.KEEP
+            with contextlib.suppress(HomeserverError):
+                await self.notices.say(room_id, "send.failed", reply_to=incoming.event_id)
+            return Fate.KEPT, "send"
+
+    async def _keep(self, room_id: str, incoming: Incoming, reason: str) -> None:
+        for dropped in await self.ledger.keep(incoming, reason):
+            max_kept = self.settings().max_kept_per_room
+            await self.notices.say(room_id, "kept.dropped", max=max_kept, reply_to=dropped.event_id)
 
     async def cancelled(self, room_id: str, incoming: Incoming) -> None:
+        """``!cancel`` stopped it: kept, so ``!retry`` sends it again."""
+        await self._keep(room_id, incoming, "cancelled")
         await self.notices.say(room_id, "cancelled", reply_to=incoming.event_id)
 
-    async def interrupted(self, incoming: Incoming) -> None:
-        # Not answered after all: the next start's catch-up must see it as new.
-        await self.store.unmark_handled(incoming.event_id)
+    def stopped(self, incoming: Incoming) -> None:
+        # Left unfinished in the ledger: the next start answers it, once.
+        self.ledger.release(incoming.event_id)
+
+    async def command(self, incoming: Incoming) -> None:
+        """A command no handler of maubot's got: a missed one is replayed, in its turn;
+        an unknown one is answered."""
+        if incoming.command in self.command_names:
+            await self.replay(incoming)
+        else:
+            await self.unknown_command(incoming)
 
     async def unknown_command(self, incoming: Incoming) -> None:
         """Says a command is unknown, in a chat room the plugin manages, to whom it would
         answer a message there (another bot's `!cmd` in a shared room gets nothing)."""
-        if not await self.gate.wait():
-            return
-        if not await self.store.mark_handled(incoming.event_id, incoming.room_id):
+        if not await self.gate.wait() or not await self.ledger.claim(incoming):
             return
         room = self.registry.room(incoming.room_id)
-        if room is not None and admit(room, incoming.sender, self.settings()) is Admission.TAKE:
+        if room is None or admit(room, incoming.sender, self.settings()) is not Admission.TAKE:
+            await self.ledger.end(incoming.event_id, Fate.LEFT, "unknown command")
+            return
+        try:
             await self.notices.say(
                 incoming.room_id, "command.unknown", command=f"!{incoming.command[:32]}",
                 reply_to=incoming.event_id,
             )  # fmt: skip
+        finally:
+            await self.ledger.end(incoming.event_id, Fate.ANSWERED, "unknown command")
 
 
 class SpacePointer:

@@ -8,7 +8,7 @@ type-checked: a malformed event is ignored, never an exception.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mautrix.types import MessageEvent
@@ -41,10 +41,17 @@ class Incoming:
     timestamp: int = 0
     command: str = ""  # the command's name, lower case, without the `!`
     file: dict[str, Any] | None = None  # the content of a file message
+    # The event as read (kept by the ledger, so a restart can run it again).
+    source: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # The bot's unfinished answer to it (a stream's first event) that a re-answer finishes.
+    resume: str = ""
 
     @property
     def is_message(self) -> bool:
         return self.kind is Kind.MESSAGE
+
+    def resuming(self, answer_event: str) -> Incoming:
+        return replace(self, resume=answer_event) if answer_event else self
 
 
 IGNORED = Incoming(Kind.IGNORED)
@@ -98,6 +105,7 @@ def classify(event: Any, bot_id: str) -> Incoming:
         body=body or "",
         timestamp=_timestamp(event.get("origin_server_ts")),
         file=content if is_file else None,
+        source=event,
     )
     if not is_file and found.body.startswith(COMMAND_PREFIX):
         if msgtype != "m.text":

@@ -73,6 +73,8 @@ class Matrix:
         self.log = log
         self.requests = 0  # counted, for benchmarks and the status command
         self.crypto = Crypto(client, log)
+        # How long a send waits out an unreachable homeserver (outages.homeserver_wait_s).
+        self.outage_s: Callable[[], float] = lambda: 0.0
 
     @property
     def user_id(self) -> str:
@@ -93,6 +95,7 @@ class Matrix:
         body: Any = None,
         query: dict[str, str] | None = None,
         timeout_s: float = 60,
+        wait_outage: bool = False,
     ) -> Any:
         api = self.client.api
         headers = {"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"}
@@ -110,7 +113,31 @@ class Matrix:
 
         # Only a GET or a PUT (sends carry a transaction id) may be repeated after a failure
         # that may have happened after the server acted; a POST (createRoom) must not be.
-        return await self._retrying(method, path, once, idempotent=method in ("GET", "PUT"))
+        idempotent = method in ("GET", "PUT")
+        if wait_outage and idempotent:
+            return await self._outlasting(method, path, once)
+        return await self._retrying(method, path, once, idempotent=idempotent)
+
+    async def _outlasting(self, method: str, path: str, once: Callable[[], Awaitable[T]]) -> T:
+        """``once()`` retried while the homeserver is unreachable (connection failures,
+        502/503/504) for up to ``outage_s()`` seconds, with backoff: a send that fails then
+        is tried again when the homeserver is back. A refusal (4xx) is raised at once."""
+        deadline = time.monotonic() + self.outage_s()
+        delay = 1.0
+        while True:
+            try:
+                return await self._retrying(method, path, once, idempotent=True)
+            except HomeserverError as e:
+                if not (e.status == 0 or e.status in TRANSIENT):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.log.warning(
+                    "The homeserver is unreachable (%s) for %s; trying again in %.0fs",
+                    e, method, delay,
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
     async def _retrying(
         self, method: str, path: str, once: Callable[[], Awaitable[T]], *, idempotent: bool
@@ -207,13 +234,20 @@ class Matrix:
         return (await self.request("PUT", path, content))["event_id"]
 
     async def send(
-        self, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
+        self,
+        room_id: str,
+        content: dict[str, Any],
+        event_type: str = "m.room.message",
+        wait_outage: bool = True,
     ) -> str:
-        # In an encrypted room the event goes out encrypted (when the bot can encrypt).
+        """Sends an event (encrypted in an encrypted room, when the bot can encrypt); an
+        unreachable homeserver is waited out unless ``wait_outage`` is False (a stream's
+        partial, which the next one replaces). The transaction id makes a retry safe."""
         event_type, content = await self.crypto.seal(room_id, event_type, content)
         txn = f"lambda-{time.time_ns()}-{next(_txn_counter)}"
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{txn}"
-        return (await self.request("PUT", path, content))["event_id"]
+        reply = await self.request("PUT", path, content, wait_outage=wait_outage)
+        return reply["event_id"]
 
     async def receipt(self, room_id: str, event_id: str) -> None:
         """A read receipt: the user sees their message reached the bot."""
@@ -261,6 +295,13 @@ class Matrix:
     async def default_room_version(self) -> str:
         caps = await self.request("GET", "/_matrix/client/v3/capabilities")
         return str(caps.get("capabilities", {}).get("m.room_versions", {}).get("default", "10"))
+
+    async def recent(self, room_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The room's newest ``limit`` events, oldest first (malformed entries left out)."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/messages"
+        data = await self.request("GET", path, query={"dir": "b", "limit": str(limit)})
+        chunk = data.get("chunk") if isinstance(data, dict) else None
+        return [e for e in reversed(chunk) if isinstance(e, dict)] if isinstance(chunk, list) else []
 
     async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
         return await self.request(

@@ -2,14 +2,14 @@
 
 Rooms are independent (one slow agent never holds up another room); within a room, messages
 and the commands that change the conversation run in the order they arrived. The worker
-knows nothing of agents or Matrix: it hands each message to a ``Stage`` and keeps what
-``!cancel`` and ``!retry`` need. An idle worker leaves; the next message makes a new one.
+knows nothing of agents or Matrix: it hands each message to a ``Stage`` (the ledger, there,
+keeps every message's fate) and can cancel the running one. An idle worker leaves; the next
+message makes a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,42 +18,32 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .gate import StartGate
-from .intake import Incoming
+from .intake import Incoming, Kind
 
 Control = Callable[[], Awaitable[None]]
 
 
-class Outcome(enum.Enum):
-    ANSWERED = "answered"  # done: nothing left to retry
-    KEEP = "keep"  # not answered (agent failed, rate limit): !retry sends it again
-    SKIPPED = "skipped"  # not the plugin's to answer: changes nothing
-
-
 @dataclass(frozen=True)
 class Retry:
-    """A message sent again by !retry: it passes the same checks as a new one."""
+    """A kept message sent again by !retry: it passes the same checks as a new one."""
 
     incoming: Incoming
 
 
-# What a room's queue holds: a message, a retried one, or a command's slot, filled with what
-# the command wants done in turn (or None) once it has checked its arguments.
+# What a room's queue holds: a message or a command that reached no handler of maubot's (a
+# caught-up one, an unknown one), a retried message, or a live command's slot, filled with
+# what the command wants done in turn (or None) once it has checked its arguments.
 QueueItem = Incoming | Retry | asyncio.Future
 
 
 class Stage(Protocol):
-    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> Outcome: ...
+    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> None: ...
+
+    async def command(self, incoming: Incoming) -> None: ...
 
     async def cancelled(self, room_id: str, incoming: Incoming) -> None: ...
 
-    async def interrupted(self, incoming: Incoming) -> None: ...
-
-
-def filled_slot(control: Control) -> asyncio.Future:
-    """A queue slot that already holds what to run (nothing to wait for)."""
-    slot = asyncio.get_running_loop().create_future()
-    slot.set_result(control)
-    return slot
+    def stopped(self, incoming: Incoming) -> None: ...
 
 
 @dataclass(eq=False)
@@ -71,7 +61,7 @@ class RoomWorker:
         self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
         self.current_item: Incoming | None = None  # the message handed to the stage
-        self.unanswered: Incoming | None = None  # the last message that got no answer
+        self.stopping = False
         self.task = asyncio.create_task(self._run())
 
     @property
@@ -80,8 +70,12 @@ class RoomWorker:
 
     @property
     def waiting(self) -> int:
-        """Messages queued behind the one being answered (command slots not counted)."""
-        return sum(1 for item in self.items if not isinstance(item, asyncio.Future))
+        """Messages queued behind the one being answered (commands not counted)."""
+        return sum(
+            1
+            for item in self.items
+            if isinstance(item, Retry) or (isinstance(item, Incoming) and item.is_message)
+        )
 
     def push(self, item: QueueItem) -> None:
         self.items.append(item)
@@ -93,27 +87,23 @@ class RoomWorker:
         self._wakeup.set()
 
     def cancel(self) -> bool:
-        if self.current is None or self.current.done():
+        # Once only: a call already cancelling is left to finish its clean-up.
+        if self.current is None or self.current.done() or self.current.cancelling():
             return False
         self.current.cancel()
         return True
 
-    def retry(self) -> bool:
-        """Sends the last unanswered message again, in turn; False when there is none."""
-        incoming, self.unanswered = self.unanswered, None
-        if incoming is None:
-            return False
-        self.push(Retry(incoming))
-        return True
-
     async def stop(self) -> None:
+        """Stops the worker; a message under way stays unfinished in the ledger, so the
+        next start answers it (nothing is unmarked, nothing held in memory is lost)."""
         call, interrupted = self.current, self.current_item
+        self.stopping = True
         self.cancel()
         self.task.cancel()
         # The cancelled stage call too: its clean-up (typing off) ends before stop() does.
         await asyncio.gather(self.task, *([call] if call else []), return_exceptions=True)
         if interrupted is not None:
-            await self.stage.interrupted(interrupted)
+            self.stage.stopped(interrupted)
 
     async def _run(self) -> None:
         while True:
@@ -124,7 +114,7 @@ class RoomWorker:
             if not self.items:
                 # Idle: leave (no await between the check and the removal, so nothing can be
                 # queued here meanwhile); the next message makes a new worker.
-                if self.unanswered is None and self.release(self):
+                if self.release(self):
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -144,27 +134,24 @@ class RoomWorker:
                 await control()
         elif isinstance(item, Retry):
             await self._message(item.incoming, retried=True)
+        elif item.kind is Kind.COMMAND:
+            await self.stage.command(item)
         else:
             await self._message(item, retried=False)
 
-    async def _hand(self, incoming: Incoming, retried: bool) -> Outcome:
+    async def _hand(self, incoming: Incoming, retried: bool) -> None:
         self.current_item = incoming  # only now is it the stage's (a stop before this: not)
-        return await self.stage.message(self.room_id, incoming, retried)
+        await self.stage.message(self.room_id, incoming, retried)
 
     async def _message(self, incoming: Incoming, retried: bool) -> None:
         """Runs the stage as a task of its own, so !cancel stops it wherever it is."""
         call = self.current = asyncio.create_task(self._hand(incoming, retried))
         await asyncio.wait({call})
         self.current = self.current_item = None
-        if call.cancelled():
-            self.unanswered = incoming
+        if call.cancelled() and not self.stopping:
             await self.stage.cancelled(self.room_id, incoming)
-            return
-        outcome = call.result()  # an exception is logged by _run
-        if outcome is Outcome.ANSWERED:
-            self.unanswered = None
-        elif outcome is Outcome.KEEP:
-            self.unanswered = incoming
+        elif not call.cancelled() and call.exception() is not None:
+            raise call.exception()  # type: ignore[misc]  # logged by _run
 
 
 @dataclass(eq=False)
@@ -175,7 +162,6 @@ class RoomQueues:
     gate: StartGate
     log: logging.Logger
     workers: dict[str, RoomWorker] = field(default_factory=dict)
-    _reserved: dict[str, asyncio.Future] = field(default_factory=dict)  # event id -> its place
 
     def worker(self, room_id: str) -> RoomWorker:
         worker = self.workers.get(room_id)
@@ -194,46 +180,27 @@ class RoomQueues:
         worker = self.workers.get(room_id)
         return worker is not None and worker.cancel()
 
-    def retry(self, room_id: str) -> bool:
-        worker = self.workers.get(room_id)
-        return worker is not None and worker.retry()
-
-    def has_unanswered(self, room_id: str) -> bool:
-        worker = self.workers.get(room_id)
-        return worker is not None and worker.unanswered is not None
-
     def busy_rooms(self) -> int:
         return sum(1 for worker in self.workers.values() if worker.busy)
 
-    def reserve(self, event_id: str) -> asyncio.Future:
-        """A place for a command that is not dispatched yet (a caught-up one): the caller
-        puts it in the queue, and the command's ``in_turn`` takes it."""
-        slot = self._reserved[event_id] = asyncio.get_running_loop().create_future()
-        return slot
-
-    def release_reserved(self, event_ids: list[str]) -> None:
-        """Lets go of places no command took: the queue moves on past them."""
-        for event_id in event_ids:
-            slot = self._reserved.pop(event_id, None)
-            if slot is not None and not slot.done():
-                slot.set_result(None)
-
     @asynccontextmanager
-    async def in_turn(self, room_id: str, event_id: str = "") -> AsyncIterator[asyncio.Future]:
-        """A place in the room's queue, taken at once (so in the order events arrived), or
-        the one reserved for this event; the command sets the future's result to what
-        should run there, or leaves it empty."""
-        slot = self._reserved.pop(event_id, None)
-        if slot is None:
-            slot = asyncio.get_running_loop().create_future()
-            self.worker(room_id).push(slot)
+    async def in_turn(self, room_id: str) -> AsyncIterator[asyncio.Future]:
+        """A place in the room's queue, taken at once (so in the order events arrived); the
+        command sets the future's result to what should run there, or leaves it empty."""
+        slot = asyncio.get_running_loop().create_future()
+        self.worker(room_id).push(slot)
         try:
             yield slot
         finally:
             if not slot.done():
                 slot.set_result(None)
 
+    def retry(self, room_id: str, kept: list[Incoming]) -> None:
+        """Sends kept messages again, oldest first, behind what is queued now."""
+        worker = self.worker(room_id)
+        for incoming in kept:
+            worker.push(Retry(incoming))
+
     async def stop(self) -> None:
-        self.release_reserved(list(self._reserved))
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
         self.workers.clear()

@@ -133,16 +133,28 @@ class StreamingReply:
         send: Callable[[dict[str, Any]], Awaitable[str]],
         interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        send_partial: Callable[[dict[str, Any]], Awaitable[str]] | None = None,
+        resume: str | None = None,
+        started: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.send = send
+        # Partials may go another way (one that does not wait out an outage: the next
+        # partial replaces a lost one); a failed partial is skipped, never fatal.
+        self.send_partial = send_partial or send
         self.interval_s = interval_s
         self.clock = clock
-        self.event_id: str | None = None
+        # An unfinished answer of an earlier attempt (a stop mid-stream): edited, not doubled.
+        self.event_id: str | None = resume or None
+        self.started = started  # told the first event's id, once sent
         self.last_edit: float | None = None  # when the last partial was rendered
         self.wait_s = interval_s  # until the next may be
         self.edits = 0
+        self.streamed_chars = 0  # of the longest text streamed so far (for cut answers)
+        self.shown = ""  # the text of the last partial sent
 
     async def partial(self, text_so_far: str) -> None:
+        self.streamed_chars = max(self.streamed_chars, len(text_so_far))
         if not text_so_far.strip() or len(text_so_far.encode()) > CHUNK_BYTES:
             return  # past one event: the final answer will be split instead
         now = self.clock()
@@ -159,11 +171,28 @@ class StreamingReply:
         self.wait_s = max(self.interval_s, RENDER_SHARE * (time.perf_counter() - started))
         if not fits:
             return
+        try:
+            if self.event_id is None:
+                self.event_id = await self.send_partial(content)
+                if self.started is not None:
+                    await self.started(self.event_id)
+            else:
+                await self.send_partial(content)
+                self.edits += 1
+        except Exception:  # the homeserver stumbled: the next partial or the answer follows
+            return
+        self.shown = text_so_far
+
+    async def interrupt(self, note: str) -> None:
+        """Marks an unfinished answer as cut off (never left looking as if it streams on);
+        a failure to say so is left alone: a re-answer edits it again."""
         if self.event_id is None:
-            self.event_id = await self.send(content)
-        else:
-            await self.send(content)
-            self.edits += 1
+            return
+        text = f"{self.shown}\n\n{note}" if self.shown.strip() else note
+        try:
+            await self.send_partial(edit_content(self.event_id, text))
+        except Exception:
+            return
 
     async def finish(self, text: str) -> list[str]:
         """Sends the whole answer; returns the ids of the messages that hold it."""

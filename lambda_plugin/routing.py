@@ -11,13 +11,13 @@ from maubot import MessageEvent
 from maubot.handlers import event
 from mautrix.types import EventType
 
-from .conversation import Conversation
 from .gate import StartGate
 from .intake import Incoming, Kind, as_json, classify
+from .ledger import Ledger
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
-from .queue import RoomQueues, filled_slot
+from .queue import RoomQueues
 
 
 class Queued(enum.Enum):
@@ -32,7 +32,7 @@ class Router(Part):
     """Routes live messages (and what maubot's first sync held) into the rooms' queues."""
 
     queues: RoomQueues
-    conversation: Conversation
+    ledger: Ledger
     gate: StartGate
     notices: Notices
     command_names: Collection[str]
@@ -60,12 +60,15 @@ class Router(Part):
                 incoming.room_id, "queue.full", max=limit, reply_to=incoming.event_id
             )
 
-    def enqueue(self, incoming: Incoming) -> Queued:
-        """Puts a message or an unknown command into its room's queue without awaiting
-        anything: handlers run as unordered tasks, and the room's order must hold."""
-        if incoming.kind is Kind.COMMAND and incoming.command not in self.command_names:
-            answer = self.conversation.unknown_command
-            self.queues.worker(incoming.room_id).push(filled_slot(lambda: answer(incoming)))
+    def enqueue(self, incoming: Incoming, replay: bool = False) -> Queued:
+        """Puts a message or a command no handler of maubot's gets (an unknown one, or with
+        ``replay`` one that reached none: missed, decrypted late) into its room's queue
+        without awaiting anything: handlers run as unordered tasks, and the room's order
+        must hold. A queued message is recorded as seen in the ledger."""
+        if incoming.kind is Kind.COMMAND:
+            if replay or incoming.command not in self.command_names:
+                self.queues.worker(incoming.room_id).push(incoming)
+            return Queued.NOT
         if incoming.kind is not Kind.MESSAGE:
             return Queued.NOT
         worker = self.queues.worker(incoming.room_id)
@@ -74,4 +77,5 @@ class Router(Part):
         self._told_full.discard(incoming.room_id)
         waits = worker.busy
         worker.push(incoming)
+        self.ledger.seen(incoming)
         return Queued.WAITS if waits else Queued.NOW

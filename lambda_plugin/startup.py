@@ -19,13 +19,16 @@ from .catchup import (
     SYNC_TOKEN_KEY,
     CatchUp,
     SyncPositions,
+    merged,
     parse_invites,
+    plan_start,
     timelines_of,
-    unanswered,
 )
 from .crypto import ENCRYPTED
 from .db import Store
 from .gate import StartGate
+from .intake import Incoming, Kind, classify
+from .ledger import Fate, Ledger
 from .matrix import HomeserverError
 from .part import Part
 from .reconcile import Reconciler, Report
@@ -34,6 +37,7 @@ Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
 PRUNE_EVERY_S = 3600
 Invite = Callable[[str, str], Awaitable[None]]
+Enqueue = Callable[[Incoming, bool], object]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -42,8 +46,10 @@ class Startup(Part):
 
     gate: StartGate
     store: Store
+    ledger: Ledger
     reconciler: Reconciler
     catch_up: CatchUp
+    enqueue: Enqueue  # a live event's way into its room's queue (Router.enqueue)
     invite: Invite
     sealed: Sealed  # an event still encrypted after a start's read: retried, else told
     background: Callable[[Coroutine[Any, Any, Any]], object]
@@ -52,6 +58,8 @@ class Startup(Part):
         self.registry = self.reconciler.registry
         self.positions = SyncPositions()
         self._first_sync_seen = False
+        # maubot's first sync, until the start's catch-up merges it (None once it did).
+        self._handed_over: dict[str, list[dict]] | None = {}
         self._saved_position: str | None = None
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
 
@@ -59,11 +67,10 @@ class Startup(Part):
         """The start: never raises, never gives up while the homeserver or database is down."""
         self.check_encryption()
         report = await self._reconcile_until_done()
-        commands, invites = await self._catch_up_retried()
+        invites = await self._catch_up_retried()
         report.invites = len(invites)
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
-        await self.catch_up.dispatch(commands)
         await self._pending_invites(invites)
         await self.prune_handled()
 
@@ -88,44 +95,66 @@ class Startup(Part):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
 
-    async def _catch_up_retried(self) -> tuple[list, list[tuple[str, str]]]:
+    async def _catch_up_retried(self) -> list[tuple[str, str]]:
         """The catch-up, tried again a few times while the homeserver stumbles: what users
-        sent while the bot was away is not given up at the first error."""
+        sent while the bot was away is not given up at the first error. A failed attempt
+        queues nothing (it queues only at its very end, without awaiting)."""
         for attempt, delay in enumerate((1.0, 4.0, 16.0, None)):
             try:
                 return await self._catch_up()
             except Exception as e:
                 if delay is None:
-                    self.log.exception("Catch-up failed; messages sent while down stay unanswered")
+                    self.log.exception("Catch-up failed; the ledger's unfinished events wait")
                     break
                 self.log.warning("Catch-up failed (%s); retry %d in %.0fs", e, attempt + 1, delay)
                 await asyncio.sleep(delay)
-        return [], []
+        self.hand_over(self._take_handed_over({}))  # from now on: the live way
+        return []
+
+    def _take_handed_over(self, merged_already: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """Ends the buffering of maubot's first sync; returns what it holds beyond
+        ``merged_already`` (what came in while the start read)."""
+        buffered, self._handed_over = self._handed_over or {}, None
+        return {
+            room_id: events[len(merged_already.get(room_id, [])) :]
+            for room_id, events in buffered.items()
+        }
 
     async def reconcile_now(self, dry_run: bool) -> Report:
         """``!lambda reconcile``: one run, never at the same time as a start or a reset."""
         async with self._lock:
             return await self.reconciler.run(dry_run=dry_run)
 
-    async def _catch_up(self) -> tuple[list, list[tuple[str, str]]]:
-        """Queues what was missed (before anything that arrived during the start); returns
-        the missed commands and the pending invites the same /sync shows."""
+    async def _catch_up(self) -> list[tuple[str, str]]:
+        """Queues what was missed (before anything that arrived during the start), merged
+        with maubot's first sync and the ledger's unfinished events; returns the pending
+        invites the same /sync shows."""
         sync = await self.catch_up.read(await self.stored_position())
         timelines = timelines_of(sync)
         await self.catch_up.mx.crypto.open_all(timelines)
-        candidates = [
-            e["event_id"] for t in timelines.values() for e in t if isinstance(e.get("event_id"), str)
-        ]
-        handled = await self.store.handled_among(candidates)
+        unfinished = await self.ledger.unfinished()
+        taken_rooms = {row.room_id for row in unfinished if row.state == Fate.TAKEN.value}
+        recent = await self.catch_up.recent_of(sorted(taken_rooms))
         since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
-        # Commands count in every room (a !chats in the DM too); messages in chat rooms.
-        missed = unanswered(timelines, set(timelines), self.catch_up.mx.user_id, since_ms, handled)
+        handed = {room_id: list(events) for room_id, events in (self._handed_over or {}).items()}
+        await self.catch_up.mx.crypto.open_all(handed)
+        everything = merged(timelines, handed, recent)
+        ids = [e for t in everything.values() for e in _event_ids(t)]
+        states = await self.ledger.states_of(ids)
         active = {r.room_id for r in self.registry.rooms.values() if not r.gone and not r.archived}
-        commands = self.catch_up.queue(missed, active)
-        self._retry_sealed(timelines, since_ms, handled)
-        return commands, parse_invites(sync, self.catch_up.mx.user_id)
+        bot_id = self.catch_up.mx.user_id
+        plan = plan_start(everything, unfinished, states, bot_id, since_ms, active)
+        for event_id in plan.answered:  # its answer reached the room before the stop
+            await self.ledger.end(event_id, Fate.ANSWERED, "found in the room")
+        # From here to the end nothing is awaited: the plan is queued whole, and maubot's
+        # first sync, if it ends later, goes the live way (the ledger keeps each once).
+        late = self._take_handed_over(handed)
+        self.catch_up.queue(plan)
+        self.hand_over(late)
+        self._retry_sealed(everything, since_ms, states)
+        return parse_invites(sync, self.catch_up.mx.user_id)
 
-    def _retry_sealed(self, timelines: dict[str, list[dict]], since_ms: int, handled: set) -> None:
+    def _retry_sealed(self, timelines: dict[str, list[dict]], since_ms: int, done: dict) -> None:
         """What a start read and could not decrypt (the keys may come late; maubot never
         dispatched it): each recent one is tried again in the background, else its sender
         is told, as live ones are."""
@@ -136,7 +165,8 @@ class Startup(Part):
                     raw.get("type") == ENCRYPTED and isinstance(sender, str)
                     and sender != self.catch_up.mx.user_id
                     and isinstance(ts, int) and ts >= since_ms
-                    and raw.get("event_id") not in handled
+                    and isinstance(raw.get("event_id"), str)
+                    and raw["event_id"] not in done
                 ):  # fmt: skip
                     self.background(self.sealed(room_id, sender, raw))
 
@@ -152,9 +182,9 @@ class Startup(Part):
     async def prune_handled(self) -> None:
         try:
             kept_ms = int((time.time() - self.settings().handled_kept_s) * 1000)
-            await self.store.prune_handled(kept_ms)
+            await self.ledger.prune(kept_ms)
         except Exception:
-            self.log.exception("Pruning handled events failed")
+            self.log.exception("Pruning the ledger failed")
 
     async def rebuild(self) -> Report:
         """``reset local``: the plugin's rows dropped and rebuilt from the rooms, with the gate
@@ -180,28 +210,40 @@ class Startup(Part):
 
     def _hand_over(self, data: Any) -> None:
         """maubot drops every event of its first sync after a (re)start, and it may end
-        after the catch-up has read: its messages and commands go the live way here (the
-        encrypted ones once decrypted), its invites after the start. Where maubot did
-        dispatch them too, the handled log keeps each answered once."""
-        since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        before or after the catch-up has read: before, its events join the start's one
+        ordered sequence; after, they go the live way (the encrypted ones once decrypted),
+        its invites after the start. The ledger keeps each event handled once."""
         timelines = timelines_of(data)
-        sealed = {
-            room_id: [e for e in events if e.get("type") == ENCRYPTED]
-            for room_id, events in timelines.items()
-        }
-        commands = self.catch_up.enqueue_all(timelines, since_ms)
         invites = parse_invites(data, self.catch_up.mx.user_id)
-        if commands or invites or any(sealed.values()):
-            self.background(self._after_start(commands, invites, sealed, since_ms))
+        if self._handed_over is not None:
+            for room_id, events in timelines.items():
+                self._handed_over.setdefault(room_id, []).extend(events)
+        else:
+            self.hand_over(timelines)
+        if invites:
+            self.background(self._after_start(invites))
 
-    async def _after_start(
-        self, commands: list, invites: list[tuple[str, str]], sealed: dict, since_ms: int
-    ) -> None:
+    def hand_over(self, timelines: dict[str, list[dict]]) -> None:
+        """Events that reached no handler (maubot's first sync after the start, an event
+        decrypted late) go the live way now, messages and commands alike; encrypted ones
+        once opened, in the background."""
+        since_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        sealed = {r: [e for e in t if e.get("type") == ENCRYPTED] for r, t in timelines.items()}
+        for room_id, events in timelines.items():
+            for raw in events:
+                found = classify({**raw, "room_id": room_id}, self.catch_up.mx.user_id)
+                if found.kind is not Kind.IGNORED and found.timestamp >= since_ms:
+                    self.enqueue(found, True)
         if any(sealed.values()):
-            await self.catch_up.mx.crypto.open_all(sealed)
-            commands += self.catch_up.enqueue_all(sealed, since_ms)
-            self._retry_sealed(sealed, since_ms, set())
-        await self.catch_up.dispatch(commands)  # their handlers wait for the gate
+            self.background(self._open_late(sealed, since_ms))
+
+    async def _open_late(self, sealed: dict[str, list[dict]], since_ms: int) -> None:
+        await self.catch_up.mx.crypto.open_all(sealed)
+        opened = {r: [e for e in t if e.get("type") != ENCRYPTED] for r, t in sealed.items()}
+        self.hand_over(opened)
+        self._retry_sealed(sealed, since_ms, {})
+
+    async def _after_start(self, invites: list[tuple[str, str]]) -> None:
         if await self.gate.wait():
             await self._pending_invites(invites)
 
@@ -241,3 +283,7 @@ class Startup(Part):
             return None
         since = (data or {}).get("since")
         return since if isinstance(since, str) and since else None
+
+
+def _event_ids(events: list[dict]) -> list[str]:
+    return [e["event_id"] for e in events if isinstance(e.get("event_id"), str)]

@@ -2,8 +2,8 @@
 
 maubot decrypts what it can before dispatching; what it cannot reaches this handler still
 encrypted. The keys often arrive a moment later (another to-device message): the event is
-tried again for a while and, once open, goes the live way (the handled log keeps it
-answered once, where maubot dispatched it too). If the keys never come, the sender gets one
+tried again for a while and, once open, goes the live way (the ledger keeps it answered
+once, where maubot dispatched it too). If the keys never come, the sender gets one
 notice per device and session, and the log one line.
 """
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from maubot.handlers import event
 from mautrix.types import EncryptedEvent, EventType
 
-from .catchup import CatchUp
+from .intake import Incoming, Kind, classify
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
@@ -34,7 +35,7 @@ class Undecryptable(Part):
 
     mx: Matrix
     notices: Notices
-    catch_up: CatchUp  # an opened event goes the live way through it
+    enqueue: Callable[[Incoming, bool], object]  # an opened event goes the live way
     registry: Registry
     _told: dict[tuple[str, ...], float] = field(default_factory=dict)
 
@@ -62,7 +63,9 @@ class Undecryptable(Part):
             await asyncio.sleep(delay)
             opened = await self.mx.crypto.open(room_id, raw)
             if opened is not None:
-                await self.catch_up.hand_over(room_id, opened)
+                found = classify({**opened, "room_id": room_id}, self.mx.user_id)
+                if found.kind is not Kind.IGNORED:
+                    self.enqueue(found, True)
                 return
         await self._tell(room_id, sender, raw)
 

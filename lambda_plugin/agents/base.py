@@ -46,6 +46,8 @@ class AgentRequest:
     text: str
     user_id: str
     attachments: tuple[Attachment, ...] = ()
+    # The Matrix event id of the message: asked again (after a crash), it is the same turn.
+    message_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,11 +193,14 @@ class StoreAgent(Agent):
         super().__init__(spec, log)
         self.store = store
 
-    async def remember(self, platform_chat_id: str, user_text: str, answer: str) -> None:
+    async def remember(self, request: AgentRequest, user_text: str, answer: str) -> None:
         # One atomic write after the whole answer: a failed or cancelled attempt leaves no
-        # half exchange behind, so !retry never duplicates a message.
+        # half exchange behind, and a message asked again (after a crash between this write
+        # and the answer's send) replaces its turn: history never holds a turn twice.
         await self.store.append_history(
-            platform_chat_id, [("user", user_text), ("assistant", answer)]
+            request.platform_chat_id,
+            [("user", user_text), ("assistant", answer)],
+            message_id=request.message_id,
         )
 
     async def drop(self, platform_chat_id: str) -> None:

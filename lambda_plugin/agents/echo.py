@@ -16,7 +16,8 @@ class EchoAgent(StoreAgent):
     async def respond(
         self, request: AgentRequest, on_partial: PartialCallback | None = None
     ) -> AgentReply:
-        history = await self.store.history(request.platform_chat_id)
+        # Its own earlier turn (asked again after a crash) is not counted.
+        history = await self.store.history(request.platform_chat_id, excluding=request.message_id)
         number = 1 + sum(1 for row in history if row.role == "user")
         parts = [f"echo: {request.text}"]
         if request.attachments:
@@ -30,7 +31,7 @@ class EchoAgent(StoreAgent):
         parts.append(f"(message {number} in this conversation)")
         # Blank lines between the parts: the reply is rendered as Markdown.
         answer = "\n\n".join(parts)
-        await self.remember(request.platform_chat_id, request.text, answer)
+        await self.remember(request, request.text, answer)
         return AgentReply(answer, usage=Usage(len(request.text), len(answer)))
 
     async def health(self) -> str | None:

@@ -53,7 +53,11 @@ class LambdaAgent(Agent):
                     "workspace_path": file.workspace_path,
                 }
             )
-        body = {"text": request.text, "user_id": request.user_id, "attachments": files}
+        body: dict[str, Any] = {
+            "text": request.text, "user_id": request.user_id, "attachments": files,
+        }  # fmt: skip
+        if request.message_id:  # the idempotency key: a platform that has the turn reuses it
+            body["message_id"] = request.message_id
         data = await self.client.json(
             "POST", self._chat(request.platform_chat_id, "messages"), body=body
         )

@@ -75,7 +75,7 @@ class OpenAIAgent(StoreAgent):
     ) -> AgentReply:
         # Built first: a file this agent cannot take fails before any request is sent.
         user_text, images = self._user_message(request)
-        messages = await self._messages(request.platform_chat_id, user_text, images)
+        messages = await self._messages(request, user_text, images)
         payload = self._payload(messages)
         url = self.client.url("chat", "completions")
         # The client's time-out bounds the whole answer; the stream reader checks this
@@ -92,7 +92,7 @@ class OpenAIAgent(StoreAgent):
         check_length(answer, self.max_answer_chars)
         if not answer.strip():
             raise AgentError.of("agent.empty", f"POST {url.path}: the answer has no text")
-        await self.remember(request.platform_chat_id, user_text, answer)
+        await self.remember(request, user_text, answer)
         return AgentReply(answer, usage=usage)
 
     def _payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,14 +112,17 @@ class OpenAIAgent(StoreAgent):
         return self.read_usage(usage, "prompt_tokens", "completion_tokens")
 
     async def _messages(
-        self, platform_chat_id: str, user_text: str, images: list[dict[str, Any]]
+        self, request: AgentRequest, user_text: str, images: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """The system prompt, the newest history within its limit, and the user's message."""
+        """The system prompt, the newest history within its limit (without an earlier turn
+        of this same message), and the user's message."""
         messages: list[dict[str, Any]] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         if self.max_history:
-            history = await self.store.history(platform_chat_id, limit=self.max_history)
+            history = await self.store.history(
+                request.platform_chat_id, limit=self.max_history, excluding=request.message_id
+            )
             messages.extend({"role": row.role, "content": row.content} for row in history)
         content: str | list[dict[str, Any]] = user_text
         if images:

@@ -3,12 +3,14 @@
 A command handler is decorated with what it needs, outermost first:
 ``@in_turn`` (it changes the conversation, so it runs in the room's queue, between the right
 messages), then one of ``@any_user`` / ``@allowed_user`` / ``@chat_owner`` / ``@admin``. Each
-precondition first waits for the start gate and records the event as handled (a redelivered
-or caught-up command is never answered twice); a refusal is answered by the decorator.
+precondition first waits for the start gate and claims the event in the ledger (a redelivered
+or caught-up command is never run twice); the ledger records it answered once it has run (in
+its turn, for ``@in_turn``); a refusal is answered by the decorator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,10 +20,13 @@ from maubot import MessageEvent
 
 from ..db import Store
 from ..gate import StartGate
+from ..intake import Incoming, Kind, as_json, classify, command_name
+from ..ledger import Fate, Ledger
 from ..matrix import HomeserverError
 from ..notices import Notices
 from ..part import Part, PartArgs
 from ..queue import RoomQueues
+from ..replay import replaying
 
 Handler = Callable[..., Awaitable[Any]]
 # Commands without arguments are made with must_consume_args=False: else maubot itself
@@ -38,20 +43,56 @@ class CommandArgs(PartArgs):
 
     gate: StartGate
     store: Store
+    ledger: Ledger
     notices: Notices
+
+
+def command_of(evt: MessageEvent) -> Incoming:
+    """The command as the ledger records it."""
+    source = as_json(evt)
+    found = classify(source, "")
+    if found.kind is Kind.COMMAND:
+        return found
+    body = evt.content.body if isinstance(evt.content.body, str) else ""
+    return Incoming(
+        Kind.COMMAND, event_id=evt.event_id, room_id=evt.room_id, sender=evt.sender, body=body,
+        timestamp=evt.timestamp or 0, command=command_name(body), source=source,
+    )  # fmt: skip
 
 
 @dataclass(eq=False, kw_only=True)
 class CommandBase(Part):
     gate: StartGate
     store: Store
+    ledger: Ledger
     notices: Notices
 
     async def begin(self, evt: MessageEvent) -> bool:
-        """Waits until the plugin is ready; True when the event is new (not handled yet)."""
+        """Waits until the plugin is ready; True when the command is this handler's to run
+        (new, or left unfinished by a process that died)."""
         if not await self.gate.wait():
             return False
-        return await self.store.mark_handled(evt.event_id, evt.room_id)
+        return await self.ledger.claim(command_of(evt))
+
+    async def ran(self, evt: MessageEvent, result: Any) -> Any:
+        """Records the command answered once it has run; a command that runs in its turn
+        (``result`` is what runs there) is recorded when that has run."""
+        if not callable(result):
+            await self.ledger.end(evt.event_id, Fate.ANSWERED)
+            return result
+
+        async def then() -> None:
+            try:
+                await result()
+            except asyncio.CancelledError:
+                self.ledger.release(evt.event_id)  # a stop: the next start runs it
+                raise
+            except Exception:
+                await self.ledger.end(evt.event_id, Fate.ANSWERED, "failed")
+                raise
+            await self.ledger.end(evt.event_id, Fate.ANSWERED)
+
+        return then
 
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
         await self.notices.say(evt.room_id, key, reply_to=evt.event_id, **values)
@@ -97,10 +138,16 @@ def _precondition(check: Callable[[Any, MessageEvent], Awaitable[tuple | None]])
         async def wrapper(self: CommandBase, evt: MessageEvent, *args: Any, **kwargs: Any) -> Any:
             if not await self.begin(evt):
                 return None
-            extra = await check(self, evt)
-            if extra is None:
-                return None
-            return await func(self, evt, *extra, *args, **kwargs)
+            try:
+                extra = await check(self, evt)
+                result = None if extra is None else await func(self, evt, *extra, *args, **kwargs)
+            except asyncio.CancelledError:
+                self.ledger.release(evt.event_id)
+                raise
+            except Exception:
+                await self.ledger.end(evt.event_id, Fate.ANSWERED, "failed")
+                raise
+            return await self.ran(evt, result)
 
         return wrapper  # type: ignore[return-value]
 
@@ -143,12 +190,18 @@ chat_owner = _precondition(_chat_owner)
 
 def in_turn(func: F) -> F:
     """Runs the handler in the room's turn: its place in the queue is taken before anything
-    is awaited; what the handler returns (a coroutine function, or None) runs there."""
+    is awaited; what the handler returns (a coroutine function, or None) runs there. A
+    replayed command (a missed one) is in its turn already: it runs at once."""
 
     @functools.wraps(func)
     async def wrapper(self: Any, evt: MessageEvent, *args: Any, **kwargs: Any) -> None:
+        if replaying(evt.event_id):
+            control = await func(self, evt, *args, **kwargs)
+            if control is not None:
+                await control()
+            return
         queues: RoomQueues = self.queues
-        async with queues.in_turn(evt.room_id, evt.event_id) as turn:
+        async with queues.in_turn(evt.room_id) as turn:
             turn.set_result(await func(self, evt, *args, **kwargs))
 
     return wrapper  # type: ignore[return-value]

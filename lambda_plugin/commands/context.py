@@ -182,6 +182,8 @@ class ContextCommands(CommandBase):
                 snapshots=await self.snapshot_names(evt.sender),
             ),
         ]  # fmt: skip
+        if kept := len(await self.ledger.kept(room.room_id)):
+            lines.append(self.notices.text("context.kept", count=kept))
         if error:
             lines.append(self.notices.text("context.unavailable", error=error))
         await self.reply_text(evt, "\n".join(lines))
@@ -214,11 +216,14 @@ class ContextCommands(CommandBase):
         if not self.queues.cancel(room.room_id):
             await self.reply(evt, "cancel.nothing")
 
-    @command.new("retry", help="Send the last unanswered message again", must_consume_args=False)
+    @command.new("retry", help="Send the kept messages again", must_consume_args=False)
     @chat_owner
     async def retry(self, evt: MessageEvent, room: ChatRoomRow) -> None:
-        if not self.queues.has_unanswered(room.room_id):
+        """Every kept message of the room (they survive restarts), oldest first, each
+        through the same checks as a new one."""
+        kept = await self.ledger.kept(room.room_id)
+        if not kept:
             await self.reply(evt, "retry.nothing")
             return
-        await self.reply(evt, "retry.again")
-        self.queues.retry(room.room_id)
+        await self.reply(evt, "retry.again", count=len(kept))
+        self.queues.retry(room.room_id, kept)

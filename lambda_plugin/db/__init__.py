@@ -1,6 +1,7 @@
 from .rows import (
     ChatRoomRow,
     HistoryRow,
+    LedgerRow,
     SnapshotRow,
     UsageRow,
     UserRow,
@@ -8,14 +9,16 @@ from .rows import (
     month_start,
     utc_day,
 )
-from .store import TABLES, UNIQUE_VIOLATION, Store, Totals, now_ms
+from .store import DATABASE_DOWN, TABLES, UNIQUE_VIOLATION, Store, Totals, now_ms
 from .upgrade import upgrade_table
 
 __all__ = [
+    "DATABASE_DOWN",
     "TABLES",
     "UNIQUE_VIOLATION",
     "ChatRoomRow",
     "HistoryRow",
+    "LedgerRow",
     "SnapshotRow",
     "Store",
     "Totals",

@@ -110,3 +110,19 @@ def chat_number(chat_id: str) -> int:
     if chat_id[:1] == "C" and chat_id[1:].isdigit():
         return int(chat_id[1:])
     return 0
+
+
+@dataclass(frozen=True)
+class LedgerRow(Row):
+    """One user event's fate (see ``lambda_plugin.ledger``)."""
+
+    event_id: str
+    room_id: str
+    sender: str
+    kind: str
+    state: str
+    reason: str
+    ts: int
+    event: str | None
+    answer_event: str | None
+    updated_at: int

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import asyncpg
 from asyncpg import Record
@@ -16,9 +19,28 @@ from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UsageRow, UserRow
 
 # Raised on a unique or primary-key violation, whichever engine runs.
 UNIQUE_VIOLATION = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+# What a call raises while the database is unreachable (restarting, failing over, locked):
+# a fault to wait out, not a reason to drop a message.
+DATABASE_DOWN = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    sqlite3.OperationalError,  # only when locked, busy or unreachable: see is_outage
+)
+# What an OperationalError of SQLite says when it is an outage, not a mistake in the SQL.
+_SQLITE_OUTAGE = ("locked", "busy", "unable to open", "disk i/o")
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` means the database is unreachable for now (worth waiting out)."""
+    if isinstance(error, sqlite3.OperationalError):
+        return any(word in str(error).lower() for word in _SQLITE_OUTAGE)
+    return isinstance(error, DATABASE_DOWN)
 # Every table of the plugin, in an order rows can be deleted in.
 TABLES = (
-    "chat_room", "lambda_user", "snapshot", "history", "handled_event", "usage", "plugin_state",
+    "chat_room", "lambda_user", "snapshot", "history", "ledger", "usage", "plugin_state",
 )  # fmt: skip
 # Sums of a usage query: SUM is NULL over no rows, and NUMERIC on PostgreSQL.
 USAGE_SUMS = (
@@ -28,6 +50,37 @@ USAGE_SUMS = (
 
 # (tokens_in, tokens_out, requests)
 Totals = tuple[int, int, int]
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_log = logging.getLogger("maubot.lambda.db")
+
+
+async def waiting_out(call: Callable[[], Awaitable[T]], wait_s: float, what: str) -> T:
+    """``call()``, tried again with backoff while the database is unreachable, for up to
+    ``wait_s`` seconds; then the last error is raised."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return await call()
+        except DATABASE_DOWN as e:
+            if not is_outage(e) or time.monotonic() + delay > deadline:
+                raise
+            _log.warning("The database is unreachable (%r) in %s; again in %.1fs", e, what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _waits_out(method: F) -> F:
+    """A Store method on a message's way: a database outage is waited out."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        return await waiting_out(
+            lambda: method(self, *args, **kwargs), self.outage_s(), method.__name__
+        )
+
+    return wrapper  # type: ignore[return-value]
 
 
 def now_ms() -> int:
@@ -35,8 +88,9 @@ def now_ms() -> int:
 
 
 class Store:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, outage_s: Callable[[], float] = lambda: 0.0) -> None:
         self.db = db
+        self.outage_s = outage_s  # how long a database outage is waited out
         # MAX(seq)+1 is read then written: two appends must not interleave (PostgreSQL runs
         # them on separate connections). One plugin instance owns its database, so a
         # process-local lock is enough.
@@ -194,21 +248,38 @@ class Store:
 
     # history of stateless backends
 
-    async def history(self, platform_chat_id: str, limit: int | None = None) -> list[HistoryRow]:
-        """The conversation in order; with a limit, only its newest ``limit`` messages."""
-        query = f"SELECT {HistoryRow.columns} FROM history WHERE platform_chat_id=$1"
+    @_waits_out
+    async def history(
+        self, platform_chat_id: str, limit: int | None = None, excluding: str = ""
+    ) -> list[HistoryRow]:
+        """The conversation in order; with a limit, only its newest ``limit`` messages; the
+        turn of the message ``excluding`` left out (it is being asked again)."""
+        query = (
+            f"SELECT {HistoryRow.columns} FROM history WHERE platform_chat_id=$1"
+            " AND (message_id IS NULL OR message_id <> $2)"
+        )
         if limit is None:
-            rows = await self.db.fetch(query + " ORDER BY seq", platform_chat_id)
+            rows = await self.db.fetch(query + " ORDER BY seq", platform_chat_id, excluding)
         else:
             rows = await self.db.fetch(
-                query + " ORDER BY seq DESC LIMIT $2", platform_chat_id, limit
+                query + " ORDER BY seq DESC LIMIT $3", platform_chat_id, excluding, limit
             )
             rows = list(reversed(rows))
         return [HistoryRow.from_row(row) for row in rows]
 
-    async def append_history(self, platform_chat_id: str, messages: list[tuple[str, str]]) -> None:
-        """Appends (role, content) pairs after the conversation's last message, atomically."""
+    @_waits_out
+    async def append_history(
+        self, platform_chat_id: str, messages: list[tuple[str, str]], message_id: str = ""
+    ) -> None:
+        """Appends (role, content) pairs after the conversation's last message, atomically;
+        with ``message_id``, as that message's turn, replacing one it had (a re-ask after a
+        crash never holds a turn twice)."""
         async with self._history_lock, self._transaction() as conn:
+            if message_id:
+                await conn.execute(
+                    "DELETE FROM history WHERE platform_chat_id=$1 AND message_id=$2",
+                    platform_chat_id, message_id,
+                )  # fmt: skip
             last = await conn.fetchval(
                 "SELECT MAX(seq) FROM history WHERE platform_chat_id=$1", platform_chat_id
             )
@@ -216,48 +287,13 @@ class Store:
             stamp = now_ms()
             for offset, (role, content) in enumerate(messages):
                 await conn.execute(
-                    f"INSERT INTO history ({HistoryRow.columns}) VALUES ($1, $2, $3, $4, $5)",
-                    platform_chat_id,
-                    seq + offset,
-                    role,
-                    content,
-                    stamp,
-                )
+                    f"INSERT INTO history ({HistoryRow.columns}, message_id)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    platform_chat_id, seq + offset, role, content, stamp, message_id or None,
+                )  # fmt: skip
 
     async def drop_history(self, platform_chat_id: str) -> None:
         await self.db.execute("DELETE FROM history WHERE platform_chat_id=$1", platform_chat_id)
-
-    # handled events
-
-    async def mark_handled(self, event_id: str, room_id: str) -> bool:
-        """Records an event as handled; False when it already was (a redelivery)."""
-        inserted = await self.db.fetchval(
-            "INSERT INTO handled_event (event_id, room_id, handled_at) VALUES ($1, $2, $3)"
-            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-            event_id,
-            room_id,
-            now_ms(),
-        )
-        return inserted is not None
-
-    async def unmark_handled(self, event_id: str) -> None:
-        await self.db.execute("DELETE FROM handled_event WHERE event_id=$1", event_id)
-
-    async def prune_handled(self, older_than_ms: int) -> None:
-        """Forgets handled events older than the cut-off (they can't come back by then)."""
-        await self.db.execute("DELETE FROM handled_event WHERE handled_at < $1", older_than_ms)
-
-    async def handled_among(self, event_ids: list[str]) -> set[str]:
-        """Which of these events were handled already (checked in batches)."""
-        found: set[str] = set()
-        for start in range(0, len(event_ids), 500):
-            batch = event_ids[start : start + 500]
-            marks = ", ".join(f"${i}" for i in range(1, len(batch) + 1))
-            rows = await self.db.fetch(
-                f"SELECT event_id FROM handled_event WHERE event_id IN ({marks})", *batch
-            )
-            found.update(row["event_id"] for row in rows)
-        return found
 
     # small plugin state
 
@@ -274,6 +310,7 @@ class Store:
 
     # usage: tokens per user, chat room and UTC day ('YYYY-MM-DD'); days compare as text
 
+    @_waits_out
     async def add_usage(
         self, user_id: str, room_id: str, day: str, tokens_in: int, tokens_out: int
     ) -> None:
@@ -291,6 +328,7 @@ class Store:
             tokens_out,
         )
 
+    @_waits_out
     async def usage_since(self, user_id: str, first_day: str) -> Totals:
         """A user's totals, all rooms together, from ``first_day`` on."""
         return await self._totals("user_id", user_id, first_day)
@@ -329,7 +367,7 @@ class Store:
     async def counts(self) -> dict[str, int]:
         """Rows per table (plugin_state, a few keys of the plugin's own, left out)."""
         result = {}
-        for table in ("lambda_user", "chat_room", "snapshot", "history", "handled_event", "usage"):
+        for table in ("lambda_user", "chat_room", "snapshot", "history", "ledger", "usage"):
             result[table] = int(await self.db.fetchval(f"SELECT COUNT(*) FROM {table}"))
         return result
 

@@ -96,3 +96,37 @@ async def upgrade_v3(conn: Connection) -> None:
     )
     await conn.execute("CREATE INDEX usage_day_idx ON usage (day)")
     await conn.execute("CREATE INDEX usage_room_idx ON usage (room_id, day)")
+
+
+@upgrade_table.register(description="The ledger: one row per message and command, its fate")  # type: ignore[call-arg, arg-type]
+async def upgrade_v4(conn: Connection) -> None:
+    # One row per user event the plugin sees (messages and commands), keyed by event id:
+    # seen -> taken -> one end (answered, refused, left, kept, superseded). ``event`` holds
+    # the event as JSON while it may still be run (not ended, or kept for !retry);
+    # ``answer_event`` the bot's first event of its answer (a stream's), to finish it.
+    await conn.execute(
+        """CREATE TABLE ledger (
+            event_id      TEXT PRIMARY KEY,
+            room_id       TEXT NOT NULL,
+            sender        TEXT NOT NULL,
+            kind          TEXT NOT NULL,
+            state         TEXT NOT NULL,
+            reason        TEXT NOT NULL DEFAULT '',
+            ts            BIGINT NOT NULL,
+            event         TEXT,
+            answer_event  TEXT,
+            updated_at    BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX ledger_room_state_idx ON ledger (room_id, state, ts)")
+    await conn.execute("CREATE INDEX ledger_state_idx ON ledger (state)")
+    await conn.execute("CREATE INDEX ledger_updated_idx ON ledger (updated_at)")
+    # What the handled log knew: each event ended (which end is not known: answered).
+    await conn.execute(
+        "INSERT INTO ledger (event_id, room_id, sender, kind, state, reason, ts, updated_at)"
+        " SELECT event_id, room_id, '', 'message', 'answered', 'migrated', handled_at,"
+        " handled_at FROM handled_event"
+    )
+    await conn.execute("DROP TABLE handled_event")
+    # The message a history turn belongs to: a re-asked message replaces its turn.
+    await conn.execute("ALTER TABLE history ADD COLUMN message_id TEXT")

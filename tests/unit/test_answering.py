@@ -1,5 +1,6 @@
-"""Answerer.ask on fakes: the answer goes out before its usage is written (a database write
-must not delay it), and the usage is written whether or not the answer reaches the room."""
+"""Answerer.ask on fakes: the message is taken in the ledger before the agent is asked, the
+answer goes out before its usage is written (a database write must not delay it), the usage
+is written whether or not the answer reaches the room, and the message's fate is returned."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from lambda_plugin.agents import AgentReply, AgentRequest
 from lambda_plugin.agents.base import Usage
 from lambda_plugin.answering import Answerer
 from lambda_plugin.db import ChatRoomRow
+from lambda_plugin.intake import ANSWERING, ANSWERS, Incoming, Kind
+from lambda_plugin.ledger import Fate
 from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.replies import STREAM_CURSOR
 
 ROOM, USER = "!chat:example.org", "@ann:example.org"
 USAGE = Usage(tokens_in=3, tokens_out=5)
@@ -22,13 +26,15 @@ class Recorder:
 
     def __init__(self, send_fails: bool = False) -> None:
         self.calls: list[Any] = []
+        self.contents: list[dict] = []
         self.send_fails = send_fails
 
-    async def send(self, room_id: str, content: dict) -> str:  # the Matrix wrapper's
+    async def send(self, room_id: str, content: dict, **kwargs: Any) -> str:  # Matrix's
         self.calls.append(("send", content["body"]))
-        if self.send_fails:
+        self.contents.append(content)
+        if self.send_fails and content["body"].startswith("echo"):  # the answer, not notices
             raise HomeserverError(500, "M_UNKNOWN", "the homeserver fell over")
-        return "$answer"
+        return f"$sent{len(self.contents)}"
 
     async def typing(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append("typing")
@@ -42,11 +48,26 @@ class Recorder:
     async def say(self, room_id: str, key: str, **kwargs: Any) -> None:  # Notices
         self.calls.append(("notice", key))
 
+    def text(self, key: str, **kwargs: Any) -> str:  # Notices
+        return key
+
+    async def taken(self, event_id: str) -> None:  # Ledger
+        self.calls.append(("taken", event_id))
+
+    async def answer_started(self, event_id: str, answer_event: str) -> None:  # Ledger
+        self.calls.append(("answer_started", event_id, answer_event))
+
 
 class Agent:
     agent_id = "echo"
 
     async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        return AgentReply(f"echo: {request.text}", usage=USAGE)
+
+
+class StreamingAgent(Agent):
+    async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        await partial("echo")  # the first partial is sent at once
         return AgentReply(f"echo: {request.text}", usage=USAGE)
 
 
@@ -62,24 +83,62 @@ def answerer(recorder: Recorder) -> Answerer:
         notices=recorder,  # type: ignore[arg-type]
         voice=None,  # type: ignore[arg-type]
         quota=recorder,  # type: ignore[arg-type]
+        ledger=recorder,  # type: ignore[arg-type]
     )
 
 
 ROW = ChatRoomRow(ROOM, USER, "C1", "Chat 1", "echo", "p1", False, False, 0)
-REQUEST = AgentRequest("p1", "hello", USER)
+REQUEST = AgentRequest("p1", "hello", USER, message_id="$question")
+QUESTION = Incoming(Kind.MESSAGE, "$question", ROOM, USER, "hello", 1_000)
 
 
 async def test_the_answer_goes_out_before_its_usage_is_written() -> None:
     recorder = Recorder()
-    assert await answerer(recorder).ask(ROW, Agent(), REQUEST, "$question")  # type: ignore[arg-type]
-    assert recorder.calls == [("send", "echo: hello"), "files", ("record", USER, USAGE)]
+    fate = await answerer(recorder).ask(ROW, Agent(), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.ANSWERED, "")
+    assert recorder.calls == [
+        ("taken", "$question"),  # before the agent is asked: a crash now re-asks it
+        ("send", "echo: hello"),
+        "files",
+        ("record", USER, USAGE),
+    ]
+    [answer] = recorder.contents
+    assert answer[ANSWERS] == "$question"  # the finished answer names the message
 
 
 async def test_usage_is_written_when_the_answer_cannot_be_sent() -> None:
     recorder = Recorder(send_fails=True)
-    assert not await answerer(recorder).ask(ROW, Agent(), REQUEST, "$question")  # type: ignore[arg-type]
+    fate = await answerer(recorder).ask(ROW, Agent(), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.KEPT, "send")  # kept for !retry, and why
     assert recorder.calls == [
+        ("taken", "$question"),
         ("send", "echo: hello"),
         ("notice", "send.failed"),
         ("record", USER, USAGE),
     ]
+
+
+async def test_a_streamed_answer_names_its_first_event_in_the_ledger_and_finishes_it() -> None:
+    recorder = Recorder()
+    fate = await answerer(recorder).ask(ROW, StreamingAgent(), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.ANSWERED, "")
+    assert recorder.calls[:3] == [
+        ("taken", "$question"),
+        ("send", f"echo{STREAM_CURSOR}"),
+        ("answer_started", "$question", "$sent1"),
+    ]
+    partial, final = recorder.contents
+    assert partial[ANSWERING] == "$question" and ANSWERS not in partial  # not the answer yet
+    assert final[ANSWERS] == "$question"
+    assert final["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$sent1"}
+    assert recorder.calls[-1] == ("record", USER, USAGE)
+
+
+async def test_an_unfinished_answer_of_an_earlier_attempt_is_finished_in_place() -> None:
+    recorder = Recorder()
+    resumed = QUESTION.resuming("$partial-before-the-crash")
+    fate = await answerer(recorder).ask(ROW, Agent(), REQUEST, resumed)  # type: ignore[arg-type]
+    assert fate == (Fate.ANSWERED, "")
+    [final] = recorder.contents  # no second answer: the old one is edited
+    assert final["m.relates_to"] == {"rel_type": "m.replace", "event_id": resumed.resume}
+    assert final[ANSWERS] == "$question"

@@ -1,6 +1,7 @@
-"""Catch-up: what counts as unanswered (a notice naming an event answers it, even with a lost
-database), hostile timelines and /sync answers, and CatchUp.queue putting missed messages and
-commands at the head of their rooms' queues as one sequence in timeline order.
+"""Catch-up: what a start runs (``plan_start``: a notice naming an event answers it, even with
+a lost database; the ledger's ends and unfinished events), hostile timelines and /sync
+answers, and CatchUp.queue putting missed messages and commands at the head of their rooms'
+queues as one sequence in timeline order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lambda_plugin.catchup import CatchUp, parse_invites, timelines_of, unanswered
+from lambda_plugin.catchup import CatchUp, StartPlan, parse_invites, plan_start, timelines_of
 from lambda_plugin.gate import StartGate
 from lambda_plugin.intake import ANSWERS, Incoming, Kind
 from lambda_plugin.queue import RoomQueues
@@ -53,8 +54,17 @@ def notice(event_id: str, answers: Any = None, ts: int = 5_000) -> dict:
     }
 
 
-def ids(found: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
-    return [(room_id, event["event_id"]) for room_id, event in found]
+def unanswered(
+    timelines: dict[str, list[Any]], rooms: set[str], bot: str, since: int, handled: set[str]
+) -> list[tuple[str, str]]:
+    """(room, event id) a start runs in ``rooms`` when the ledger ended ``handled``."""
+    states = dict.fromkeys(handled, "answered")
+    plan = plan_start({r: t for r, t in timelines.items() if r in rooms}, [], states, bot, since)
+    return [(room_id, i.event_id) for room_id in sorted(plan.rooms) for i in plan.rooms[room_id]]
+
+
+def ids(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return found
 
 
 # --- unanswered: a notice naming an event answers it ------------------------------------------
@@ -84,11 +94,12 @@ def test_a_notice_answers_also_when_the_database_knows_nothing_of_the_room() -> 
     assert ids(found) == [(ROOM, "$m2"), (ROOM, "$m3")]
 
 
-def test_without_any_known_answer_only_what_follows_the_bots_last_word_counts() -> None:
-    # Answers of older versions name nothing: the bot's last word is all there is to go by.
+def test_a_bot_event_naming_nothing_answers_nothing() -> None:
+    # The ledger and the answers' names decide, not where the bot last spoke: a stream's
+    # partial (or a transcript) after a message does not make it answered.
     timeline = [message("$m1"), notice("$n1"), message("$m2")]
     found = unanswered({ROOM: timeline}, {ROOM}, BOT, SINCE, handled=set())
-    assert ids(found) == [(ROOM, "$m2")]
+    assert ids(found) == [(ROOM, "$m1"), (ROOM, "$m2")]
 
 
 def test_handled_and_named_messages_are_both_left_out_commands_kept() -> None:
@@ -207,12 +218,10 @@ def test_hostile_events_through_sync_never_raise_and_never_hide_the_others() -> 
     ]
 
 
-def test_hostile_bot_events_still_mark_the_bots_last_word() -> None:
-    # The database knows nothing of the room and no notice names a well-formed id: only what
-    # follows the bot's last event counts, however malformed that event's content is.
+def test_hostile_bot_events_hide_nothing() -> None:
     timeline = [message("$before"), *hostile_events(), message("$after")]
     found = unanswered({ROOM: timeline}, {ROOM}, BOT, SINCE, handled=set())
-    assert ids(found) == [(ROOM, "$after")]
+    assert ids(found) == [(ROOM, "$before"), (ROOM, "$after")]
 
 
 def test_hostile_dict_events_given_straight_to_unanswered_never_raise() -> None:
@@ -366,12 +375,15 @@ async def closed() -> tuple[StartGate, FakeStage, RoomQueues]:
 
 
 def catch_up(queues: RoomQueues) -> CatchUp:
-    mx = SimpleNamespace(user_id=BOT)
-    return CatchUp(mx, queues, None, lambda: [], lambda _: None, LOG)  # type: ignore[arg-type]
+    return CatchUp(SimpleNamespace(user_id=BOT), queues, LOG)  # type: ignore[arg-type]
 
 
 def live(event_id: str, room_id: str = ROOM) -> Incoming:
     return Incoming(Kind.MESSAGE, event_id=event_id, room_id=room_id, sender=USER, body=event_id)
+
+
+def planned(timelines: dict[str, list[Any]], active: set[str]) -> StartPlan:
+    return plan_start(timelines, [], {}, BOT, SINCE, active)
 
 
 async def test_missed_messages_and_commands_go_first_as_one_sequence(
@@ -380,25 +392,18 @@ async def test_missed_messages_and_commands_go_first_as_one_sequence(
     gate, stage, queues = closed
     try:
         queues.worker(ROOM).push(live("$q3"))  # a live message, queued during the start
-        missed = [
-            (ROOM, message("$q1", ts=2_000)),
-            (ROOM, message("$clear", body="!clear", ts=3_000)),
-            (ROOM, message("$q2", ts=4_000)),
-        ]
-        commands = catch_up(queues).queue(missed, active={ROOM})
-        assert [(i.event_id, i.kind, i.command) for i, _ in commands] == [
-            ("$clear", Kind.COMMAND, "clear")
-        ]
-        assert commands[0][1] is missed[1][1]  # the raw event, for maubot's handlers
+        timeline = [
+            message("$q1", ts=2_000), message("$clear", body="!clear", ts=3_000),
+            message("$q2", ts=4_000),
+        ]  # fmt: skip
+        catch_up(queues).queue(planned({ROOM: timeline}, active={ROOM}))
         worker = queues.worker(ROOM)
-        assert worker.waiting == 3  # q1, q2 and q3 (the command's place is not a message)
-        async with queues.in_turn(ROOM, "$clear") as slot:
-            slot.set_result(stage.control("clear"))
+        assert worker.waiting == 3  # q1, q2 and q3 (the command is not a message)
         await settle()
         assert stage.sequence() == []  # nothing taken while the gate is closed
         gate.open()
         await stage.until_done("$q3")
-        assert stage.sequence() == ["$q1", "clear", "$q2", "$q3"]
+        assert stage.sequence() == ["$q1", "$clear", "$q2", "$q3"]
     finally:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
 
@@ -408,29 +413,21 @@ async def test_a_missed_message_of_an_inactive_room_is_not_queued_a_command_is(
 ) -> None:
     gate, stage, queues = closed
     try:
-        missed = [
-            (ARCHIVED_ROOM, message("$archived-msg")),
-            (ARCHIVED_ROOM, message("$archived-cmd", body="!unarchive")),
-            (OTHER_ROOM, message("$dm-cmd", body="!chats")),  # a DM: not a chat room
-            (OTHER_ROOM, message("$dm-msg")),
-            (ROOM, message("$active-msg")),
-        ]
-        commands = catch_up(queues).queue(missed, active={ROOM})
-        assert [i.event_id for i, _ in commands] == ["$archived-cmd", "$dm-cmd"]
-        assert queues.worker(ARCHIVED_ROOM).waiting == 0  # only the command's place
+        timelines = {
+            ARCHIVED_ROOM: [message("$archived-msg"), message("$archived-cmd", body="!unarchive")],
+            OTHER_ROOM: [message("$dm-cmd", body="!chats"), message("$dm-msg")],  # a DM
+            ROOM: [message("$active-msg")],
+        }
+        catch_up(queues).queue(planned(timelines, active={ROOM}))
+        assert queues.worker(ARCHIVED_ROOM).waiting == 0  # only the command
         assert len(queues.worker(ARCHIVED_ROOM).items) == 1
         assert len(queues.worker(OTHER_ROOM).items) == 1
         assert queues.worker(ROOM).waiting == 1
-        async with queues.in_turn(ARCHIVED_ROOM, "$archived-cmd") as slot:
-            slot.set_result(stage.control("unarchive"))
-        queues.release_reserved(["$archived-cmd", "$dm-cmd"])  # as CatchUp.dispatch does
         gate.open()
         await stage.until_done("$active-msg")
-        await stage.until_call("control", "unarchive")
         await settle()
         assert stage.order("message") == ["$active-msg"]
-        assert not stage.has("message", ARCHIVED_ROOM, "$archived-msg", False)
-        assert not stage.has("message", OTHER_ROOM, "$dm-msg", False)
+        assert sorted(stage.order("command")) == ["$archived-cmd", "$dm-cmd"]
     finally:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
 
@@ -440,37 +437,23 @@ async def test_ignored_events_are_not_queued(
 ) -> None:
     gate, stage, queues = closed
     try:
-        missed = [
-            (ROOM, notice("$bot", answers="$x")),
-            (
-                ROOM,
-                message(
-                    "$edit",
-                    **{
-                        "content": {
-                            "msgtype": "m.text",
-                            "body": "* fixed",
-                            "m.relates_to": {"rel_type": "m.replace", "event_id": "$x"},
-                        }
-                    },
-                ),
-            ),
-            (ROOM, message("$bad", content=None)),
-            (
-                ROOM,
-                message(
-                    "$bad-cmd",
-                    content={"msgtype": "m.text", "body": "!clear", "m.relates_to": None},
-                ),
-            ),
-            (ROOM, message("$good")),
-        ]
-        commands = catch_up(queues).queue(missed, active={ROOM})
-        assert commands == []
+        edit = {
+            "msgtype": "m.text", "body": "* fixed",
+            "m.relates_to": {"rel_type": "m.replace", "event_id": "$x"},
+        }  # fmt: skip
+        bad_cmd = {"msgtype": "m.text", "body": "!clear", "m.relates_to": None}
+        timeline = [
+            notice("$bot", answers="$x"), message("$edit", content=edit),
+            message("$bad", content=None), message("$bad-cmd", content=bad_cmd),
+            message("$good"),
+        ]  # fmt: skip
+        plan = planned({ROOM: timeline}, active={ROOM})
+        assert [i.event_id for i in plan.rooms[ROOM]] == ["$good"]
+        catch_up(queues).queue(plan)
         gate.open()
         await stage.until_done("$good")
         await settle()
-        assert stage.order("message") == ["$good"]
+        assert stage.sequence() == ["$good"]
     finally:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
 
@@ -482,13 +465,11 @@ async def test_each_room_gets_its_own_head(
     try:
         queues.worker(ROOM).push(live("$a-live"))
         queues.worker(OTHER_ROOM).push(live("$b-live", OTHER_ROOM))
-        missed = [
-            (ROOM, message("$a1")),
-            (OTHER_ROOM, message("$b1")),
-            (ROOM, message("$a2")),
-            (OTHER_ROOM, message("$b2")),
-        ]
-        catch_up(queues).queue(missed, active={ROOM, OTHER_ROOM})
+        timelines = {
+            ROOM: [message("$a1"), message("$a2")],
+            OTHER_ROOM: [message("$b1"), message("$b2")],
+        }
+        catch_up(queues).queue(planned(timelines, active={ROOM, OTHER_ROOM}))
         gate.open()
         await stage.until_done("$a-live", "$b-live")
         in_room = [c[2] for c in stage.calls if c[0] == "message" and c[1] == ROOM]

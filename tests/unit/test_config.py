@@ -81,6 +81,8 @@ CUSTOM: dict[str, Any] = {
         "@alice:example.org": {"daily": 5, "monthly": 50},
         "@boss:example.org": {"daily": 0},
     },
+    "access.max_kept_per_room": 3,
+    "access.answer_estimate_tokens": 0,
     "spaces.space_name": "Space of {user_id}",
     "spaces.chat_name": "Talk #{n}",
     "spaces.encryption": "never",
@@ -102,6 +104,8 @@ CUSTOM: dict[str, Any] = {
     "reconcile.catch_up_minutes": 3,
     "reconcile.handled_kept_days": 2,
     "reconcile.read_batch": 50,
+    "outages.homeserver_wait_s": 30,
+    "outages.database_wait_s": 2.5,
     "transcription": {
         "base_url": "http://127.0.0.1:8000/v1",
         "model": "whisper-1",
@@ -232,6 +236,8 @@ def test_custom_config_gives_custom_settings() -> None:
     )
     assert (s.daily_tokens, s.monthly_tokens) == (1000, 20000)
     assert s.token_limits == {"@alice:example.org": (5, 50), "@boss:example.org": (0, 20000)}
+    assert (s.max_kept_per_room, s.answer_estimate_tokens) == (3, 0)
+    assert (s.homeserver_wait_s, s.database_wait_s) == (30.0, 2.5)
 
 
 def test_limits_default_to_base_config() -> None:
@@ -242,6 +248,9 @@ def test_limits_default_to_base_config() -> None:
     assert s.download_timeout_s == 300.0 and type(s.download_timeout_s) is float
     assert s.handled_kept_s == 7 * 24 * 3600.0 and type(s.handled_kept_s) is float
     assert s.read_batch == 200
+    assert (s.max_kept_per_room, s.answer_estimate_tokens) == (20, 500)
+    assert s.homeserver_wait_s == 600.0 and type(s.homeserver_wait_s) is float
+    assert s.database_wait_s == 600.0 and type(s.database_wait_s) is float
 
 
 def test_custom_limits() -> None:
@@ -336,6 +345,20 @@ INVALID: list[tuple[str, Any]] = [
     ("access.daily_tokens", None),
     ("access.monthly_tokens", -20000),
     ("access.monthly_tokens", "lots"),
+    ("access.max_kept_per_room", 0),
+    ("access.max_kept_per_room", 2.5),
+    ("access.max_kept_per_room", True),
+    ("access.max_kept_per_room", None),
+    ("access.answer_estimate_tokens", -1),
+    ("access.answer_estimate_tokens", 1.5),
+    ("access.answer_estimate_tokens", True),
+    ("access.answer_estimate_tokens", None),
+    ("outages.homeserver_wait_s", 0),
+    ("outages.homeserver_wait_s", -1),
+    ("outages.homeserver_wait_s", "10m"),
+    ("outages.database_wait_s", 0),
+    ("outages.database_wait_s", False),
+    ("outages.database_wait_s", None),
     ("access.token_limits", ["@alice:example.org"]),
     ("access.token_limits", {"alice": {"daily": 1}}),
     ("access.token_limits", {"@*:example.org": {"daily": 1}}),

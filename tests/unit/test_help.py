@@ -216,12 +216,14 @@ async def test_help_from_the_bot_itself_is_ignored(
 
 
 async def test_start_wires_the_store(maubot_plugin) -> None:
-    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 3
+    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 4
     counts = await maubot_plugin.store.counts()
     assert counts == dict.fromkeys(counts, 0)
-    assert set(counts) == {
-        "lambda_user", "chat_room", "snapshot", "history", "handled_event", "usage"
-    }
+    assert set(counts) == {"lambda_user", "chat_room", "snapshot", "history", "ledger", "usage"}
+    assert not await maubot_plugin.database.table_exists("handled_event")
+    # The store waits out a database outage as long as the config says.
+    assert maubot_plugin.store.outage_s() == maubot_plugin.settings.database_wait_s == 600.0
+    assert maubot_plugin.ledger.store is maubot_plugin.store
 
 
 @pytest_asyncio.fixture

@@ -116,6 +116,7 @@ def command(base: Settings) -> CommandBase:
         log=logging.getLogger("test.limits"),
         gate=StartGate(),
         store=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
         notices=notices,
     )
 
@@ -179,6 +180,7 @@ def test_the_more_text_follows_the_language(base: Settings) -> None:
         log=logging.getLogger("test.limits"),
         gate=StartGate(),
         store=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
         notices=notices,
     )
     assert command.fitting(["abc"] * 3, 5) == ["abc", "… и ещё 2."]

@@ -1,6 +1,6 @@
 """What a hostile review found, each pinned: encryption fails closed, a malformed command
-can't block the catch-up, partial answers don't count as answers, and a message the plugin
-leaves alone is recorded as handled."""
+can't block the catch-up (nor a failing handler the other handlers), partial answers don't
+count as answers, and new chat rooms are encrypted as configured."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 from mautrix.errors import MLimitExceeded, MNotFound
+from mautrix.types import EventType
 
-from lambda_plugin.catchup import CatchUp, unanswered
+from lambda_plugin.catchup import plan_start
 from lambda_plugin.crypto import Crypto
 from lambda_plugin.gate import StartGate
-from lambda_plugin.intake import IGNORED, classify
+from lambda_plugin.intake import ANSWERING, IGNORED, Incoming, Kind, classify
 from lambda_plugin.queue import RoomQueues
-from tests.unit.test_queue import FakeStage
+from lambda_plugin.replay import CommandReplay
 
 BOT = "@lambda:example.org"
 USER = "@alice:example.org"
@@ -65,22 +66,82 @@ def test_a_command_with_a_malformed_html_field_is_skipped(field: str) -> None:
     assert classify(command("$c", **{field: 5}), BOT) is IGNORED
 
 
-async def test_a_command_that_breaks_maubot_parsing_releases_its_place() -> None:
+class ReplayingStage:
+    """The queue's stage as the plugin's: a missed command is replayed through maubot's
+    handlers in its turn (``Conversation.command``); messages are only recorded."""
+
+    def __init__(self, replay: CommandReplay) -> None:
+        self.replay = replay
+        self.messages: list[str] = []
+        self.done = asyncio.Event()
+
+    async def message(self, room_id: str, incoming: Incoming, retried: bool) -> None:
+        self.messages.append(incoming.event_id)
+        self.done.set()
+
+    async def command(self, incoming: Incoming) -> None:
+        await self.replay(incoming)
+
+    async def cancelled(self, room_id: str, incoming: Incoming) -> None: ...
+
+    def stopped(self, incoming: Incoming) -> None: ...
+
+
+def missed(raw: dict[str, Any]) -> Incoming:
+    found = classify({**raw, "room_id": ROOM}, BOT)
+    assert found.kind is Kind.COMMAND  # well-formed to intake: it reaches the replay
+    return found
+
+
+# Well-formed to intake, but mautrix can't make a MessageEvent of them.
+UNPARSABLE = [
+    command("$bad", **{"m.relates_to": {"m.in_reply_to": ["$x"]}}),
+    command("$bad", **{"m.relates_to": {"m.in_reply_to": "$x"}}),
+    {**command("$bad"), "unsigned": 5},
+]
+
+
+@pytest.mark.parametrize("raw", UNPARSABLE, ids=["reply-list", "reply-text", "unsigned"])
+async def test_a_command_that_breaks_maubot_parsing_is_skipped_and_its_room_moves_on(
+    raw: dict[str, Any],
+) -> None:
+    ran: list[str] = []
+
+    async def handler(evt: Any) -> None:
+        ran.append(evt.event_id)
+
+    client = SimpleNamespace(disable_replies=False)
+    replay = CommandReplay(client, lambda: [(handler, EventType.ROOM_MESSAGE)], LOG)  # type: ignore[arg-type]
+    await replay(missed(raw))  # skipped, never raised
+    assert ran == []
     gate = StartGate()
-    queues = RoomQueues(FakeStage(), gate, LOG)  # type: ignore[arg-type]
-    mx = SimpleNamespace(user_id=BOT)
-    catch_up = CatchUp(mx, queues, None, lambda: [], lambda _: None, LOG)  # type: ignore[arg-type]
-    # Well-formed to intake, but mautrix's reply-fallback trimming chokes on it.
-    raw = command("$bad", **{"m.relates_to": {"m.in_reply_to": {"event_id": "$x"}}})
-    raw["content"]["formatted_body"] = "<mx-reply>"
-    raw["content"]["format"] = "org.matrix.custom.html"
-    commands = catch_up.queue([(ROOM, raw)], {ROOM})
-    catch_up._event = lambda incoming, raw: (_ for _ in ()).throw(TypeError("boom"))  # type: ignore[method-assign]
-    with pytest.raises(TypeError):
-        await catch_up.dispatch(commands)
-    assert queues._reserved == {}  # the room's queue moves on past the place
+    stage = ReplayingStage(replay)
+    queues = RoomQueues(stage, gate, LOG)  # type: ignore[arg-type]
+    after = classify({**command("$fine"), "room_id": ROOM}, BOT)
+    message = Incoming(Kind.MESSAGE, "$next", ROOM, USER, "hello", 10**13)
+    queues.worker(ROOM).push_front([missed(raw), after, message])  # as the catch-up queues
+    gate.open()
+    await asyncio.wait_for(stage.done.wait(), 10)
+    assert ran == ["$fine"]  # the room's queue moved on past the broken one
+    assert stage.messages == ["$next"]
     gate.stop()
     await asyncio.wait_for(queues.stop(), 10)
+
+
+async def test_a_replayed_command_whose_handler_fails_does_not_stop_the_others() -> None:
+    ran: list[str] = []
+
+    async def failing(evt: Any) -> None:
+        raise RuntimeError("boom")
+
+    async def handler(evt: Any) -> None:
+        ran.append(evt.event_id)
+
+    handlers = [(failing, EventType.ROOM_MESSAGE), (handler, EventType.ROOM_MESSAGE)]
+    client = SimpleNamespace(disable_replies=False)
+    replay = CommandReplay(client, lambda: handlers, LOG)  # type: ignore[arg-type]
+    await replay(missed(command("$c")))  # logged, not raised
+    assert ran == ["$c"]
 
 
 def test_a_partial_answer_does_not_count_as_the_answer() -> None:
@@ -90,13 +151,19 @@ def test_a_partial_answer_does_not_count_as_the_answer() -> None:
     }  # fmt: skip
     partial = {
         "type": "m.room.message", "event_id": "$p", "sender": BOT, "origin_server_ts": 10**13,
-        "content": {"msgtype": "m.notice", "body": "half an answer …"},
+        "content": {"msgtype": "m.notice", "body": "half an answer …", ANSWERING: "$q"},
     }  # fmt: skip
     earlier = {**question, "event_id": "$earlier"}
-    # The stream was cut by a stop (which unmarked the question): the partial names nothing,
-    # so the question is answered again after the start.
-    found = unanswered({ROOM: [earlier, question, partial]}, {ROOM}, BOT, 0, {"$earlier"})
-    assert [e["event_id"] for _, e in found] == ["$q"]
+    # The stream was cut by a stop: the partial names the question only as being answered,
+    # so it is answered again after the start, finishing the partial in place.
+    plan = plan_start({ROOM: [earlier, question, partial]}, [], {"$earlier": "answered"}, BOT, 0)
+    [again] = plan.rooms[ROOM]
+    assert (again.event_id, again.resume) == ("$q", "$p")
+    # A partial of an older version names nothing: the question is answered again, afresh.
+    del partial["content"][ANSWERING]
+    plan = plan_start({ROOM: [earlier, question, partial]}, [], {"$earlier": "answered"}, BOT, 0)
+    [again] = plan.rooms[ROOM]
+    assert (again.event_id, again.resume) == ("$q", "")
 
 
 def spaces_with(encryption: str, can_encrypt: bool) -> Any:

@@ -1,6 +1,8 @@
-"""Router: live messages into their rooms' queues. A full queue refuses a message and says so
-once while it stays full; unknown commands get a slot that answers them, known ones none; a
-message that has to wait gets a read receipt, once the gate is open.
+"""Router: live messages into their rooms' queues, each recorded seen in the ledger. A full
+queue refuses a message (not recorded) and says so once while it stays full; an unknown
+command, or a replayed one (missed, decrypted late), is queued for the stage in its turn, a
+known live one is left to maubot's handlers; a message that has to wait gets a read receipt,
+once the gate is open.
 """
 
 from __future__ import annotations
@@ -56,23 +58,16 @@ class FakeNotices:
 
 
 @dataclass
-class FakeConversation:
-    """Only ``unknown_command`` is the router's to call (in the room's turn)."""
+class FakeLedger:
+    """Only ``seen`` is the router's to call: sync (it writes in the background)."""
 
-    unknown: list[Incoming] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    recorded: list[Incoming] = field(default_factory=list)
 
-    async def unknown_command(self, incoming: Incoming) -> None:
-        self.unknown.append(incoming)
-        self.changed.set()
+    def seen(self, incoming: Incoming) -> None:
+        self.recorded.append(incoming)
 
-    async def until_unknown(self, count: int) -> None:
-        async def wait() -> None:
-            while len(self.unknown) < count:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), TIMEOUT)
+    def ids(self) -> list[str]:
+        return [incoming.event_id for incoming in self.recorded]
 
 
 @dataclass
@@ -83,7 +78,7 @@ class Env:
     gate: StartGate
     mx: FakeMatrix
     notices: FakeNotices
-    conversation: FakeConversation
+    ledger: FakeLedger
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +91,17 @@ def build(settings: Settings, gate: StartGate) -> Env:
     queues = RoomQueues(stage, gate, LOG)
     mx = FakeMatrix()
     notices = FakeNotices(mx)
-    conversation = FakeConversation()
+    ledger = FakeLedger()
     router = Router(
         settings=lambda: settings,
         log=LOG,
         queues=queues,
-        conversation=conversation,  # type: ignore[arg-type]
+        ledger=ledger,  # type: ignore[arg-type]
         gate=gate,
         notices=notices,  # type: ignore[arg-type]
         command_names={"help", "clear", "cancel"},
     )
-    return Env(router, queues, stage, gate, mx, notices, conversation)
+    return Env(router, queues, stage, gate, mx, notices, ledger)
 
 
 @pytest.fixture
@@ -155,6 +150,7 @@ async def test_the_queue_takes_its_limit_then_refuses(env: Env) -> None:
     assert env.router.enqueue(msg("$refused")) is Queued.FULL
     assert env.queues.worker(ROOM).waiting == LIMIT  # not taken
     assert env.router.enqueue(msg("$b", OTHER_ROOM)) is Queued.NOW  # rooms are independent
+    assert env.ledger.ids() == ["$running", "$w1", "$w2", "$b"]  # the refused one is not seen
 
 
 async def test_a_full_queue_is_told_once_while_it_stays_full(env: Env) -> None:
@@ -207,45 +203,66 @@ async def test_a_refused_message_gets_no_receipt(env: Env) -> None:
 # --- commands -------------------------------------------------------------------------------
 
 
-async def test_an_unknown_command_gets_a_slot_that_answers_it(env: Env) -> None:
-    unknown = cmd("$frob", "frobnicate")
-    assert env.router.enqueue(unknown) is Queued.NOT
-    await env.conversation.until_unknown(1)
-    assert env.conversation.unknown == [unknown]
-    assert env.notices.said == []  # the conversation answers it (or not), the router never
+@pytest.mark.parametrize(
+    ("name", "replay", "queued"),
+    [
+        pytest.param("frobnicate", False, True, id="unknown-live"),
+        pytest.param("frobnicate", True, True, id="unknown-replayed"),
+        pytest.param("help", True, True, id="known-replayed"),
+        pytest.param("help", False, False, id="known-live"),
+    ],
+)
+async def test_which_commands_are_queued(name: str, replay: bool, queued: bool, env: Env) -> None:
+    command = cmd("$cmd", name)
+    assert env.router.enqueue(command, replay) is Queued.NOT
+    if queued:
+        items = list(env.queues.workers[ROOM].items)
+        assert len(items) == 1
+        assert items[0] is command  # the command item is the Incoming itself
+        await env.stage.until_done("$cmd")
+        assert env.stage.order("command") == ["$cmd"]
+    else:
+        assert ROOM not in env.queues.workers  # no worker, no item: maubot's handler's turn
+        await settle()
+        assert env.stage.calls == []
+    assert env.stage.order("message") == []  # never handed over as a message
+    assert env.ledger.ids() == []  # a command is claimed by the stage in its turn, not here
+    assert env.notices.said == []  # the stage answers it (or not), the router never
+    assert env.mx.receipts == []
 
 
-async def test_an_unknown_command_waits_its_turn(env: Env) -> None:
+@pytest.mark.parametrize(("name", "replay"), [("frobnicate", False), ("help", True)])
+async def test_a_queued_command_waits_its_turn(name: str, replay: bool, env: Env) -> None:
     running = env.stage.blocked("$running")
     await route(env, msg("$running"))
     await env.stage.until_call("message", ROOM, "$running", False)
-    await route(env, cmd("$frob", "frobnicate"), msg("$after"))
+    assert env.router.enqueue(cmd("$cmd", name), replay) is Queued.NOT
+    await route(env, msg("$after"))
     await settle()
-    assert env.conversation.unknown == []
-    worker = env.queues.worker(ROOM)
-    assert len(worker.items) == 2
-    assert worker.waiting == 1  # a command's slot is not a waiting message
+    assert env.stage.order("command") == []
+    assert len(env.queues.worker(ROOM).items) == 2
     running.set()
     await env.stage.until_done("$after")
-    await env.conversation.until_unknown(1)
-    assert [i.event_id for i in env.conversation.unknown] == ["$frob"]
+    assert env.stage.order("done") == ["$running", "$cmd", "$after"]
 
 
-async def test_known_commands_get_no_slot(env: Env) -> None:
+async def test_known_live_commands_are_left_to_maubots_handlers(env: Env) -> None:
     for name in ("help", "clear", "cancel"):
         assert env.router.enqueue(cmd(f"${name}", name)) is Queued.NOT
-    assert ROOM not in env.queues.workers  # no worker, no slot: the command handler's turn
+    assert ROOM not in env.queues.workers  # no worker, no item: the command handler's turn
     await route(env, cmd("$help2", "help"))
     await settle()
     assert ROOM not in env.queues.workers
-    assert env.conversation.unknown == []
+    assert env.stage.calls == []
     assert env.notices.said == []
     assert env.mx.receipts == []
 
 
 async def test_ignored_events_are_not_queued(env: Env) -> None:
-    assert env.router.enqueue(Incoming(Kind.IGNORED)) is Queued.NOT
+    for replay in (False, True):
+        assert env.router.enqueue(Incoming(Kind.IGNORED), replay) is Queued.NOT
     assert env.queues.workers == {}
+    assert env.ledger.ids() == []
 
 
 async def test_unknown_commands_do_not_fill_the_queue(env: Env) -> None:
@@ -256,6 +273,45 @@ async def test_unknown_commands_do_not_fill_the_queue(env: Env) -> None:
         await route(env, cmd(f"$c{i}", "frobnicate"))
     assert env.router.enqueue(msg("$w1")) is Queued.WAITS
     assert env.notices.keys("queue.full") == []
+
+
+async def test_a_replayed_command_is_queued_even_when_the_queue_is_full(env: Env) -> None:
+    release = {e: env.stage.blocked(e) for e in ("$running", "$w1", "$w2")}
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    await route(env, msg("$w1"), msg("$w2"))
+    assert env.router.enqueue(msg("$refused")) is Queued.FULL
+    assert env.router.enqueue(cmd("$cmd", "help"), True) is Queued.NOT
+    assert list(env.queues.worker(ROOM).items)[-1].event_id == "$cmd"
+    for event in release.values():
+        event.set()
+    await env.stage.until_done("$cmd")
+    assert env.stage.order("done") == ["$running", "$w1", "$w2", "$cmd"]
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["live", "replayed"])
+async def test_a_queued_message_is_recorded_seen_at_once(replay: bool, env: Env) -> None:
+    one = msg("$1")
+    assert env.router.enqueue(one, replay) is Queued.NOW
+    assert env.ledger.recorded == [one]  # before its turn: a crash meanwhile leaves it to a start
+    assert env.ledger.recorded[0] is one
+    await env.stage.until_done("$1")
+    assert env.ledger.ids() == ["$1"]  # once
+
+
+async def test_only_queued_messages_are_recorded_seen(env: Env) -> None:
+    env.stage.blocked("$running")
+    await route(env, msg("$running"))
+    await env.stage.until_call("message", ROOM, "$running", False)
+    await route(env, msg("$w1"), msg("$w2"), msg("$refused"))
+    assert env.notices.keys("queue.full") == [(ROOM, "$refused")]
+    await route(env, cmd("$unknown", "frobnicate"), cmd("$help", "help"), Incoming(Kind.IGNORED))
+    env.router.enqueue(cmd("$replayed", "clear"), True)
+    await route(env, msg("$b", OTHER_ROOM))
+    assert env.ledger.ids() == ["$running", "$w1", "$w2", "$b"]
 
 
 # --- receipts -------------------------------------------------------------------------------
@@ -287,6 +343,7 @@ async def test_the_queue_is_full_also_while_the_gate_is_closed(closed_env: Env) 
     env = closed_env
     await route(env, msg("$1"), msg("$2"), msg("$3"), msg("$4"))
     assert env.queues.worker(ROOM).waiting == LIMIT
+    assert env.ledger.ids() == ["$1", "$2"]  # queued during the start: seen all the same
     assert env.notices.keys("queue.full") == [(ROOM, "$3")]
     env.gate.open()
     await env.stage.until_done("$1", "$2")

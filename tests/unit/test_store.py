@@ -3,27 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from mautrix.util.async_db import Database
+import pytest_asyncio
+from mautrix.util.async_db import Database, UpgradeTable
 
 from lambda_plugin.db import (
+    DATABASE_DOWN,
     UNIQUE_VIOLATION,
     ChatRoomRow,
     HistoryRow,
+    LedgerRow,
     SnapshotRow,
     Store,
     UserRow,
     now_ms,
     upgrade_table,
 )
+from lambda_plugin.db import store as store_module
+from lambda_plugin.db.ledger import LedgerTable
+from lambda_plugin.intake import Incoming, Kind, classify
+from lambda_plugin.ledger import DONE, Fate, Ledger, incoming_of
+from tests.unit.conftest import ENGINES, _drop_database
+from tests.unit.test_config import settings as make_settings
 
-TABLES = ("lambda_user", "chat_room", "snapshot", "history", "handled_event", "usage")
-SCHEMA_VERSION = 3
+TABLES = ("lambda_user", "chat_room", "snapshot", "history", "ledger", "usage")
+SCHEMA_VERSION = 4
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
-
+ROOM = "!room:example.org"
 
 
 # What the plugin does not need as API of its own, composed from the API it has.
@@ -39,9 +57,42 @@ async def get_user_by_space(store: Store, space_id: str) -> UserRow | None:
     return next((u for u in await store.all_users() if u.space_id == space_id), None)
 
 
-async def is_handled(store: Store, event_id: str) -> bool:
-    return event_id in await store.handled_among([event_id])
+async def state_of(store: Store, event_id: str) -> str | None:
+    """The event's state in the ledger (None: the ledger has no row of it)."""
+    return (await LedgerTable(store.db).states_of([event_id])).get(event_id)
 
+
+BOT = "@bot:example.org"
+OTHER_ROOM = "!other:example.org"
+
+
+def message(event_id: str, room_id: str = ROOM, ts: int = 1_000, body: str = "hi") -> Incoming:
+    """A user's message as intake makes it (the event kept with it, for the ledger)."""
+    raw = {
+        "type": "m.room.message", "event_id": event_id, "room_id": room_id, "sender": ALICE,
+        "origin_server_ts": ts, "content": {"msgtype": "m.text", "body": body},
+    }  # fmt: skip
+    found = classify(raw, BOT)
+    assert found.kind is Kind.MESSAGE
+    return found
+
+
+def make_ledger(store: Store, **overrides: Any) -> Ledger:
+    current = dataclasses.replace(make_settings(), **overrides)
+    return Ledger(
+        settings=lambda: current, log=logging.getLogger("test.ledger"), store=store,
+        bot_id=lambda: BOT,
+    )  # fmt: skip
+
+
+def ledger_row(event_id: str, state: str = "seen", **kw: Any) -> LedgerRow:
+    values: dict[str, Any] = {
+        "room_id": ROOM, "sender": ALICE, "kind": "message", "state": state, "reason": "",
+        "ts": 1_000, "event": json.dumps({"event_id": event_id}), "answer_event": None,
+        "updated_at": 5_000,
+    }  # fmt: skip
+    values.update(kw)
+    return LedgerRow(event_id=event_id, **values)
 
 
 def room(
@@ -90,6 +141,7 @@ async def test_upgrade_table_applies(store: Store) -> None:
     assert await store.db.fetchval("SELECT COUNT(*) FROM version") == 1
     for table in TABLES:
         assert await store.db.table_exists(table), table
+    assert not await store.db.table_exists("handled_event")  # the ledger replaced it
     assert await store.counts() == dict.fromkeys(TABLES, 0)
 
 
@@ -108,6 +160,78 @@ async def test_second_start_is_a_no_op(store: Store) -> None:
         assert (await restarted.get_user(ALICE)).next_chat_index == 4
     finally:
         await again.stop()
+
+
+@pytest_asyncio.fixture(params=ENGINES)
+async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty database of each engine."""
+    if request.param == "sqlite":
+        yield f"sqlite:{tmp_path / 'old.db'}"
+        return
+    pg = request.getfixturevalue("postgres")
+    name = f"lambda_unit_{uuid.uuid4().hex[:16]}"
+    yield pg.create_database(name)
+    await _drop_database(pg.url("postgres"), name)
+
+
+async def test_a_database_of_version_3_upgrades_its_handled_log_into_the_ledger(
+    empty_url: str,
+) -> None:
+    # A database made by the steps up to v3 only (the handled log), then started with all.
+    shipped = UpgradeTable()
+    shipped.upgrades = upgrade_table.upgrades[:3]
+    old = Database.create(empty_url, upgrade_table=shipped, log=logging.getLogger("db.v3"))
+    await old.start()
+    try:
+        assert await old.fetchval("SELECT version FROM version") == 3
+        assert not await old.table_exists("ledger")
+        await Store(old).ensure_user(ALICE)
+        for seq, role, content in ((0, "user", "old"), (1, "assistant", "turn")):
+            await old.execute(  # as v3 wrote history: no message id
+                "INSERT INTO history (platform_chat_id, seq, role, content, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                "pc-1", seq, role, content, 1_000,
+            )  # fmt: skip
+        for event_id, room_id, handled_at in (("$a", ROOM, 1_000), ("$b", "!other:x", 2_000)):
+            await old.execute(
+                "INSERT INTO handled_event (event_id, room_id, handled_at) VALUES ($1, $2, $3)",
+                event_id, room_id, handled_at,
+            )  # fmt: skip
+    finally:
+        await old.stop()
+    new = Database.create(empty_url, upgrade_table=upgrade_table, log=logging.getLogger("db"))
+    await new.start()
+    try:
+        assert await new.fetchval("SELECT version FROM version") == SCHEMA_VERSION
+        assert not await new.table_exists("handled_event")
+        upgraded = Store(new)
+        table = LedgerTable(new)
+        assert await table.get("$a") == LedgerRow(
+            event_id="$a", room_id=ROOM, sender="", kind="message", state="answered",
+            reason="migrated", ts=1_000, event=None, answer_event=None, updated_at=1_000,
+        )  # fmt: skip
+        assert await table.states_of(["$a", "$b", "$c"]) == {"$a": "answered", "$b": "answered"}
+        assert (await upgraded.counts())["ledger"] == 2
+        # What was handled before is never run again: a redelivery finds it ended.
+        ledger = make_ledger(upgraded)
+        assert await ledger.claim(message("$a")) is False
+        assert await ledger.claim(message("$c")) is True
+        assert [row.event_id for row in await ledger.unfinished()] == ["$c"]
+        # The migrated rows age out as they did (by when they were handled).
+        await ledger.prune(1_500)
+        assert await table.states_of(["$a", "$b"]) == {"$b": "answered"}
+        # The history is kept; its old turns belong to no message and are never left out.
+        assert await upgraded.get_user(ALICE) is not None
+        old_turns = [(r.seq, r.content) for r in await upgraded.history("pc-1", excluding="$x")]
+        assert old_turns == [(0, "old"), (1, "turn")]
+        assert await new.fetchval("SELECT COUNT(*) FROM history WHERE message_id IS NULL") == 2
+        await upgraded.append_history("pc-1", [("user", "new")], message_id="$c")
+        assert [r.content for r in await upgraded.history("pc-1")] == ["old", "turn", "new"]
+        assert [r.content for r in await upgraded.history("pc-1", excluding="$c")] == [
+            "old", "turn",
+        ]  # fmt: skip
+    finally:
+        await new.stop()
 
 
 # users
@@ -428,26 +552,478 @@ async def test_append_history_concurrently(store: Store) -> None:
         assert question.content[1:] == answer.content[1:]
 
 
-# handled events
+async def test_append_history_with_a_message_id_replaces_that_messages_turn(store: Store) -> None:
+    await store.append_history("pc-1", [("user", "a"), ("assistant", "A")])
+    await store.append_history("pc-1", [("user", "q"), ("assistant", "first try")], "$m")
+    await store.append_history("pc-2", [("user", "q"), ("assistant", "elsewhere")], "$m")
+    # Asked again (a crash between the write and the answer's send): one turn, the newer.
+    await store.append_history("pc-1", [("user", "q"), ("assistant", "second try")], "$m")
+    rows = await store.history("pc-1")
+    assert [(r.role, r.content) for r in rows] == [
+        ("user", "a"), ("assistant", "A"), ("user", "q"), ("assistant", "second try"),
+    ]  # fmt: skip
+    assert len({r.seq for r in rows}) == 4
+    assert [r.content for r in await store.history("pc-2")] == ["q", "elsewhere"]
+    # Another message's turn, and turns of no message, are never replaced.
+    await store.append_history("pc-1", [("user", "r"), ("assistant", "R")], "$n")
+    await store.append_history("pc-1", [("user", "b"), ("assistant", "B")])
+    await store.append_history("pc-1", [("user", "q"), ("assistant", "third try")], "$m")
+    contents = [r.content for r in await store.history("pc-1")]
+    assert contents == ["a", "A", "r", "R", "b", "B", "q", "third try"]
+    assert (await store.counts())["history"] == 10
 
 
-async def test_mark_handled_once(store: Store) -> None:
-    assert await is_handled(store, "$e1") is False
-    assert await store.mark_handled("$e1", "!room:example.org") is True
-    assert await is_handled(store, "$e1") is True
-    assert await store.mark_handled("$e1", "!room:example.org") is False  # a redelivery
-    assert await store.mark_handled("$e1", "!other:example.org") is False
-    assert await is_handled(store, "$e2") is False
-    assert await store.mark_handled("$e2", "!room:example.org") is True
-    assert (await store.counts())["handled_event"] == 2
+async def test_history_excluding_a_message_leaves_its_turn_out(store: Store) -> None:
+    await store.append_history("pc-1", [("user", "a"), ("assistant", "A")])
+    await store.append_history("pc-1", [("user", "q"), ("assistant", "Q")], message_id="$m")
+    await store.append_history("pc-1", [("user", "z"), ("assistant", "Z")], message_id="$z")
+    assert [r.content for r in await store.history("pc-1", excluding="$m")] == ["a", "A", "z", "Z"]
+    assert [r.content for r in await store.history("pc-1", excluding="$z")] == ["a", "A", "q", "Q"]
+    assert len(await store.history("pc-1", excluding="")) == 6  # nothing left out
+    assert len(await store.history("pc-1", excluding="$unknown")) == 6
+    # With a limit, the newest of what is left.
+    newest = await store.history("pc-1", limit=2, excluding="$z")
+    assert [r.content for r in newest] == ["q", "Q"]
+    assert [r.content for r in await store.history("pc-1", limit=3, excluding="$m")] == [
+        "A", "z", "Z",
+    ]  # fmt: skip
 
 
-async def test_mark_handled_concurrently_wins_once(store: Store) -> None:
-    results = await asyncio.gather(
-        *(store.mark_handled("$race", "!room:example.org") for _ in range(10))
+async def test_concurrent_appends_of_one_message_leave_one_turn(store: Store) -> None:
+    await asyncio.gather(
+        *(
+            store.append_history("pc-1", [("user", "q"), ("assistant", f"try {i}")], "$m")
+            for i in range(6)
+        )
     )
+    rows = await store.history("pc-1")
+    assert [r.role for r in rows] == ["user", "assistant"]
+    assert rows[1].content.startswith("try ")
+
+
+# the ledger's SQL (lambda_plugin.db.ledger)
+
+
+async def test_ledger_insert_returns_the_existing_row_on_conflict(store: Store) -> None:
+    table = LedgerTable(store.db)
+    first = ledger_row("$e", ts=1_000, updated_at=5_000)
+    assert await table.insert(first) == first
+    # A second insert of the event changes nothing and hands back the row as it is.
+    later = dataclasses.replace(
+        first, room_id=OTHER_ROOM, state="taken", reason="x", event=None, updated_at=9_000
+    )
+    assert await table.insert(later) == first
+    await table.set_state("$e", "kept", "rate", keep_event=True)
+    kept = await table.get("$e")
+    assert kept is not None and (kept.state, kept.reason) == ("kept", "rate")
+    assert await table.insert(first) == kept
+    assert await table.get("$missing") is None
+    assert (await store.counts())["ledger"] == 1
+
+
+async def test_ledger_insert_concurrently_keeps_one_row(store: Store) -> None:
+    table = LedgerTable(store.db)
+    rows = [ledger_row("$race", reason=f"r{i}") for i in range(10)]
+    found = await asyncio.gather(*(table.insert(row) for row in rows))
+    assert len(set(found)) == 1 and found[0] in rows
+    assert (await store.counts())["ledger"] == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "keep_event"), [("kept", True), ("taken", True), *[(s, False) for s in sorted(DONE)]]
+)
+async def test_set_state_drops_the_event_unless_it_may_run_again(
+    store: Store, state: str, keep_event: bool
+) -> None:
+    table = LedgerTable(store.db)
+    row = ledger_row("$e", updated_at=1)
+    await table.insert(row)
+    await table.insert(ledger_row("$untouched"))
+    before = now_ms()
+    await table.set_state("$e", state, "why", keep_event)
+    changed = await table.get("$e")
+    assert changed is not None
+    assert (changed.state, changed.reason) == (state, "why")
+    assert changed.event == (row.event if keep_event else None)
+    assert before <= changed.updated_at <= now_ms()
+    assert (changed.ts, changed.room_id, changed.sender) == (row.ts, row.room_id, row.sender)
+    assert await table.get("$untouched") == ledger_row("$untouched")
+    await table.set_state("$missing", state, "", keep_event)  # writes nothing
+    assert (await store.counts())["ledger"] == 2
+
+
+async def test_set_answer_event(store: Store) -> None:
+    table = LedgerTable(store.db)
+    await table.insert(ledger_row("$e", state="taken"))
+    await table.set_answer_event("$e", "$answer")
+    found = await table.get("$e")
+    assert found == ledger_row("$e", state="taken", answer_event="$answer")
+
+
+async def test_in_states_gives_the_rows_oldest_first(store: Store) -> None:
+    table = LedgerTable(store.db)
+    for event_id, state, ts, room_id, updated in [  # ids in no order of their own
+        ("$x", "seen", 30, ROOM, 1),
+        ("$z", "taken", 10, ROOM, 1),
+        ("$k1", "kept", 25, ROOM, 1),
+        ("$y", "seen", 20, OTHER_ROOM, 1),
+        ("$done", "answered", 5, ROOM, 1),
+        ("$k9", "kept", 15, ROOM, 1),
+        ("$t1", "seen", 40, ROOM, 8),  # the same ts: the older write first
+        ("$t2", "seen", 40, ROOM, 7),
+        ("$k5", "kept", 1, OTHER_ROOM, 1),
+    ]:
+        await table.insert(ledger_row(event_id, state, ts=ts, room_id=room_id, updated_at=updated))
+    unfinished = await table.in_states(("seen", "taken"))
+    assert [r.event_id for r in unfinished] == ["$z", "$y", "$x", "$t2", "$t1"]
+    assert all(isinstance(r, LedgerRow) for r in unfinished)
+    assert [r.event_id for r in await table.in_states(("kept",), ROOM)] == ["$k9", "$k1"]
+    assert [r.event_id for r in await table.in_states(("kept",), OTHER_ROOM)] == ["$k5"]
+    assert [r.event_id for r in await table.in_states(("seen",), OTHER_ROOM)] == ["$y"]
+    assert await table.in_states(("kept",), "!nowhere:example.org") == []
+    assert await table.in_states(("left",)) == []
+
+
+async def test_states_of_checks_any_number_of_ids_in_batches(store: Store) -> None:
+    table = LedgerTable(store.db)
+    states = ("seen", "taken", "answered", "kept")
+    known = {f"$e{i}": states[i % 4] for i in range(1_100)}
+    async with store.db.acquire() as conn:
+        await conn.executemany(
+            f"INSERT INTO ledger ({LedgerRow.columns})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [dataclasses.astuple(ledger_row(e, s)) for e, s in known.items()],
+        )
+    asked = [*known, *(f"$unknown{i}" for i in range(103))]  # 1,203 ids: 3 batches
+    queries: list[int] = []
+    real_fetch = store.db.fetch
+
+    async def counting_fetch(query: str, *args: Any) -> Any:
+        queries.append(len(args))
+        return await real_fetch(query, *args)
+
+    table.db = SimpleNamespace(fetch=counting_fetch)  # type: ignore[assignment]
+    assert await table.states_of(asked) == known
+    assert queries == [500, 500, 203]
+    assert await table.states_of([]) == {}
+    assert queries == [500, 500, 203]  # no ids, no query
+    assert await table.states_of(["$e1", "$e1", "$nope"]) == {"$e1": "taken"}
+
+
+async def test_prune_forgets_rows_not_touched_since_the_cut_off(store: Store) -> None:
+    table = LedgerTable(store.db)
+    for event_id, updated_at in (("$old", 100), ("$edge", 200), ("$new", 300)):
+        await table.insert(ledger_row(event_id, "answered", updated_at=updated_at))
+    await table.prune(200)
+    left = await table.states_of(["$old", "$edge", "$new"])
+    assert left == {"$edge": "answered", "$new": "answered"}  # strictly older ones only
+    # A change touches the row: it is kept as long again.
+    await table.set_state("$edge", "kept", "rate", keep_event=True)
+    await table.prune(now_ms() - 60_000)
+    assert await table.states_of(["$edge", "$new"]) == {"$edge": "kept"}
+    await table.prune(now_ms() + 1)
+    assert (await store.counts())["ledger"] == 0
+
+
+# the ledger (lambda_plugin.ledger): one fate per event, claimed once
+
+
+async def test_claim_once(store: Store) -> None:
+    ledger = make_ledger(store)
+    assert await state_of(store, "$e1") is None
+    assert await ledger.claim(message("$e1")) is True
+    assert await state_of(store, "$e1") == "seen"
+    assert await ledger.claim(message("$e1")) is False  # a second delivery while it runs
+    await ledger.end("$e1", Fate.ANSWERED)
+    assert await state_of(store, "$e1") == "answered"
+    assert await ledger.claim(message("$e1")) is False  # a redelivery
+    assert await ledger.claim(message("$e1", room_id=OTHER_ROOM)) is False
+    assert await ledger.claim(message("$e1"), retried=True) is False  # answered: never again
+    assert await ledger.claim(message("$e2")) is True
+    assert (await store.counts())["ledger"] == 2
+
+
+async def test_claim_concurrently_wins_once(store: Store) -> None:
+    ledger = make_ledger(store)
+    results = await asyncio.gather(*(ledger.claim(message("$race")) for _ in range(10)))
     assert sorted(results) == [False] * 9 + [True]
-    assert await is_handled(store, "$race") is True
+    assert await state_of(store, "$race") == "seen"
+    # The process died holding it: the next one claims it again, once however often asked.
+    again = make_ledger(store)
+    results = await asyncio.gather(*(again.claim(message("$race")) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    await again.end("$race", Fate.ANSWERED)
+    assert not any(await asyncio.gather(*(again.claim(message("$race")) for _ in range(10))))
+    assert not await make_ledger(store).claim(message("$race"))  # nor after another start
+
+
+@pytest.mark.parametrize("fate", sorted((Fate(s) for s in DONE), key=lambda f: f.value))
+async def test_an_ended_event_is_never_claimed_again(store: Store, fate: Fate) -> None:
+    ledger = make_ledger(store)
+    assert await ledger.claim(message("$e"))
+    await ledger.taken("$e")
+    await ledger.end("$e", fate, "why")
+    for retried in (False, True):
+        assert await ledger.claim(message("$e"), retried) is False
+        assert await make_ledger(store).claim(message("$e"), retried) is False  # after a start
+    row = await LedgerTable(store.db).get("$e")
+    assert row is not None and (row.state, row.reason, row.event) == (fate.value, "why", None)
+    assert await ledger.unfinished() == []
+    assert await ledger.kept(ROOM) == []
+
+
+async def test_a_kept_event_is_claimed_only_when_retried(store: Store) -> None:
+    ledger = make_ledger(store)
+    incoming = message("$k", body="try me later")
+    assert await ledger.claim(incoming)
+    assert await ledger.keep(incoming, "rate") == []
+    row = await LedgerTable(store.db).get("$k")
+    assert row is not None and (row.state, row.reason) == ("kept", "rate")
+    assert row.event is not None  # held to be sent again
+    assert await ledger.claim(incoming) is False  # a redelivery does not run it
+    assert await make_ledger(store).claim(incoming) is False  # nor does a start
+    assert await ledger.unfinished() == []
+    assert await ledger.kept(ROOM) == [incoming]  # as it was, from the stored event
+    assert await ledger.claim(incoming, retried=True) is True  # !retry
+    assert await ledger.claim(incoming, retried=True) is False  # held by that retry
+    await ledger.end("$k", Fate.ANSWERED)
+    assert await ledger.kept(ROOM) == []
+    assert await ledger.claim(incoming, retried=True) is False
+
+
+async def test_a_taken_event_keeps_what_a_start_needs_to_run_it_again(store: Store) -> None:
+    ledger = make_ledger(store)
+    incoming = message("$t", ts=1_234, body="a long question")
+    assert await ledger.claim(incoming)
+    await ledger.taken("$t")
+    await ledger.answer_started("$t", "$partial")
+    [row] = await ledger.unfinished()
+    assert (row.event_id, row.state, row.answer_event) == ("$t", "taken", "$partial")
+    again = incoming_of(row, BOT)
+    assert again == incoming.resuming("$partial")
+    assert (again.body, again.timestamp, again.resume) == ("a long question", 1_234, "$partial")
+    assert await ledger.states_of(["$t", "$x"]) == {"$t": "taken"}
+
+
+async def test_keep_drops_the_oldest_over_the_rooms_limit(store: Store) -> None:
+    ledger = make_ledger(store, max_kept_per_room=2)
+    # Oldest first by time, not by id.
+    first, second, third = message("$c", ts=1), message("$a", ts=2), message("$b", ts=3)
+    elsewhere = message("$o", room_id=OTHER_ROOM, ts=0)
+    for incoming in (elsewhere, first, second):
+        assert await ledger.claim(incoming)
+        assert await ledger.keep(incoming, "quota") == []
+    assert await ledger.claim(third)
+    assert await ledger.keep(third, "quota") == [first]
+    assert await ledger.kept(ROOM) == [second, third]
+    assert await ledger.kept(OTHER_ROOM) == [elsewhere]
+    dropped = await LedgerTable(store.db).get("$c")
+    assert dropped is not None and (dropped.state, dropped.reason, dropped.event) == (
+        "refused", "dropped", None,
+    )  # fmt: skip
+    assert await ledger.claim(first, retried=True) is False
+
+
+async def test_seen_records_a_queued_message_in_the_background(store: Store) -> None:
+    started: list[Any] = []
+    ledger = make_ledger(store)
+    ledger.background = started.append  # type: ignore[method-assign]
+    ledger.seen(message("$s"))
+    assert await state_of(store, "$s") is None  # nothing awaited by the caller
+    await asyncio.gather(*started)
+    assert await state_of(store, "$s") == "seen"
+    assert await ledger.claim(message("$s")) is True  # its turn: still the handler's to run
+
+
+async def test_a_failed_claim_leaves_no_claim_behind(store: Store) -> None:
+    flaky = Flaky(store.db, failures=1, error=ValueError("not an outage"))
+    ledger = make_ledger(Store(flaky))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await ledger.claim(message("$e"))
+    assert await ledger.claim(message("$e")) is True
+
+
+async def test_a_claim_waits_out_a_database_outage(store: Store, clock: FakeClock) -> None:
+    flaky = Flaky(store.db, failures=2, error=ConnectionRefusedError(111, "refused"))
+    ledger = make_ledger(Store(flaky), database_wait_s=60.0)  # type: ignore[arg-type]
+    assert await ledger.claim(message("$e")) is True
+    assert clock.slept == [0.5, 1.0]
+    down = Flaky(store.db, failures=10**6, error=sqlite3.OperationalError("locked"))
+    short = make_ledger(Store(down), database_wait_s=30.0)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.OperationalError):
+        await short.claim(message("$f"))  # past database_wait_s
+    assert 0 < sum(clock.slept[2:]) <= 30
+    down.failures = 0  # back: the failed claim left nothing behind
+    assert await short.claim(message("$f")) is True
+
+
+# database outages: the message path's Store methods wait them out
+
+
+class Flaky:
+    """A database that is unreachable for its first ``failures`` calls, then the real one."""
+
+    def __init__(self, db: Database, failures: int, error: BaseException) -> None:
+        self.db = db
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.db, name)
+        if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchval", "acquire"):
+            return real
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise self.error
+            return real(*args, **kwargs)
+
+        return call
+
+
+class FakeClock:
+    """The monotonic clock and sleep of lambda_plugin.db.store: a sleep moves the clock on
+    at once, so an outage of minutes is waited out in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    real_time, real_asyncio = store_module.time, store_module.asyncio
+    monkeypatch.setattr(store_module, "time", _Both(fake, real_time))
+    monkeypatch.setattr(store_module, "asyncio", _Both(fake, real_asyncio))
+    return fake
+
+
+class _Both:
+    """``fake``'s monotonic and sleep, the real module's everything else."""
+
+    def __init__(self, fake: FakeClock, real: Any) -> None:
+        self.fake = fake
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("monotonic", "sleep"):
+            return getattr(self.fake, name)
+        return getattr(self.real, name)
+
+
+OUTAGES = [
+    ConnectionRefusedError(111, "Connection refused"),  # PostgreSQL restarting
+    sqlite3.OperationalError("database is locked"),
+]
+# Each method on a message's way, called as the plugin calls it, and what it gives back.
+MESSAGE_PATH: dict[str, tuple[Callable[[Store], Any], Any]] = {
+    "history": (lambda s: s.history("pc-1", limit=5, excluding="$m"), "history"),
+    "append_history": (lambda s: s.append_history("pc-1", [("user", "q")], "$m"), None),
+    "add_usage": (lambda s: s.add_usage(ALICE, ROOM, "2026-05-01", 3, 4), None),
+    "usage_since": (lambda s: s.usage_since(ALICE, "2026-05-01"), (10, 20, 1)),
+}
+
+
+async def _seed(store: Store) -> None:
+    await store.append_history("pc-1", [("user", "before"), ("assistant", "B")])
+    await store.add_usage(ALICE, ROOM, "2026-05-01", 10, 20)
+
+
+def test_the_outage_errors_are_database_down() -> None:
+    assert all(isinstance(error, DATABASE_DOWN) for error in OUTAGES)
+
+
+@pytest.mark.parametrize("error", OUTAGES, ids=type)
+@pytest.mark.parametrize("method", sorted(MESSAGE_PATH))
+async def test_a_message_path_method_waits_out_an_outage(
+    store: Store, clock: FakeClock, method: str, error: BaseException
+) -> None:
+    await _seed(store)
+    call, expected = MESSAGE_PATH[method]
+    flaky = Flaky(store.db, failures=3, error=error)
+    result = await call(Store(flaky, outage_s=lambda: 60.0))  # type: ignore[arg-type]
+    assert flaky.calls == 4  # failed three times, then got through
+    assert clock.slept == [0.5, 1.0, 2.0]  # backing off
+    if expected == "history":
+        assert [r.content for r in result] == ["before", "B"]
+    else:
+        assert result == expected
+    # Done once: nothing of a failed attempt was written, nothing twice.
+    assert [r.content for r in await store.history("pc-1")] == (
+        ["before", "B", "q"] if method == "append_history" else ["before", "B"]
+    )
+    assert await store.usage_since(ALICE, "2026-05-01") == (
+        (13, 24, 2) if method == "add_usage" else (10, 20, 1)
+    )
+
+
+@pytest.mark.parametrize("error", OUTAGES, ids=type)
+@pytest.mark.parametrize("method", sorted(MESSAGE_PATH))
+async def test_an_outage_longer_than_the_wait_is_raised(
+    store: Store, clock: FakeClock, method: str, error: BaseException
+) -> None:
+    await _seed(store)
+    call, _ = MESSAGE_PATH[method]
+    flaky = Flaky(store.db, failures=10**6, error=error)
+    with pytest.raises(type(error)):
+        await call(Store(flaky, outage_s=lambda: 5.0))  # type: ignore[arg-type]
+    assert clock.slept == [0.5, 1.0, 2.0]  # a fourth wait (4 s) would end past the 5 s
+    assert flaky.calls == 4
+    assert (await store.counts())["history"] == 2
+    assert await store.usage_since(ALICE, "2026-05-01") == (10, 20, 1)
+
+
+async def test_the_backoff_grows_to_ten_seconds(store: Store, clock: FakeClock) -> None:
+    flaky = Flaky(store.db, failures=9, error=OUTAGES[0])
+    assert await Store(flaky, outage_s=lambda: 600.0).usage_since(ALICE, "2026-05-01") == (0, 0, 0)  # type: ignore[arg-type]
+    assert clock.slept == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+
+
+async def test_the_wait_is_read_when_the_outage_begins(store: Store, clock: FakeClock) -> None:
+    wait = [0.0]
+    flaky = Flaky(store.db, failures=1, error=OUTAGES[0])
+    waiting = Store(flaky, outage_s=lambda: wait[0])  # type: ignore[arg-type]
+    with pytest.raises(ConnectionRefusedError):  # no wait: raised at once
+        await waiting.add_usage(ALICE, ROOM, "2026-05-01", 1, 1)
+    assert clock.slept == []
+    wait[0] = 10.0  # a config change takes effect without a new Store
+    flaky.calls, flaky.failures = 0, 1
+    await waiting.add_usage(ALICE, ROOM, "2026-05-01", 1, 1)
+    assert clock.slept == [0.5]
+    assert await store.usage_since(ALICE, "2026-05-01") == (1, 1, 1)
+
+
+async def test_by_default_an_outage_is_not_waited_out(store: Store, clock: FakeClock) -> None:
+    flaky = Flaky(store.db, failures=1, error=OUTAGES[1])
+    with pytest.raises(sqlite3.OperationalError):
+        await Store(flaky).history("pc-1")  # type: ignore[arg-type]
+    assert clock.slept == [] and flaky.calls == 1
+
+
+async def test_other_errors_are_raised_at_once(store: Store, clock: FakeClock) -> None:
+    flaky = Flaky(store.db, failures=1, error=ValueError("a bug, not an outage"))
+    with pytest.raises(ValueError):
+        await Store(flaky, outage_s=lambda: 600.0).add_usage(ALICE, ROOM, "2026-05-01", 1, 1)  # type: ignore[arg-type]
+    assert clock.slept == [] and flaky.calls == 1
+
+
+async def test_an_outage_is_waited_out_in_real_time(store: Store) -> None:
+    flaky = Flaky(store.db, failures=1, error=OUTAGES[0])
+    started = time.monotonic()
+    await Store(flaky, outage_s=lambda: 5.0).append_history("pc-1", [("user", "q")], "$m")  # type: ignore[arg-type]
+    assert 0.4 < time.monotonic() - started < 5.0
+    assert [r.content for r in await store.history("pc-1")] == ["q"]
 
 
 # maintenance
@@ -461,7 +1037,9 @@ async def _fill(store: Store) -> None:
     await store.upsert_room(room(1, BOB))
     await store.save_snapshot(snapshot("s"))
     await store.append_history("pc-1", [("user", "a"), ("assistant", "b"), ("user", "c")])
-    await store.mark_handled("$e1", "!room:example.org")
+    ledger = make_ledger(store)
+    assert await ledger.claim(message("$e1"))
+    await ledger.end("$e1", Fate.ANSWERED)
     await store.add_usage(ALICE, room(1).room_id, "2026-05-01", 10, 20)
 
 
@@ -474,7 +1052,7 @@ async def test_counts(store: Store) -> None:
         "chat_room": 3,
         "snapshot": 1,
         "history": 3,
-        "handled_event": 1,
+        "ledger": 1,
         "usage": 1,
     }
     assert all(type(v) is int for v in counts.values())
@@ -485,7 +1063,8 @@ async def test_clear_all(store: Store) -> None:
     await store.clear_all()
     assert await store.counts() == dict.fromkeys(TABLES, 0)
     assert await store.get_user(ALICE) is None
-    assert await is_handled(store, "$e1") is False
+    assert await state_of(store, "$e1") is None
+    assert await make_ledger(store).unfinished() == []
     assert await store.usage_since(ALICE, "2026-01-01") == (0, 0, 0)
     # The schema stays: everything can be written again from scratch.
     await _fill(store)

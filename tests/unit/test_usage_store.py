@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -14,14 +15,18 @@ import pytest
 import pytest_asyncio
 from mautrix.util.async_db import Database, UpgradeTable
 
+from lambda_plugin.agents import Usage
 from lambda_plugin.db import Store, UsageRow, month_start, upgrade_table, utc_day
+from lambda_plugin.usage import Quota
 from tests.unit.conftest import ENGINES, _drop_database
+from tests.unit.test_config import settings as make_settings
 
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 CAROL = "@carol:example.org"
 ROOM = "!one:example.org"
 OTHER = "!two:example.org"
+LATEST_VERSION = 4  # v4: the ledger
 
 
 async def test_add_usage_adds_up_per_user_room_and_day(store: Store) -> None:
@@ -115,6 +120,85 @@ async def test_usage_is_kept_per_user_id_exactly(store: Store) -> None:
     assert await store.usage_since(ALICE, "2026-05-01") == (0, 0, 0)
 
 
+# Quota.hold: a running answer's estimate counts against its user's limits until recorded
+
+
+def quota(store: Store, **overrides: object) -> Quota:
+    current = dataclasses.replace(make_settings(), **overrides)
+    return Quota(settings=lambda: current, log=logging.getLogger("test.quota"), store=store)
+
+
+async def test_a_running_answer_holds_its_estimate_against_a_concurrent_check(
+    store: Store,
+) -> None:
+    q = quota(store, daily_tokens=1000, answer_estimate_tokens=600)
+    await store.add_usage(ALICE, ROOM, utc_day(), 300, 100)  # 400 spent today
+    first_checked, first_done = asyncio.Event(), asyncio.Event()
+    said: dict[str, object] = {}
+
+    async def answer(name: str, finish: asyncio.Event | None = None) -> None:
+        with q.hold(ALICE, 0) as held:  # an empty message: the estimate only
+            said[name] = await q.refusal(ALICE, held)
+            if finish is not None:
+                first_checked.set()
+                await finish.wait()  # the agent is still at work
+
+    first = asyncio.create_task(answer("first", first_done))
+    await asyncio.wait_for(first_checked.wait(), 5)
+    await answer("second")  # in another room, while the first runs
+    assert said["first"] is None  # 400 spent, nothing else running: within the limit
+    assert said["second"] is not None and said["second"][0] == "quota.daily"  # 400 + 600
+    assert said["second"][1]["limit"] == 1000
+    first_done.set()
+    await asyncio.wait_for(first, 5)
+    await answer("third")  # the first's hold is gone (its answer cut: nothing recorded)
+    assert said["third"] is None
+    assert q._held == {}
+
+
+async def test_concurrent_answers_pass_as_many_as_one_after_another_would(store: Store) -> None:
+    # Each checks as it starts, the earlier ones still running: the check sees their
+    # estimates as if they were spent (not its own: a user within a limit may ask).
+    q = quota(store, daily_tokens=1000, answer_estimate_tokens=600)
+    with q.hold(ALICE, 0) as one:
+        assert await q.refusal(ALICE, one) is None
+        with q.hold(ALICE, 0) as two:
+            assert await q.refusal(ALICE, two) is None  # 600 < 1000, as after one answer
+            with q.hold(ALICE, 0) as three:
+                refused = await q.refusal(ALICE, three)  # 1200: over, as after two answers
+                assert refused is not None and refused[0] == "quota.daily"
+                with q.hold(BOB, 0) as bobs:  # another user's holds count for them only
+                    assert await q.refusal(BOB, bobs) is None
+
+
+async def test_the_hold_counts_the_message_too_and_ends_with_its_block(store: Store) -> None:
+    q = quota(store, daily_tokens=0, monthly_tokens=1000, answer_estimate_tokens=0)
+    with q.hold(ALICE, 3999) as long:  # about 4 characters a token: 1000
+        assert long.tokens == 1000
+        with q.hold(ALICE, 1) as short:
+            assert short.tokens == 1
+            refused = await q.refusal(ALICE, short)
+            assert refused is not None and refused[0] == "quota.monthly"
+            assert await q.refusal(ALICE, long) is None
+    with pytest.raises(RuntimeError), q.hold(ALICE, 3999):
+        raise RuntimeError("the agent failed")
+    with q.hold(ALICE, 1) as short:
+        assert await q.refusal(ALICE, short) is None  # released however the block ended
+    assert q._held == {}
+    # What the answer cost, once recorded, counts instead.
+    await q.record(ALICE, ROOM, Usage(600, 400))
+    with q.hold(ALICE, 0) as held:
+        assert held.tokens == 0
+        refused = await q.refusal(ALICE, held)
+        assert refused is not None and refused[1]["limit"] == 1000
+
+
+async def test_no_limit_ignores_the_holds(store: Store) -> None:
+    q = quota(store, answer_estimate_tokens=10**6)  # base-config: no limits
+    with q.hold(ALICE, 10**6) as one, q.hold(ALICE, 10**6) as two:
+        assert await q.refusal(ALICE, one) is None and await q.refusal(ALICE, two) is None
+
+
 # the days usage is counted by
 
 
@@ -147,8 +231,8 @@ async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     await _drop_database(pg.url("postgres"), name)
 
 
-async def test_a_database_of_the_previous_version_gains_the_usage_table(empty_url: str) -> None:
-    # A database made by the shipped steps only (version 2), then started with them all.
+async def test_a_database_of_version_2_gains_the_usage_table(empty_url: str) -> None:
+    # A database made by the steps up to version 2 only, then started with them all.
     shipped = UpgradeTable()
     shipped.upgrades = upgrade_table.upgrades[:2]
     old = Database.create(empty_url, upgrade_table=shipped, log=logging.getLogger("db.old"))
@@ -159,7 +243,8 @@ async def test_a_database_of_the_previous_version_gains_the_usage_table(empty_ur
     new = Database.create(empty_url, upgrade_table=upgrade_table, log=logging.getLogger("db"))
     await new.start()
     try:
-        assert await new.fetchval("SELECT version FROM version") == 3
+        assert await new.fetchval("SELECT version FROM version") == LATEST_VERSION
+        assert await new.table_exists("usage") and await new.table_exists("ledger")
         upgraded = Store(new)
         assert await upgraded.get_user(ALICE) is not None
         await upgraded.add_usage(ALICE, ROOM, "2026-05-01", 1, 2)

@@ -1,0 +1,72 @@
+"""The ledger's SQL: one row per user event, its fate. Only ``lambda_plugin.ledger`` calls it."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Database
+
+from .rows import LedgerRow
+from .store import now_ms
+
+# States after which nothing is left to do, ``kept`` aside (it waits for !retry).
+ENDS = ("answered", "refused", "left", "superseded")
+
+
+class LedgerTable:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, row: LedgerRow) -> LedgerRow:
+        """Adds the row unless the event has one; returns the row as it is now."""
+        await self.db.execute(
+            f"INSERT INTO ledger ({LedgerRow.columns})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING",
+            row.event_id, row.room_id, row.sender, row.kind, row.state, row.reason, row.ts,
+            row.event, row.answer_event, row.updated_at,
+        )  # fmt: skip
+        found = await self.get(row.event_id)
+        return found or row
+
+    async def get(self, event_id: str) -> LedgerRow | None:
+        row = await self.db.fetchrow(
+            f"SELECT {LedgerRow.columns} FROM ledger WHERE event_id=$1", event_id
+        )
+        return LedgerRow.from_row(row) if row else None
+
+    async def set_state(self, event_id: str, state: str, reason: str, keep_event: bool) -> None:
+        """The event's new state; its JSON is dropped unless it may still run."""
+        await self.db.execute(
+            "UPDATE ledger SET state=$2, reason=$3, updated_at=$4,"
+            " event = CASE WHEN $5 THEN event ELSE NULL END WHERE event_id=$1",
+            event_id, state, reason, now_ms(), keep_event,
+        )  # fmt: skip
+
+    async def set_answer_event(self, event_id: str, answer_event: str) -> None:
+        await self.db.execute(
+            "UPDATE ledger SET answer_event=$2 WHERE event_id=$1", event_id, answer_event
+        )
+
+    async def in_states(self, states: tuple[str, ...], room_id: str | None = None) -> list[LedgerRow]:
+        """Rows in ``states`` (of one room, or every room), oldest first."""
+        marks = ", ".join(f"${i}" for i in range(1, len(states) + 1))
+        query = f"SELECT {LedgerRow.columns} FROM ledger WHERE state IN ({marks})"
+        args: list[object] = list(states)
+        if room_id is not None:
+            query += f" AND room_id=${len(args) + 1}"
+            args.append(room_id)
+        rows = await self.db.fetch(query + " ORDER BY ts, updated_at", *args)
+        return [LedgerRow.from_row(row) for row in rows]
+
+    async def states_of(self, event_ids: list[str]) -> dict[str, str]:
+        """The state of each of these events the ledger has (checked in batches)."""
+        found: dict[str, str] = {}
+        for start in range(0, len(event_ids), 500):
+            batch = event_ids[start : start + 500]
+            marks = ", ".join(f"${i}" for i in range(1, len(batch) + 1))
+            rows = await self.db.fetch(
+                f"SELECT event_id, state FROM ledger WHERE event_id IN ({marks})", *batch
+            )
+            found.update((row["event_id"], row["state"]) for row in rows)
+        return found
+
+    async def prune(self, older_than_ms: int) -> None:
+        await self.db.execute("DELETE FROM ledger WHERE updated_at < $1", older_than_ms)

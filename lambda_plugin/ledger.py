@@ -1,0 +1,157 @@
+"""The ledger: every user message and command the plugin sees has one durable fate.
+
+A row per event id, written only here: ``seen`` (queued) -> ``taken`` (the agent was asked)
+-> one end: ``answered`` (its finished answer is in the room), ``refused`` (a notice said why;
+nothing to retry), ``left`` (not the bot's to answer), ``kept`` (held for ``!retry``, with the
+reason), ``superseded`` (edited). A start trusts only ends: what is ``seen`` or ``taken``
+when the plugin died is run again, once. Which event a running handler holds is the only
+thing kept in memory (a claim), so one delivery runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .db import LedgerRow, Store, now_ms
+from .db.ledger import LedgerTable
+from .db.store import waiting_out
+from .intake import Incoming, Kind, classify
+from .part import Part
+
+T = TypeVar("T")
+
+
+class Fate(enum.Enum):
+    SEEN = "seen"
+    TAKEN = "taken"
+    ANSWERED = "answered"
+    REFUSED = "refused"
+    LEFT = "left"
+    KEPT = "kept"
+    SUPERSEDED = "superseded"
+
+
+UNFINISHED = (Fate.SEEN.value, Fate.TAKEN.value)
+# Ends after which an event is never run again (kept waits for !retry).
+DONE = frozenset({Fate.ANSWERED.value, Fate.REFUSED.value, Fate.LEFT.value, Fate.SUPERSEDED.value})
+
+
+def row_of(incoming: Incoming, fate: Fate = Fate.SEEN) -> LedgerRow:
+    event = json.dumps(incoming.source, ensure_ascii=False) if incoming.source else None
+    return LedgerRow(
+        event_id=incoming.event_id, room_id=incoming.room_id, sender=incoming.sender,
+        kind=incoming.kind.value, state=fate.value, reason="", ts=incoming.timestamp,
+        event=event, answer_event=None, updated_at=now_ms(),
+    )  # fmt: skip
+
+
+def incoming_of(row: LedgerRow, bot_id: str) -> Incoming | None:
+    """The event a row holds, classified again (None: it holds none, or none readable)."""
+    try:
+        event = json.loads(row.event) if row.event else None
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    found = classify({**event, "room_id": row.room_id}, bot_id)
+    if found.kind is Kind.IGNORED or found.event_id != row.event_id:
+        return None
+    return found.resuming(row.answer_event or "")
+
+
+@dataclass(eq=False, kw_only=True)
+class Ledger(Part):
+    """The one writer of the ledger."""
+
+    store: Store
+    bot_id: Callable[[], str]
+    background: Callable[[Coroutine[Any, Any, Any]], object] = field(default=asyncio.ensure_future)
+
+    def __post_init__(self) -> None:
+        self.table = LedgerTable(self.store.db)
+        self._claimed: set[str] = set()  # events a handler of this process holds
+
+    async def _db(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        return await waiting_out(call, self.settings().database_wait_s, f"ledger {what}")
+
+    def seen(self, incoming: Incoming) -> None:
+        """Writes, in the background, that a message was queued: a crash before its turn
+        still leaves it to the next start, however old it is by then."""
+        self.background(self._seen(incoming))
+
+    async def _seen(self, incoming: Incoming) -> None:
+        try:
+            await self._db(lambda: self.table.insert(row_of(incoming)), "seen")
+        except Exception as e:  # its claim writes the row too
+            self.log.warning("Recording %s as seen failed: %s", incoming.event_id, e)
+
+    async def claim(self, incoming: Incoming, retried: bool = False) -> bool:
+        """True when the event is the caller's to handle now: new, left unfinished by a
+        process that died, or kept and sent again by ``!retry``. False when it is done,
+        held by another handler (a second delivery), or kept and not retried."""
+        event_id = incoming.event_id
+        if event_id in self._claimed:
+            return False
+        self._claimed.add(event_id)  # before any await: a second delivery sees it at once
+        try:
+            row = await self._db(lambda: self.table.insert(row_of(incoming)), "claim")
+        except BaseException:
+            self._claimed.discard(event_id)
+            raise
+        if row.state in UNFINISHED or (retried and row.state == Fate.KEPT.value):
+            return True
+        self._claimed.discard(event_id)
+        return False
+
+    def release(self, event_id: str) -> None:
+        """Lets go of a claim without an end (a stop mid-answer: the next start runs it)."""
+        self._claimed.discard(event_id)
+
+    async def taken(self, event_id: str) -> None:
+        await self._set(event_id, Fate.TAKEN, "", keep_event=True)
+
+    async def answer_started(self, event_id: str, answer_event: str) -> None:
+        """The bot's first event of the answer (a stream's): a re-answer edits it."""
+        await self._db(lambda: self.table.set_answer_event(event_id, answer_event), "answer")
+
+    async def end(self, event_id: str, fate: Fate, reason: str = "") -> None:
+        try:
+            await self._set(event_id, fate, reason, keep_event=fate is Fate.KEPT)
+        finally:
+            self._claimed.discard(event_id)
+
+    async def keep(self, incoming: Incoming, reason: str) -> list[Incoming]:
+        """Holds the message for ``!retry``; returns the oldest kept ones dropped to stay
+        within ``access.max_kept_per_room`` (each ended as refused)."""
+        await self.end(incoming.event_id, Fate.KEPT, reason)
+        kept = await self.kept(incoming.room_id)
+        over = kept[: max(0, len(kept) - self.settings().max_kept_per_room)]
+        for dropped in over:
+            await self._set(dropped.event_id, Fate.REFUSED, "dropped", keep_event=False)
+        return over
+
+    async def _set(self, event_id: str, fate: Fate, reason: str, keep_event: bool) -> None:
+        await self._db(
+            lambda: self.table.set_state(event_id, fate.value, reason, keep_event), fate.value
+        )
+
+    async def kept(self, room_id: str) -> list[Incoming]:
+        """The room's kept messages, oldest first."""
+        rows = await self._db(lambda: self.table.in_states((Fate.KEPT.value,), room_id), "kept")
+        return [found for row in rows if (found := incoming_of(row, self.bot_id())) is not None]
+
+    async def unfinished(self) -> list[LedgerRow]:
+        """Every event seen or taken and not ended (the process handling it died)."""
+        return await self._db(lambda: self.table.in_states(UNFINISHED), "unfinished")
+
+    async def states_of(self, event_ids: list[str]) -> dict[str, str]:
+        return await self._db(lambda: self.table.states_of(event_ids), "states")
+
+    async def prune(self, older_than_ms: int) -> None:
+        """Forgets events not touched since the cut-off (they can't come back by then)."""
+        await self._db(lambda: self.table.prune(older_than_ms), "prune")
