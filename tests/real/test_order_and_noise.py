@@ -25,7 +25,7 @@ pytestmark = pytest.mark.real
 PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
 # Catch-up after a start waits for reconciliation; maubot's first sync may long-poll 30 s.
 PLUGIN_TABLES = (
-    "history", "snapshot", "handled_event", "plugin_state", "chat_room", "lambda_user", "usage"
+    "history", "snapshot", "ledger", "plugin_state", "chat_room", "lambda_user", "usage"
 )
 LOG_RECORD = re.compile(r"(?m)^(?=\[\d{4}-\d\d-\d\d )")
 

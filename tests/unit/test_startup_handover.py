@@ -358,3 +358,87 @@ async def test_encrypted_events_of_the_first_sync_are_handed_over_once_opened(
 async def _turns(count: int = 20) -> None:
     for _ in range(count):
         await asyncio.sleep(0)
+
+
+# --- the start's catch-up: one ordered intake, a failed attempt leaves nothing behind ---------
+
+
+class FlakyMx:
+    """The catch-up's homeserver: its first /sync fails, then holds ``timeline``."""
+
+    user_id = BOT
+
+    def __init__(self, timeline: list[Any]) -> None:
+        self.timeline = timeline
+        self.syncs = 0
+        self.crypto = SimpleNamespace(open_all=_open_nothing)
+
+    async def sync(self, query: dict[str, str]) -> dict[str, Any]:
+        self.syncs += 1
+        if self.syncs == 1:
+            raise ConnectionError("homeserver stumbled")
+        return sync("s9", {ROOM: self.timeline})
+
+    async def recent(self, room_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        return []
+
+    async def account_data(self, data_type: str) -> None:
+        return None
+
+
+async def _open_nothing(timelines: dict[str, list[dict[str, Any]]]) -> None:
+    return None
+
+
+async def test_the_start_queues_missed_events_once_in_order_skipping_malformed_ones(
+    window: Settings, store: Any
+) -> None:
+    from lambda_plugin.catchup import CatchUp
+    from lambda_plugin.db import ChatRoomRow
+    from lambda_plugin.ledger import Ledger
+    from lambda_plugin.queue import RoomQueues
+    from tests.unit.test_queue import FakeStage
+
+    gate = StartGate()
+    stage = FakeStage(gate=gate)
+    queues = RoomQueues(stage, gate, LOG)
+    sealed_bad = {"type": "m.room.encrypted", "event_id": ["$x"], "sender": USER,
+                  "origin_server_ts": now_ms(), "content": {}}  # fmt: skip
+    timeline = [
+        message("$m1"), sealed_bad, message({"id": "$bad"}), message("$clear", body="!clear"),
+        message("$m2"),
+    ]  # fmt: skip
+    mx = FlakyMx(timeline)
+    ledger = Ledger(store=store, bot_id=lambda: BOT, settings=lambda: window, log=LOG)
+    row = ChatRoomRow(ROOM, USER, "C1", "Chat 1", "echo", "p1", False, False, 1)
+    startup = Startup(
+        settings=lambda: window, log=LOG, gate=gate, store=store, ledger=ledger,
+        reconciler=SimpleNamespace(registry=SimpleNamespace(rooms={ROOM: row})),  # type: ignore[arg-type]
+        catch_up=CatchUp(mx, queues, LOG),  # type: ignore[arg-type]
+        enqueue=lambda incoming, replay: None, invite=None, sealed=_no_seal,  # type: ignore[arg-type]
+        background=asyncio.ensure_future,  # type: ignore[arg-type]
+    )  # fmt: skip
+    # maubot's first sync ends before the catch-up queued: it holds !clear and m2 as well.
+    startup.sync_done(sync("s1", {ROOM: [message("$clear", body="!clear"), message("$m2")]}))
+    try:
+        invites = await asyncio.wait_for(_catch_up_fast(startup), TIMEOUT * 4)
+        assert invites == [] and mx.syncs == 2
+        gate.open()
+        await stage.until_done("$m2")
+        assert stage.sequence() == ["$m1", "$clear", "$m2"]  # each once, in timeline order
+    finally:
+        await asyncio.wait_for(queues.stop(), TIMEOUT)
+
+
+async def _no_seal(room_id: str, sender: str, raw: dict[str, Any]) -> None:
+    return None
+
+
+async def _catch_up_fast(startup: Startup) -> list[tuple[str, str]]:
+    """``_catch_up_retried`` without its waits: the first attempt fails, the second runs."""
+    for _ in range(2):
+        try:
+            return await startup._catch_up()
+        except ConnectionError:
+            continue
+    raise AssertionError("the catch-up never succeeded")
