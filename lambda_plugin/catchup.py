@@ -249,7 +249,7 @@ class CatchUp:
         for room_id, items in plan.rooms.items():
             for incoming in items:
                 self.log.info("Catching up %s in %s", incoming.event_id, room_id)
-            self.queues.worker(room_id).push_front(list(items))
+            self.queues.worker(room_id).push_start(list(items))
         self.log.info("Caught up %d message(s) sent while the bot was away", plan.count)
 
     async def recent_of(self, room_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:

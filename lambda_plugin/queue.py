@@ -61,6 +61,7 @@ class RoomWorker:
         self._wakeup = asyncio.Event()
         self.current: asyncio.Task | None = None
         self.current_item: Incoming | None = None  # the message handed to the stage
+        self.slot_events: dict[asyncio.Future, str] = {}  # a live command's slot -> its event
         self.stopping = False
         self.task = asyncio.create_task(self._run())
 
@@ -84,6 +85,21 @@ class RoomWorker:
     def push_front(self, items: list[QueueItem]) -> None:
         """Puts caught-up events (sent before anything queued now) at the head, in order."""
         self.items.extendleft(reversed(items))
+        self._wakeup.set()
+
+    def push_start(self, items: list[Incoming]) -> None:
+        """Puts a start's events at the head, in order, each once: a command whose live
+        slot is queued already (maubot dispatched it during the start) goes there as that
+        slot, and live copies of the start's events leave their later places."""
+        ids = {incoming.event_id for incoming in items}
+        slots = {event_id: slot for slot, event_id in self.slot_events.items() if event_id in ids}
+        rest = [
+            item for item in self.items
+            if not (isinstance(item, Incoming) and item.event_id in ids)
+            and not (isinstance(item, asyncio.Future) and self.slot_events.get(item) in ids)
+        ]  # fmt: skip
+        head: list[QueueItem] = [slots.get(incoming.event_id, incoming) for incoming in items]
+        self.items = deque([*head, *rest])
         self._wakeup.set()
 
     def cancel(self) -> bool:
@@ -129,6 +145,7 @@ class RoomWorker:
 
     async def _do(self, item: QueueItem) -> None:
         if isinstance(item, asyncio.Future):
+            self.slot_events.pop(item, None)
             control = await item
             if control is not None:
                 await control()
@@ -184,11 +201,15 @@ class RoomQueues:
         return sum(1 for worker in self.workers.values() if worker.busy)
 
     @asynccontextmanager
-    async def in_turn(self, room_id: str) -> AsyncIterator[asyncio.Future]:
+    async def in_turn(self, room_id: str, event_id: str = "") -> AsyncIterator[asyncio.Future]:
         """A place in the room's queue, taken at once (so in the order events arrived); the
-        command sets the future's result to what should run there, or leaves it empty."""
+        command sets the future's result to what should run there, or leaves it empty. A
+        start that has the same event moves the place to where the event is in the room."""
         slot = asyncio.get_running_loop().create_future()
-        self.worker(room_id).push(slot)
+        worker = self.worker(room_id)
+        if event_id:
+            worker.slot_events[slot] = event_id
+        worker.push(slot)
         try:
             yield slot
         finally:

@@ -201,7 +201,7 @@ def in_turn(func: F) -> F:
                 await control()
             return
         queues: RoomQueues = self.queues
-        async with queues.in_turn(evt.room_id) as turn:
+        async with queues.in_turn(evt.room_id, evt.event_id) as turn:
             turn.set_result(await func(self, evt, *args, **kwargs))
 
     return wrapper  # type: ignore[return-value]

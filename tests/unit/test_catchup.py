@@ -478,3 +478,27 @@ async def test_each_room_gets_its_own_head(
         assert in_other == ["$b1", "$b2", "$b-live"]
     finally:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
+
+
+async def test_a_command_maubot_dispatched_during_the_start_takes_its_timeline_place(
+    closed: tuple[StartGate, FakeStage, RoomQueues],
+) -> None:
+    # After a maubot process restart the missed events may arrive live while the start runs:
+    # the live !clear's slot and q2 are queued before the start's plan of the same events.
+    gate, stage, queues = closed
+    try:
+        queues.worker(ROOM).push(live("$q1"))
+        async with queues.in_turn(ROOM, "$clear") as slot:
+            slot.set_result(stage.control("clear"))
+        queues.worker(ROOM).push(live("$q2"))
+        timeline = [
+            message("$q1", ts=2_000), message("$clear", body="!clear", ts=3_000),
+            message("$q2", ts=4_000), message("$q3", ts=5_000),
+        ]  # fmt: skip
+        catch_up(queues).queue(planned({ROOM: timeline}, active={ROOM}))
+        gate.open()
+        await stage.until_done("$q3")
+        await settle()
+        assert stage.sequence() == ["$q1", "clear", "$q2", "$q3"]  # each once, in order
+    finally:
+        await asyncio.wait_for(queues.stop(), TIMEOUT)
