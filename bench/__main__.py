@@ -21,7 +21,7 @@ from typing import Any
 from devstack.procs import REPO
 from devstack.synapse import synapse_python
 
-from . import burst, first_words, latency, provision, reconcile, stream_cpu, synthetic
+from . import burst, faults, first_words, latency, provision, reconcile, stream_cpu, synthetic
 from .env import BenchStack
 from .report import evaluate, table
 
@@ -42,6 +42,15 @@ SIZES = {
         "burst_rooms": 10,
         "burst_per_room": 10,
         "stream_cpu_reps": 1,
+        # faults: users x a message every interval_s while each kind of fault is injected
+        # per_kind times (seeded), gap_s apart; the answers awaited wait_s at most after
+        "faults_users": 6,
+        "faults_per_kind": 3,
+        "faults_messages": 100,
+        "faults_interval_s": 4.0,
+        "faults_gap_s": [6.0, 12.0],
+        "faults_wait_s": 120.0,
+        "faults_seed": 14,
     },
     "full": {
         "reconcile_rooms": 2_000,
@@ -57,14 +66,23 @@ SIZES = {
         "burst_rooms": 50,
         "burst_per_room": 20,
         "stream_cpu_reps": 3,
+        "faults_users": 10,
+        "faults_per_kind": 10,
+        "faults_messages": 500,
+        "faults_interval_s": 5.0,
+        "faults_gap_s": [6.0, 12.0],
+        "faults_wait_s": 120.0,
+        "faults_seed": 14,
     },
 }
 BENCHMARKS = (
     "synthetic", "stream_cpu", "reconcile", "latency", "latency_e2e", "first_words", "provision",
-    "burst",
+    "burst", "faults",
 )  # fmt: skip
 # The ones that run on a Synapse + maubot stack, once per plugin database engine.
-STACK_BENCHMARKS = ("reconcile", "latency", "latency_e2e", "first_words", "provision", "burst")
+STACK_BENCHMARKS = (
+    "reconcile", "latency", "latency_e2e", "first_words", "provision", "burst", "faults",
+)  # fmt: skip
 ENGINES = ("sqlite", "postgres")
 
 _t0 = time.monotonic()
@@ -291,6 +309,24 @@ async def run_stack(
             )
             if got:
                 results["burst"] = got
+        if "faults" in only:  # last: it kills and restarts the stack's servers
+            got = await attempt(
+                results,
+                "faults",
+                faults.run(
+                    stack,
+                    users=sizes["faults_users"],
+                    per_kind=sizes["faults_per_kind"],
+                    messages=sizes["faults_messages"],
+                    interval_s=sizes["faults_interval_s"],
+                    gap_s=tuple(sizes["faults_gap_s"]),
+                    wait_s=sizes["faults_wait_s"],
+                    seed=sizes["faults_seed"],
+                    log=log,
+                ),
+            )
+            if got:
+                results["faults"] = got
     finally:
         log(f"[{engine}] stopping the stack")
         await stack.stop()

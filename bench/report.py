@@ -29,6 +29,13 @@ GOALS: list[tuple[str, str, str, Any, str, str]] = [
     ("provision", "vs_plain_client_p50", "<=", 1.15,
      "all at once, p50 <= 1.15x the same requests by a plain client", ""),
     ("provision", "duplicates", "==", 0, "= 0", ""),
+    ("faults", "lost", "==", 0, "= 0 messages left without their answer", ""),
+    ("faults", "twice", "==", 0, "= 0", ""),
+    ("faults", "out_of_order", "==", 0, "= 0", ""),
+    ("faults", "messages", ">=", "messages_goal", ">= 100 quick, >= 500 full", ""),
+    ("faults", "faults_per_kind_min", ">=", "faults_per_kind_goal",
+     ">= 3 of each kind quick, >= 10 full", ""),
+    ("faults", "recovery_p95_s", "<=", 15, "component back -> last answer, p95 <= 15 s", ""),
 ]  # fmt: skip
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, "==": operator.eq}
 # Measured once per run; the others once per plugin database engine.
@@ -75,6 +82,14 @@ SHOWN = {
     "burst": [
         ("messages", ""), ("answered", ""), ("in_order", ""), ("seconds", "s"),
         ("msgs_per_s", "/s"), ("duplicates", ""),
+    ],
+    "faults": [
+        ("messages", ""), ("answered", ""), ("lost", ""), ("twice", ""), ("out_of_order", ""),
+        ("fault_count", ""), ("faults_per_kind_min", ""), ("recovery_p95_s", "s"),
+        ("recovery_max_s", "s"), ("unrecovered_faults", ""), ("recovered_p95_s", "s"),
+        ("dangling_partials", ""), ("error_answers", ""), ("kind_maubot_kill", ""),
+        ("kind_instance_restart", ""), ("kind_synapse_restart", ""),
+        ("kind_postgres_restart", ""), ("kind_none", ""),
     ],
 }  # fmt: skip
 
