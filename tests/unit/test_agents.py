@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -835,3 +836,34 @@ async def test_every_agent_takes_a_transcription_option(
     # Read by the plugin (Settings), not the backend: no "unknown option" warning for it.
     make(backend, base_url="http://h/v1", model="m", transcription=False)
     assert "transcription" not in caplog.text
+
+
+async def test_lambda_sends_the_message_id_as_its_idempotency_key(
+    make, lambda_server: LambdaServer
+) -> None:
+    agent = platform(make, lambda_server)
+    await agent.respond(replace(ask("hello"), message_id="$event:test"))
+    await agent.respond(ask("no id"))  # a request without one (a !new --from, say) has none
+    first, second = lambda_server.requests
+    assert first.json["message_id"] == "$event:test"
+    assert "message_id" not in second.json
+
+
+@pytest.mark.parametrize("backend", ["echo", "openai"])
+async def test_a_message_asked_again_replaces_its_turn_never_doubles_it(
+    make, store: Store, openai_server: OpenAIServer, backend: str
+) -> None:
+    agent = make("echo") if backend == "echo" else openai(make, openai_server, stream=False)
+    first = replace(ask("one"), message_id="$1")
+    await agent.respond(first)
+    await agent.respond(replace(ask("two"), message_id="$2"))
+    again = await agent.respond(replace(ask("two"), message_id="$2"))  # after a crash
+    assert [text for role, text in await history(store) if role == "user"] == ["one", "two"]
+    if backend == "echo":
+        assert "(message 2 " in again.text
+    else:  # the re-ask's prompt holds the earlier turns, not its own first attempt
+        assert openai_server.requests[-1].json["messages"] == [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "reply to: one"},
+            {"role": "user", "content": "two"},
+        ]

@@ -4,11 +4,14 @@ is written whether or not the answer reaches the room, and the message's fate is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import SimpleNamespace
 from typing import Any
 
-from lambda_plugin.agents import AgentReply, AgentRequest
+import pytest
+
+from lambda_plugin.agents import AgentError, AgentReply, AgentRequest
 from lambda_plugin.agents.base import Usage
 from lambda_plugin.answering import Answerer
 from lambda_plugin.db import ChatRoomRow
@@ -142,3 +145,45 @@ async def test_an_unfinished_answer_of_an_earlier_attempt_is_finished_in_place()
     [final] = recorder.contents  # no second answer: the old one is edited
     assert final["m.relates_to"] == {"rel_type": "m.replace", "event_id": resumed.resume}
     assert final[ANSWERS] == "$question"
+
+
+class CutAgent(Agent):
+    """Streams 40 characters, then fails as ``error`` says (or blocks until cancelled)."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+    async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        await partial("x" * 40)
+        if self.error is None:
+            await asyncio.Event().wait()  # until cancelled
+        raise self.error  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AgentError.of("agent.too_long", "past max_answer_chars", limit=40),
+     AgentError.of("agent.timeout", "deadline", seconds=1)],
+    ids=["size-cap", "deadline"],
+)  # fmt: skip
+async def test_a_cut_answer_is_counted_and_marked_interrupted(error: AgentError) -> None:
+    recorder = Recorder()
+    fate = await answerer(recorder).ask(ROW, CutAgent(error), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.KEPT, "agent")
+    # What streamed is counted (estimated: about 4 characters a token), once.
+    assert [c for c in recorder.calls if c[0] == "record"] == [("record", USER, Usage(2, 10))]
+    assert recorder.contents[-1]["m.new_content"]["body"].endswith("answer.interrupted")
+
+
+async def test_a_cancelled_answer_is_counted_and_marked_interrupted() -> None:
+    recorder = Recorder()
+    call = asyncio.create_task(
+        answerer(recorder).ask(ROW, CutAgent(None), REQUEST, QUESTION)  # type: ignore[arg-type]
+    )
+    while ("answer_started", "$question", "$sent1") not in recorder.calls:
+        await asyncio.sleep(0.01)
+    call.cancel()  # !cancel
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert [c for c in recorder.calls if c[0] == "record"] == [("record", USER, Usage(2, 10))]
+    assert recorder.contents[-1]["m.new_content"]["body"].endswith("answer.interrupted")

@@ -197,3 +197,49 @@ async def test_rooms_state_of_a_homeserver_without_sliding_sync_is_its_error(
     with pytest.raises(HomeserverError) as raised:
         await mx.rooms_state(["!a:x"], ["m.room.create"], "c")
     assert (raised.value.status, raised.value.errcode) == (404, "M_UNRECOGNIZED")
+
+
+async def test_a_send_waits_out_an_unreachable_homeserver(
+    hs: ScriptedHomeserver, mx: Matrix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    mx.outage_s = lambda: 600.0
+    down = [(502, {"error": "bad gateway"}, {})] * (TRANSIENT_TRIES * 3) + [DROP] * 3
+    hs.script = list(down)
+    monkeypatch.setattr(matrix.asyncio, "sleep", no_wait)
+    assert await send(mx) == "$sent"  # once the homeserver is back
+    txns = {path for method, path, _ in hs.seen}
+    assert len(txns) == 1  # one transaction id throughout: the event is sent once
+    assert len(hs.seen) == len(down) + 1
+
+
+async def test_a_send_refused_with_a_4xx_is_not_waited_out(
+    hs: ScriptedHomeserver, mx: Matrix
+) -> None:
+    mx.outage_s = lambda: 600.0
+    hs.script = [(413, {"errcode": "M_TOO_LARGE", "error": "too big"}, {})]
+    with pytest.raises(HomeserverError) as caught:
+        await send(mx)
+    assert caught.value.status == 413 and len(hs.seen) == 1
+
+
+async def test_an_outage_longer_than_the_bound_is_raised(
+    hs: ScriptedHomeserver, mx: Matrix
+) -> None:
+    mx.outage_s = lambda: 0.5  # less than the first wait: the transient tries, then the error
+    hs.script = [(503, {"error": "down"}, {})] * (TRANSIENT_TRIES * 2)
+    with pytest.raises(HomeserverError) as caught:
+        await send(mx)
+    assert caught.value.status == 503 and len(hs.seen) == TRANSIENT_TRIES
+
+
+async def test_a_partial_does_not_wait_out_an_outage(hs: ScriptedHomeserver, mx: Matrix) -> None:
+    mx.outage_s = lambda: 600.0
+    hs.script = [(502, {"error": "bad gateway"}, {})] * (TRANSIENT_TRIES * 2)
+    with pytest.raises(HomeserverError):
+        await mx.send(ROOM, {"msgtype": "m.notice", "body": "partial"}, wait_outage=False)
+    assert len(hs.seen) == TRANSIENT_TRIES
