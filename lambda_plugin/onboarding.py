@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from maubot.handlers import event
@@ -24,6 +25,9 @@ from .roomstate import chat_name, matrix_to
 from .spaces import EncryptionUnavailable, Provisioned, Spaces
 
 INVITES_REMEMBERED = 1000
+# Waits between tries of a join that failed as an invite over federation can at first
+# (the inviting server sends it before it stored it itself: 403 "not invited", FACTS.md).
+JOIN_RETRY_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 UNENCRYPTABLE = (
     "No Space for %s: spaces.encryption is always, and the bot's client cannot encrypt"
     " (maubot needs its encryption extra and the client a device id)"
@@ -119,12 +123,28 @@ class Onboarding(Part):
             except HomeserverError as e:
                 self.log.warning("Could not reject the invite to %s: %s", room_id, e)
             return False
-        try:
-            await self.mx.join(room_id)
-        except HomeserverError as e:
-            self.log.warning("Could not join %s on the invite of %s: %s", room_id, inviter, e)
-            return False
-        return True
+        return await self._join(room_id, inviter)
+
+    async def _join(self, room_id: str, inviter: str) -> bool:
+        """Joins, trying again while the inviting server may not be ready (403 "not
+        invited", 404, 5xx, no connection); a local invite that is really gone (the local
+        server knows its own invites) costs at most one more try."""
+        local = inviter.split(":", 1)[-1] == self.mx.server_name
+        delays = JOIN_RETRY_S[:1] if local else JOIN_RETRY_S
+        for attempt in range(len(delays) + 1):
+            try:
+                await self.mx.join(room_id)
+                return True
+            except HomeserverError as e:
+                if attempt == len(delays) or not _join_may_succeed_later(e):
+                    self.log.warning("Could not join %s on the invite of %s: %s", room_id, inviter, e)
+                    return False
+                self.log.info(
+                    "Joining %s on the invite of %s failed (%s); try %d in %.0fs",
+                    room_id, inviter, e, attempt + 2, delays[attempt],
+                )  # fmt: skip
+                await asyncio.sleep(delays[attempt])
+        return False
 
     async def _welcome(self, room_id: str, result: Provisioned) -> None:
         first = result.first_room
@@ -159,3 +179,8 @@ class Onboarding(Part):
         except HomeserverError:
             content = None
         return (content or {}).get("name") or room_id
+
+
+def _join_may_succeed_later(error: HomeserverError) -> bool:
+    """A join refusal an invite still on its way over federation gives, or an outage."""
+    return error.status in (0, 403, 404) or error.status >= 500
