@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from . import files
-from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachment
+from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachment, Usage
 from .attachments import FileService
 from .db import ChatRoomRow
 from .files import caption
@@ -24,7 +24,7 @@ from .matrix import HomeserverError, Matrix
 from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
-from .replies import StreamingReply
+from .replies import StreamingReply, edit_content
 from .usage import Quota, estimate
 from .voice import Voice, is_voice
 
@@ -51,7 +51,7 @@ class Answerer(Part):
             return Fate.LEFT, "gone"
         agent = self.agents.get(room.agent_id)
         if agent is None:
-            await self.notices.say(
+            await self.notices.note(
                 room_id, "agent.unknown", agent=room.agent_id, reply_to=incoming.event_id
             )
             return Fate.KEPT, "agent"
@@ -111,10 +111,21 @@ class Answerer(Part):
                 raise  # cancelled: by !cancel (kept) or a stop (answered at the next start)
             return Fate.KEPT, "agent"
         try:
-            return await self._deliver(room, reply, answer, (incoming.event_id, request.user_id))
+            fate = await self._deliver(room, reply, answer, (incoming.event_id, request.user_id))
+            if fate[0] is Fate.ANSWERED:
+                self.ledger.delivered(incoming.event_id)  # done, whatever cancels it now
+            return fate
         finally:  # spent once the agent answered, whether or not the answer reaches the room;
             # written after the send, which it must not delay
-            await self.quota.record(request.user_id, room.room_id, answer.usage)
+            await self._record(request.user_id, room.room_id, answer.usage)
+
+    async def _record(self, user_id: str, room_id: str, usage: Usage | None) -> None:
+        """Counts an answer's usage; a database that fails now costs the count, never the
+        answer (logged)."""
+        try:
+            await self.quota.record(user_id, room_id, usage)
+        except Exception as e:
+            self.log.warning("Counting the usage of an answer in %s failed: %s", room_id, e)
 
     def _reply(self, room_id: str, incoming: Incoming) -> StreamingReply:
         # Partials are not the answer yet: only what finishes it names the message.
@@ -134,8 +145,7 @@ class Answerer(Part):
         agent never said), and its message in the room marked as cut off."""
         if reply.streamed_chars:
             cost = estimate(len(request.text), reply.streamed_chars)
-            with contextlib.suppress(Exception):
-                await self.quota.record(request.user_id, room.room_id, cost)
+            await self._record(request.user_id, room.room_id, cost)
         await reply.interrupt(self.notices.text("answer.interrupted"))
 
     async def _agent_failed(
@@ -147,7 +157,7 @@ class Answerer(Part):
         await self._failed(room.room_id, error.describe(self.settings().language), reply_to)
 
     async def _failed(self, room_id: str, error: str, reply_to: str) -> None:
-        await self.notices.say(room_id, "agent.error", error=error, reply_to=reply_to)
+        await self.notices.note(room_id, "agent.error", error=error, reply_to=reply_to)
 
     async def _deliver(
         self, room: ChatRoomRow, reply: StreamingReply, answer: AgentReply, to: tuple[str, str]
@@ -155,16 +165,25 @@ class Answerer(Part):
         """The answer into the room, naming the message it answers; the agent's files from
         the requester's own folder. ``to``: (the message's event id, its sender)."""
         reply_to, requester = to
-        reply.send = lambda content: self.mx.send(room.room_id, answering(content, reply_to))
+        working = functools.partial(answering, reply_to=reply_to, field=ANSWERING)
+        reply.send = lambda content: self.mx.send(room.room_id, working(content))
+
+        async def done(content: dict) -> str:  # what names the message answered
+            return await self.mx.send(room.room_id, answering(content, reply_to))
+
         try:
-            if answer.text.strip() or not answer.attachments:
-                await reply.finish(answer.text)
+            texts = bool(answer.text.strip() or not answer.attachments)
+            if texts:
+                await reply.finish(answer.text, None if answer.attachments else done)
             await self.files.send(room.room_id, requester, answer.attachments)
+            if texts and answer.attachments:  # the text again, now naming the message
+                last_id, last_text, _ = reply.last_piece
+                await done(edit_content(last_id, last_text))
         except Exception:
             self.log.exception("Sending the answer in %s failed", room.room_id)
             await reply.interrupt(self.notices.text("answer.interrupted"))
             with contextlib.suppress(HomeserverError):
-                await self.notices.say(room.room_id, "send.failed", reply_to=reply_to)
+                await self.notices.note(room.room_id, "send.failed", reply_to=reply_to)
             return Fate.KEPT, "send"
         return Fate.ANSWERED, ""
 

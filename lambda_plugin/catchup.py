@@ -69,9 +69,9 @@ def timelines_of(sync: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def partials_of(events: list[dict[str, Any]], bot_id: str) -> dict[str, str]:
-    """For each message an unfinished answer names (``intake.ANSWERING``), the bot's last
-    such event: the one a re-answer finishes."""
-    found = {}
+    """For each message an unfinished answer names (``intake.ANSWERING``), the bot's first
+    such event (a stream's first): the one a re-answer finishes."""
+    found: dict[str, str] = {}
     for event in events:
         if not isinstance(event, dict):
             continue
@@ -81,7 +81,7 @@ def partials_of(events: list[dict[str, Any]], bot_id: str) -> dict[str, str]:
             answering = content.get(ANSWERING)
             relates = content.get("m.relates_to")
             if isinstance(answering, str) and not isinstance(relates, dict):
-                found[answering] = event_id
+                found.setdefault(answering, event_id)  # the first: a stream's first event
     return found
 
 

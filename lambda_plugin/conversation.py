@@ -75,14 +75,14 @@ class Conversation(Part):
             return Fate.REFUSED, reason[0]
         if not self.rate.allow(incoming.sender):
             if self.rate.tell(incoming.sender):
-                await self.notices.say(
+                await self.notices.note(
                     room_id, "message.too_fast", per_minute=settings.requests_per_minute,
                     reply_to=incoming.event_id,
                 )  # fmt: skip
             return Fate.KEPT, "rate"
         with self.quota.hold(incoming.sender, len(incoming.body)) as held:
             if over := await self.quota.refusal(incoming.sender, held):
-                await self.notices.say(room_id, over[0], reply_to=incoming.event_id, **over[1])
+                await self.notices.note(room_id, over[0], reply_to=incoming.event_id, **over[1])
                 return Fate.KEPT, "quota"  # !retry sends it after the reset or a raised limit
             return await self._answer(room_id, incoming)
 
@@ -92,18 +92,25 @@ class Conversation(Part):
         except HomeserverError as e:  # a send refused (too big, gone), or an outage outlasted
             self.log.warning("Answering %s in %s failed: %s", incoming.event_id, room_id, e)
             with contextlib.suppress(HomeserverError):
-                await self.notices.say(room_id, "send.failed", reply_to=incoming.event_id)
+                await self.notices.note(room_id, "send.failed", reply_to=incoming.event_id)
             return Fate.KEPT, "send"
 
-    async def _keep(self, room_id: str, incoming: Incoming, reason: str) -> None:
-        for dropped in await self.ledger.keep(incoming, reason):
+    async def _keep(self, room_id: str, incoming: Incoming, reason: str) -> bool:
+        """Keeps the message for !retry (False when it had an end: nothing to keep)."""
+        dropped = await self.ledger.keep(incoming, reason)
+        for old in dropped or ():
             max_kept = self.settings().max_kept_per_room
-            await self.notices.say(room_id, "kept.dropped", max=max_kept, reply_to=dropped.event_id)
+            await self.notices.say(room_id, "kept.dropped", max=max_kept, reply_to=old.event_id)
+        return dropped is not None
 
     async def cancelled(self, room_id: str, incoming: Incoming) -> None:
-        """``!cancel`` stopped it: kept, so ``!retry`` sends it again."""
-        await self._keep(room_id, incoming, "cancelled")
-        await self.notices.say(room_id, "cancelled", reply_to=incoming.event_id)
+        """``!cancel`` stopped it: kept, so ``!retry`` sends it again; one whose answer is
+        in the room already (the cancel came as its end was written), or that had an end
+        before this delivery of it (a duplicate), stays as it is."""
+        if self.ledger.was_delivered(incoming.event_id):
+            return
+        if await self._keep(room_id, incoming, "cancelled"):
+            await self.notices.note(room_id, "cancelled", reply_to=incoming.event_id)
 
     def stopped(self, incoming: Incoming) -> None:
         # Left unfinished in the ledger: the next start answers it, once.

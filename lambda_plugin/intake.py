@@ -23,6 +23,10 @@ ANSWERS = "ai.lambda.matrix.answers"
 # The field of what the bot sends while it works on a message (a streamed answer's first
 # event, a voice message's transcript): linked to the message, but not its answer yet.
 ANSWERING = "ai.lambda.matrix.answering"
+# The field of a notice about a message that is not its answer: why it was kept for !retry
+# (an agent or send failure, the rate limit, a quota, !cancel), a voice message's transcript.
+# A start does not take it for the answer.
+ABOUT = "ai.lambda.matrix.about"
 
 
 class Kind(enum.Enum):

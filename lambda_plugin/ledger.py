@@ -75,6 +75,9 @@ class Ledger(Part):
     def __post_init__(self) -> None:
         self.table = LedgerTable(self.store.db)
         self._claimed: set[str] = set()  # events a handler of this process holds
+        self._queued: set[str] = set()  # seen (queued) in this process and not ended yet
+        # Answers in the room whose end is being written: done, whatever cancels meanwhile.
+        self._delivered: dict[str, asyncio.Future] = {}
 
     async def _db(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         return await waiting_out(call, self.settings().database_wait_s, f"ledger {what}")
@@ -82,6 +85,7 @@ class Ledger(Part):
     def seen(self, incoming: Incoming) -> None:
         """Writes, in the background, that a message was queued: a crash before its turn
         still leaves it to the next start, however old it is by then."""
+        self._queued.add(incoming.event_id)
         self.background(self._seen(incoming))
 
     async def _seen(self, incoming: Incoming) -> None:
@@ -95,7 +99,7 @@ class Ledger(Part):
         process that died, or kept and sent again by ``!retry``. False when it is done,
         held by another handler (a second delivery), or kept and not retried."""
         event_id = incoming.event_id
-        if event_id in self._claimed:
+        if event_id in self._claimed or event_id in self._delivered:
             return False
         self._claimed.add(event_id)  # before any await: a second delivery sees it at once
         try:
@@ -119,24 +123,51 @@ class Ledger(Part):
         """The bot's first event of the answer (a stream's): a re-answer edits it."""
         await self._db(lambda: self.table.set_answer_event(event_id, answer_event), "answer")
 
-    async def end(self, event_id: str, fate: Fate, reason: str = "") -> None:
+    def delivered(self, event_id: str) -> None:
+        """The finished answer is in the room: from now on the message is done, whatever
+        happens to its handler (a !cancel, a stop); its end is written in the background."""
+        if event_id not in self._delivered:
+            self._delivered[event_id] = asyncio.ensure_future(self._answered(event_id))
+
+    def was_delivered(self, event_id: str) -> bool:
+        return event_id in self._delivered
+
+    async def _answered(self, event_id: str) -> None:
         try:
-            await self._set(event_id, fate, reason, keep_event=fate is Fate.KEPT)
+            await self._set(event_id, Fate.ANSWERED, "", keep_event=False)
+        except Exception as e:  # the next start finds the answer in the room
+            self.log.warning("Recording %s as answered failed: %s", event_id, e)
+        finally:
+            self._delivered.pop(event_id, None)
+            self._claimed.discard(event_id)
+            self._queued.discard(event_id)
+
+    async def end(self, event_id: str, fate: Fate, reason: str = "") -> bool:
+        """Writes the event's end (an end already written stays); False when it had one."""
+        writing = self._delivered.get(event_id)
+        if writing is not None:
+            await asyncio.shield(writing)
+            return fate is Fate.ANSWERED
+        try:
+            return await self._set(event_id, fate, reason, keep_event=fate is Fate.KEPT)
         finally:
             self._claimed.discard(event_id)
+            self._queued.discard(event_id)
 
-    async def keep(self, incoming: Incoming, reason: str) -> list[Incoming]:
+    async def keep(self, incoming: Incoming, reason: str) -> list[Incoming] | None:
         """Holds the message for ``!retry``; returns the oldest kept ones dropped to stay
-        within ``access.max_kept_per_room`` (each ended as refused)."""
-        await self.end(incoming.event_id, Fate.KEPT, reason)
+        within ``access.max_kept_per_room`` (each ended as refused), or None when the
+        message was not kept (it had reached an end: answered meanwhile, say)."""
+        if not await self.end(incoming.event_id, Fate.KEPT, reason):
+            return None
         kept = await self.kept(incoming.room_id)
         over = kept[: max(0, len(kept) - self.settings().max_kept_per_room)]
         for dropped in over:
             await self._set(dropped.event_id, Fate.REFUSED, "dropped", keep_event=False)
         return over
 
-    async def _set(self, event_id: str, fate: Fate, reason: str, keep_event: bool) -> None:
-        await self._db(
+    async def _set(self, event_id: str, fate: Fate, reason: str, keep_event: bool) -> bool:
+        return await self._db(
             lambda: self.table.set_state(event_id, fate.value, reason, keep_event), fate.value
         )
 
@@ -146,8 +177,10 @@ class Ledger(Part):
         return [found for row in rows if (found := incoming_of(row, self.bot_id())) is not None]
 
     async def unfinished(self) -> list[LedgerRow]:
-        """Every event seen or taken and not ended (the process handling it died)."""
-        return await self._db(lambda: self.table.in_states(UNFINISHED), "unfinished")
+        """Every event seen or taken and not ended by a process that died (what this one
+        has queued itself is in its queues already, in its place)."""
+        rows = await self._db(lambda: self.table.in_states(UNFINISHED), "unfinished")
+        return [row for row in rows if row.event_id not in self._queued]
 
     async def states_of(self, event_ids: list[str]) -> dict[str, str]:
         return await self._db(lambda: self.table.states_of(event_ids), "states")

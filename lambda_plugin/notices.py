@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
-from .intake import ANSWERS
+from .intake import ABOUT, ANSWERS
 from .matrix import Matrix
 from .replies import notice_content
 from .texts import text
@@ -29,6 +29,11 @@ class Notices:
         """Sends the text ``key`` with ``values``; returns the notice's event id.
         ``reply_to``: the user's event this answers (recorded in the notice)."""
         return await self.send(room_id, self.text(key, **values), reply_to=reply_to)
+
+    async def note(self, room_id: str, key: str, *, reply_to: str, **values: object) -> str:
+        """The same for a notice about a message that does not end it (it is kept for
+        !retry): marked ``intake.ABOUT``, so a start never takes it for the answer."""
+        return await self.send(room_id, self.text(key, **values), reply_to=reply_to, field=ABOUT)
 
     async def send(
         self, room_id: str, body: str, *, reply_to: str | None = None, field: str = ANSWERS

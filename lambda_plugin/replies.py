@@ -152,6 +152,7 @@ class StreamingReply:
         self.edits = 0
         self.streamed_chars = 0  # of the longest text streamed so far (for cut answers)
         self.shown = ""  # the text of the last partial sent
+        self.last_piece: tuple[str, str, bool] = ("", "", False)  # (id, text, an edit) once finished
 
     async def partial(self, text_so_far: str) -> None:
         self.streamed_chars = max(self.streamed_chars, len(text_so_far))
@@ -194,14 +195,20 @@ class StreamingReply:
         except Exception:
             return
 
-    async def finish(self, text: str) -> list[str]:
-        """Sends the whole answer; returns the ids of the messages that hold it."""
+    async def finish(
+        self, text: str, send_last: Callable[[dict[str, Any]], Awaitable[str]] | None = None
+    ) -> list[str]:
+        """Sends the whole answer; returns the ids of the messages that hold it. The last
+        piece goes through ``send_last`` when given (what marks the answer finished: a stop
+        between two pieces leaves it unfinished, to be answered again)."""
         pieces = split_answer(text)
         ids = []
-        if self.event_id is not None:
-            await self.send(edit_content(self.event_id, pieces[0]))
-            ids.append(self.event_id)
-            pieces = pieces[1:]
-        for piece in pieces:
-            ids.append(await self.send(notice_content(piece)))
+        for number, piece in enumerate(pieces):
+            send = send_last if send_last and number == len(pieces) - 1 else self.send
+            if number == 0 and self.event_id is not None:
+                await send(edit_content(self.event_id, piece))
+                ids.append(self.event_id)
+            else:
+                ids.append(await send(notice_content(piece)))
+        self.last_piece = (ids[-1], pieces[-1], ids[-1] == self.event_id)
         return ids

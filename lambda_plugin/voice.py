@@ -10,7 +10,7 @@ import aiohttp
 
 from . import files
 from .agent_config import TranscriptionSpec
-from .intake import ANSWERING, Incoming
+from .intake import ABOUT, Incoming
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
@@ -50,6 +50,6 @@ class Voice(Part):
         quoted = "\n".join(f"> {line}" for line in shown.splitlines() or [""])
         text_shown = self.notices.text("voice.transcript", text=quoted)
         await self.notices.send(
-            incoming.room_id, text_shown, reply_to=incoming.event_id, field=ANSWERING
+            incoming.room_id, text_shown, reply_to=incoming.event_id, field=ABOUT
         )
         return text

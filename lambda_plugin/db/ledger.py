@@ -32,13 +32,16 @@ class LedgerTable:
         )
         return LedgerRow.from_row(row) if row else None
 
-    async def set_state(self, event_id: str, state: str, reason: str, keep_event: bool) -> None:
-        """The event's new state; its JSON is dropped unless it may still run."""
-        await self.db.execute(
+    async def set_state(self, event_id: str, state: str, reason: str, keep_event: bool) -> bool:
+        """The event's new state, unless it has reached an end already (ends are final);
+        its JSON is dropped unless it may still run. False when nothing changed."""
+        changed = await self.db.fetchval(
             "UPDATE ledger SET state=$2, reason=$3, updated_at=$4,"
-            " event = CASE WHEN $5 THEN event ELSE NULL END WHERE event_id=$1",
-            event_id, state, reason, now_ms(), keep_event,
+            " event = CASE WHEN $5 THEN event ELSE NULL END"
+            " WHERE event_id=$1 AND state NOT IN ($6, $7, $8, $9) RETURNING event_id",
+            event_id, state, reason, now_ms(), keep_event, *ENDS,
         )  # fmt: skip
+        return changed is not None
 
     async def set_answer_event(self, event_id: str, answer_event: str) -> None:
         await self.db.execute(

@@ -33,11 +33,25 @@ DATABASE_DOWN = (
 _SQLITE_OUTAGE = ("locked", "busy", "unable to open", "disk i/o")
 
 
-def is_outage(error: BaseException) -> bool:
-    """Whether ``error`` means the database is unreachable for now (worth waiting out)."""
+# Raised before a statement reached the database (it never ran): safe to repeat any write.
+NEVER_SENT = (
+    ConnectionRefusedError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+# Mistakes of the client's own (a wrong argument), not outages, though InterfaceErrors.
+_NOT_OUTAGES = (asyncpg.exceptions._base.DataError, asyncpg.exceptions._base.ClientConfigurationError)
+
+
+def is_outage(error: BaseException, repeatable: bool = True) -> bool:
+    """Whether ``error`` means the database is unreachable for now (worth waiting out).
+    A write that is not ``repeatable`` (an increment) is waited out only when the error
+    shows it never ran: a connection lost mid-statement may have committed it."""
     if isinstance(error, sqlite3.OperationalError):
         return any(word in str(error).lower() for word in _SQLITE_OUTAGE)
-    return isinstance(error, DATABASE_DOWN)
+    if isinstance(error, _NOT_OUTAGES) or not isinstance(error, DATABASE_DOWN):
+        return False
+    return repeatable or isinstance(error, NEVER_SENT)
 # Every table of the plugin, in an order rows can be deleted in.
 TABLES = (
     "chat_room", "lambda_user", "snapshot", "history", "ledger", "usage", "plugin_state",
@@ -55,32 +69,39 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _log = logging.getLogger("maubot.lambda.db")
 
 
-async def waiting_out(call: Callable[[], Awaitable[T]], wait_s: float, what: str) -> T:
+async def waiting_out(
+    call: Callable[[], Awaitable[T]], wait_s: float, what: str, repeatable: bool = True
+) -> T:
     """``call()``, tried again with backoff while the database is unreachable, for up to
-    ``wait_s`` seconds; then the last error is raised."""
+    ``wait_s`` seconds; then the last error is raised (see ``is_outage``)."""
     deadline = time.monotonic() + wait_s
     delay = 0.5
     while True:
         try:
             return await call()
         except DATABASE_DOWN as e:
-            if not is_outage(e) or time.monotonic() + delay > deadline:
+            if not is_outage(e, repeatable) or time.monotonic() + delay > deadline:
                 raise
             _log.warning("The database is unreachable (%r) in %s; again in %.1fs", e, what, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
 
-def _waits_out(method: F) -> F:
+def _waits_out(method: F, repeatable: bool = True) -> F:
     """A Store method on a message's way: a database outage is waited out."""
 
     @functools.wraps(method)
     async def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         return await waiting_out(
-            lambda: method(self, *args, **kwargs), self.outage_s(), method.__name__
+            lambda: method(self, *args, **kwargs), self.outage_s(), method.__name__, repeatable
         )
 
     return wrapper  # type: ignore[return-value]
+
+
+def _waits_out_once(method: F) -> F:
+    """The same for a write that must not run twice (an increment)."""
+    return _waits_out(method, repeatable=False)
 
 
 def now_ms() -> int:
@@ -310,7 +331,7 @@ class Store:
 
     # usage: tokens per user, chat room and UTC day ('YYYY-MM-DD'); days compare as text
 
-    @_waits_out
+    @_waits_out_once
     async def add_usage(
         self, user_id: str, room_id: str, day: str, tokens_in: int, tokens_out: int
     ) -> None:

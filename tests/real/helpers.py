@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from devstack.matrix import Event, MatrixUser, invite_state_value
 from devstack.stack import Deployment
-from lambda_plugin.intake import ANSWERING, ANSWERS
+from lambda_plugin.intake import ABOUT, ANSWERING, ANSWERS
 
 ANSWER_TIMEOUT = 120
 
@@ -88,8 +88,9 @@ def answers_to(
     user: MatrixUser, room: str, bot: str, event_id: str, mark=None, in_progress: bool = False
 ) -> list[Event]:
     """The bot's messages that say they answer ``event_id``; with ``in_progress``, also what
-    it sent while working on it (a streamed answer's first event, until its final edit)."""
-    fields = (ANSWERS, ANSWERING) if in_progress else (ANSWERS,)
+    it sent while working on it (a streamed answer's first event, until its final edit) or
+    about it (why it was kept, a voice message's transcript)."""
+    fields = (ANSWERS, ANSWERING, ABOUT) if in_progress else (ANSWERS,)
     return [
         e for e in bot_messages(user, room, bot, mark)
         if event_id in (e["content"].get(field) for field in fields)

@@ -194,8 +194,9 @@ async def test_a_rate_held_message_is_answered_by_retry_after_a_restart(
         first = await user.send_text(room, "r1")
         await answer_to(user, room, bot, first)
         held = await user.send_text(room, "r2")
-        told = await answer_to(user, room, bot, held)
+        told = await answer_to(user, room, bot, held, in_progress=True)
         assert "Slow down" in notice_text(told)
+        assert told["content"].get(ANSWERS) is None  # a notice about it, not its answer
         await stack.restart_instance()
         context = notice_text(await user.command(room, "!context", bot))
         assert "Kept for `!retry`: 1" in context

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.real
 ANSWERS = "ai.lambda.matrix.answers"  # the user's event a notice or answer is for
 # The same on what the bot sends while it works on it (a stream's first event, a transcript).
 ANSWERING = "ai.lambda.matrix.answering"
+# On a notice about it that does not end it (why it was kept; a voice message's transcript).
+ABOUT = "ai.lambda.matrix.about"
 HEARD = "🎤 Heard:\n"
 API_KEY = "sk-voice-secret"
 AUDIO = b"OggS\x00\x02" + bytes(range(256)) * 24  # what a voice message carries, give or take
@@ -60,7 +62,8 @@ def from_bot(bot: str, answers: str | None = None, starts: str | None = None):
             return False
         if content.get("m.relates_to", {}).get("rel_type") == "m.replace":
             return False
-        if answers is not None and answers not in (content.get(ANSWERS), content.get(ANSWERING)):
+        named = (content.get(ANSWERS), content.get(ANSWERING), content.get(ABOUT))
+        if answers is not None and answers not in named:
             return False
         return starts is None or content.get("body", "").startswith(starts)
 

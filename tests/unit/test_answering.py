@@ -51,6 +51,8 @@ class Recorder:
     async def say(self, room_id: str, key: str, **kwargs: Any) -> None:  # Notices
         self.calls.append(("notice", key))
 
+    note = say  # a notice that does not end the message (Notices.note)
+
     def text(self, key: str, **kwargs: Any) -> str:  # Notices
         return key
 
@@ -59,6 +61,9 @@ class Recorder:
 
     async def answer_started(self, event_id: str, answer_event: str) -> None:  # Ledger
         self.calls.append(("answer_started", event_id, answer_event))
+
+    def delivered(self, event_id: str) -> None:  # Ledger
+        self.calls.append(("delivered", event_id))
 
 
 class Agent:
@@ -103,6 +108,7 @@ async def test_the_answer_goes_out_before_its_usage_is_written() -> None:
         ("taken", "$question"),  # before the agent is asked: a crash now re-asks it
         ("send", "echo: hello"),
         "files",
+        ("delivered", "$question"),  # done from here on, whatever cancels it
         ("record", USER, USAGE),
     ]
     [answer] = recorder.contents

@@ -50,6 +50,7 @@ class FakeAnswerer:
     fates: dict[str, tuple[Fate, str]] = field(default_factory=dict)
     gate: asyncio.Event | None = None
     failing: set[str] = field(default_factory=set)
+    ledger: Ledger | None = None  # told when an answer is in the room, as the real one does
 
     async def answer(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
         self.asked.append(incoming.event_id)
@@ -57,7 +58,10 @@ class FakeAnswerer:
             await self.gate.wait()
         if incoming.event_id in self.failing:
             raise RuntimeError("a bug")
-        return self.fates.get(incoming.event_id, (Fate.ANSWERED, ""))
+        fate = self.fates.get(incoming.event_id, (Fate.ANSWERED, ""))
+        if fate[0] is Fate.ANSWERED and self.ledger is not None:
+            self.ledger.delivered(incoming.event_id)
+        return fate
 
 
 @dataclass
@@ -68,7 +72,9 @@ class FakeNotices:
         self.said.append((key, reply_to))
         return "$notice"
 
-    def keys(self) -> list[str]:
+    note = say  # a notice that does not end the message
+
+    def said_keys(self) -> list[str]:
         return [key for key, _ in self.said]
 
 
@@ -101,6 +107,7 @@ class Env:
         gate.open()
         part = {"settings": lambda: self.current["settings"], "log": LOG}
         self.ledger = Ledger(store=self.store, bot_id=lambda: BOT, **part)
+        self.answerer.ledger = self.ledger
         row = ChatRoomRow(ROOM, USER, "C1", "Chat 1", "echo", "p1", False, False, 1)
 
         async def replay(incoming: Incoming) -> None:
@@ -187,7 +194,7 @@ async def test_a_burst_over_the_rate_limit_keeps_every_message_across_a_restart(
     for n in range(1, 5):
         await env.stage.message(ROOM, message(f"${n}", ts=n), retried=False)
     assert env.answerer.asked == ["$1"]
-    assert env.notices.keys() == ["message.too_fast"]  # told once, not once a message
+    assert env.notices.said_keys() == ["message.too_fast"]  # told once, not once a message
     env.restart()  # a new process: the rate limiter forgets, the ledger does not
     kept = await env.ledger.kept(ROOM)
     assert [k.event_id for k in kept] == ["$2", "$3", "$4"]  # oldest first
@@ -240,7 +247,7 @@ async def test_a_cancelled_answer_is_kept_with_a_notice(store: Store) -> None:
     await asyncio.gather(call, return_exceptions=True)
     await env.stage.cancelled(ROOM, message("$1"))
     assert [k.event_id for k in await env.ledger.kept(ROOM)] == ["$1"]
-    assert env.notices.keys() == ["cancelled"]
+    assert env.notices.said_keys() == ["cancelled"]
 
 
 async def test_a_failing_answer_is_kept_not_left_unfinished(store: Store) -> None:
@@ -274,7 +281,7 @@ async def test_missed_commands_are_replayed_and_unknown_ones_answered_once(store
     await env.stage.command(message("$what", body="!what"))
     await env.stage.command(message("$what", body="!what"))
     assert env.replayed == ["$clear"]
-    assert env.notices.keys() == ["command.unknown"]
+    assert env.notices.said_keys() == ["command.unknown"]
     assert await env.state("$what") == Fate.ANSWERED.value
 
 
@@ -285,7 +292,7 @@ async def test_quota_holds_keep_parallel_answers_from_all_passing(store: Store) 
     first = asyncio.create_task(env.stage.message(ROOM, message("$1"), retried=False))
     await asyncio.wait_for(_until(lambda: env.answerer.asked == ["$1"]), TIMEOUT)
     await env.stage.message(ROOM, message("$2"), retried=False)  # while the first runs
-    assert env.notices.keys() == ["quota.daily"]
+    assert env.notices.said_keys() == ["quota.daily"]
     env.answerer.gate.set()
     await asyncio.wait_for(first, TIMEOUT)
     await env.stage.message(ROOM, message("$2"), retried=True)  # the hold is gone

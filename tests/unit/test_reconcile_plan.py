@@ -332,7 +332,7 @@ def test_a_partial_answer_is_not_the_answer_and_is_finished_in_place() -> None:
     timelines = {"!c1": [msg("$q"), partial("$p1", "$q"), partial("$p2", "$q", ts=302)]}
     plan = plan_start(timelines, [], {}, BOT, since_ms=100)
     [question] = plan.rooms["!c1"]
-    assert question.event_id == "$q" and question.resume == "$p2"  # the bot's last such event
+    assert question.event_id == "$q" and question.resume == "$p1"  # the stream's first event
     # The ledger's record of the stream's first event wins over the room's.
     row = unfinished("!c1", msg("$q"), Fate.TAKEN, answer_event="$p1")
     [question] = plan_start(timelines, [row], {"$q": "taken"}, BOT, since_ms=100).rooms["!c1"]
@@ -340,7 +340,7 @@ def test_a_partial_answer_is_not_the_answer_and_is_finished_in_place() -> None:
     # A row that never recorded it (died before) takes the room's.
     bare = unfinished("!c1", msg("$q"), Fate.TAKEN)
     [question] = plan_start(timelines, [bare], {"$q": "taken"}, BOT, since_ms=100).rooms["!c1"]
-    assert question.resume == "$p2"
+    assert question.resume == "$p1"
 
 
 def test_adopted_rooms_never_take_the_number_of_a_room_the_bot_left() -> None:

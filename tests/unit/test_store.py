@@ -713,12 +713,14 @@ async def test_states_of_checks_any_number_of_ids_in_batches(store: Store) -> No
 async def test_prune_forgets_rows_not_touched_since_the_cut_off(store: Store) -> None:
     table = LedgerTable(store.db)
     for event_id, updated_at in (("$old", 100), ("$edge", 200), ("$new", 300)):
-        await table.insert(ledger_row(event_id, "answered", updated_at=updated_at))
+        state = "seen" if event_id == "$edge" else "answered"
+        await table.insert(ledger_row(event_id, state, updated_at=updated_at))
     await table.prune(200)
     left = await table.states_of(["$old", "$edge", "$new"])
-    assert left == {"$edge": "answered", "$new": "answered"}  # strictly older ones only
+    assert left == {"$edge": "seen", "$new": "answered"}  # strictly older ones only
     # A change touches the row: it is kept as long again.
-    await table.set_state("$edge", "kept", "rate", keep_event=True)
+    assert await table.set_state("$edge", "kept", "rate", keep_event=True)
+    assert not await table.set_state("$new", "kept", "rate", keep_event=True)  # ends are final
     await table.prune(now_ms() - 60_000)
     assert await table.states_of(["$edge", "$new"]) == {"$edge": "kept"}
     await table.prune(now_ms() + 1)
