@@ -32,6 +32,9 @@ TRANSIENT = (502, 503, 504)
 TRANSIENT_TRIES = 3
 # The wait before the n-th retry of a transient failure is n times this.
 BACKOFF_S = 0.5
+# The longest wait between two tries of a send while the homeserver is unreachable: short,
+# so an answer follows within seconds of its return (a try costs it one request).
+OUTAGE_MAX_WAIT_S = 4.0
 _txn_counter = itertools.count()
 T = TypeVar("T")
 
@@ -137,7 +140,7 @@ class Matrix:
                     e, method, delay,
                 )  # fmt: skip
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 2, OUTAGE_MAX_WAIT_S)
 
     async def _retrying(
         self, method: str, path: str, once: Callable[[], Awaitable[T]], *, idempotent: bool

@@ -67,6 +67,7 @@ Totals = tuple[int, int, int]
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _log = logging.getLogger("maubot.lambda.db")
+OUTAGE_MAX_WAIT_S = 4.0  # between two tries while the database is unreachable
 
 
 async def waiting_out(
@@ -84,7 +85,7 @@ async def waiting_out(
                 raise
             _log.warning("The database is unreachable (%r) in %s; again in %.1fs", e, what, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, OUTAGE_MAX_WAIT_S)
 
 
 def _waits_out(method: F, repeatable: bool = True) -> F:
