@@ -174,7 +174,9 @@ class StreamingReply:
             return
         try:
             if self.event_id is None:
-                self.event_id = await self.send_partial(content)
+                # The first event waits out an outage (its transaction id makes the retry
+                # safe): a first event lost mid-send would stay behind, streaming forever.
+                self.event_id = await self.send(content)
                 if self.started is not None:
                     await self.started(self.event_id)
             else:
