@@ -22,33 +22,13 @@ from aiohttp import web
 TOKEN = re.compile(r"\bfw-[\w-]+")
 
 
-@dataclass
-class Timing:
-    request: float  # monotonic: the request arrived
-    first_token: float | None = None  # the first piece of text was written
-    done: float | None = None  # [DONE] written
+class LocalAgent:
+    """What both local agent servers share: served on 127.0.0.1 (a port the OS picks),
+    ``/v1/chat/completions`` (a subclass's ``_completions``) and ``/v1/models``."""
 
-
-@dataclass
-class StreamingAgent:
-    # The first piece of text is written this long after the request arrives (the role
-    # delta goes at once, as real servers send their headers and role first).
-    first_token_s: float = 0.5
-    # Then the other pieces, ``gap_s`` apart: together longer than the plugin's default edit
-    # interval (1.0 s), so a first edit that waited for the throttle would show.
-    pieces: int = 4
-    gap_s: float = 0.4
-    model: str = "bench-stream"
-    timings: dict[str, Timing] = field(default_factory=dict)
-    base_url: str = ""
-
-    def __post_init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-
-    def answer(self, token: str) -> list[str]:
-        """The pieces of the answer to the message naming ``token``; the first names it."""
-        return [f"Answer to {token}:"] + [f" part {i} of the streamed text." for i in
-                                          range(1, self.pieces)]  # fmt: skip
+    model: str
+    base_url: str
+    _runner: web.AppRunner | None
 
     async def start(self) -> str:
         app = web.Application()
@@ -58,7 +38,7 @@ class StreamingAgent:
                 web.get("/v1/models", self._models),
             ]
         )
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,13 +61,51 @@ class StreamingAgent:
         return web.json_response({"object": "list", "data": [{"id": self.model}]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+def last_user_text(body: Any) -> str:
+    """The text of the last user message of a chat completions request."""
+    messages = body.get("messages", []) if isinstance(body, dict) else []
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    content = last.get("content", "")
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+@dataclass
+class Timing:
+    request: float  # monotonic: the request arrived
+    first_token: float | None = None  # the first piece of text was written
+    done: float | None = None  # [DONE] written
+
+
+@dataclass
+class StreamingAgent(LocalAgent):
+    # The first piece of text is written this long after the request arrives (the role
+    # delta goes at once, as real servers send their headers and role first).
+    first_token_s: float = 0.5
+    # Then the other pieces, ``gap_s`` apart: together longer than the plugin's default edit
+    # interval (1.0 s), so a first edit that waited for the throttle would show.
+    pieces: int = 4
+    gap_s: float = 0.4
+    model: str = "bench-stream"
+    timings: dict[str, Timing] = field(default_factory=dict)
+    base_url: str = ""
+
+    def __post_init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+
+    def answer(self, token: str) -> list[str]:
+        """The pieces of the answer to the message naming ``token``; the first names it."""
+        return [f"Answer to {token}:"] + [f" part {i} of the streamed text." for i in
+                                          range(1, self.pieces)]  # fmt: skip
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.json()
-        last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
-        content = last.get("content", "")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        found = TOKEN.search(str(content))
+        found = TOKEN.search(last_user_text(body))
         token = found.group(0) if found else f"fw-unnamed-{len(self.timings)}"
         timing = self.timings[token] = Timing(request=arrived)
         pieces = self.answer(token)

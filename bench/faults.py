@@ -41,7 +41,6 @@ import json
 import math
 import random
 import re
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from aiohttp import web
 from devstack.matrix import Event, MatrixUser
 from lambda_plugin.replies import STREAM_CURSOR
 
+from .agent_server import LocalAgent, last_user_text
 from .common import SYNC_FILTER, SyncLoop, homeserver_requests, log_time, median, percentile
 from .env import BenchStack
 from .first_words import _say
@@ -85,7 +85,7 @@ READY_NEEDLES = {  # maubot log lines telling when the plugin was serving again
 
 
 @dataclass
-class SlowAgent:
+class SlowAgent(LocalAgent):
     """An OpenAI-compatible chat completions server that streams its answer slowly: the role
     at once, the first piece ``first_token_s`` later, then ``pieces - 1`` more ``gap_s``
     apart. The answer names the message (``f-<room>-<n>``) it was asked about; ``asked``
@@ -116,44 +116,10 @@ class SlowAgent:
     def seconds(self) -> float:
         return self.first_token_s + self.gap_s * (self.pieces - 1)
 
-    async def start(self) -> str:
-        app = web.Application()
-        app.add_routes(
-            [
-                web.post("/v1/chat/completions", self._completions),
-                web.get("/v1/models", self._models),
-            ]
-        )
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def config(self) -> dict[str, Any]:
-        """The agent's entry in the plugin's ``agents.registry``."""
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                "stream": True, "timeout_s": 60}  # fmt: skip
-
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model}]})
-
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.json()
-        last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
-        content = last.get("content", "")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        found = TEXT.search(str(content))
+        found = TEXT.search(last_user_text(body))
         text = found.group(0) if found else "an unknown message"
         self.asked[text] += 1
         pieces = self.pieces_of(text)
