@@ -59,24 +59,22 @@ class Deployment:
         await self.maubot.set_started(self.instance_id, False)
         await self.maubot.set_started(self.instance_id, True)
 
-    async def restart_server(self, while_down=None) -> None:
-        """Stops the whole maubot process, runs ``while_down()`` if given, starts it again."""
+    async def restart_server(self, while_down=None, kill: bool = False) -> None:
+        """Stops the whole maubot process (with ``kill``, SIGKILLed: no ``stop()`` runs),
+        runs ``while_down()`` if given, starts it again."""
         await self.maubot.close()
-        self.maubot.stop()
+        if kill:
+            self.maubot.kill()
+        else:
+            self.maubot.stop()
         if while_down is not None:
             await while_down()
         self.maubot.start()
         await self.maubot.login()
 
     async def kill_server(self, while_down=None) -> None:
-        """SIGKILLs the whole maubot process (no ``stop()`` runs), runs ``while_down()`` if
-        given, starts it again."""
-        await self.maubot.close()
-        self.maubot.kill()
-        if while_down is not None:
-            await while_down()
-        self.maubot.start()
-        await self.maubot.login()
+        """SIGKILLs the whole maubot process, runs ``while_down()`` if given, starts it again."""
+        await self.restart_server(while_down, kill=True)
 
     async def sql(self, query: str) -> list[dict]:
         """Runs SQL in the plugin's database through maubot's database API (the UI's tab)."""
