@@ -20,11 +20,11 @@ from .db import ChatRoomRow
 from .files import caption
 from .intake import ANSWERING, Incoming
 from .ledger import Fate, Ledger
-from .matrix import HomeserverError, Matrix
+from .matrix import HomeserverError, Matrix, new_txn
 from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
-from .replies import StreamingReply, edit_content
+from .replies import StreamingReply, edit_content, notice_content
 from .usage import Quota, estimate
 from .voice import Voice, is_voice
 
@@ -130,13 +130,25 @@ class Answerer(Part):
     def _reply(self, room_id: str, incoming: Incoming) -> StreamingReply:
         # Partials are not the answer yet: only what finishes it names the message.
         mark = functools.partial(answering, reply_to=incoming.event_id, field=ANSWERING)
-        return StreamingReply(
+        first_txn = new_txn()  # every try of the stream's first event: one event at most
+
+        async def send_first(content: dict, wait: bool = False) -> str:
+            return await self.mx.send(room_id, mark(content), wait_outage=wait, txn=first_txn)
+
+        async def send_partial(content: dict) -> str:
+            if reply.event_id is None:
+                return await send_first(content)
+            return await self.mx.send(room_id, mark(content), wait_outage=False)
+
+        reply = StreamingReply(
             lambda content: self.mx.send(room_id, mark(content)),
             self.settings().stream_edit_interval_s,
-            send_partial=lambda content: self.mx.send(room_id, mark(content), wait_outage=False),
+            send_partial=send_partial,
+            send_first=lambda content: send_first(content, wait=True),
             resume=incoming.resume,
             started=lambda event_id: self.ledger.answer_started(incoming.event_id, event_id),
         )
+        return reply
 
     async def _cut(
         self, room: ChatRoomRow, request: AgentRequest, reply: StreamingReply, error: BaseException
@@ -179,6 +191,9 @@ class Answerer(Part):
             if texts and answer.attachments:  # the text again, now naming the message
                 last_id, last_text, _ = reply.last_piece
                 await done(edit_content(last_id, last_text))
+            elif answer.attachments:  # files only: something in the room must name it
+                text = self.notices.text("answer.files", count=len(answer.attachments))
+                await done(notice_content(text))
         except Exception:
             self.log.exception("Sending the answer in %s failed", room.room_id)
             await reply.interrupt(self.notices.text("answer.interrupted"))

@@ -89,14 +89,16 @@ class LambdaBot(Plugin):
         chats = Chats(registry, mx, self.log)
         notices = Notices(mx, self.current_settings)
         conversation = self._conversation(part, mx, registry, notices)
-        queues = self.queues = RoomQueues(conversation, gate, self.log)
+        queues = self.queues = RoomQueues(
+            conversation, gate, self.log, max_places=lambda: self.settings.max_queue_per_room
+        )
         spaces = Spaces(mx=mx, store=store, chats=chats, **part)
         reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
         onboarding = Onboarding(
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices, **part
         )
         router = Router(
-            queues=queues, ledger=ledger, gate=gate, notices=notices,
+            queues=queues, ledger=ledger, registry=registry, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,
         )  # fmt: skip
         catch_up = CatchUp(mx, queues, self.log)

@@ -14,7 +14,7 @@ import asyncio
 import enum
 import json
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .db import LedgerRow, Store, now_ms
@@ -88,11 +88,20 @@ class Ledger(Part):
         self._queued.add(incoming.event_id)
         self.background(self._seen(incoming))
 
-    async def _seen(self, incoming: Incoming) -> None:
+    def left(self, incoming: Incoming, reason: str) -> None:
+        """Writes, in the background, that an event is not the bot's to answer (it took no
+        place in the room's queue)."""
+        row = replace(row_of(incoming, Fate.LEFT), reason=reason, event=None)
+        self.background(self._write(row, "left"))
+
+    async def _write(self, row: LedgerRow, what: str) -> None:
         try:
-            await self._db(lambda: self.table.insert(row_of(incoming)), "seen")
-        except Exception as e:  # its claim writes the row too
-            self.log.warning("Recording %s as seen failed: %s", incoming.event_id, e)
+            await self._db(lambda: self.table.insert(row), what)
+        except Exception as e:
+            self.log.warning("Recording %s as %s failed: %s", row.event_id, what, e)
+
+    async def _seen(self, incoming: Incoming) -> None:
+        await self._write(row_of(incoming), "seen")  # on failure its claim writes it too
 
     async def claim(self, incoming: Incoming, retried: bool = False) -> bool:
         """True when the event is the caller's to handle now: new, left unfinished by a
@@ -106,10 +115,12 @@ class Ledger(Part):
             row = await self._db(lambda: self.table.insert(row_of(incoming)), "claim")
         except BaseException:
             self._claimed.discard(event_id)
+            self._queued.discard(event_id)
             raise
         if row.state in UNFINISHED or (retried and row.state == Fate.KEPT.value):
             return True
         self._claimed.discard(event_id)
+        self._queued.discard(event_id)
         return False
 
     def release(self, event_id: str) -> None:

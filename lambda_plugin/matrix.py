@@ -39,6 +39,11 @@ _txn_counter = itertools.count()
 T = TypeVar("T")
 
 
+def new_txn() -> str:
+    """A transaction id: the homeserver sends an event once per id, however often asked."""
+    return f"lambda-{time.time_ns()}-{next(_txn_counter)}"
+
+
 class HomeserverError(Exception):
     def __init__(self, status: int, errcode: str | None, message: str) -> None:
         super().__init__(f"{status} {errcode}: {message}")
@@ -242,12 +247,14 @@ class Matrix:
         content: dict[str, Any],
         event_type: str = "m.room.message",
         wait_outage: bool = True,
+        txn: str | None = None,
     ) -> str:
         """Sends an event (encrypted in an encrypted room, when the bot can encrypt); an
         unreachable homeserver is waited out unless ``wait_outage`` is False (a stream's
-        partial, which the next one replaces). The transaction id makes a retry safe."""
+        partial, which the next one replaces). The transaction id makes a retry safe; a
+        caller that tries the same event again later passes its own (``new_txn``)."""
         event_type, content = await self.crypto.seal(room_id, event_type, content)
-        txn = f"lambda-{time.time_ns()}-{next(_txn_counter)}"
+        txn = txn or new_txn()
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{txn}"
         reply = await self.request("PUT", path, content, wait_outage=wait_outage)
         return reply["event_id"]

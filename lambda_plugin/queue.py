@@ -70,6 +70,11 @@ class RoomWorker:
         return self.current is not None or bool(self.items)
 
     @property
+    def places(self) -> int:
+        """Everything queued behind the running item: messages, commands, retries."""
+        return len(self.items)
+
+    @property
     def waiting(self) -> int:
         """Messages queued behind the one being answered (commands not counted)."""
         return sum(
@@ -171,6 +176,14 @@ class RoomWorker:
             raise call.exception()  # type: ignore[misc]  # logged by _run
 
 
+class QueueFull(Exception):
+    """A command finds its room's queue full (``access.max_queue_per_room``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
 @dataclass(eq=False)
 class RoomQueues:
     """Every room's worker, made on the first message and gone when idle."""
@@ -179,6 +192,7 @@ class RoomQueues:
     gate: StartGate
     log: logging.Logger
     workers: dict[str, RoomWorker] = field(default_factory=dict)
+    max_places: Callable[[], int] = lambda: 0  # per room, once started; 0: no limit
 
     def worker(self, room_id: str) -> RoomWorker:
         worker = self.workers.get(room_id)
@@ -205,8 +219,11 @@ class RoomQueues:
         """A place in the room's queue, taken at once (so in the order events arrived); the
         command sets the future's result to what should run there, or leaves it empty. A
         start that has the same event moves the place to where the event is in the room."""
-        slot = asyncio.get_running_loop().create_future()
         worker = self.worker(room_id)
+        limit = self.max_places()
+        if limit and self.gate.is_open and worker.places >= limit:
+            raise QueueFull(limit)
+        slot = asyncio.get_running_loop().create_future()
         if event_id:
             worker.slot_events[slot] = event_id
         worker.push(slot)

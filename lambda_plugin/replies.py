@@ -137,6 +137,7 @@ class StreamingReply:
         send_partial: Callable[[dict[str, Any]], Awaitable[str]] | None = None,
         resume: str | None = None,
         started: Callable[[str], Awaitable[None]] | None = None,
+        send_first: Callable[[dict[str, Any]], Awaitable[str]] | None = None,
     ) -> None:
         self.send = send
         # Partials may go another way (one that does not wait out an outage: the next
@@ -147,6 +148,10 @@ class StreamingReply:
         # An unfinished answer of an earlier attempt (a stop mid-stream): edited, not doubled.
         self.event_id: str | None = resume or None
         self.started = started  # told the first event's id, once sent
+        # The first event again, as the same transaction as a try that failed (it may have
+        # reached the homeserver): waits out an outage. None: ``send``.
+        self.send_first = send_first or send
+        self.first_tried = False
         self.last_edit: float | None = None  # when the last partial was rendered
         self.wait_s = interval_s  # until the next may be
         self.edits = 0
@@ -174,9 +179,11 @@ class StreamingReply:
             return
         try:
             if self.event_id is None:
-                # The first event waits out an outage (its transaction id makes the retry
-                # safe): a first event lost mid-send would stay behind, streaming forever.
-                self.event_id = await self.send(content)
+                self.first_tried = True
+                # Fails fast (the agent's stream must not wait); every try of the first
+                # event carries one transaction id, so one that did reach the homeserver
+                # comes back as itself rather than as a second, forgotten event.
+                self.event_id = await self.send_partial(content)
                 if self.started is not None:
                     await self.started(self.event_id)
             else:
@@ -205,6 +212,10 @@ class StreamingReply:
         between two pieces leaves it unfinished, to be answered again)."""
         pieces = split_answer(text)
         ids = []
+        if self.event_id is None and self.first_tried:  # the lost try's event, if it exists
+            self.event_id = await self.send_first(notice_content(pieces[0] + STREAM_CURSOR))
+            if self.started is not None:
+                await self.started(self.event_id)
         for number, piece in enumerate(pieces):
             send = send_last if send_last and number == len(pieces) - 1 else self.send
             if number == 0 and self.event_id is not None:

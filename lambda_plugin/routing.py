@@ -17,7 +17,9 @@ from .ledger import Ledger
 from .matrix import Matrix
 from .notices import Notices
 from .part import Part
+from .policy import Admission, admit
 from .queue import RoomQueues
+from .registry import Registry
 
 
 class Queued(enum.Enum):
@@ -33,6 +35,7 @@ class Router(Part):
 
     queues: RoomQueues
     ledger: Ledger
+    registry: Registry
     gate: StartGate
     notices: Notices
     command_names: Collection[str]
@@ -64,18 +67,43 @@ class Router(Part):
         """Puts a message or a command no handler of maubot's gets (an unknown one, or with
         ``replay`` one that reached none: missed, decrypted late) into its room's queue
         without awaiting anything: handlers run as unordered tasks, and the room's order
-        must hold. A queued message is recorded as seen in the ledger."""
+        must hold. A queued message is recorded as seen in the ledger. Policy comes first:
+        what the room does not answer (another member's, with ``access.shared_rooms``
+        off) takes no place and gets no word, only its fate in the ledger."""
+        if incoming.kind is Kind.IGNORED:
+            return Queued.NOT
+        known_live = not replay and incoming.command in self.command_names
+        if incoming.kind is Kind.COMMAND and known_live:
+            return Queued.NOT  # its handler's, with its own preconditions
+        if self._left(incoming):
+            self.ledger.left(incoming, "not the room's to answer")
+            return Queued.NOT
+        # Full counts every place (commands too); during a start nothing is refused (what
+        # arrives then is bounded by one sync, and nothing is said before the rooms are read).
+        full = not replay and self._full(incoming.room_id)
         if incoming.kind is Kind.COMMAND:
-            if replay or incoming.command not in self.command_names:
-                self.queues.worker(incoming.room_id).push(incoming)
+            if full:
+                return Queued.FULL
+            self.queues.worker(incoming.room_id).push(incoming)
             return Queued.NOT
-        if incoming.kind is not Kind.MESSAGE:
-            return Queued.NOT
-        worker = self.queues.worker(incoming.room_id)
-        if worker.waiting >= self.settings().max_queue_per_room:
+        if full:
             return Queued.FULL  # not taken: the user is told, and may send it again later
+        worker = self.queues.worker(incoming.room_id)
         self._told_full.discard(incoming.room_id)
         waits = worker.busy
         worker.push(incoming)
         self.ledger.seen(incoming)
         return Queued.WAITS if waits else Queued.NOW
+
+    def _full(self, room_id: str) -> bool:
+        worker = self.queues.workers.get(room_id)
+        limit = self.settings().max_queue_per_room
+        return self.gate.is_open and worker is not None and worker.places >= limit
+
+    def _left(self, incoming: Incoming) -> bool:
+        """A chat room's message or command from someone it does not answer (decided once
+        the rooms are known: during a start everything waits for its turn)."""
+        if not self.gate.is_open:
+            return False
+        room = self.registry.room(incoming.room_id)
+        return room is not None and admit(room, incoming.sender, self.settings()) is Admission.IGNORE

@@ -25,7 +25,7 @@ from ..ledger import Fate, Ledger
 from ..matrix import HomeserverError
 from ..notices import Notices
 from ..part import Part, PartArgs
-from ..queue import RoomQueues
+from ..queue import QueueFull, RoomQueues
 from ..replay import replaying
 
 Handler = Callable[..., Awaitable[Any]]
@@ -201,8 +201,11 @@ def in_turn(func: F) -> F:
                 await control()
             return
         queues: RoomQueues = self.queues
-        async with queues.in_turn(evt.room_id, evt.event_id) as turn:
-            turn.set_result(await func(self, evt, *args, **kwargs))
+        try:
+            async with queues.in_turn(evt.room_id, evt.event_id) as turn:
+                turn.set_result(await func(self, evt, *args, **kwargs))
+        except QueueFull as full:  # no place: the command was not taken, the user told
+            await self.reply(evt, "queue.full", max=full.limit)
 
     return wrapper  # type: ignore[return-value]
 

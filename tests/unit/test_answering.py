@@ -193,3 +193,47 @@ async def test_a_cancelled_answer_is_counted_and_marked_interrupted() -> None:
         await call
     assert [c for c in recorder.calls if c[0] == "record"] == [("record", USER, Usage(2, 10))]
     assert recorder.contents[-1]["m.new_content"]["body"].endswith("answer.interrupted")
+
+
+class FilesOnlyAgent(Agent):
+    async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        return AgentReply("", ("out/report.pdf",), usage=USAGE)
+
+
+async def test_a_files_only_answer_is_named_by_a_notice_after_its_files() -> None:
+    recorder = Recorder()
+    fate = await answerer(recorder).ask(ROW, FilesOnlyAgent(), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.ANSWERED, "")
+    assert recorder.calls[1:3] == ["files", ("send", "answer.files")]
+    assert recorder.contents[-1][ANSWERS] == "$question"  # a lost database answers it not again
+
+
+class FlakyFirst(Recorder):
+    """The homeserver fails the stream's first event once (did it arrive? nobody knows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.txns: list[str | None] = []
+
+    async def send(self, room_id: str, content: dict, **kwargs: Any) -> str:
+        if content.get(ANSWERING) and "m.relates_to" not in content:
+            self.txns.append(kwargs.get("txn"))
+            if len(self.txns) == 1:
+                raise HomeserverError(0, None, "connection failed")
+        return await super().send(room_id, content, **kwargs)
+
+
+class TwoPartials(Agent):
+    async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        await partial("one")
+        await partial("one two")  # (the throttle is 0 in these settings only via the clock)
+        return AgentReply("one two three", usage=USAGE)
+
+
+async def test_every_try_of_a_streams_first_event_carries_one_transaction_id() -> None:
+    recorder = FlakyFirst()
+    made = answerer(recorder)
+    made.settings = lambda: SimpleNamespace(stream_edit_interval_s=0.0, language="en")  # type: ignore[assignment,return-value]
+    fate = await made.ask(ROW, TwoPartials(), REQUEST, QUESTION)  # type: ignore[arg-type]
+    assert fate == (Fate.ANSWERED, "")
+    assert len(recorder.txns) == 2 and recorder.txns[0] == recorder.txns[1] is not None

@@ -182,3 +182,13 @@ async def test_a_usage_increment_is_not_repeated_after_a_connection_lost_mid_sta
     with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
         await flaky.add_usage("@a:x", "!r:x", "2026-12-01", 100, 50)
     assert await store.usage_since("@a:x", "2026-12-01") == (100, 50, 1)  # counted once
+
+
+async def test_a_refused_redelivery_leaves_nothing_remembered(store: Store) -> None:
+    env = Env(store)
+    await env.stage.message(ROOM, message("$1"), retried=False)
+    for _ in range(2):
+        env.ledger.seen(message("$1"))  # delivered again, queued, then refused in its turn
+        assert not await env.ledger.claim(message("$1"))
+    await _turns(5)
+    assert env.ledger._queued == set() and env.ledger._claimed == set()

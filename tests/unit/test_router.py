@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from lambda_plugin.config import Settings
+from lambda_plugin.db import ChatRoomRow
 from lambda_plugin.gate import StartGate
 from lambda_plugin.intake import Incoming, Kind
-from lambda_plugin.queue import RoomQueues
+from lambda_plugin.queue import QueueFull, RoomQueues
 from lambda_plugin.routing import Queued, Router
 from tests.unit.test_config import settings as make_settings
 from tests.unit.test_queue import TIMEOUT, FakeStage, ended, settle
@@ -62,12 +63,24 @@ class FakeLedger:
     """Only ``seen`` is the router's to call: sync (it writes in the background)."""
 
     recorded: list[Incoming] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
 
     def seen(self, incoming: Incoming) -> None:
         self.recorded.append(incoming)
 
+    def left(self, incoming: Incoming, reason: str) -> None:
+        self.left_out.append(incoming.event_id)
+
     def ids(self) -> list[str]:
         return [incoming.event_id for incoming in self.recorded]
+
+
+@dataclass
+class FakeRegistry:
+    rooms: dict[str, ChatRoomRow] = field(default_factory=dict)
+
+    def room(self, room_id: str) -> ChatRoomRow | None:
+        return self.rooms.get(room_id)
 
 
 @dataclass
@@ -97,6 +110,7 @@ def build(settings: Settings, gate: StartGate) -> Env:
         log=LOG,
         queues=queues,
         ledger=ledger,  # type: ignore[arg-type]
+        registry=FakeRegistry(),  # type: ignore[arg-type]
         gate=gate,
         notices=notices,  # type: ignore[arg-type]
         command_names={"help", "clear", "cancel"},
@@ -265,16 +279,6 @@ async def test_ignored_events_are_not_queued(env: Env) -> None:
     assert env.ledger.ids() == []
 
 
-async def test_unknown_commands_do_not_fill_the_queue(env: Env) -> None:
-    env.stage.blocked("$running")
-    await route(env, msg("$running"))
-    await env.stage.until_call("message", ROOM, "$running", False)
-    for i in range(LIMIT + 2):
-        await route(env, cmd(f"$c{i}", "frobnicate"))
-    assert env.router.enqueue(msg("$w1")) is Queued.WAITS
-    assert env.notices.keys("queue.full") == []
-
-
 async def test_a_replayed_command_is_queued_even_when_the_queue_is_full(env: Env) -> None:
     release = {e: env.stage.blocked(e) for e in ("$running", "$w1", "$w2")}
     await route(env, msg("$running"))
@@ -339,12 +343,48 @@ async def test_no_receipt_while_the_gate_is_closed(closed_env: Env) -> None:
     assert env.mx.receipts == []
 
 
-async def test_the_queue_is_full_also_while_the_gate_is_closed(closed_env: Env) -> None:
+async def test_nothing_is_refused_or_said_while_the_gate_is_closed(closed_env: Env) -> None:
+    # During a start the rooms are not read yet: nothing can be decided, nothing is said
+    # (not even in a room the plugin does not manage); what arrives is bounded by one sync.
     env = closed_env
     await route(env, msg("$1"), msg("$2"), msg("$3"), msg("$4"))
-    assert env.queues.worker(ROOM).waiting == LIMIT
-    assert env.ledger.ids() == ["$1", "$2"]  # queued during the start: seen all the same
-    assert env.notices.keys("queue.full") == [(ROOM, "$3")]
+    assert env.queues.worker(ROOM).waiting == 4
+    assert env.ledger.ids() == ["$1", "$2", "$3", "$4"]
+    assert env.notices.keys("queue.full") == []
     env.gate.open()
-    await env.stage.until_done("$1", "$2")
-    assert env.stage.order("message") == ["$1", "$2"]
+    await env.stage.until_done("$1", "$2", "$3", "$4")
+    assert env.stage.order("message") == ["$1", "$2", "$3", "$4"]
+
+
+def chat_of(owner: str = USER) -> ChatRoomRow:
+    return ChatRoomRow(ROOM, owner, "C1", "Chat 1", "echo", "p1", False, False, 1)
+
+
+async def test_another_members_messages_take_no_place_and_get_no_word(env: Env) -> None:
+    env.router.registry.rooms[ROOM] = chat_of()  # type: ignore[attr-defined]
+    env.stage.blocked("$owner-1")
+    member = [replace(msg(f"$m{i}"), sender="@mallory:example.org") for i in range(10)]
+    await route(env, msg("$owner-1"), *member, msg("$owner-2"))
+    assert env.ledger.left_out == [m.event_id for m in member]  # their fate, recorded
+    assert env.queues.worker(ROOM).waiting == 1  # only the owner's next message waits
+    assert env.notices.keys("queue.full") == []
+    assert "$owner-2" in env.ledger.ids()
+
+
+async def test_commands_take_places_and_an_unknown_one_past_the_limit_is_refused(
+    env: Env,
+) -> None:
+    env.stage.blocked("$run")
+    await route(env, msg("$run"), cmd("$u1", "what"), cmd("$u2", "what"), cmd("$u3", "what"))
+    assert env.queues.worker(ROOM).places == LIMIT  # two unknown commands fill it
+    assert env.notices.keys("queue.full") == [(ROOM, "$u3")]
+    assert env.router.enqueue(msg("$late")) is Queued.FULL  # a message too, then
+
+
+async def test_a_live_command_finds_no_place_in_a_full_queue(env: Env) -> None:
+    env.queues.max_places = lambda: LIMIT
+    env.stage.blocked("$run")
+    await route(env, msg("$run"), msg("$a"), msg("$b"))
+    with pytest.raises(QueueFull):
+        async with env.queues.in_turn(ROOM, "$clear"):
+            pass
