@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ class LocalAgent:
 
     model: str
     base_url: str
+    first_token_s: float
+    gap_s: float
     _runner: web.AppRunner | None
 
     async def start(self) -> str:
@@ -62,6 +65,56 @@ class LocalAgent:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+    async def _answer(
+        self, request: web.Request, body: Any, arrived: float, pieces: list[str],
+        first_token: Callable[[], None] = lambda: None,
+        cut: Callable[[], None] | None = None,
+    ) -> web.StreamResponse:  # fmt: skip
+        """``pieces`` as one answer, or streamed when asked: the role at once, the first
+        piece ``first_token_s`` after ``arrived`` (``first_token`` called as it is written),
+        the others ``gap_s`` apart. A streamed response is prepared and ended here; with
+        ``cut``, a client that goes away mid-answer is told to it, not raised."""
+        if not body.get("stream"):
+            await asyncio.sleep(self.first_token_s + self.gap_s * (len(pieces) - 1))
+            first_token()
+            message = {"role": "assistant", "content": "".join(pieces)}
+            return web.json_response(
+                {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        try:
+            await self._stream(request, resp, arrived, pieces, first_token)
+        except (ConnectionError, RuntimeError):
+            if cut is None:
+                raise
+            cut()
+        return resp
+
+    async def _stream(
+        self, request: web.Request, resp: web.StreamResponse, arrived: float,
+        pieces: list[str], first_token: Callable[[], None],
+    ) -> None:  # fmt: skip
+        await resp.prepare(request)
+
+        async def event(data: Any) -> None:
+            text = data if isinstance(data, str) else json.dumps(data)
+            await resp.write(f"data: {text}\n\n".encode())
+
+        def delta(content: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
+
+        await event(delta({"role": "assistant"}))
+        await asyncio.sleep(max(0.0, arrived + self.first_token_s - time.monotonic()))
+        for index, piece in enumerate(pieces):
+            if index:
+                await asyncio.sleep(self.gap_s)
+            await event(delta({"content": piece}))
+            if index == 0:
+                first_token()
+        await event(delta({}, "stop"))
+        await event("[DONE]")
+        await resp.write_eof()
 
 
 def last_user_text(body: Any) -> str:
@@ -109,33 +162,11 @@ class StreamingAgent(LocalAgent):
         token = found.group(0) if found else f"fw-unnamed-{len(self.timings)}"
         timing = self.timings[token] = Timing(request=arrived)
         pieces = self.answer(token)
-        if not body.get("stream"):
-            await asyncio.sleep(self.first_token_s + self.gap_s * (len(pieces) - 1))
-            timing.first_token = timing.done = time.monotonic()
-            message = {"role": "assistant", "content": "".join(pieces)}
-            return web.json_response(
-                {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
 
-        async def event(data: Any) -> None:
-            text = data if isinstance(data, str) else json.dumps(data)
-            await resp.write(f"data: {text}\n\n".encode())
+        def first() -> None:
+            timing.first_token = time.monotonic()
 
-        def delta(content: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
-
-        await event(delta({"role": "assistant"}))
-        await asyncio.sleep(max(0.0, arrived + self.first_token_s - time.monotonic()))
-        for index, piece in enumerate(pieces):
-            if index:
-                await asyncio.sleep(self.gap_s)
-            await event(delta({"content": piece}))
-            if index == 0:
-                timing.first_token = time.monotonic()
-        await event(delta({}, "stop"))
-        await event("[DONE]")
-        await resp.write_eof()
-        timing.done = time.monotonic()
+        resp = await self._answer(request, body, arrived, pieces, first)
+        if timing.done is None:
+            timing.done = time.monotonic()
         return resp

@@ -123,35 +123,10 @@ class SlowAgent(LocalAgent):
         text = found.group(0) if found else "an unknown message"
         self.asked[text] += 1
         pieces = self.pieces_of(text)
-        if not body.get("stream"):
-            await asyncio.sleep(self.seconds)
-            message = {"role": "assistant", "content": "".join(pieces)}
-            return web.json_response(
-                {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        return await self._answer(request, body, arrived, pieces, cut=self._cut)
 
-        async def event(data: Any) -> None:
-            text = data if isinstance(data, str) else json.dumps(data)
-            await resp.write(f"data: {text}\n\n".encode())
-
-        def delta(content: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
-
-        try:
-            await resp.prepare(request)
-            await event(delta({"role": "assistant"}))
-            await asyncio.sleep(max(0.0, arrived + self.first_token_s - time.monotonic()))
-            for index, piece in enumerate(pieces):
-                if index:
-                    await asyncio.sleep(self.gap_s)
-                await event(delta({"content": piece}))
-            await event(delta({}, "stop"))
-            await event("[DONE]")
-            await resp.write_eof()
-        except (ConnectionError, RuntimeError):  # the plugin went away mid-answer
-            self.cut += 1
-        return resp
+    def _cut(self) -> None:  # the plugin went away mid-answer (maubot killed, say)
+        self.cut += 1
 
 
 # Sending -----------------------------------------------------------------------------------
