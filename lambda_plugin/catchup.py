@@ -111,36 +111,22 @@ def plan_start(
     the ledger: every event left unfinished, however old. Done = an end in the ledger other
     than kept, or a finished answer in the room naming it (a lost database answers nothing
     twice). Messages count only in ``active`` rooms (when given); commands everywhere."""
-    plan = StartPlan()
     picked: dict[str, dict[str, tuple[int, int, Incoming]]] = {}  # (group, position, event)
-    order = 0
-    for room_id, events in timelines.items():
-        answered = answered_ids(events, bot_id)
-        partials = partials_of(events, bot_id)
-        for raw in events:
-            if not isinstance(raw, dict):
-                continue
-            found = classify({**raw, "room_id": room_id}, bot_id)
-            order += 1
-            if (
-                found.kind is Kind.IGNORED or found.event_id in answered
-                or found.timestamp < since_ms
-                or (found.is_message and active is not None and room_id not in active)
-                or states.get(found.event_id) in DONE | {Fate.KEPT.value}
-            ):  # fmt: skip
-                continue
-            found = found.resuming(partials.get(found.event_id, ""))
-            # Room order is the timeline's (a sender's clock may be off), not the timestamps.
-            picked.setdefault(room_id, {}).setdefault(found.event_id, (1, order, found))
-        for row in unfinished:
-            if row.room_id == room_id and row.event_id in answered:
-                plan.answered.append(row.event_id)
+    answered = {
+        room_id: _pick_from_timeline(
+            picked.setdefault(room_id, {}), room_id, events, states, bot_id, since_ms,
+            active is None or room_id in active,
+        )
+        for room_id, events in timelines.items()
+    }  # fmt: skip
+    plan = StartPlan(
+        answered=[r.event_id for r in unfinished if r.event_id in answered.get(r.room_id, ())]
+    )
     done = set(plan.answered)
     for row in unfinished:
         kept = incoming_of(row, bot_id)
         if kept is None or row.event_id in done:
             continue
-        order += 1
         room = picked.setdefault(row.room_id, {})
         if row.event_id in room:  # where the timeline has it
             if not kept.resume:
@@ -149,8 +135,33 @@ def plan_start(
         else:  # not in what was read: placed by time
             room[row.event_id] = (0, kept.timestamp, kept)
     for room_id, entries in picked.items():
-        plan.rooms[room_id] = _in_order(list(entries.values()))
+        if entries:
+            plan.rooms[room_id] = _in_order(list(entries.values()))
     return plan
+
+
+def _pick_from_timeline(
+    room: dict[str, tuple[int, int, Incoming]], room_id: str, events: list[Any],
+    states: dict[str, str], bot_id: str, since_ms: int, messages: bool,
+) -> set[str]:  # fmt: skip
+    """Puts into ``room`` each event of the timeline a start runs, at its position in the
+    timeline (a sender's clock may be off: not by timestamp); returns what answers name."""
+    answered = answered_ids(events, bot_id)
+    partials = partials_of(events, bot_id)
+    for position, raw in enumerate(events):
+        if not isinstance(raw, dict):
+            continue
+        found = classify({**raw, "room_id": room_id}, bot_id)
+        if (
+            found.kind is Kind.IGNORED or found.event_id in answered
+            or found.timestamp < since_ms
+            or (found.is_message and not messages)
+            or states.get(found.event_id) in DONE | {Fate.KEPT.value}
+        ):  # fmt: skip
+            continue
+        found = found.resuming(partials.get(found.event_id, ""))
+        room.setdefault(found.event_id, (1, position, found))
+    return answered
 
 
 def _in_order(entries: list[tuple[int, int, Incoming]]) -> list[Incoming]:
