@@ -96,7 +96,7 @@ class Ledger(Part):
 
     async def _write(self, row: LedgerRow, what: str) -> None:
         try:
-            await self._db(lambda: self.table.insert(row), what)
+            await self._db(lambda: self.table.add(row), what)
         except Exception as e:
             self.log.warning("Recording %s as %s failed: %s", row.event_id, what, e)
 

@@ -15,14 +15,22 @@ class LedgerTable:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def insert(self, row: LedgerRow) -> LedgerRow:
-        """Adds the row unless the event has one; returns the row as it is now."""
-        await self.db.execute(
+    async def add(self, row: LedgerRow) -> bool:
+        """Adds the row unless the event has one; False when it had."""
+        added = await self.db.fetchval(
             f"INSERT INTO ledger ({LedgerRow.columns})"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING"
+            " RETURNING event_id",
             row.event_id, row.room_id, row.sender, row.kind, row.state, row.reason, row.ts,
             row.event, row.answer_event, row.updated_at,
         )  # fmt: skip
+        return added is not None
+
+    async def insert(self, row: LedgerRow) -> LedgerRow:
+        """Adds the row unless the event has one; returns the row as it is now (read back
+        only when it was there already)."""
+        if await self.add(row):
+            return row
         found = await self.get(row.event_id)
         return found or row
 
