@@ -189,7 +189,7 @@ class Answerer(Part):
                 await reply.finish(answer.text, None if answer.attachments else done)
             await self.files.send(room.room_id, requester, answer.attachments)
             if texts and answer.attachments:  # the text again, now naming the message
-                last_id, last_text, _ = reply.last_piece
+                last_id, last_text = reply.last_piece
                 await done(edit_content(last_id, last_text))
             elif answer.attachments:  # files only: something in the room must name it
                 text = self.notices.text("answer.files", count=len(answer.attachments))

@@ -157,7 +157,7 @@ class StreamingReply:
         self.edits = 0
         self.streamed_chars = 0  # of the longest text streamed so far (for cut answers)
         self.shown = ""  # the text of the last partial sent
-        self.last_piece: tuple[str, str, bool] = ("", "", False)  # (id, text, an edit) once finished
+        self.last_piece: tuple[str, str] = ("", "")  # (event id, text) once finished
 
     async def partial(self, text_so_far: str) -> None:
         self.streamed_chars = max(self.streamed_chars, len(text_so_far))
@@ -223,5 +223,5 @@ class StreamingReply:
                 ids.append(self.event_id)
             else:
                 ids.append(await send(notice_content(piece)))
-        self.last_piece = (ids[-1], pieces[-1], ids[-1] == self.event_id)
+        self.last_piece = (ids[-1], pieces[-1])
         return ids
