@@ -87,11 +87,6 @@ class RoomWorker:
         self.items.append(item)
         self._wakeup.set()
 
-    def push_front(self, items: list[QueueItem]) -> None:
-        """Puts caught-up events (sent before anything queued now) at the head, in order."""
-        self.items.extendleft(reversed(items))
-        self._wakeup.set()
-
     def push_start(self, items: list[Incoming]) -> None:
         """Puts a start's events at the head, in order, each once: a command whose live
         slot is queued already (maubot dispatched it during the start) goes there as that

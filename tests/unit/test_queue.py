@@ -648,10 +648,10 @@ async def test_a_replaced_worker_does_not_remove_its_successor(
     await asyncio.gather(old.task, return_exceptions=True)
 
 
-# --- catch-up: push_front -------------------------------------------------------------------
+# --- catch-up: push_start -------------------------------------------------------------------
 
 
-async def test_push_front_puts_caught_up_items_first_in_order(
+async def test_push_start_puts_caught_up_items_first_in_order(
     queues: RoomQueues, stage: FakeStage
 ) -> None:
     running = stage.blocked("$running")
@@ -660,7 +660,7 @@ async def test_push_front_puts_caught_up_items_first_in_order(
     await stage.until_call("message", ROOM, "$running", False)
     worker.push(msg("$live1"))
     worker.push(msg("$live2"))
-    worker.push_front([msg("$missed1"), command("$missed-cmd", "clear"), msg("$missed2")])
+    worker.push_start([msg("$missed1"), command("$missed-cmd", "clear"), msg("$missed2")])
     running.set()
     await stage.until_done("$live2")
     assert stage.started() == [
@@ -673,9 +673,9 @@ async def test_push_front_puts_caught_up_items_first_in_order(
     ]
 
 
-async def test_push_front_on_an_idle_worker(queues: RoomQueues, stage: FakeStage) -> None:
+async def test_push_start_on_an_idle_worker(queues: RoomQueues, stage: FakeStage) -> None:
     worker = queues.worker(ROOM)
-    worker.push_front([msg("$m1"), msg("$m2")])
+    worker.push_start([msg("$m1"), msg("$m2")])
     await stage.until_done("$m1", "$m2")
     assert stage.order("done") == ["$m1", "$m2"]
 
@@ -695,7 +695,7 @@ async def test_caught_up_items_go_before_live_ones_queued_during_the_start(
         # The catch-up then queues what was missed at the head, and the gate opens.
         stage.step("$missed1", wait_gate=True)
         stage.step("$missed2", wait_gate=True)
-        queues.worker(ROOM).push_front([msg("$missed1"), command("$missed-cmd"), msg("$missed2")])
+        queues.worker(ROOM).push_start([msg("$missed1"), command("$missed-cmd"), msg("$missed2")])
         gate.open()
         await stage.until_done("$live", "$missed1", "$missed2")
         assert stage.order("done") == ["$missed1", "$missed-cmd", "$missed2", "$live"]

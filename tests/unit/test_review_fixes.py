@@ -119,7 +119,7 @@ async def test_a_command_that_breaks_maubot_parsing_is_skipped_and_its_room_move
     queues = RoomQueues(stage, gate, LOG)  # type: ignore[arg-type]
     after = classify({**command("$fine"), "room_id": ROOM}, BOT)
     message = Incoming(Kind.MESSAGE, "$next", ROOM, USER, "hello", 10**13)
-    queues.worker(ROOM).push_front([missed(raw), after, message])  # as the catch-up queues
+    queues.worker(ROOM).push_start([missed(raw), after, message])  # as the catch-up queues
     gate.open()
     await asyncio.wait_for(stage.done.wait(), 10)
     assert ran == ["$fine"]  # the room's queue moved on past the broken one
