@@ -21,6 +21,7 @@ LANGUAGES = ("en", "ru")
 BACKENDS = ("echo", "openai", "lambda")
 _USER_ID = re.compile(r"^@[^:\s]+:\S+$")
 _USER_PATTERN = re.compile(r"^@\*:\S+$")
+KB = 1024
 MB = 1024 * 1024
 DAY_S = 24 * 3600.0
 
@@ -41,6 +42,7 @@ class Config(BaseProxyConfig):
         helper.copy("access.token_limits")
         helper.copy("access.max_kept_per_room")
         helper.copy("access.answer_estimate_tokens")
+        helper.copy("access.max_joins_per_inviter")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("spaces.encryption")
@@ -50,6 +52,10 @@ class Config(BaseProxyConfig):
         helper.copy("files.max_size_mb")
         helper.copy("files.workspace_quota_mb")
         helper.copy("files.download_timeout_s")
+        helper.copy("files.max_files_per_answer")
+        helper.copy("history.max_turns")
+        helper.copy("history.max_kb")
+        helper.copy("history.max_snapshot_kb")
         helper.copy("replies.stream_edit_interval_s")
         helper.copy("reconcile.catch_up_minutes")
         helper.copy("reconcile.handled_kept_days")
@@ -199,6 +205,11 @@ class Settings:
     answer_estimate_tokens: int  # what a running answer reserves against a quota
     homeserver_wait_s: float  # how long a send is retried while the homeserver is unreachable
     database_wait_s: float  # how long a database call is retried while the database is down
+    max_joins_per_inviter: int  # rooms joined for one user beyond their DM and managed rooms
+    max_files_per_answer: int  # files of one answer sent; the rest are named in one notice
+    history_max_turns: int  # turns kept per conversation; older ones are pruned
+    history_max_bytes: int  # text kept per conversation (UTF-8); older turns are pruned
+    max_snapshot_bytes: int  # largest snapshot !save writes (and !load restores)
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
         """The user's (daily, monthly) token limits; 0 is no limit."""
@@ -215,45 +226,71 @@ class Settings:
         """Builds settings, or raises ValueError naming the first bad key."""
         language = _language(config["language"])
         agents = _registry(config["agents.registry"])
-        daily = _tokens(config["access.daily_tokens"], "access.daily_tokens")
-        monthly = _tokens(config["access.monthly_tokens"], "access.monthly_tokens")
         return cls(
             language=language,
-            allowed_users=_users(config["access.allowed_users"], "access.allowed_users"),
-            admins=_users(config["access.admins"], "access.admins"),
-            max_chats_per_user=_whole(config, "access.max_chats_per_user"),
-            shared_rooms=_flag(config, "access.shared_rooms"),
-            max_message_chars=_whole(config, "access.max_message_chars"),
-            requests_per_minute=_whole(config, "access.requests_per_minute"),
             space_name=_template(
                 config["spaces.space_name"], "spaces.space_name", ("displayname", "user_id")
             ),
             chat_name=_chat_name(config["spaces.chat_name"], language),
+            encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
             default_agent=_default_agent(config["agents.default"], agents),
             agents=agents,
-            workspace_root=_workspace_root(config["files.workspace_root"]),
-            max_file_bytes=int(_number(config, "files.max_size_mb") * MB),
-            stream_edit_interval_s=_number(config, "replies.stream_edit_interval_s"),
-            catch_up_s=60.0 * _number(config, "reconcile.catch_up_minutes"),
-            max_queue_per_room=_whole(config, "access.max_queue_per_room"),
-            max_snapshots_per_user=_whole(config, "access.max_snapshots_per_user"),
-            workspace_quota_bytes=int(_number(config, "files.workspace_quota_mb") * MB),
-            download_timeout_s=_number(config, "files.download_timeout_s"),
-            handled_kept_s=_number(config, "reconcile.handled_kept_days") * DAY_S,
-            read_batch=_read_batch(config["reconcile.read_batch"]),
-            encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
             transcription=_transcription(config["transcription"], "transcription"),
             agent_transcription=_agent_transcription(agents),
-            daily_tokens=daily,
-            monthly_tokens=monthly,
-            token_limits=_token_limits(config["access.token_limits"], daily, monthly),
-            max_kept_per_room=_whole(config, "access.max_kept_per_room"),
-            answer_estimate_tokens=_tokens(
-                config["access.answer_estimate_tokens"], "access.answer_estimate_tokens"
-            ),
-            homeserver_wait_s=_number(config, "outages.homeserver_wait_s"),
-            database_wait_s=_number(config, "outages.database_wait_s"),
+            **_access(config),
+            **_files_and_history(config),
+            **_timing(config),
         )
+
+
+def _access(config: BaseProxyConfig) -> dict[str, Any]:
+    """The access.* keys: who may use the bot and how much."""
+    daily = _tokens(config["access.daily_tokens"], "access.daily_tokens")
+    monthly = _tokens(config["access.monthly_tokens"], "access.monthly_tokens")
+    return {
+        "allowed_users": _users(config["access.allowed_users"], "access.allowed_users"),
+        "admins": _users(config["access.admins"], "access.admins"),
+        "max_chats_per_user": _whole(config, "access.max_chats_per_user"),
+        "shared_rooms": _flag(config, "access.shared_rooms"),
+        "max_message_chars": _whole(config, "access.max_message_chars"),
+        "requests_per_minute": _whole(config, "access.requests_per_minute"),
+        "max_queue_per_room": _whole(config, "access.max_queue_per_room"),
+        "max_snapshots_per_user": _whole(config, "access.max_snapshots_per_user"),
+        "daily_tokens": daily,
+        "monthly_tokens": monthly,
+        "token_limits": _token_limits(config["access.token_limits"], daily, monthly),
+        "max_kept_per_room": _whole(config, "access.max_kept_per_room"),
+        "answer_estimate_tokens": _tokens(
+            config["access.answer_estimate_tokens"], "access.answer_estimate_tokens"
+        ),
+        "max_joins_per_inviter": _whole(config, "access.max_joins_per_inviter"),
+    }
+
+
+def _files_and_history(config: BaseProxyConfig) -> dict[str, Any]:
+    """The files.* and history.* keys: sizes and counts of what is stored and sent."""
+    return {
+        "workspace_root": _workspace_root(config["files.workspace_root"]),
+        "max_file_bytes": int(_number(config, "files.max_size_mb") * MB),
+        "workspace_quota_bytes": int(_number(config, "files.workspace_quota_mb") * MB),
+        "download_timeout_s": _number(config, "files.download_timeout_s"),
+        "max_files_per_answer": _whole(config, "files.max_files_per_answer"),
+        "history_max_turns": _whole(config, "history.max_turns"),
+        "history_max_bytes": int(_number(config, "history.max_kb") * KB),
+        "max_snapshot_bytes": int(_number(config, "history.max_snapshot_kb") * KB),
+    }
+
+
+def _timing(config: BaseProxyConfig) -> dict[str, Any]:
+    """Intervals, windows and waits."""
+    return {
+        "stream_edit_interval_s": _number(config, "replies.stream_edit_interval_s"),
+        "catch_up_s": 60.0 * _number(config, "reconcile.catch_up_minutes"),
+        "handled_kept_s": _number(config, "reconcile.handled_kept_days") * DAY_S,
+        "read_batch": _read_batch(config["reconcile.read_batch"]),
+        "homeserver_wait_s": _number(config, "outages.homeserver_wait_s"),
+        "database_wait_s": _number(config, "outages.database_wait_s"),
+    }
 
 
 def _choice(config: BaseProxyConfig, key: str, choices: tuple[str, ...]) -> str:

@@ -100,12 +100,17 @@ CUSTOM: dict[str, Any] = {
     "files.max_size_mb": 3,
     "files.workspace_quota_mb": 10,
     "files.download_timeout_s": 60,
+    "files.max_files_per_answer": 3,
+    "history.max_turns": 30,
+    "history.max_kb": 64,
+    "history.max_snapshot_kb": 128,
     "replies.stream_edit_interval_s": 0.25,
     "reconcile.catch_up_minutes": 3,
     "reconcile.handled_kept_days": 2,
     "reconcile.read_batch": 50,
     "outages.homeserver_wait_s": 30,
     "outages.database_wait_s": 2.5,
+    "access.max_joins_per_inviter": 4,
     "transcription": {
         "base_url": "http://127.0.0.1:8000/v1",
         "model": "whisper-1",
@@ -158,6 +163,9 @@ def test_base_config_defaults() -> None:
     assert s.transcription_for("echo") is None
     assert (s.daily_tokens, s.monthly_tokens, s.token_limits) == (0, 0, {})
     assert s.token_limits_of("@alice:example.org") == (0, 0)
+    assert (s.max_joins_per_inviter, s.max_files_per_answer) == (20, 10)
+    assert (s.history_max_turns, s.history_max_bytes) == (200, 1024 * 1024)
+    assert s.max_snapshot_bytes == 1024 * 1024
 
 
 def test_empty_user_config_gets_the_defaults() -> None:
