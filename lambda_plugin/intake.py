@@ -8,6 +8,7 @@ type-checked: a malformed event is ignored, never an exception.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,10 @@ ANSWERING = "ai.lambda.matrix.answering"
 # (an agent or send failure, the rate limit, a quota, !cancel), a voice message's transcript.
 # A start does not take it for the answer.
 ABOUT = "ai.lambda.matrix.about"
+# Set on a live event whose reply fallback mautrix already trimmed: trimming again could eat
+# a quote the user wrote at the start of their reply.
+TRIMMED = "ai.lambda.matrix.fallback_trimmed"
+_HTML_FALLBACK = re.compile(r"^<mx-reply>[\s\S]*?</mx-reply>")
 
 
 class Kind(enum.Enum):
@@ -82,6 +87,26 @@ def _malformed(content: dict[str, Any]) -> bool:
     return not isinstance(relates, dict) or not all(isinstance(t, str) for t in texts)
 
 
+def trimmed(content: dict[str, Any]) -> dict[str, Any]:
+    """``content`` without its reply fallback (the quoted ``> <@sender> …`` lines and the
+    ``<mx-reply>`` block), as a client shows it; the same rule mautrix applies live."""
+    relates = content.get("m.relates_to")
+    reply = relates.get("m.in_reply_to") if isinstance(relates, dict) else None
+    if not isinstance(reply, dict) or not isinstance(reply.get("event_id"), str):
+        return content
+    out = dict(content)
+    body = content.get("body")
+    if isinstance(body, str) and body.startswith(("> <", "> * <")) and "\n" in body:
+        lines = body.split("\n")
+        while lines and lines[0].startswith("> "):
+            lines.pop(0)
+        out["body"] = "\n".join(lines).strip()
+    html = content.get("formatted_body")
+    if isinstance(html, str) and content.get("format") == "org.matrix.custom.html":
+        out["formatted_body"] = _HTML_FALLBACK.sub("", html)
+    return out
+
+
 def command_name(body: str) -> str:
     words = body[len(COMMAND_PREFIX) :].split(maxsplit=1)
     return words[0].lower() if words else ""
@@ -95,6 +120,8 @@ def classify(event: Any, bot_id: str) -> Incoming:
     event_id = _str(event.get("event_id"))
     if not isinstance(content, dict) or not sender or not event_id or sender == bot_id:
         return IGNORED
+    if not event.get(TRIMMED):
+        content = trimmed(content)
     msgtype, body = content.get("msgtype"), _str(content.get("body"))
     if msgtype not in ANSWERED_MSGTYPES or is_edit(content) or _malformed(content):
         return IGNORED
@@ -119,8 +146,9 @@ def classify(event: Any, bot_id: str) -> Incoming:
 
 
 def as_json(evt: MessageEvent) -> dict[str, Any]:
-    """A live event in the form ``classify`` reads (its reply fallback already trimmed)."""
+    """A live event in the form ``classify`` reads (mautrix trimmed its reply fallback)."""
     return {
+        TRIMMED: True,
         "type": "m.room.message",
         "event_id": evt.event_id,
         "room_id": evt.room_id,

@@ -120,6 +120,40 @@ async def test_missed_clear_splits_the_conversation_in_order(stack: Deployment, 
         assert len(answers_to(uma, got.room, bot, event_id)) == 1
 
 
+
+async def test_replies_sent_while_stopped_are_read_as_the_client_shows_them(
+    stack: Deployment, new_user
+) -> None:
+    """A reply carries a quote of the message it answers (the fallback). Caught up after a
+    start, the reply is what it is live: `!clear` a command, a question without the quote."""
+    una = await new_user("una")
+    got = await onboard(una, stack)
+    bot = stack.bot_id
+    first = await una.send_text(got.room, "first")
+    quoted = await answer_to(una, got.room, bot, first)
+    mark = una.mark()
+
+    def reply(text: str) -> dict:
+        return {
+            "msgtype": "m.text",
+            "body": f"> <{bot}> {notice_text(quoted).splitlines()[0]}\n\n{text}",
+            "format": "org.matrix.custom.html",
+            "formatted_body": f"<mx-reply><blockquote>{first}</blockquote></mx-reply>{text}",
+            "m.relates_to": {"m.in_reply_to": {"event_id": quoted["event_id"]}},
+        }
+
+    await stop_instance(stack)
+    try:
+        clear = await una.send(got.room, reply("!clear"))
+        question = await una.send(got.room, reply("and now?"))
+    finally:
+        await start_instance(stack)
+
+    assert "Cleared" in notice_text(await answer_to(una, got.room, bot, clear))
+    # The agent got the text alone, as the first message of the conversation !clear began.
+    assert notice_text(await answer_to(una, got.room, bot, question)) == echo("and now?", 1)
+    assert len(bot_messages(una, got.room, bot, mark)) == 2
+
 async def test_malformed_messages_sent_while_down_are_skipped(stack: Deployment, new_user) -> None:
     vic = await new_user("vic")
     got = await onboard(vic, stack)

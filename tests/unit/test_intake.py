@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 from mautrix.types import EventType, MessageEvent, MessageType, TextMessageEventContent
 
-from lambda_plugin.intake import IGNORED, Incoming, Kind, as_json, classify, command_name
+from lambda_plugin.intake import (
+    IGNORED,
+    TRIMMED,
+    Incoming,
+    Kind,
+    as_json,
+    classify,
+    command_name,
+    trimmed,
+)
 
 BOT = "@lambda:example.org"
 USER = "@alice:example.org"
@@ -349,6 +358,7 @@ def make_message_event(body: str, msgtype: MessageType = MessageType.TEXT) -> Me
 def test_as_json_shape() -> None:
     got = as_json(make_message_event("hello"))
     assert got == {
+        TRIMMED: True,
         "type": "m.room.message",
         "event_id": "$live",
         "room_id": ROOM,
@@ -385,3 +395,62 @@ def test_as_json_round_trip_edit_is_ignored() -> None:
     evt = make_message_event("* hello")
     evt.content.set_edit("$orig")
     assert classify(as_json(evt), BOT) is IGNORED
+
+
+# --- reply fallbacks: one trimming for live events and caught-up ones -----------------------
+
+REPLY = {"m.relates_to": {"m.in_reply_to": {"event_id": "$earlier"}}}
+FALLBACK = "> <@lambda:example.org> an answer\n> second line\n\n"
+HTML_FALLBACK = "<mx-reply><blockquote>an answer</blockquote></mx-reply>"
+
+
+def reply_content(body: str, html: str | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"msgtype": "m.text", "body": FALLBACK + body, **REPLY}
+    if html is not None:
+        content.update(format="org.matrix.custom.html", formatted_body=HTML_FALLBACK + html)
+    return content
+
+
+def live(content: dict[str, Any]) -> dict[str, Any]:
+    """The event as the live path reads it: mautrix parses and trims it, as_json writes it."""
+    evt = MessageEvent.deserialize(event(content, event_id="$live"))
+    evt.content.trim_reply_fallback()
+    return as_json(evt)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "command"),
+    [("!clear", Kind.COMMAND, "clear"), ("what about this?", Kind.MESSAGE, ""),
+     ("> <@x:y> my own quote\nand text", Kind.MESSAGE, "")],
+)  # fmt: skip
+def test_a_caught_up_reply_is_what_it_is_live(body: str, kind: Kind, command: str) -> None:
+    raw = classify(event(reply_content(body), event_id="$live"), BOT)
+    from_live = classify(live(reply_content(body)), BOT)
+    assert (raw.kind, raw.command, raw.body) == (kind, command, body.strip())
+    assert (from_live.kind, from_live.command, from_live.body) == (raw.kind, raw.command, raw.body)
+
+
+def test_a_stored_live_event_read_again_is_not_trimmed_twice() -> None:
+    # The ledger keeps the live form; a restart classifies it again from there.
+    first = live(reply_content("> <@x:y> my own quote\nand text"))
+    assert classify(first, BOT).body == "> <@x:y> my own quote\nand text"
+
+
+def test_the_html_fallback_is_trimmed_too() -> None:
+    got = trimmed(reply_content("hi", html="<b>hi</b>"))
+    assert (got["body"], got["formatted_body"]) == ("hi", "<b>hi</b>")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"msgtype": "m.text", "body": FALLBACK + "no relation"},
+        {"msgtype": "m.text", "body": FALLBACK + "x", "m.relates_to": {"m.in_reply_to": "$e"}},
+        {"msgtype": "m.text", "body": FALLBACK + "x", "m.relates_to": {"m.in_reply_to": {}}},
+        {"msgtype": "m.text", "body": "> quoted, no sender\nx", **REPLY},
+        {"msgtype": "m.text", "body": "> <@a:b> one line only", **REPLY},
+        {"msgtype": "m.text", "body": None, **REPLY},
+    ],
+)
+def test_what_is_not_a_reply_fallback_stays(content: dict[str, Any]) -> None:
+    assert trimmed(content) == content
