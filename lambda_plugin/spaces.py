@@ -10,7 +10,7 @@ from typing import Any
 from .chats import Chats
 from .crypto import encryption_state
 from .db import ChatRoomRow, Store, now_ms
-from .marker import KIND_SPACE, Marker
+from .marker import KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError, Matrix
 from .part import Part
 from .roomstate import (
@@ -21,6 +21,9 @@ from .roomstate import (
     space_child,
     space_parent,
 )
+
+# Waits before createRoom is tried again after a failure that may not have made the room.
+CREATE_RETRY_S = (2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Spaces(Part):
         displayname = await self.mx.displayname(user_id) or user_id.split(":")[0].lstrip("@")
         settings = self.settings()
         name = settings.space_name.format(displayname=displayname, user_id=user_id)
-        return await self.mx.create_room(
+        return await self._create_room(
             {
                 "name": clean_name(name)[:255],
                 "preset": "private_chat",
@@ -139,7 +142,7 @@ class Spaces(Part):
             room_id="", user_id=user_id, chat_id=chat_id, name=name, agent_id=agent_id,
             platform_chat_id=platform_chat_id, archived=False, gone=False, created_at=now_ms(),
         )  # fmt: skip
-        room_id = await self.mx.create_room(await self._chat_room_body(room, space_id))
+        room_id = await self._create_room(await self._chat_room_body(room, space_id))
         room = replace(room, room_id=room_id)
         await self.chats.add(room)
         await self.mx.send_state(
@@ -147,6 +150,46 @@ class Spaces(Part):
         )
         self.log.info("Created chat %s (%s) for %s in %s", chat_id, room_id, user_id, space_id)
         return room
+
+    async def _create_room(self, body: dict[str, Any]) -> str:
+        """createRoom, made once. A request that got no answer (a timeout, a lost connection,
+        a 5xx) may have made the room all the same: it is looked for by its marker (a chat's
+        platform_chat_id is new, a Space's owner has none yet) before the request is tried
+        again, so a slow homeserver neither loses the room nor gets it twice."""
+        marker = Marker.from_content(body["initial_state"][0]["content"])
+        for attempt, delay in enumerate((*CREATE_RETRY_S, None)):
+            try:
+                return await self.mx.create_room(body)
+            except HomeserverError as e:
+                if delay is None or not (e.status == 0 or e.status >= 500):
+                    raise
+                self.log.warning("createRoom failed (%s); try %d in %.0fs", e, attempt + 2, delay)
+            await asyncio.sleep(delay)
+            made = await self._made(marker)
+            if made is not None:
+                self.log.info("createRoom had made %s after all", made)
+                return made
+        raise AssertionError("unreachable")
+
+    async def _made(self, marker: Marker | None) -> str | None:
+        """A joined room the plugin does not know yet whose marker, sent by the bot, is
+        ``marker``; None when there is none (or the homeserver can't tell yet)."""
+        try:
+            joined = await self.mx.joined_rooms()
+            for room_id in joined:
+                if room_id in self.registry.rooms or room_id in self.registry.spaces:
+                    continue
+                for event in await self.mx.state(room_id):
+                    if (
+                        event.get("type") == MARKER_TYPE
+                        and event.get("state_key") == ""
+                        and event.get("sender") == self.mx.user_id
+                        and Marker.from_content(event.get("content")) == marker
+                    ):
+                        return room_id
+        except HomeserverError as e:
+            self.log.warning("Could not look for the room createRoom may have made: %s", e)
+        return None
 
     async def _chat_room_body(self, room: ChatRoomRow, space_id: str) -> dict[str, Any]:
         """The createRoom request of a chat room: its marker and Space link in it from the start."""

@@ -1,0 +1,110 @@
+"""createRoom made once: a request that got no answer may have made the room anyway."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from lambda_plugin import spaces as spaces_module
+from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, Marker
+from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.spaces import Spaces
+from tests.unit.test_config import settings
+
+BOT = "@lambda:example.org"
+USER = "@alice:example.org"
+LOG = logging.getLogger("test.spaces")
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.rooms: dict[str, Any] = {"!known:example.org": object()}
+        self.spaces: dict[str, str] = {"!space:example.org": USER}
+
+
+class Homeserver:
+    """createRoom that fails as told; a failure "made" says the room was made regardless."""
+
+    def __init__(self, failures: list[tuple[int, bool]]) -> None:
+        self.user_id = BOT
+        self.failures = list(failures)
+        self.creates = 0
+        self.rooms: dict[str, list[dict[str, Any]]] = {
+            # Rooms the bot is in that are not the one being made.
+            "!known:example.org": [],
+            "!forged:example.org": [],
+        }
+
+    def _state_of(self, body: dict[str, Any], sender: str) -> list[dict[str, Any]]:
+        return [{**e, "sender": sender} for e in body["initial_state"]]
+
+    async def create_room(self, body: dict[str, Any]) -> str:
+        self.creates += 1
+        # A room with the same marker, made by someone else: never taken for ours.
+        self.rooms["!forged:example.org"] = self._state_of(body, "@mallory:example.org")
+        if self.failures:
+            status, made = self.failures.pop(0)
+            if made:
+                self.rooms[f"!made{self.creates}:example.org"] = self._state_of(body, BOT)
+            raise HomeserverError(status, None, "no answer")
+        room_id = f"!ok{self.creates}:example.org"
+        self.rooms[room_id] = self._state_of(body, BOT)
+        return room_id
+
+    async def joined_rooms(self) -> list[str]:
+        return list(self.rooms)
+
+    async def state(self, room_id: str) -> list[dict[str, Any]]:
+        return self.rooms[room_id]
+
+
+def spaces_on(hs: Homeserver, monkeypatch: pytest.MonkeyPatch) -> Spaces:
+    monkeypatch.setattr(spaces_module, "CREATE_RETRY_S", (0.0, 0.0))
+    chats: Any = type("Chats", (), {"registry": FakeRegistry()})()
+    current = settings()
+    return Spaces(mx=hs, store=None, chats=chats, settings=lambda: current, log=LOG)  # type: ignore[arg-type]
+
+
+def body(marker: Marker) -> dict[str, Any]:
+    return {"name": "x", "initial_state": [marker.state_event()]}
+
+
+CHAT = Marker(kind=KIND_CHAT, owner=USER, chat_id="C2", agent_id="echo", platform_chat_id="p-1")
+SPACE = Marker(kind=KIND_SPACE, owner=USER)
+
+
+@pytest.mark.parametrize("marker", [CHAT, SPACE])
+@pytest.mark.parametrize(
+    ("failures", "room_id", "creates"),
+    [
+        ([], "!ok1:example.org", 1),
+        ([(0, True)], "!made1:example.org", 1),  # timed out, but made: found, not made again
+        ([(504, True)], "!made1:example.org", 1),
+        ([(0, False)], "!ok2:example.org", 2),  # not made: tried again
+        ([(502, False), (0, False)], "!ok3:example.org", 3),
+        ([(502, False), (0, True)], "!made2:example.org", 2),
+    ],
+)
+async def test_a_room_is_made_once_whatever_the_answer(
+    marker: Marker, failures: list, room_id: str, creates: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hs = Homeserver(failures)
+    assert await spaces_on(hs, monkeypatch)._create_room(body(marker)) == room_id
+    assert hs.creates == creates
+
+
+@pytest.mark.parametrize("status", [400, 403, 429])
+async def test_a_refusal_is_not_tried_again(status: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    hs = Homeserver([(status, False)])
+    with pytest.raises(HomeserverError):
+        await spaces_on(hs, monkeypatch)._create_room(body(CHAT))
+    assert hs.creates == 1
+
+
+async def test_three_failures_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    hs = Homeserver([(0, False)] * 3)
+    with pytest.raises(HomeserverError):
+        await spaces_on(hs, monkeypatch)._create_room(body(CHAT))
+    assert hs.creates == 3
