@@ -304,3 +304,58 @@ async def test_unmanaged_rooms_get_a_pointer_and_shared_rooms_answer_guests(
         assert "echo: may I now?" in await say(guest, got.room, "may I now?", bot)
     finally:
         await stack.configure({"access": {"shared_rooms": False}})
+
+
+async def test_another_members_flood_takes_no_place_of_the_owners(
+    stack, agents, new_user
+) -> None:
+    """With shared_rooms off, a member who floods the room while the owner's answer runs
+    takes none of the room's places and hears nothing: the owner's next message is answered."""
+    openai, _ = agents
+    ora = await new_user("ora")
+    got = await onboard(ora, stack)
+    bot = stack.bot_id
+    # gpt's 3 s deadline could end the stalled answer before the flood is in.
+    patient = {"backend": "openai", "base_url": openai.base_url, "model": "test-model"}
+    await stack.configure(
+        {"agents": {"registry": {"patient": patient}}, "access": {"max_queue_per_room": 2}}
+    )
+    try:
+        assert "patient" in notice_text(await ora.command(got.room, "!agent patient", bot))
+        flooder = await new_user("flooder")
+        await ora.invite(got.room, flooder.user_id)
+        await flooder.join(got.room)
+        openai.mode = "stall"
+        openai.release.clear()
+        seen = len(openai.requests)
+        await ora.sync_once(0)
+        mark = ora.mark()
+        await ora.send_text(got.room, "the owner asks")
+        await openai.wait_requests(seen + 1)
+        for i in range(6):
+            await flooder.send_text(got.room, f"flood {i}")
+            await flooder.send_text(got.room, f"!nosuch{i}")
+        await ora.send_text(got.room, "and asks again")
+        await ora.wait_until(
+            lambda: any(
+                e["content"].get("body") == "and asks again" for e in ora.events_since(got.room, mark)
+            ),
+            what="the owner's second message in the timeline",
+        )
+        openai.mode = "ok"
+        openai.release.set()
+        await ora.wait_until(
+            lambda: len([e for e in ora.events_since(got.room, mark) if is_answer(bot)(e)]) >= 2
+            or None,
+            what="two answers",
+        )
+        answers = [e for e in ora.events_since(got.room, mark) if is_answer(bot)(e)]
+        texts = [await completed(ora, got.room, e, mark) for e in answers]
+        assert "reply to: the owner asks" in texts[0]
+        assert "reply to: and asks again" in texts[1]
+        # Nothing was said to the flooder: no answer, no "queue full", no unknown command.
+        assert len(answers) == 2, [notice_text(e) for e in answers]
+    finally:
+        openai.mode = "ok"
+        openai.release.set()
+        await stack.configure({"access": {"max_queue_per_room": 20}})
