@@ -101,7 +101,7 @@ class LambdaBot(Plugin):
             queues=queues, ledger=ledger, registry=registry, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,
         )  # fmt: skip
-        catch_up = CatchUp(mx, queues, self.log)
+        catch_up = CatchUp(mx, queues, self.log, lambda: self.settings.catch_up_max_events)
         undecryptable = Undecryptable(
             mx=mx, notices=notices, enqueue=router.enqueue, registry=registry, **part
         )

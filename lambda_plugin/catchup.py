@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,8 @@ from .matrix import HomeserverError, Matrix, one_off_sync_filter
 from .queue import RoomQueues
 
 TIMELINE_LIMIT = 50
+CATCH_UP_TYPES = ["m.room.message", "m.room.encrypted"]  # encrypted ones are decrypted after
+PAGE_LIMIT = 100  # events per /messages page when a room's timeline was cut (limited)
 SYNC_TOKEN_KEY = "catch_up_since"
 # The same position in the bot's account data: the rooms are the truth, and where the
 # catch-up resumes from survives a lost database too (no full /sync over every room).
@@ -31,8 +33,7 @@ SYNC_POSITION_TYPE = "ai.lambda.matrix.catch_up"
 
 
 def catch_up_filter() -> str:
-    types = ["m.room.message", "m.room.encrypted"]  # encrypted ones are decrypted after
-    return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": types})
+    return one_off_sync_filter({"limit": TIMELINE_LIMIT, "types": CATCH_UP_TYPES})
 
 
 def parse_invites(sync: dict[str, Any], bot_id: str) -> list[tuple[str, str]]:
@@ -66,6 +67,32 @@ def timelines_of(sync: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         if isinstance(room_id, str) and isinstance(events, list):
             found[room_id] = [e for e in events if isinstance(e, dict)]
     return found
+
+
+def cut_timelines(sync: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(room, timeline) of each joined room whose timeline in a /sync answer was cut short
+    (``limited`` with a position to page back from); malformed ones left out."""
+    rooms = sync.get("rooms") if isinstance(sync, dict) else None
+    joined = rooms.get("join") if isinstance(rooms, dict) else None
+    found = []
+    for room_id, room in (joined if isinstance(joined, dict) else {}).items():
+        timeline = room.get("timeline") if isinstance(room, dict) else None
+        if (
+            isinstance(timeline, dict) and timeline.get("limited") is True
+            and isinstance(timeline.get("prev_batch"), str)
+            and isinstance(timeline.get("events"), list)
+        ):  # fmt: skip
+            found.append((room_id, timeline))
+    return found
+
+
+def _oldest_ms(events: list[Any]) -> int:
+    """The timestamp of the oldest event read (the first with one); none read: the newest."""
+    for event in events:
+        ts = event.get("origin_server_ts") if isinstance(event, dict) else None
+        if isinstance(ts, int) and not isinstance(ts, bool):
+            return ts
+    return 2**63
 
 
 def partials_of(events: list[dict[str, Any]], bot_id: str) -> dict[str, str]:
@@ -236,23 +263,56 @@ class SyncPositions:
 class CatchUp:
     """Reads what was missed and queues it, messages and commands as one sequence per room."""
 
-    def __init__(self, mx: Matrix, queues: RoomQueues, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        mx: Matrix,
+        queues: RoomQueues,
+        log: logging.Logger,
+        max_events: Callable[[], int] = lambda: 1000,
+    ) -> None:
         self.mx = mx
         self.queues = queues
         self.log = log
+        self.max_events = max_events  # per room, a cut timeline paged back included
 
-    async def read(self, since: str | None) -> dict[str, Any]:
-        """One /sync from ``since`` (the whole recent timeline when None or unknown)."""
+    async def read(self, since: str | None, back_to_ms: int = 0) -> dict[str, Any]:
+        """One /sync from ``since`` (the whole recent timeline when None or unknown); a room
+        whose timeline the homeserver cut (``limited``: more happened than one answer holds,
+        e.g. edits and reactions in an encrypted room) is paged back to ``back_to_ms``."""
         query = {"filter": catch_up_filter(), "timeout": "0"}
         if since:
             query["since"] = since  # only what happened since; else every room is walked
         try:
-            return await self.mx.sync(query)
+            sync = await self.mx.sync(query)
         except HomeserverError:
             if not since:
                 raise
             del query["since"]  # a position the homeserver no longer knows: read it all
-            return await self.mx.sync(query)
+            sync = await self.mx.sync(query)
+        for room_id, timeline in cut_timelines(sync):
+            await self._page_back(room_id, timeline, back_to_ms)
+        return sync
+
+    async def _page_back(self, room_id: str, timeline: dict[str, Any], back_to_ms: int) -> None:
+        """Puts the events before a cut timeline in front of it, up to ``max_events`` in all
+        and back to ``back_to_ms``; a read that fails keeps what was read."""
+        events: list[Any] = timeline["events"]
+        before: str | None = timeline["prev_batch"]
+        most = self.max_events()
+        while before and len(events) < most and _oldest_ms(events) >= back_to_ms:
+            limit = min(PAGE_LIMIT, most - len(events))
+            try:
+                page, before = await self.mx.earlier(room_id, before, limit, CATCH_UP_TYPES)
+            except HomeserverError as e:
+                self.log.warning("Paging back the cut timeline of %s failed: %s", room_id, e)
+                break
+            known = {e.get("event_id") for e in events if isinstance(e, dict)}
+            events[:0] = [e for e in page if e.get("event_id") not in known]
+        if before and len(events) >= most:
+            self.log.warning(
+                "Caught up only the newest %d events of %s (reconcile.catch_up_max_events)",
+                len(events), room_id,
+            )  # fmt: skip
 
     def queue(self, plan: StartPlan) -> None:
         """Puts a start's events at the head of their rooms' queues, before anything that

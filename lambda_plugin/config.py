@@ -60,6 +60,7 @@ class Config(BaseProxyConfig):
         helper.copy("reconcile.catch_up_minutes")
         helper.copy("reconcile.handled_kept_days")
         helper.copy("reconcile.read_batch")
+        helper.copy("reconcile.catch_up_max_events")
         helper.copy("outages.homeserver_wait_s")
         helper.copy("outages.database_wait_s")
         helper.copy("transcription")
@@ -210,6 +211,7 @@ class Settings:
     history_max_turns: int  # turns kept per conversation; older ones are pruned
     history_max_bytes: int  # text kept per conversation (UTF-8); older turns are pruned
     max_snapshot_bytes: int  # largest snapshot !save writes (and !load restores)
+    catch_up_max_events: int  # events of one room a start reads back, a cut timeline paged
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
         """The user's (daily, monthly) token limits; 0 is no limit."""
@@ -288,6 +290,7 @@ def _timing(config: BaseProxyConfig) -> dict[str, Any]:
         "catch_up_s": 60.0 * _number(config, "reconcile.catch_up_minutes"),
         "handled_kept_s": _number(config, "reconcile.handled_kept_days") * DAY_S,
         "read_batch": _read_batch(config["reconcile.read_batch"]),
+        "catch_up_max_events": _whole(config, "reconcile.catch_up_max_events"),
         "homeserver_wait_s": _number(config, "outages.homeserver_wait_s"),
         "database_wait_s": _number(config, "outages.database_wait_s"),
     }

@@ -313,6 +313,20 @@ class Matrix:
         chunk = data.get("chunk") if isinstance(data, dict) else None
         return [e for e in reversed(chunk) if isinstance(e, dict)] if isinstance(chunk, list) else []
 
+    async def earlier(
+        self, room_id: str, before: str, limit: int, types: list[str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` events of ``types`` before the position ``before``, oldest first,
+        and the position to read on from (None: the room's start was reached)."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/messages"
+        query = {"dir": "b", "from": before, "limit": str(limit)}
+        query["filter"] = json.dumps({"types": types, "lazy_load_members": True})
+        data = await self.request("GET", path, query=query)
+        chunk = data.get("chunk") if isinstance(data, dict) else None
+        events = [e for e in reversed(chunk) if isinstance(e, dict)] if isinstance(chunk, list) else []
+        end = data.get("end") if isinstance(data, dict) else None
+        return events, end if isinstance(end, str) and end != before and events else None
+
     async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
         return await self.request(
             "GET", "/_matrix/client/v3/sync", query=query, timeout_s=timeout_s

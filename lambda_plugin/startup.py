@@ -129,7 +129,8 @@ class Startup(Part):
         """Queues what was missed (before anything that arrived during the start), merged
         with maubot's first sync and the ledger's unfinished events; returns the pending
         invites the same /sync shows."""
-        sync = await self.catch_up.read(await self.stored_position())
+        window_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        sync = await self.catch_up.read(await self.stored_position(), window_ms)
         timelines = timelines_of(sync)
         await self.catch_up.mx.crypto.open_all(timelines)
         unfinished = await self.ledger.unfinished()

@@ -311,3 +311,33 @@ async def test_first_message_after_a_process_restart(stack: Deployment, new_user
         hello,
         marker,
     ]
+
+
+async def test_a_message_behind_a_flood_of_edits_is_still_caught_up(
+    stack: Deployment, new_user
+) -> None:
+    """More happened while the plugin was stopped than one read of the timeline holds (here
+    60 edits after the question; in an encrypted room edits and reactions alike): the start
+    pages back, and the question is answered."""
+    ida = await new_user("ida")
+    got = await onboard(ida, stack)
+    bot = stack.bot_id
+    draft = await ida.send_text(got.room, "a draft")
+    await answer_to(ida, got.room, bot, draft)
+    await stop_instance(stack)
+    try:
+        question = await ida.send_text(got.room, "the question behind the edits")
+        for i in range(60):
+            await ida.send(
+                got.room,
+                {
+                    "msgtype": "m.text",
+                    "body": f"* draft {i}",
+                    "m.new_content": {"msgtype": "m.text", "body": f"draft {i}"},
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": draft},
+                },
+            )
+    finally:
+        await start_instance(stack)
+    answer = await answer_to(ida, got.room, bot, question)
+    assert notice_text(answer) == echo("the question behind the edits", 2)

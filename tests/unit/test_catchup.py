@@ -502,3 +502,70 @@ async def test_a_command_maubot_dispatched_during_the_start_takes_its_timeline_p
         assert stage.sequence() == ["$q1", "clear", "$q2", "$q3"]  # each once, in order
     finally:
         await asyncio.wait_for(queues.stop(), TIMEOUT)
+
+
+# --- a cut timeline is paged back ---------------------------------------------------------
+
+
+class PagingHomeserver:
+    """A room of ``count`` messages, one a second; /sync holds the newest 50 (limited)."""
+
+    def __init__(self, count: int, fail_at: int | None = None) -> None:
+        self.user_id = BOT
+        self.events = [
+            {"type": "m.room.message", "event_id": f"$m{i}", "sender": USER,
+             "origin_server_ts": 1_000_000 + i * 1000, "content": {"msgtype": "m.text", "body": f"m{i}"}}
+            for i in range(count)
+        ]  # fmt: skip
+        self.pages: list[int] = []
+        self.fail_at = fail_at
+
+    async def sync(self, query: dict[str, str]) -> dict[str, Any]:
+        newest = self.events[-50:]
+        timeline = {"events": list(newest), "limited": len(self.events) > 50, "prev_batch": "p50"}
+        return {"rooms": {"join": {ROOM: {"timeline": timeline}}}}
+
+    async def earlier(
+        self, room_id: str, before: str, limit: int, types: list[str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        from lambda_plugin.matrix import HomeserverError
+
+        if self.fail_at is not None and len(self.pages) == self.fail_at:
+            raise HomeserverError(502, None, "bad gateway")
+        self.pages.append(limit)
+        end = len(self.events) - int(before[1:])
+        page = self.events[max(0, end - limit) : end]
+        return page, f"p{int(before[1:]) + len(page)}" if end - limit > 0 else None
+
+
+def read_with(hs: PagingHomeserver, max_events: int = 1000) -> CatchUp:
+    return CatchUp(hs, None, LOG, lambda: max_events)  # type: ignore[arg-type]
+
+
+def bodies(sync: dict[str, Any]) -> list[str]:
+    return [e["content"]["body"] for e in timelines_of(sync)[ROOM]]
+
+
+@pytest.mark.parametrize(
+    ("count", "back_to_s", "max_events", "first"),
+    [
+        (30, 0, 1000, 0),  # not cut: nothing paged
+        (260, 0, 1000, 0),  # cut: paged back to the room's start
+        (260, 100, 1000, 10),  # back to the window's start (a page's worth before it at most)
+        (260, 0, 120, 140),  # at most max_events
+    ],
+)
+async def test_a_cut_timeline_is_paged_back_in_order(
+    count: int, back_to_s: int, max_events: int, first: int
+) -> None:
+    hs = PagingHomeserver(count)
+    sync = await read_with(hs, max_events).read(None, 1_000_000 + back_to_s * 1000)
+    got = bodies(sync)
+    assert got == [f"m{i}" for i in range(first, count)]
+    assert len(got) <= max_events
+
+
+async def test_a_failed_page_keeps_what_was_read() -> None:
+    hs = PagingHomeserver(400, fail_at=1)
+    sync = await read_with(hs).read(None, 0)
+    assert bodies(sync) == [f"m{i}" for i in range(250, 400)]

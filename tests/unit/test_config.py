@@ -108,6 +108,7 @@ CUSTOM: dict[str, Any] = {
     "reconcile.catch_up_minutes": 3,
     "reconcile.handled_kept_days": 2,
     "reconcile.read_batch": 50,
+    "reconcile.catch_up_max_events": 300,
     "outages.homeserver_wait_s": 30,
     "outages.database_wait_s": 2.5,
     "access.max_joins_per_inviter": 4,
