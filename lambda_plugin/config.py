@@ -21,6 +21,8 @@ LANGUAGES = ("en", "ru")
 BACKENDS = ("echo", "openai", "lambda")
 _USER_ID = re.compile(r"^@[^:\s]+:\S+$")
 _USER_PATTERN = re.compile(r"^@\*:\S+$")
+_ROOM_VERSION = re.compile(r"[0-9a-z.-]{1,32}")
+_MXC = re.compile(r"mxc://[A-Za-z0-9.:-]+/[A-Za-z0-9_-]+")
 KB = 1024
 MB = 1024 * 1024
 DAY_S = 24 * 3600.0
@@ -46,6 +48,8 @@ class Config(BaseProxyConfig):
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("spaces.encryption")
+        helper.copy("spaces.room_version")
+        helper.copy("spaces.avatar_url")
         helper.copy("agents.default")
         helper.copy_dict("agents.registry")
         helper.copy("files.workspace_root")
@@ -211,6 +215,8 @@ class Settings:
     history_max_turns: int  # turns kept per conversation; older ones are pruned
     history_max_bytes: int  # text kept per conversation (UTF-8); older turns are pruned
     max_snapshot_bytes: int  # largest snapshot !save writes (and !load restores)
+    room_version: str | None  # of new Spaces and chats; None: the homeserver's default
+    space_avatar_url: str | None  # an mxc:// avatar for new Spaces
     catch_up_max_events: int  # events of one room a start reads back, a cut timeline paged
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
@@ -235,6 +241,8 @@ class Settings:
             ),
             chat_name=_chat_name(config["spaces.chat_name"], language),
             encryption=_choice(config, "spaces.encryption", ENCRYPTION_MODES),
+            room_version=_optional(config, "spaces.room_version", _ROOM_VERSION),
+            space_avatar_url=_optional(config, "spaces.avatar_url", _MXC),
             default_agent=_default_agent(config["agents.default"], agents),
             agents=agents,
             transcription=_transcription(config["transcription"], "transcription"),
@@ -294,6 +302,16 @@ def _timing(config: BaseProxyConfig) -> dict[str, Any]:
         "homeserver_wait_s": _number(config, "outages.homeserver_wait_s"),
         "database_wait_s": _number(config, "outages.database_wait_s"),
     }
+
+
+def _optional(config: BaseProxyConfig, key: str, form: re.Pattern[str]) -> str | None:
+    """An optional text of the given form; null or empty is none."""
+    value = config[key]
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not form.fullmatch(value):
+        raise ValueError(f"{key} must be null or {form.pattern!r}, not {value!r}")
+    return value
 
 
 def _choice(config: BaseProxyConfig, key: str, choices: tuple[str, ...]) -> str:

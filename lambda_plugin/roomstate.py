@@ -62,6 +62,17 @@ def creators_privileged(room_version: str) -> bool:
     return room_version.isdigit() and int(room_version) >= 12
 
 
+def no_guests() -> dict[str, Any]:
+    """``initial_state`` entry: no guest access (the private_chat preset opens rooms to
+    guests, and clients say so in every room)."""
+    return {"type": "m.room.guest_access", "state_key": "", "content": {"guest_access": "forbidden"}}
+
+
+def topic(text: str) -> dict[str, Any]:
+    """``initial_state`` entry: the room's topic."""
+    return {"type": "m.room.topic", "state_key": "", "content": {"topic": text}}
+
+
 def space_child(server: str, chat_number: int) -> dict[str, Any]:
     # order keeps rooms listed in creation order (compared as strings).
     return {"via": [server], "order": f"{chat_number:08d}"}

@@ -17,13 +17,21 @@ from .roomstate import (
     clean_name,
     creators_privileged,
     new_platform_chat_id,
+    no_guests,
     power_levels,
     space_child,
     space_parent,
+    topic,
 )
+from .texts import text
 
 # Waits before createRoom is tried again after a failure that may not have made the room.
 CREATE_RETRY_S = (2.0, 5.0)
+
+
+def chat_topic(language: str, agent_id: str) -> str:
+    """A chat room's topic: its agent, and where the commands are."""
+    return text(language, "chat.topic", agent=agent_id)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,11 @@ class Spaces(Part):
         return self._locks[user_id]
 
     async def power_levels(self, owner: str) -> dict[str, Any]:
+        """The power levels of a new room, for the version it is made with (from v12 on,
+        the creator's power is not in them)."""
+        configured = self.settings().room_version
+        if configured:
+            return power_levels(owner, self.mx.user_id, creators_privileged(configured))
         if self._privileged is None:
             self._privileged = creators_privileged(await self.mx.default_room_version())
         return power_levels(owner, self.mx.user_id, self._privileged)
@@ -118,10 +131,24 @@ class Spaces(Part):
                 "visibility": "private",
                 "creation_content": {"type": "m.space"},
                 "invite": [user_id],
-                "initial_state": [Marker(kind=KIND_SPACE, owner=user_id).state_event()],
+                "initial_state": [
+                    Marker(kind=KIND_SPACE, owner=user_id).state_event(),
+                    no_guests(),
+                    topic(text(settings.language, "space.topic")),
+                    *self._avatar(),
+                ],
                 "power_level_content_override": await self.power_levels(user_id),
+                **self._room_version(),
             }
         )
+
+    def _room_version(self) -> dict[str, Any]:
+        version = self.settings().room_version
+        return {"room_version": version} if version else {}
+
+    def _avatar(self) -> list[dict[str, Any]]:
+        url = self.settings().space_avatar_url
+        return [{"type": "m.room.avatar", "state_key": "", "content": {"url": url}}] if url else []
 
     async def _create_chat(
         self,
@@ -206,9 +233,12 @@ class Spaces(Part):
             "initial_state": [
                 Marker.for_chat(room, space_id).state_event(),
                 parent,
+                no_guests(),
+                topic(chat_topic(self.settings().language, room.agent_id)),
                 *([encryption_state()] if self.encrypt_chats() else []),
             ],
             "power_level_content_override": await self.power_levels(room.user_id),
+            **self._room_version(),
         }
 
     async def set_archived(self, room: ChatRoomRow, archived: bool) -> ChatRoomRow:

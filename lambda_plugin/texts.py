@@ -34,6 +34,8 @@ TEXTS: dict[str, dict[str, str]] = {
             "each chat room is its own conversation. `!help` lists the commands."
         ),
         "space.exists": "You already have your Space: [{name}]({link}). I've invited you back.",
+        "space.topic": "Your chats with AI agents: one room, one conversation.",
+        "chat.topic": "{agent} · !help",
         "space.ready": "Your Space is ready: accept the invites to **{name}** and its first chat.",
         "not_chat_room": "This command works in one of your chat rooms.",
         "name.empty": "Please give a name, e.g. `{example}`.",
@@ -166,6 +168,8 @@ TEXTS: dict[str, dict[str, str]] = {
             "каждый чат — отдельный разговор. `!help` покажет команды."
         ),
         "space.exists": "У вас уже есть пространство: [{name}]({link}). Я пригласил вас снова.",
+        "space.topic": "Ваши чаты с ИИ-агентами: одна комната — один разговор.",
+        "chat.topic": "{agent} · !help",
         "space.ready": "Ваше пространство готово: примите приглашения в **{name}** и первый чат.",
         "not_chat_room": "Эта команда работает в одном из ваших чатов.",
         "name.empty": "Укажите название, например `{example}`.",

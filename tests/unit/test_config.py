@@ -109,6 +109,8 @@ CUSTOM: dict[str, Any] = {
     "reconcile.handled_kept_days": 2,
     "reconcile.read_batch": 50,
     "reconcile.catch_up_max_events": 300,
+    "spaces.room_version": "10",
+    "spaces.avatar_url": "mxc://example.org/abcDEF123",
     "outages.homeserver_wait_s": 30,
     "outages.database_wait_s": 2.5,
     "access.max_joins_per_inviter": 4,

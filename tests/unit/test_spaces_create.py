@@ -108,3 +108,65 @@ async def test_three_failures_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HomeserverError):
         await spaces_on(hs, monkeypatch)._create_room(body(CHAT))
     assert hs.creates == 3
+
+
+# --- what a new room is made with --------------------------------------------------------
+
+
+class Recorder(Homeserver):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.server_name = "example.org"
+        self.crypto = type("Crypto", (), {"available": False})()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def create_room(self, body: dict[str, Any]) -> str:
+        self.bodies.append(body)
+        return await super().create_room(body)
+
+    async def displayname(self, user_id: str) -> str:
+        return "Alice"
+
+    async def default_room_version(self) -> str:
+        return "12"
+
+
+def state_of(body: dict[str, Any]) -> dict[str, Any]:
+    return {e["type"]: e["content"] for e in body["initial_state"]}
+
+
+@pytest.mark.parametrize(
+    ("language", "space_topic"),
+    [("en", "Your chats with AI agents"), ("ru", "Ваши чаты с ИИ-агентами")],
+)
+@pytest.mark.parametrize(("version", "avatar"), [(None, None), ("10", "mxc://example.org/av1")])
+async def test_spaces_and_chats_are_made_closed_to_guests_with_a_topic(
+    language: str, space_topic: str, version: str | None, avatar: str | None
+) -> None:
+    from dataclasses import replace
+
+    from lambda_plugin.db import ChatRoomRow
+
+    hs = Recorder()
+    chats: Any = type("Chats", (), {"registry": FakeRegistry()})()
+    current = replace(
+        settings(language=language), room_version=version, space_avatar_url=avatar
+    )
+    spaces = Spaces(mx=hs, store=None, chats=chats, settings=lambda: current, log=LOG)  # type: ignore[arg-type]
+    await spaces._create_space(USER)
+    room = ChatRoomRow(
+        room_id="", user_id=USER, chat_id="C1", name="Chat 1", agent_id="echo",
+        platform_chat_id="p", archived=False, gone=False, created_at=0,
+    )  # fmt: skip
+    chat_body = await spaces._chat_room_body(room, "!space:example.org")
+    space = state_of(hs.bodies[0])
+    chat = state_of(chat_body)
+    for made in (space, chat):
+        assert made["m.room.guest_access"] == {"guest_access": "forbidden"}
+    assert space["m.room.topic"]["topic"].startswith(space_topic)
+    assert chat["m.room.topic"] == {"topic": "echo · !help"}
+    assert space.get("m.room.avatar") == ({"url": avatar} if avatar else None)
+    for body in (hs.bodies[0], chat_body):
+        assert body.get("room_version") == version
+        # v10 lists the bot in the power levels; v12 (the default here) must not.
+        assert (BOT in body["power_level_content_override"]["users"]) is (version == "10")
