@@ -24,7 +24,7 @@ from .matrix import HomeserverError, Matrix, new_txn
 from .notices import Notices, answering
 from .part import Part
 from .registry import Registry
-from .replies import StreamingReply, edit_content, notice_content
+from .replies import StreamingReply, notice_content
 from .usage import Quota, estimate
 from .voice import Voice, is_voice
 
@@ -147,6 +147,8 @@ class Answerer(Part):
             send_first=lambda content: send_first(content, wait=True),
             resume=incoming.resume,
             started=lambda event_id: self.ledger.answer_started(incoming.event_id, event_id),
+            # Measured as sent: the encrypted event in an encrypted room.
+            encrypted=lambda: self.mx.crypto.must_seal(room_id),
         )
         return reply
 
@@ -189,8 +191,7 @@ class Answerer(Part):
                 await reply.finish(answer.text, None if answer.attachments else done)
             await self.files.send(room.room_id, requester, answer.attachments)
             if texts and answer.attachments:  # the text again, now naming the message
-                last_id, last_text = reply.last_piece
-                await done(edit_content(last_id, last_text))
+                await done(reply.edit_last())
             elif answer.attachments:  # files only: something in the room must name it
                 text = self.notices.text("answer.files", count=len(answer.attachments))
                 await done(notice_content(text))

@@ -27,11 +27,30 @@ from mautrix.types import (
 MEGOLM = "m.megolm.v1.aes-sha2"
 ENCRYPTED = "m.room.encrypted"
 PLAIN_KNOWN_S = 60  # how long "this room is not encrypted" is believed without asking again
+# What Megolm adds to a plaintext: a version byte, the message index (tag and varint, up to 6
+# bytes), the ciphertext's tag and length (up to 4), AES-CBC padding (1 to 16), an 8-byte MAC
+# and a 64-byte signature; then it is all unpadded base64 (4 bytes for every 3).
+MEGOLM_FRAMING = 1 + 6 + 4 + 16 + 8 + 64
+# What the encrypted plaintext holds besides the content: {"room_id": …, "type": …,
+# "content": …} with ids of up to 255 characters, and a field the answer stage adds to the
+# content after it was measured (``notices.answering``: a name and an event id).
+PAYLOAD_OVERHEAD = 64 + 255 + 255 + 64 + 255
+# The m.room.encrypted content around the ciphertext: its keys and punctuation, algorithm,
+# sender key, session id, device id, and the m.relates_to an edit carries in the clear.
+ENVELOPE_OVERHEAD = 160 + len(MEGOLM) + 43 + 43 + 255 + 64 + 255
 
 
 def encryption_state() -> dict[str, Any]:
     """The ``initial_state`` entry that makes a new room end-to-end encrypted."""
     return {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": MEGOLM}}
+
+
+def sealed_size(plain: int) -> int:
+    """An upper bound of the bytes of the ``m.room.encrypted`` content that carries event
+    content of ``plain`` bytes of JSON, measured as mautrix encrypts it (``json.dumps`` with
+    its defaults, non-ASCII escaped): about 4/3 of it, plus at most about 2 KB."""
+    message = plain + PAYLOAD_OVERHEAD + MEGOLM_FRAMING
+    return -(-message * 4 // 3) + ENVELOPE_OVERHEAD
 
 
 class Crypto:

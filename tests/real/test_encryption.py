@@ -30,9 +30,10 @@ from devstack.e2e import E2EUser
 from devstack.matrix import Event
 from devstack.stack import Deployment
 from lambda_plugin.files import user_dir
-from lambda_plugin.intake import ANSWERS
+from lambda_plugin.intake import ABOUT, ANSWERS
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
+from tests.unit.test_replies_budget import html_answer
 
 from . import helpers
 from .helpers import ANSWER_TIMEOUT, bot_messages, notice_text, onboard
@@ -250,6 +251,42 @@ async def test_streamed_edits_decrypt(encrypted, e2e_user) -> None:
         assert "word1" not in json.dumps(wrapper)
     assert edits[-1]["content"]["m.new_content"]["body"] == STREAM_TEXT
     assert not cy.undecryptable(got.room)
+
+
+async def test_a_long_html_answer_streamed_encrypted_reads_whole(encrypted, e2e_user) -> None:
+    """Issue 20: a 12 KB HTML answer's final edit is about 52 KB in the clear but 70 KB
+    encrypted, over the event limit (refused, and refused again at every !retry). Measured
+    as the encrypted event it is, it goes out in pieces that each fit, and reads whole."""
+    stack, openai = encrypted.stack, encrypted.openai
+    need_crypto(stack)
+    jo = await e2e_user("jo")
+    got = await onboard(jo, stack, encrypted=True)
+    bot = stack.bot_id
+    assert "enc_stream" in notice_text(await jo.command(got.room, "!agent enc_stream", bot))
+    text = html_answer()
+    await jo.sync_once(0)
+    mark = jo.mark()
+    openai.reply_text, openai.chunks = text, 12  # 6 s: partials up to the whole answer
+    try:
+        question = await jo.send_text(got.room, "the page, please")
+
+        def finished() -> list[Event]:  # its last piece, or the notice that it failed
+            said = bot_messages(jo, got.room, bot, mark)
+            return [e for e in said if question in (e["content"].get(f) for f in (ANSWERS, ABOUT))]
+
+        ends = await jo.wait_until(finished, ANSWER_TIMEOUT, "the end of the answer")
+    finally:
+        openai.reply_text, openai.chunks = STREAM_TEXT, 10
+    assert all(e["content"].get(ANSWERS) == question for e in ends), [notice_text(e) for e in ends]
+    pieces = answers_to(jo, got.room, bot, question, mark)  # the streamed first one, the rest
+    assert len(pieces) > 1, [notice_text(e) for e in pieces]
+    bodies = [jo.latest_content(got.room, e["event_id"])["body"] for e in pieces]
+    assert "".join("".join(bodies).split()) == "".join(text.split())
+    assert not bodies[0].endswith(" …")
+    for event in jo.events_since(got.room, mark):
+        if event["sender"] == bot:
+            assert event.get("decrypted") and event["encrypted_event"]["type"] == ENCRYPTED
+    assert not jo.undecryptable(got.room)
 
 
 async def test_files_both_ways_encrypted(encrypted, e2e_user) -> None:
