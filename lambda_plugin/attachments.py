@@ -70,20 +70,30 @@ class FileService(Part):
             )
         return None
 
-    async def send(self, room_id: str, user_id: str, paths: tuple[str, ...]) -> None:
-        """Uploads the files the agent returned; each refusal is said, the rest still go."""
+    async def send(self, room_id: str, user_id: str, paths: tuple[str, ...]) -> int:
+        """Uploads the files the agent returned; how many went. Each refusal is said, the
+        rest still go; past ``files.max_files_per_answer`` none is tried, and those left
+        are named in one notice (an agent's 10,000 paths cost as much as its first few)."""
         settings = self.settings()
-        crypto = self.mx.crypto
-        encrypt = bool(paths) and await crypto.must_seal(room_id)
-        for rel_path in paths:
-            if not settings.workspace_root:
-                await self.notices.say(room_id, "file.missing", path=rel_path[:200])
-                continue
+        most = settings.max_files_per_answer
+        tried, left = paths[:most], len(paths) - min(len(paths), most)
+        encrypt = bool(tried) and await self.mx.crypto.must_seal(room_id)
+        sent = 0
+        for rel_path in tried:
             try:
+                if not settings.workspace_root:
+                    raise files.FileRefused(
+                        "file.missing", "no workspace root", path=files.shown_path(rel_path)
+                    )
                 await files.send_outgoing(
                     self.mx, room_id, settings.workspace_root, rel_path, settings.max_file_bytes,
                     user_id, encrypt=encrypt,
                 )  # fmt: skip
+                sent += 1
             except files.FileRefused as e:
                 self.log.warning("Agent file %r refused in %s: %s", rel_path, room_id, e)
                 await self.notices.send(room_id, e.message(settings.language))
+        if left:
+            self.log.warning("%d files of an answer in %s not sent: past %d", left, room_id, most)
+            await self.notices.say(room_id, "file.not_sent", count=left, max=most)
+        return sent

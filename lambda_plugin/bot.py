@@ -30,6 +30,7 @@ from .commands import (
 from .config import Config, Settings
 from .conversation import Conversation
 from .db import Store, upgrade_table
+from .db.joins import JoinsTable
 from .gate import StartGate
 from .ledger import Ledger
 from .matrix import Matrix
@@ -95,8 +96,9 @@ class LambdaBot(Plugin):
         spaces = Spaces(mx=mx, store=store, chats=chats, **part)
         reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
         onboarding = Onboarding(
-            gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices, **part
-        )
+            gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
+            joins=JoinsTable(store.db), **part,
+        )  # fmt: skip
         router = Router(
             queues=queues, ledger=ledger, registry=registry, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,

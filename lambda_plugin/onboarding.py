@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from maubot.handlers import event
@@ -16,6 +17,7 @@ from mautrix.types import (
 )
 
 from .chats import Chats
+from .db.joins import JoinsTable
 from .gate import StartGate
 from .matrix import HomeserverError, Matrix
 from .notices import Notices
@@ -25,6 +27,9 @@ from .roomstate import chat_name, matrix_to
 from .spaces import EncryptionUnavailable, Provisioned, Spaces
 
 INVITES_REMEMBERED = 1000
+# A user at access.max_joins_per_inviter: how often their rooms are checked against the
+# rooms the bot is really in (rows of rooms it left while stopped are dropped then).
+CHECK_JOINED_EVERY_S = 60.0
 # Waits between tries of a join that failed as an invite over federation can at first
 # (the inviting server sends it before it stored it itself: 403 "not invited", FACTS.md).
 JOIN_RETRY_S = (1.0, 2.0, 4.0, 8.0, 15.0)
@@ -43,9 +48,14 @@ class Onboarding(Part):
     spaces: Spaces
     chats: Chats
     notices: Notices
+    joins: JoinsTable  # rooms joined on a user's invite that the plugin does not manage
 
     # Invites handled lately, oldest first (a dict keeps insertion order).
     _invites_seen: dict[tuple[str, str], None] = field(default_factory=dict)
+    # Counting a room for its inviter is one step at a time: invites at once can't all pass.
+    _joins_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _joining: set[str] = field(default_factory=set)  # rooms counted, their join under way
+    _checked: dict[str, float] = field(default_factory=dict)  # inviter -> last check
 
     @property
     def registry(self) -> Registry:
@@ -115,15 +125,86 @@ class Onboarding(Part):
         await self._welcome(room_id, result)
 
     async def _accept(self, room_id: str, inviter: str) -> bool:
-        """Joins the room of an allowed inviter; rejects anyone else's invite."""
+        """Joins the room of an allowed inviter; rejects anyone else's invite, and an invite
+        into a room of the inviter's own past ``access.max_joins_per_inviter``."""
         if inviter not in self.settings().allowed_users:
             self.log.info("Refused the invite of %s to %s", inviter, room_id)
-            try:
-                await self.mx.leave(room_id, self.notices.text("refused.reason"))
-            except HomeserverError as e:
-                self.log.warning("Could not reject the invite to %s: %s", room_id, e)
+            await self._reject(room_id, "refused.reason")
             return False
-        return await self._join(room_id, inviter)
+        if self._managed(room_id):
+            return await self._join(room_id, inviter)
+        if not await self._count_in(room_id, inviter):
+            return False
+        try:
+            joined = await self._join(room_id, inviter)
+        finally:
+            self._joining.discard(room_id)
+        if not joined:
+            await self._count_out(room_id)
+        return joined
+
+    def _managed(self, room_id: str) -> bool:
+        return self.registry.room(room_id) is not None or room_id in self.registry.spaces
+
+    async def _reject(self, room_id: str, key: str, **values: object) -> None:
+        try:
+            await self.mx.leave(room_id, self.notices.text(key, **values))
+        except HomeserverError as e:
+            self.log.warning("Could not reject the invite to %s: %s", room_id, e)
+
+    async def _count_in(self, room_id: str, inviter: str) -> bool:
+        """Counts the room for its inviter before it is joined, or rejects the invite when
+        they have the bot in ``access.max_joins_per_inviter`` rooms besides one (their DM
+        with it) already. False, rejecting nothing, while the database fails: the invite
+        stays, and the next start picks it up."""
+        most = self.settings().max_joins_per_inviter
+        try:
+            async with self._joins_lock:
+                rooms = [r for r in await self.joins.rooms_of(inviter) if r != room_id]
+                if len(rooms) > most:
+                    rooms = await self._still_joined(inviter, rooms)
+                if len(rooms) <= most:
+                    await self.joins.add(room_id, inviter)
+                    self._joining.add(room_id)
+                    return True
+        except Exception:
+            self.log.exception("Counting the rooms of %s failed; %s not joined", inviter, room_id)
+            return False
+        self.log.info(
+            "Refused the invite of %s to %s: the bot is in %d rooms on their invites",
+            inviter, room_id, len(rooms),
+        )  # fmt: skip
+        await self._reject(room_id, "invite.too_many", max=most)
+        return False
+
+    async def _still_joined(self, inviter: str, rooms: list[str]) -> list[str]:
+        """``rooms`` less those the bot is not in (left while it was stopped, or a join a
+        crash cut short), whose rows are dropped; asked of the homeserver at most once per
+        CHECK_JOINED_EVERY_S and inviter."""
+        now = time.monotonic()
+        if now - self._checked.get(inviter, -CHECK_JOINED_EVERY_S) < CHECK_JOINED_EVERY_S:
+            return rooms
+        if len(self._checked) >= INVITES_REMEMBERED:
+            recent = {u: t for u, t in self._checked.items() if now - t < CHECK_JOINED_EVERY_S}
+            self._checked = recent
+        self._checked[inviter] = now
+        try:
+            joined = set(await self.mx.joined_rooms())
+        except HomeserverError as e:
+            self.log.warning("Could not check the rooms of %s: %s", inviter, e)
+            return rooms
+        left = [r for r in rooms if r not in joined and r not in self._joining]
+        for room_id in left:
+            await self.joins.remove(room_id)
+        return [r for r in rooms if r not in left]
+
+    async def _count_out(self, room_id: str) -> bool:
+        """No longer counts the room for its inviter; whether it was counted."""
+        try:
+            return await self.joins.remove(room_id)
+        except Exception as e:  # the row is dropped when it matters (_still_joined)
+            self.log.warning("Could not uncount %s: %s", room_id, e)
+            return False
 
     async def _join(self, room_id: str, inviter: str) -> bool:
         """Joins, trying again while the inviting server may not be ready (403 "not
@@ -166,6 +247,9 @@ class Onboarding(Part):
             self.log.info("Removed from chat %s by %s; marked gone", room_id, by)
         elif room_id in self.registry.spaces:
             self.log.warning("Removed from the Space %s by %s", room_id, by)
+        # Not on its own leave (a rejected invite): only a room it is removed from.
+        elif room is None and by != self.mx.user_id and await self._count_out(room_id):
+            self.log.info("Removed from %s by %s; no longer counted for its inviter", room_id, by)
 
     async def _encrypted(self, room_id: str) -> bool:
         try:

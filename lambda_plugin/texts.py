@@ -29,6 +29,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "default_chat_name": "Chat {n}",
         "refused": "Sorry, this bot is not open to you. Ask its operator for access.",
         "refused.reason": "not allowed to use this bot",
+        "invite.too_many": "too many rooms: this bot joins at most {max} rooms of one user besides their DM with it, their Space and its chats; remove it from one first",
         "welcome": (
             "Welcome to **{name}**. Write here to talk to the agent `{agent}`; "
             "each chat room is its own conversation. `!help` lists the commands."
@@ -102,6 +103,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "quota.daily": "⚠️ You have used today's {limit} tokens. The limit resets at {resets}; your message is kept: `!retry` sends it then (or once the operator raises the limit).",
         "quota.monthly": "⚠️ You have used this month's {limit} tokens. The limit resets at {resets}; your message is kept: `!retry` sends it then (or once the operator raises the limit).",
         "voice.transcript": "🎤 Heard:\n{text}",
+        "voice.too_long": "This voice message is too long for the agent: its transcript has {chars} characters, at most {max} are taken. Nothing was sent.",
         "transcription.too_large": "This voice message is too long to transcribe (over {max_mb} MB).",
         "transcription.unreachable": "The transcription service is unreachable right now.",
         "transcription.timeout": "The transcription service took too long to answer.",
@@ -156,6 +158,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "file.outside": "The agent returned `{path}`, which is outside your own folder in the workspace; it was not sent.",
         "file.quota": "The file {name} was not saved: your files in the workspace would go past the limit of {max_mb} MB. It was not passed on.",
         "file.timeout": "The file {name} took longer than {seconds} s to download and was not passed on; please send it again.",
+        "file.not_sent": "{count} more file(s) the agent returned were not sent: at most {max} go with one answer.",
         "agent.too_long": "The agent's answer went past {limit} characters, so it was stopped.",
     },
     "ru": {
@@ -163,6 +166,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "default_chat_name": "Чат {n}",
         "refused": "Извините, этот бот вам недоступен. Попросите доступ у администратора.",
         "refused.reason": "нет доступа к этому боту",
+        "invite.too_many": "слишком много комнат: бот заходит не больше чем в {max} комнат одного пользователя, кроме личного чата с ним, его пространства и чатов; сначала удалите бота из какой-нибудь",
         "welcome": (
             "Добро пожаловать в **{name}**. Пишите здесь, чтобы говорить с агентом `{agent}`; "
             "каждый чат — отдельный разговор. `!help` покажет команды."
@@ -236,6 +240,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "quota.daily": "⚠️ Вы израсходовали дневной лимит в {limit} токенов. Он обнулится {resets}; сообщение сохранено: `!retry` отправит его тогда (или когда оператор поднимет лимит).",
         "quota.monthly": "⚠️ Вы израсходовали месячный лимит в {limit} токенов. Он обнулится {resets}; сообщение сохранено: `!retry` отправит его тогда (или когда оператор поднимет лимит).",
         "voice.transcript": "🎤 Распознано:\n{text}",
+        "voice.too_long": "Голосовое сообщение слишком длинное для агента: в расшифровке {chars} символов, а принимается не больше {max}. Ничего не отправлено.",
         "transcription.too_large": "Голосовое сообщение слишком длинное для расшифровки (больше {max_mb} МБ).",
         "transcription.unreachable": "Сервис расшифровки сейчас недоступен.",
         "transcription.timeout": "Сервис расшифровки отвечал слишком долго.",
@@ -290,6 +295,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "file.outside": "Агент вернул `{path}`, но этот файл лежит вне вашей папки в рабочем пространстве; он не отправлен.",
         "file.quota": "Файл {name} не сохранён: ваши файлы в рабочем пространстве превысили бы предел в {max_mb} МБ. Он не передан агенту.",
         "file.timeout": "Файл {name} не скачался за {seconds} с и не передан агенту; пожалуйста, отправьте его ещё раз.",
+        "file.not_sent": "Ещё файлов, которые вернул агент, не отправлено: {count}. С одним ответом уходит не больше {max}.",
         "agent.too_long": "Ответ агента превысил {limit} символов и был остановлен.",
     },
 }

@@ -36,7 +36,9 @@ class Voice(Part):
 
     async def transcript(self, incoming: Incoming, spec: TranscriptionSpec) -> str:
         """The message's words, shown in the room as a quote. Raises FileRefused (the audio
-        could not be fetched, or is too long) or TranscriptionError (an AgentError)."""
+        could not be fetched, or is too long; the transcript is longer than a typed message
+        may be: ``access.max_message_chars``, refused the same way, before it is shown) or
+        TranscriptionError (an AgentError)."""
         settings = self.settings()
         audio = await files.fetch_inline(
             self.mx, incoming.file, min(spec.max_bytes, settings.max_file_bytes),
@@ -44,6 +46,11 @@ class Voice(Part):
         )  # fmt: skip
         transcriber = Transcriber(spec, self.http, self.log)
         text = await transcriber.transcribe(audio.data or b"", audio.name, audio.mime_type)
+        if len(text) > settings.max_message_chars:
+            cause = f"the transcript has {len(text)} characters > {settings.max_message_chars}"
+            raise files.FileRefused(
+                "voice.too_long", cause, chars=len(text), max=settings.max_message_chars
+            )
         # Shown, not the answer (marked as work on the message): at most SHOWN_CHARS, so it
         # always fits one event; the agent gets all of it.
         shown = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " …"

@@ -130,3 +130,18 @@ async def upgrade_v4(conn: Connection) -> None:
     await conn.execute("DROP TABLE handled_event")
     # The message a history turn belongs to: a re-asked message replaces its turn.
     await conn.execute("ALTER TABLE history ADD COLUMN message_id TEXT")
+
+
+@upgrade_table.register(description="Rooms joined on users' invites, counted per inviter")  # type: ignore[call-arg, arg-type]
+async def upgrade_v5(conn: Connection) -> None:
+    # One row per room the bot joined for ``inviter`` that is none of the plugin's own (their
+    # DM with the bot, rooms of theirs): access.max_joins_per_inviter counts them. Held only
+    # here: rooms joined before this step are not counted.
+    await conn.execute(
+        """CREATE TABLE joined_room (
+            room_id    TEXT PRIMARY KEY,
+            inviter    TEXT NOT NULL,
+            joined_at  BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX joined_room_inviter_idx ON joined_room (inviter)")

@@ -26,7 +26,14 @@ from .names import (
     safe_segment,
     user_dir,
 )
-from .outgoing import image_size, msgtype_for, resolve_outgoing, send_bytes, send_outgoing
+from .outgoing import (
+    image_size,
+    msgtype_for,
+    resolve_outgoing,
+    send_bytes,
+    send_outgoing,
+    shown_path,
+)
 
 __all__ = [
     "FILE_MSGTYPES",
@@ -42,5 +49,6 @@ __all__ = [
     "save_incoming",
     "send_bytes",
     "send_outgoing",
+    "shown_path",
     "user_dir",
 ]

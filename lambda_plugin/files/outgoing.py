@@ -30,7 +30,7 @@ def resolve_outgoing(workspace_root: str, rel_path: str, max_bytes: int, user_id
     root (``file.outside_workspace``) or outside the user's folder (``file.outside``), anything
     that is not an existing regular file, and files over ``max_bytes``.
     """
-    shown = _shown(rel_path)
+    shown = shown_path(rel_path)
     rel = _relative(rel_path, shown)
     try:
         root = Path(workspace_root).resolve(strict=True)
@@ -89,7 +89,7 @@ def _check_inside(real: Path, root: Path, home: Path, shown: str) -> None:
         raise FileRefused("file.outside", f"{shown!r} is not in {home}", path=shown)
 
 
-def _shown(rel_path: Any) -> str:
+def shown_path(rel_path: Any) -> str:
     """The path as it may appear in a message: printable and bounded."""
     if not isinstance(rel_path, str):
         return "?"
@@ -143,7 +143,7 @@ async def send_outgoing(
     ``mx.send``. Raises FileRefused.
     """
     real = resolve_outgoing(workspace_root, rel_path, max_bytes, user_id)
-    shown = _shown(rel_path)
+    shown = shown_path(rel_path)
     name = safe_name(PurePosixPath(rel_path).name)
     data = await _read_checked(workspace_root, real, max_bytes, shown, name)
     return await send_bytes(mx, room_id, data, name, encrypt=encrypt, shown=repr(shown))

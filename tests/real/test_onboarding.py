@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 import pytest
 
 from devstack.matrix import MatrixError
 from devstack.stack import Deployment
+from lambda_plugin.texts import TEXTS
 
 from .helpers import bot_joined, is_room_invite, is_space_invite, notice_text, onboard
 
@@ -131,3 +133,46 @@ async def test_user_who_left_is_invited_back(stack: Deployment, new_user) -> Non
     )
     reply = await dave.wait_for_reply(dm2, stack.bot_id)
     assert got.space in notice_text(reply)
+
+
+async def joined_members(user, room_id: str) -> set[str]:
+    path = f"/_matrix/client/v3/rooms/{quote(room_id)}/joined_members"
+    return set((await user.request("GET", path))["joined"])
+
+
+def bot_left(bot_id: str):
+    return lambda e: (
+        e["type"] == "m.room.member"
+        and e["state_key"] == bot_id
+        and e["content"].get("membership") == "leave"
+    )
+
+
+async def test_rooms_joined_for_one_inviter_are_bounded(stack: Deployment, new_user) -> None:
+    most, bot = 2, stack.bot_id
+    await stack.configure({"access": {"max_joins_per_inviter": most}})
+    try:
+        erin = await new_user("erin")
+        await onboard(erin, stack)  # the DM (and the Space, its chat): not counted
+        *extra, over = [await erin.create_room(preset="private_chat") for _ in range(most + 1)]
+        for room_id in extra:
+            await erin.invite(room_id, bot)
+            await erin.wait_for_event(room_id, bot_joined(bot))
+        mark = stack.log_mark()
+        await stack.restart_instance()  # the count is kept in the database
+        stack.wait_for_log("Reconciled: ", after=mark)
+        await erin.invite(over, bot)
+        left = await erin.wait_for_event(over, bot_left(bot))
+        assert left["content"].get("reason") == TEXTS["en"]["invite.too_many"].format(max=most)
+        assert bot not in await joined_members(erin, over)
+        for room_id in extra:  # the earlier ones stay joined
+            assert bot in await joined_members(erin, room_id)
+        # Removed from one of them, the bot takes an invite into another room again.
+        mark = stack.log_mark()
+        kick = f"/_matrix/client/v3/rooms/{quote(extra[0])}/kick"
+        await erin.request("POST", kick, {"user_id": bot, "reason": "done"})
+        stack.wait_for_log(f"Removed from {extra[0]} by {erin.user_id}", after=mark)
+        await erin.invite(over, bot)
+        await erin.wait_for_event(over, bot_joined(bot))
+    finally:
+        await stack.configure({"access": {"max_joins_per_inviter": 20}})

@@ -14,14 +14,26 @@ from yarl import URL
 
 from lambda_plugin.agent_config import TranscriptionSpec
 from lambda_plugin.agents import AgentError
+from lambda_plugin.files import FileRefused
+from lambda_plugin.intake import Incoming, Kind
+from lambda_plugin.notices import Notices
 from lambda_plugin.texts import TEXTS
 from lambda_plugin.transcription import (
     MAX_ANSWER_BYTES,
     Transcriber,
     TranscriptionError,
 )
+from lambda_plugin.voice import Voice
 from tests.servers import FormFile
 from tests.servers.openai_server import OpenAIServer
+from tests.unit.fake_media import (
+    ROOM,
+    USER,
+    FakeMedia,
+    hs_fixture,  # noqa: F401  (the fixture hs)
+    mx_fixture,  # noqa: F401  (the fixture mx)
+)
+from tests.unit.test_config import settings as make_settings
 
 LOG = logging.getLogger("test.transcription")
 SECRET = "sk-transcribe-secret-456"
@@ -207,3 +219,46 @@ def test_every_error_text_formats_and_is_translated() -> None:
     for key in keys:
         error = TranscriptionError.of(key, "cause", **values)
         assert error.describe("ru") == TEXTS["ru"][key].format(**values)
+
+
+# A transcript is held to access.max_message_chars, like a typed message.
+
+MAX_CHARS = 50
+
+
+def voice_part(mx: Any, http: aiohttp.ClientSession) -> Voice:
+    settings = make_settings(access__max_message_chars=MAX_CHARS)
+    return Voice(
+        mx=mx, notices=Notices(mx, lambda: settings), http=http, settings=lambda: settings,
+        log=LOG,
+    )  # fmt: skip
+
+
+def voice_message(hs: FakeMedia) -> Incoming:
+    hs.media["voice1"] = OGG
+    content = {
+        "msgtype": "m.audio", "body": "Voice message.ogg", "url": "mxc://example.org/voice1",
+        "info": {"mimetype": "audio/ogg", "size": len(OGG)},
+    }  # fmt: skip
+    return Incoming(Kind.MESSAGE, "$voice", ROOM, USER, "Voice message.ogg", file=content)
+
+
+@pytest.mark.parametrize("chars", [MAX_CHARS, MAX_CHARS + 1, 100_000])
+async def test_a_transcript_is_held_to_max_message_chars(
+    hs: FakeMedia, mx: Any, http: aiohttp.ClientSession, server: OpenAIServer, chars: int
+) -> None:
+    server.transcript = "я" * chars
+    spec = TranscriptionSpec(URL(server.base_url), "whisper-1", api_key=SECRET, timeout_s=10.0)
+    voice = voice_part(mx, http)
+    if chars <= MAX_CHARS:
+        assert await voice.transcript(voice_message(hs), spec) == server.transcript
+        [(_, heard)] = hs.sent  # the transcript quoted in the room
+        assert heard["body"].startswith(TEXTS["en"]["voice.transcript"].split("\n")[0])
+        return
+    with pytest.raises(FileRefused) as refused:
+        await voice.transcript(voice_message(hs), spec)
+    assert refused.value.key == "voice.too_long"
+    for language in ("en", "ru"):
+        said = refused.value.message(language)
+        assert str(MAX_CHARS) in said and str(chars) in said
+    assert hs.sent == []  # nothing said yet: the answer stage says why, and nothing is asked

@@ -26,7 +26,7 @@ BOB = "@bob:example.org"
 CAROL = "@carol:example.org"
 ROOM = "!one:example.org"
 OTHER = "!two:example.org"
-LATEST_VERSION = 4  # v4: the ledger
+LATEST_VERSION = 5  # v5: rooms joined per inviter
 
 
 async def test_add_usage_adds_up_per_user_room_and_day(store: Store) -> None:
