@@ -114,10 +114,14 @@ async def deploy(
     bot_localpart: str,
     instance_id: str = "lambda",
     config: dict | None = None,
+    homeserver_url: str | None = None,
 ) -> Deployment:
-    """Starts maubot, uploads the built .mbp and creates the bot client and instance."""
+    """Starts maubot, uploads the built .mbp and creates the bot client and instance.
+    ``homeserver_url``: where maubot's client talks to Synapse (a ``devstack.proxy.FaultProxy``
+    in front of it, say); test users always talk to ``synapse.url`` directly."""
     postgres_url = postgres.create_database(f"maubot_{bot_localpart}") if postgres else None
-    maubot = Maubot(state_dir, synapse.url, synapse.shared_secret, postgres_url=postgres_url)
+    hs_url = homeserver_url or synapse.url
+    maubot = Maubot(state_dir, hs_url, synapse.shared_secret, postgres_url=postgres_url)
     maubot.start()
     try:
         await maubot.login()

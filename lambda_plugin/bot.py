@@ -76,6 +76,7 @@ class LambdaBot(Plugin):
         self._wire()
         self.background(self.startup.run())
         self.background(self.startup.keep_sync_position())
+        self.background(self.reconciler.rereads.run())  # rooms a reconciliation couldn't read
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     def _wire(self) -> None:
@@ -94,7 +95,9 @@ class LambdaBot(Plugin):
             conversation, gate, self.log, max_places=lambda: self.settings.max_queue_per_room
         )
         spaces = Spaces(mx=mx, store=store, chats=chats, **part)
-        reconciler = Reconciler(mx, store, registry, self.current_settings, self.log)
+        reconciler = self.reconciler = Reconciler(
+            mx, store, registry, self.current_settings, self.log, chats=chats
+        )
         onboarding = Onboarding(
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
             joins=JoinsTable(store.db), **part,

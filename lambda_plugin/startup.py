@@ -61,6 +61,9 @@ class Startup(Part):
         # maubot's first sync, until the start's catch-up merges it (None once it did).
         self._handed_over: dict[str, list[dict]] | None = {}
         self._saved_position: str | None = None
+        # Until this start's catch-up has queued what it read, the stored position is where
+        # that catch-up reads from: a start longer than the window must not move it on.
+        self._caught_up = False
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
 
     async def run(self) -> None:
@@ -151,6 +154,7 @@ class Startup(Part):
         # first sync, if it ends later, goes the live way (the ledger keeps each once).
         late = self._take_handed_over(handed)
         self.catch_up.queue(plan)
+        self._caught_up = True
         self.hand_over(late)
         self._retry_sealed(everything, since_ms, states)
         return parse_invites(sync, self.catch_up.mx.user_id)
@@ -261,7 +265,11 @@ class Startup(Part):
 
     async def save_sync_position(self) -> None:
         """Stores where the next start's catch-up reads from (a catch-up window back), in
-        the database and in the bot's account data, when it moved."""
+        the database and in the bot's account data, when it moved; never before this
+        start's catch-up has queued what it read (a start that never caught up leaves the
+        position where it was: the next start reads from there again)."""
+        if not self._caught_up:
+            return
         token = self.positions.older_than(self.settings().catch_up_s)
         if token is None or token == self._saved_position:
             return

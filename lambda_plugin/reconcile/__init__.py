@@ -35,6 +35,7 @@ from .plan import (
 )
 from .reconciler import BATCHES_AT_ONCE, READ_CONCURRENCY, Reconciler
 from .report import Report
+from .reread import Rereads, Settled, backoff_s, settle_room
 
 __all__ = [
     "BATCHES_AT_ONCE",
@@ -44,8 +45,11 @@ __all__ = [
     "Plan",
     "Reconciler",
     "Report",
+    "Rereads",
     "RoomState",
+    "Settled",
     "adopted_platform_chat_id",
+    "backoff_s",
     "child_owners",
     "diff_rows",
     "find_chats",
@@ -58,6 +62,7 @@ __all__ = [
     "plan",
     "power_writes",
     "restore_markers",
+    "settle_room",
     "trusted",
     "user_row",
 ]

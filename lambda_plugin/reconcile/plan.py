@@ -9,6 +9,7 @@ already manages, and a second run on a consistent database writes nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -299,13 +300,18 @@ def power_writes(spaces: dict[str, RoomState], numbered: dict[str, Numbered]) ->
 
 
 def gone_rooms(
-    rooms: dict[str, RoomState], known_rooms: dict[str, ChatRoomRow]
+    rooms: dict[str, RoomState],
+    known_rooms: dict[str, ChatRoomRow],
+    unread: Collection[str] = frozenset(),
 ) -> dict[str, ChatRoomRow]:
     """Rows of rooms the bot is no longer in (kicked while it was down) or that were
-    upgraded, marked gone."""
+    upgraded, marked gone. A joined room whose read failed (``unread``) is not gone: it
+    keeps its row until it is read."""
     gone: dict[str, ChatRoomRow] = {}
     for room_id, known in known_rooms.items():
         room = rooms.get(room_id)
+        if room is None and room_id in unread:
+            continue
         if (room is None or room.tombstoned) and not known.gone:
             gone[room_id] = replace(known, gone=True)
     return gone
@@ -319,14 +325,17 @@ def plan(
     known_users: dict[str, UserRow],
     known_rooms: dict[str, ChatRoomRow],
     default_agent: str,
+    unread: Collection[str] = frozenset(),
 ) -> Plan:
-    """What reconciliation writes, from the rooms read and the database's rows: the phases
-    above, composed. No I/O; linear in the rooms (bar two sorts)."""
+    """What reconciliation writes, from the rooms read, the joined rooms whose read failed
+    (``unread``: nothing is written for them, their rows stay as they are) and the
+    database's rows: the phases above, composed. No I/O; linear in the rooms (bar sorts)."""
     result = Plan()
     report = result.report
     now = int(time.time() * 1000)
     rooms = parse_rooms(states, bot_id)
-    report.joined_rooms = len(rooms)
+    report.unreadable_rooms = sorted(set(unread) - rooms.keys())
+    report.joined_rooms = len(rooms) + len(report.unreadable_rooms)
     rooms = restore_markers(rooms, bot_id, known_users, known_rooms)
     spaces, report.conflicts = pick_spaces(rooms, bot_id, known_users)
     chats, report.skipped_rooms = find_chats(rooms, bot_id, spaces, child_owners(spaces))
@@ -343,7 +352,7 @@ def plan(
     levels = power_writes(spaces, numbered)
     result.state_writes.extend(levels)
     report.repaired_power_levels = len(levels)
-    gone = gone_rooms(rooms, known_rooms)
+    gone = gone_rooms(rooms, known_rooms, unread)
     result.rooms.update(gone)
     report.gone_rooms = len(gone)
     report.writes = len(result.users) + len(result.rooms) + len(result.state_writes)

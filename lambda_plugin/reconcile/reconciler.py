@@ -8,14 +8,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..chats import Chats
 from ..config import Settings
-from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store
+from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store, now_ms
 from ..marker import MARKER_TYPE
 from ..matrix import HomeserverError, Matrix
 from ..registry import Registry
 from ..roomstate import STATE_TYPES, RoomState, parse_room
 from .plan import Plan, plan
 from .report import Report
+from .reread import Rereads, Settled, settle_room
 
 READ_CONCURRENCY = 32  # /state reads at once
 BATCHES_AT_ONCE = 4  # sliding-sync reads at once (reconcile.read_batch rooms each)
@@ -27,17 +29,22 @@ CONN_ID = "ai.lambda.matrix.reconcile"
 @dataclass(eq=False)
 class Reconciler:
     """Reads the rooms, plans, applies. Takes only what it uses; ``settings`` is called on
-    each run, so a config reload in between is seen."""
+    each run, so a config reload in between is seen. Rooms a run could not read are read
+    again in the background (``rereads``, run by the plugin) and settled through ``chats``."""
 
     mx: Matrix
     store: Store
     registry: Registry
     settings: Callable[[], Settings]
     log: logging.Logger
+    chats: Chats | None = None  # the one writer of a chat's row: a room read again
     last_report: Report | None = None
-    unreadable: int = 0
     _reported_sealed: set[str] = field(default_factory=set)  # rooms said unreadable once
+    _unread: set[str] = field(default_factory=set)  # joined rooms the last read could not read
     sliding_sync: bool = True  # until a batched read fails
+
+    def __post_init__(self) -> None:
+        self.rereads = Rereads(self.reread, self.log)
 
     async def run(self, dry_run: bool = False) -> Report:
         """Reconciles once; returns the report."""
@@ -54,13 +61,14 @@ class Reconciler:
             known_users,
             known_rooms,
             self.settings().default_agent,
+            unread=self._unread,
         )
         report = result.report
-        report.skipped_rooms += self.unreadable
         report.encrypted_unreadable = self._sealed_rooms(states, result)
         report.dry_run = dry_run
         if not dry_run:
             await self._apply(result, known_rooms)
+            self.rereads.replace(report.unreadable_rooms)
         report.requests = self.mx.requests - requests_before
         report.seconds = time.monotonic() - started
         self.last_report = report
@@ -89,12 +97,13 @@ class Reconciler:
         per room otherwise and for any room a batch did not bring. Pending invites come
         with the catch-up /sync after the start."""
         room_ids = await self.mx.joined_rooms()
+        self._unread = set()
         states: dict[str, RoomState] = {}
         size = self.settings().read_batch
         if size and self.sliding_sync and self.mx.device_id:  # sliding sync wants a device
             await self._read_batches(room_ids, size, states)
         left = [room_id for room_id in room_ids if room_id not in states]
-        self.unreadable = await self._read_each(left, states)
+        self._unread = await self._read_each(left, states)
         return states
 
     async def _read_batches(
@@ -130,10 +139,10 @@ class Reconciler:
         else:
             self.log.warning("A batched read of rooms failed (%s): read one by one instead", e)
 
-    async def _read_each(self, room_ids: list[str], states: dict[str, RoomState]) -> int:
-        """One /state per room, READ_CONCURRENCY at a time; returns how many were unreadable."""
+    async def _read_each(self, room_ids: list[str], states: dict[str, RoomState]) -> set[str]:
+        """One /state per room, READ_CONCURRENCY at a time; returns the unreadable ones."""
         mx, limit = self.mx, asyncio.Semaphore(READ_CONCURRENCY)
-        unreadable: list[str] = []
+        unreadable: set[str] = set()
 
         async def read(room_id: str) -> None:
             async with limit:
@@ -142,15 +151,18 @@ class Reconciler:
                 except HomeserverError as e:
                     if e.status == 0:
                         raise  # the homeserver is unreachable: the whole run is retried
-                    # One room that can't be read (left meanwhile, or broken) must not keep
-                    # the plugin from starting: it is skipped this time and logged.
-                    self.log.warning("Reconciliation skips %s: %s", room_id, e)
-                    unreadable.append(room_id)
+                    # One room that can't be read (broken, or left meanwhile) must not keep
+                    # the plugin from starting, nor be taken for gone: it keeps its row.
+                    self.log.warning(
+                        "Reconciliation could not read %s (%s): it keeps its row and is read"
+                        " again in the background", room_id, e,
+                    )  # fmt: skip
+                    unreadable.add(room_id)
                     return
             states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
-        return len(unreadable)
+        return unreadable
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         registry = self.registry
@@ -187,3 +199,64 @@ class Reconciler:
                 except UNIQUE_VIOLATION as e:
                     report.conflicts += 1
                     self.log.warning("Reconciliation could not write %s: %s", room.room_id, e)
+
+    async def reread(self, room_id: str) -> None:
+        """Reads one room a run could not read and makes its row right (``settle_room``)
+        through ``chats``; raises while it still can't be read (``rereads`` tries later)."""
+        before = self.registry.rooms.get(room_id)
+        room = await self._read_one(room_id)
+        registry = self.registry
+        settled = settle_room(
+            room, room_id, self.mx.user_id, registry.users, registry.rooms,
+            self.settings().default_agent, now_ms(),
+        )  # fmt: skip
+        await self._settle(room_id, before, settled)
+        report = self.last_report
+        if report is not None and room_id in report.unreadable_rooms:
+            report.unreadable_rooms.remove(room_id)
+
+    async def _read_one(self, room_id: str) -> RoomState | None:
+        """The room's state; None when the bot is no longer in it (then it is gone). Its own
+        membership says so (one small read; a room left still shows its state as it was),
+        and /joined_rooms where that read can't tell: only a room not joined is gone."""
+        mx = self.mx
+        try:
+            member = await mx.state_event(room_id, "m.room.member", mx.user_id)
+        except HomeserverError as e:
+            if e.status != 403:
+                raise
+            member = None
+        if member is None or not isinstance(member.get("membership"), str):
+            if room_id not in await mx.joined_rooms():
+                return None
+        elif member["membership"] != "join":
+            return None
+        return parse_room(room_id, await mx.state(room_id), mx.user_id)
+
+    async def _settle(self, room_id: str, before: ChatRoomRow | None, settled: Settled) -> None:
+        assert self.chats is not None, "a Reconciler that reads rooms again needs the Chats"
+        registry, row = self.registry, settled.row
+        if settled.conflict:
+            self.log.warning("Read %s again: it contradicts another row; left as it is", room_id)
+        if settled.space_owner is not None:
+            await registry.ensure_user(settled.space_owner)
+            await registry.set_space(settled.space_owner, room_id)
+            self.log.info("Read %s again: the Space of %s", room_id, settled.space_owner)
+        if row is None:
+            self.log.info("Read %s again: nothing to change", room_id)
+            return
+        if row.user_id not in registry.users:
+            await registry.ensure_user(row.user_id)  # the row's owner first (its key)
+        if before is None:
+            if room_id not in registry.rooms:  # else made meanwhile: newer than this read
+                await self.chats.add(row)
+        else:
+
+            async def fix(current: ChatRoomRow) -> ChatRoomRow | None:
+                return row if current is before else None  # changed meanwhile: newer
+
+            try:
+                await self.chats.change(room_id, fix)
+            except KeyError:
+                return  # its row was dropped meanwhile (a reset): the rebuild decides
+        self.log.info("Read %s again: its row is made right: %s", room_id, registry.room(room_id))

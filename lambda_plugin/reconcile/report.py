@@ -20,6 +20,9 @@ class Report:
     restored_chat_rows: int = 0  # chat rows that were missing from the database
     repaired_chat_rows: int = 0  # chat rows that differed from the rooms
     skipped_rooms: int = 0  # joined rooms that are not the plugin's
+    # Joined rooms whose state could not be read: they keep their rows and are read again in
+    # the background (reconcile/reread.py); each leaves the list once read.
+    unreadable_rooms: list[str] = field(default_factory=list)
     conflicts: int = 0  # contradictions resolved deterministically (see log)
     repaired_links: int = 0  # m.space.child / m.space.parent written
     repaired_power_levels: int = 0  # rooms whose levels let users redact or send plugin state
@@ -37,7 +40,22 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["seconds"] = round(self.seconds, 3)
+        data["unreadable_rooms"] = listed(self.unreadable_rooms)
         return data
+
+
+LISTED = 10  # room ids a report shows; the rest are counted
+
+
+def listed(room_ids: list[str]) -> str:
+    """Room ids for one log line: no spaces (``key=value`` pairs stay parseable), no line
+    breaks or other control characters (a room id is whatever its server made it), bounded."""
+    if not room_ids:
+        return "none"
+    shown = ["".join(c if c.isprintable() and not c.isspace() else "?" for c in r[:255])
+             for r in room_ids[:LISTED]]  # fmt: skip
+    more = len(room_ids) - len(shown)
+    return ",".join(shown) + (f",…(+{more})" if more else "")
 
 
 Write = tuple[str, str, str, dict[str, Any]]  # room id, event type, state key, content

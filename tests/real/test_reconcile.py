@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
+from collections.abc import AsyncIterator
+
 import pytest
+import pytest_asyncio
 
 from devstack.matrix import MatrixUser
+from devstack.proxy import FaultProxy
 from devstack.stack import Deployment
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
+from lambda_plugin.matrix import SLIDING_SYNC
 
-from .helpers import is_room_invite, is_space_invite, notice_text, onboard
+from .helpers import ask, is_room_invite, is_space_invite, notice_text, onboard
 
 pytestmark = pytest.mark.real
 ROWS = "SELECT room_id, user_id, chat_id, name, agent_id, platform_chat_id, archived, gone FROM chat_room"
@@ -241,3 +249,75 @@ async def test_admin_commands(stack: Deployment, new_user) -> None:
         assert "Usage" in usage
     finally:
         await stack.configure({"access": {"admins": []}})
+
+
+_proxied = itertools.count(1)
+
+
+@pytest_asyncio.fixture
+async def proxied(stack: Deployment) -> AsyncIterator[tuple[Deployment, FaultProxy]]:
+    """A bot of its own in the stack's maubot (so on the stack's engine), whose client talks
+    to Synapse through a FaultProxy: what maubot's client reads can be made to fail."""
+    proxy = FaultProxy(stack.synapse.url)
+    await proxy.start()
+    n = next(_proxied)
+    localpart, instance_id = f"lambda_px{n}_{os.getpid()}_{stack.engine}", f"lambda_px{n}"
+    bot_id = stack.synapse.register(localpart, "bot-password")
+    login = stack.synapse.login(bot_id, "bot-password")
+    client = {
+        "homeserver": proxy.url, "access_token": login["access_token"],
+        "device_id": login["device_id"], "autojoin": False, "sync": True, "enabled": True,
+        "online": True, "displayname": "Lambda", "avatar_url": "disable",
+    }  # fmt: skip
+    maubot = stack.maubot
+    try:
+        await maubot.api("PUT", f"/client/{bot_id}", json=client)
+        await maubot.crypto_status(bot_id)  # waits until the client has started
+        await maubot.create_instance(instance_id, bot_id, {"spaces": {"encryption": "never"}})
+        yield Deployment(maubot, stack.synapse, stack.engine, bot_id, instance_id), proxy
+    finally:
+        # Gone again, so no later test reads this instance's log lines for the stack's.
+        for path in (f"/instance/{instance_id}", f"/client/{bot_id}"):
+            try:
+                await maubot.api("DELETE", path)
+            except Exception as e:  # the other clean-up still runs
+                print(f"clean-up of {path} failed: {e}")
+        await proxy.stop()
+
+
+async def test_a_room_unreadable_at_start_stays_answered_and_is_read_again(
+    proxied: tuple[Deployment, FaultProxy], new_user
+) -> None:
+    px, proxy = proxied
+    ada = await new_user("ada")
+    got = await onboard(ada, px)
+    bot, logged = px.bot_id, f"@maubot.instance.{px.instance_id}] "
+    await px.configure({"access": {"admins": [ada.user_id]}})
+    assert "echo: before" in notice_text((await ask(ada, got.room, "before", bot))[1])
+
+    # maubot's reads of the room's state fail: its own /state, and the batch it is in.
+    room_state = proxy.fail(rf"/rooms/{re.escape(got.room)}/state$", 500, method="GET")
+    batches = proxy.fail(re.escape(SLIDING_SYNC) + "$", 500)
+    mark = px.log_mark()
+    await px.restart_instance()
+    line = px.wait_for_log(logged + "Reconciled: ", after=mark)
+    assert room_state.hits >= 1 and batches.hits >= 1
+    assert report_value(line, "unreadable_rooms") == got.room, line
+    assert report_value(line, "gone_rooms") == "0", line
+    rows = await px.sql(f"SELECT gone FROM chat_room WHERE room_id='{got.room}'")
+    assert [bool(r["gone"]) for r in rows] == [False]
+
+    # Its chat is still answered (not pointed to the Space), and the report lists it.
+    assert "echo: while unreadable" in notice_text(
+        (await ask(ada, got.room, "while unreadable", bot))[1]
+    )
+    status = notice_text(await ada.command(got.room, "!lambda status", bot))
+    assert f"unreadable_rooms: {got.room}" in status, status
+
+    # Read again in the background: failing while the faults last, then settled.
+    await ada.wait_until(lambda: room_state.hits >= 2, 120, "a failed re-read")
+    proxy.clear()
+    px.wait_for_log(logged + f"Read {got.room} again", after=mark, timeout=180)
+    status = notice_text(await ada.command(got.room, "!lambda status", bot))
+    assert "unreadable_rooms: none" in status, status
+    assert "echo: after" in notice_text((await ask(ada, got.room, "after", bot))[1])

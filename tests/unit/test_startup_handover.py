@@ -442,3 +442,93 @@ async def _catch_up_fast(startup: Startup) -> list[tuple[str, str]]:
         except ConnectionError:
             continue
     raise AssertionError("the catch-up never succeeded")
+
+
+# --- the sync position during a long start ---------------------------------------------------
+
+
+class PositionStore:
+    """The plugin's key-value table, as the sync position uses it."""
+
+    def __init__(self, since: str | None) -> None:
+        self.values: dict[str, str] = {"catch_up_since": since} if since else {}
+
+    async def get_value(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    async def set_value(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+
+class LongStart:
+    """A start whose reconciliation takes longer than the catch-up window: it waits for
+    ``release``; the catch-up records where it read from."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.reconciling = asyncio.Event()
+        self.read_from: list[str | None] = []
+        self.account: dict[str, Any] = {}
+        self.queued = False
+        self.registry = SimpleNamespace(rooms={}, load=_nothing)
+        self.user_id = BOT
+        self.crypto = SimpleNamespace(available=True, open_all=_open_nothing)
+        self.mx = self
+
+    async def run(self) -> Any:  # the Reconciler
+        self.reconciling.set()
+        await self.release.wait()
+        return SimpleNamespace(invites=0, line=lambda: "")
+
+    async def read(self, since: str | None, back_to_ms: int = 0) -> dict[str, Any]:  # CatchUp
+        self.read_from.append(since)
+        return sync("s-catch-up", {})
+
+    async def recent_of(self, room_ids: list[str]) -> dict[str, list]:
+        return {}
+
+    def queue(self, plan: Any) -> None:
+        self.queued = True
+
+    async def set_account_data(self, data_type: str, content: dict[str, Any]) -> None:
+        self.account[data_type] = content
+
+
+async def _nothing(*_args: Any) -> Any:
+    return None
+
+
+async def _no_states(*_args: Any) -> dict:
+    return {}
+
+
+async def _no_rows(*_args: Any) -> list:
+    return []
+
+
+async def test_a_start_longer_than_the_window_stores_no_position_before_its_catch_up(
+    window: Settings,
+) -> None:
+    long = LongStart()
+    store = PositionStore(since="s-before-the-stop")
+    ledger = SimpleNamespace(unfinished=_no_rows, states_of=_no_states, end=_nothing, prune=_nothing)
+    startup = Startup(
+        settings=lambda: window, log=LOG, gate=StartGate(), store=store, ledger=ledger,  # type: ignore[arg-type]
+        reconciler=long, catch_up=long, enqueue=lambda incoming, replay: None,  # type: ignore[arg-type]
+        invite=_nothing, sealed=_no_seal, background=asyncio.ensure_future,
+    )  # fmt: skip
+    startup.sync_done(sync("s-first", {}))  # maubot syncs as soon as it starts
+    run = asyncio.ensure_future(startup.run())
+    await asyncio.wait_for(long.reconciling.wait(), TIMEOUT)
+    # A window later, the start still reconciling: the minutely save (and a stop's) runs.
+    startup.positions.seen = type(startup.positions.seen)(
+        (at - WINDOW_S - 1, token) for at, token in startup.positions.seen
+    )
+    await startup.save_sync_position()
+    assert store.values["catch_up_since"] == "s-before-the-stop" and long.account == {}
+    long.release.set()
+    await asyncio.wait_for(run, TIMEOUT)
+    assert long.read_from == ["s-before-the-stop"] and long.queued  # nothing missed is skipped
+    await startup.save_sync_position()  # once the catch-up has run, the position moves on
+    assert store.values["catch_up_since"] == "s-first"
+    assert long.account == {"ai.lambda.matrix.catch_up": {"since": "s-first"}}
