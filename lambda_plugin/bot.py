@@ -47,6 +47,7 @@ from .startup import Startup
 from .undecryptable import Undecryptable
 from .usage import Quota
 from .voice import Voice
+from .welcome import Welcomes
 
 COMMAND_CLASSES = (HelpCommands, ChatCommands, ContextCommands, UsageCommands, AdminCommands)
 
@@ -100,7 +101,8 @@ class LambdaBot(Plugin):
         )
         onboarding = Onboarding(
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
-            joins=JoinsTable(store.db), **part,
+            joins=JoinsTable(store.db), welcomes=Welcomes(mx=mx, notices=notices, **part),
+            **part,
         )  # fmt: skip
         router = Router(
             queues=queues, ledger=ledger, registry=registry, gate=gate, notices=notices,

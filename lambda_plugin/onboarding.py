@@ -25,6 +25,7 @@ from .part import Part
 from .registry import Registry
 from .roomstate import chat_name, matrix_to
 from .spaces import EncryptionUnavailable, Provisioned, Spaces
+from .welcome import Welcomes
 
 INVITES_REMEMBERED = 1000
 # A user at access.max_joins_per_inviter: how often their rooms are checked against the
@@ -49,6 +50,7 @@ class Onboarding(Part):
     chats: Chats
     notices: Notices
     joins: JoinsTable  # rooms joined on a user's invite that the plugin does not manage
+    welcomes: Welcomes
 
     # Invites handled lately, oldest first (a dict keeps insertion order).
     _invites_seen: dict[tuple[str, str], None] = field(default_factory=dict)
@@ -75,6 +77,20 @@ class Onboarding(Part):
                 await self.handle_invite(evt.room_id, evt.sender)
         elif evt.state_key == self.mx.user_id and membership in (Membership.LEAVE, Membership.BAN):
             await self.bot_removed(evt.room_id, evt.sender)
+        elif membership == Membership.JOIN and evt.state_key != self.mx.user_id:
+            await self.member_joined(evt.room_id, evt.state_key, evt.prev_content)
+
+    async def member_joined(self, room_id: str, user_id: str, before: object) -> None:
+        """A chat room's owner arrived (not a profile change of one already there): the
+        welcome goes now, so it is in their sync."""
+        if getattr(before, "membership", None) == Membership.JOIN:
+            return
+        if user_id not in self.registry.users:
+            return
+        async with self.spaces.lock(user_id):  # a room being made is recorded once it is made
+            room = self.registry.room(room_id)
+        if room is not None and room.user_id == user_id and not room.gone:
+            await self.welcomes.owner_joined(room)
 
     @event.on(EventType.ROOM_NAME)
     async def on_name(self, evt: StateEvent) -> None:
@@ -228,9 +244,7 @@ class Onboarding(Part):
         return False
 
     async def _welcome(self, room_id: str, result: Provisioned) -> None:
-        first = result.first_room
-        if first is not None:
-            await self.notices.say(first.room_id, "welcome", name=first.name, agent=first.agent_id)
+        # The first chat's welcome waits for its owner's join (member_joined).
         readable = self.mx.crypto.available or not await self._encrypted(room_id)
         if not result.created_space and readable:
             space_name = await self._room_name(result.space_id)

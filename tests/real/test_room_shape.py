@@ -38,3 +38,25 @@ async def test_the_configured_room_version_is_used(stack: Deployment, new_user) 
         assert levels is not None and levels["content"]["users"][stack.bot_id] == 100
     finally:
         await stack.configure({"spaces": {"room_version": None}})
+
+
+async def test_a_new_chat_room_greets_its_owner_when_they_join(
+    stack: Deployment, new_user
+) -> None:
+    """The welcome goes when the owner's join is seen, so it is in their sync (a user of
+    another homeserver sees only what follows their join); `!new` rooms get one too, once."""
+    ivy = await new_user("ivy")
+    got = await onboard(ivy, stack)
+    made = notice_text(await ivy.command(got.room, "!new Plans", stack.bot_id))
+    room = made.split("/#/")[1].split("?")[0]
+    await ivy.join(room)
+    welcome = await ivy.wait_for_reply(room, stack.bot_id)
+    assert "Plans" in notice_text(welcome) and "!help" in notice_text(welcome)
+    assert welcome["content"]["ai.lambda.matrix.welcome"]
+    answered = await ivy.command(room, "hello", stack.bot_id)
+    assert "echo: hello" in notice_text(answered)
+    said = [
+        e["event_id"] for e in ivy.events_since(room)
+        if e["sender"] == stack.bot_id and e["type"] == "m.room.message"
+    ]  # fmt: skip
+    assert said == [welcome["event_id"], answered["event_id"]]

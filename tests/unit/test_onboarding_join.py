@@ -59,7 +59,7 @@ def make(mx: FakeMx) -> Onboarding:
     return Onboarding(
         settings=make_settings, log=logging.getLogger("test.onboarding"), gate=None,
         mx=mx, spaces=None, chats=SimpleNamespace(registry=Registry(None)), notices=None,
-        joins=MemoryJoins(),
+        joins=MemoryJoins(), welcomes=None,
     )  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -158,7 +158,7 @@ def bounded(store: Store, mx: RoomsMx, most: int = MOST) -> Onboarding:
     return Onboarding(
         settings=lambda: settings, log=logging.getLogger("test.onboarding"), gate=None,
         mx=mx, spaces=None, chats=SimpleNamespace(registry=Registry(store)),
-        notices=Notices(mx, lambda: settings), joins=JoinsTable(store.db),
+        notices=Notices(mx, lambda: settings), joins=JoinsTable(store.db), welcomes=None,
     )  # type: ignore[arg-type]  # fmt: skip
 
 
