@@ -29,7 +29,7 @@ from .commands import (
 )
 from .config import Config, Settings
 from .conversation import Conversation
-from .db import Store, upgrade_table
+from .db import HistoryBounds, Store, upgrade_table
 from .db.joins import JoinsTable
 from .gate import StartGate
 from .ledger import Ledger
@@ -69,7 +69,9 @@ class LambdaBot(Plugin):
         self._tasks: set[asyncio.Task] = set()
         self.gate = StartGate()
         assert self.database is not None  # maubot.yaml asks for a database
-        self.store = Store(self.database, lambda: self.settings.database_wait_s)
+        self.store = Store(
+            self.database, lambda: self.settings.database_wait_s, self._history_bounds
+        )
         self.agents = Agents(self.store, self.http, self.log.getChild("agents"))
         self.config.load_and_update()
         self.settings, agents = self._initial_settings()
@@ -150,7 +152,7 @@ class LambdaBot(Plugin):
         return (
             HelpCommands(**base),
             ChatCommands(
-                registry=registry, spaces=spaces, agents=agents,
+                registry=registry, spaces=spaces, agents=agents, queues=queues,
                 server_name=notices.mx.server_name, **base,
             ),
             ContextCommands(registry=registry, chats=chats, agents=agents, queues=queues, **base),
@@ -163,6 +165,9 @@ class LambdaBot(Plugin):
 
     def current_settings(self) -> Settings:
         return self.settings
+
+    def _history_bounds(self) -> HistoryBounds:
+        return HistoryBounds(self.settings.history_max_turns, self.settings.history_max_bytes)
 
     async def stop(self) -> None:
         # Handlers still waiting for the start-up are let go; each returns at once.

@@ -89,6 +89,7 @@ class AgentReply:
 class ContextInfo:
     messages: int
     chars: int
+    pruned: int = 0  # older turns the plugin pruned of its history (history.max_turns/max_kb)
 
 
 class AgentError(Exception):
@@ -207,11 +208,11 @@ class StoreAgent(Agent):
         await self.store.drop_history(platform_chat_id)
 
     async def context(self, platform_chat_id: str) -> ContextInfo:
-        rows = await self.store.history(platform_chat_id)
-        return ContextInfo(messages=len(rows), chars=sum(len(row.content) for row in rows))
+        size = await self.store.history_size(platform_chat_id)  # sums: one row read
+        return ContextInfo(messages=size.turns, chars=size.chars, pruned=size.pruned)
 
     async def snapshot(self, platform_chat_id: str) -> str:
-        rows = await self.store.history(platform_chat_id)
+        rows = await self.store.history(platform_chat_id)  # bounded: history.max_turns
         messages = [{"role": row.role, "content": row.content} for row in rows]
         return json.dumps({"version": 1, "messages": messages}, ensure_ascii=False)
 

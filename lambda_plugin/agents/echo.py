@@ -16,9 +16,10 @@ class EchoAgent(StoreAgent):
     async def respond(
         self, request: AgentRequest, on_partial: PartialCallback | None = None
     ) -> AgentReply:
-        # Its own earlier turn (asked again after a crash) is not counted.
-        history = await self.store.history(request.platform_chat_id, excluding=request.message_id)
-        number = 1 + sum(1 for row in history if row.role == "user")
+        # Its own earlier turn (asked again after a crash) is not counted; one row of sums
+        # is read, whatever the conversation's length.
+        size = await self.store.history_size(request.platform_chat_id, request.message_id)
+        number = 1 + size.asked
         parts = [f"echo: {request.text}"]
         if request.attachments:
             parts.append(

@@ -14,7 +14,7 @@ from ..db import month_start, utc_day
 from ..queue import RoomQueues
 from ..reconcile import Reconciler, Report
 from ..spaces import Spaces
-from .base import LIST_BYTES, CommandBase, admin
+from .base import LIST_BYTES, CommandBase, admin, lenient
 from .usage import usage_csv
 
 HEALTH_TIMEOUT_S = 15
@@ -38,11 +38,17 @@ class AdminCommands(CommandBase):
             return self.notices.text("admin.no_report")
         return "\n".join(f"- {key}: {value}" for key, value in report.as_dict().items())
 
-    @command.new("lambda", help="Admin: status, reconcile, reset", require_subcommand=False)
+    # Trailing or unknown words never get maubot's usage text (it lists every subcommand,
+    # to anyone): the handlers answer, after the admin check, as for a bare !lambda.
+    @command.new(
+        "lambda", help="Admin: status, reconcile, reset", require_subcommand=False,
+        must_consume_args=False,
+    )  # fmt: skip
     @admin
     async def lambda_(self, evt: MessageEvent) -> None:
         await self.reply(evt, "admin.usage")
 
+    @lenient
     @lambda_.subcommand("status", help="Counts, last reconciliation, agents' health")
     @admin
     async def status(self, evt: MessageEvent) -> None:
@@ -79,6 +85,7 @@ class AdminCommands(CommandBase):
             return self.notices.text("agent.timeout")
         return problem or self.notices.text("admin.healthy")
 
+    @lenient
     @lambda_.subcommand("reconcile", help="Reconcile now: !lambda reconcile [--dry-run]")
     @command.argument("flags", pass_raw=True, required=False)
     @admin
@@ -89,6 +96,7 @@ class AdminCommands(CommandBase):
         title = self.notices.text("admin.reconcile_dry" if dry_run else "admin.reconcile_done")
         await self.reply_text(evt, title + "\n" + self.report_text(report))
 
+    @lenient
     @lambda_.subcommand("usage", help="Top users this month: !lambda usage [csv]")
     @command.argument("flags", pass_raw=True, required=False)
     @admin
@@ -123,6 +131,7 @@ class AdminCommands(CommandBase):
             self.log.warning("Sending the usage CSV failed: %s", e)
             await self.reply_text(evt, e.message(self.settings().language))
 
+    @lenient
     @lambda_.subcommand("reset", help="Dev reset: !lambda reset local|server [--confirm]")
     @command.argument("args", pass_raw=True, required=False)
     @admin

@@ -1,8 +1,8 @@
 """What every command class shares, and the preconditions commands declare.
 
 A command handler is decorated with what it needs, outermost first:
-``@in_turn`` (it changes the conversation, so it runs in the room's queue, between the right
-messages), then one of ``@any_user`` / ``@allowed_user`` / ``@chat_owner`` / ``@admin``. Each
+``@in_turn`` (it reads or changes the chat or its conversation, so it runs in the room's
+queue, between the right messages and commands), then one of ``@any_user`` / ``@allowed_user`` / ``@chat_owner`` / ``@admin``. Each
 precondition first waits for the start gate and claims the event in the ledger (a redelivered
 or caught-up command is never run twice); the ledger records it answered once it has run (in
 its turn, for ``@in_turn``); a refusal is answered by the decorator.
@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from maubot import MessageEvent
+from maubot.handlers.command import CommandHandler
 
-from ..db import Store
+from ..agents import Agent, Agents
+from ..db import SnapshotRow, Store
 from ..gate import StartGate
 from ..intake import Incoming, Kind, as_json, classify, command_name
 from ..ledger import Fate, Ledger
 from ..matrix import HomeserverError
 from ..notices import Notices
 from ..part import Part, PartArgs
+from ..policy import Admission, admit
 from ..queue import QueueFull, RoomQueues
 from ..replay import replaying
 
@@ -102,9 +105,27 @@ class CommandBase(Part):
 
     async def snapshot_names(self, user_id: str) -> str:
         """The user's snapshots as a short list (it fits in any answer), or "none"."""
-        snaps = await self.store.snapshots_of(user_id)
-        names = self.fitting([f"`{s.name}`" for s in snaps], NAMES_BYTES)
+        snaps = await self.store.snapshot_names(user_id)
+        names = self.fitting([f"`{name}`" for name in snaps], NAMES_BYTES)
         return ", ".join(names) or self.notices.text("none")
+
+    async def read_snapshot(
+        self, evt: MessageEvent, name: str, unknown: str, no_snapshots: str = ""
+    ) -> SnapshotRow | None:
+        """The user's snapshot ``name``, or None after telling them why not: they have none
+        of that name (``unknown``; ``no_snapshots`` when they have none at all), or it is
+        past history.max_snapshot_kb (saved before the bound): refused unread."""
+        limit = self.settings().max_snapshot_bytes
+        size = await self.store.snapshot_bytes(evt.sender, name) if name else None
+        if size is not None and size > limit:
+            await self.reply(evt, "snapshot.too_big", name=name, size=kb(size), max=kb(limit))
+            return None
+        snap = None if size is None else await self.store.get_snapshot(evt.sender, name)
+        if snap is None:
+            names = await self.snapshot_names(evt.sender)
+            key = no_snapshots if no_snapshots and names == self.notices.text("none") else unknown
+            await self.reply(evt, key, name=name[:64], names=names)
+        return snap
 
     def fitting(self, lines: list[str], budget: int) -> list[str]:
         """The first of ``lines`` that fit ``budget`` bytes, and "… and N more" for the
@@ -127,6 +148,27 @@ class CommandBase(Part):
             self.log.warning("%s in %s failed: %s", what, evt.room_id, e)
             await self.reply(evt, "error.homeserver")
             return None
+
+
+def kb(size: int) -> int:
+    """A size in whole kilobytes, rounded up (as a limit's notice shows it)."""
+    return -(-size // 1024)
+
+
+def snapshot_agent(agents: Agents, snap: SnapshotRow, default_id: str) -> tuple[str, Agent | None]:
+    """The agent a snapshot continues with: the one that made it, or (no longer configured)
+    the default agent."""
+    agent = agents.get(snap.agent_id)
+    if agent is not None:
+        return snap.agent_id, agent
+    return default_id, agents.get(default_id)
+
+
+def lenient(handler: CommandHandler) -> CommandHandler:
+    """A subcommand whose trailing words are its own to judge: maubot never answers them
+    with its own usage text (``subcommand`` has no ``must_consume_args``)."""
+    handler.__mb_must_consume_args__ = False
+    return handler
 
 
 def _precondition(check: Callable[[Any, MessageEvent], Awaitable[tuple | None]]) -> Callable:
@@ -191,11 +233,12 @@ chat_owner = _precondition(_chat_owner)
 def in_turn(func: F) -> F:
     """Runs the handler in the room's turn: its place in the queue is taken before anything
     is awaited; what the handler returns (a coroutine function, or None) runs there. A
-    replayed command (a missed one) is in its turn already: it runs at once."""
+    replayed command (a missed one) is in its turn already: it runs at once. (The class
+    has a ``queues`` and a ``registry``.)"""
 
     @functools.wraps(func)
     async def wrapper(self: Any, evt: MessageEvent, *args: Any, **kwargs: Any) -> None:
-        if replaying(evt.event_id):
+        if replaying(evt.event_id) or _not_the_rooms(self, evt):
             control = await func(self, evt, *args, **kwargs)
             if control is not None:
                 await control()
@@ -208,6 +251,16 @@ def in_turn(func: F) -> F:
             await self.reply(evt, "queue.full", max=full.limit)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _not_the_rooms(commands: Any, evt: MessageEvent) -> bool:
+    """A command in a chat room from someone it does not answer (another member with
+    access.shared_rooms off, a stranger): it takes no place in the room's queue, where it
+    would hold the owner's up; its precondition answers it at once."""
+    if not commands.gate.is_open:
+        return False
+    room = commands.registry.room(evt.room_id)
+    return room is not None and admit(room, evt.sender, commands.settings()) is Admission.IGNORE
 
 
 def owner_in_turn(func: F) -> F:

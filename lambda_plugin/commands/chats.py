@@ -1,4 +1,5 @@
-"""Chat management: !new, !chats, !rename, !archive, !unarchive."""
+"""Chat management: !new, !chats, !rename, !encrypt, !archive, !unarchive, each in the
+room's turn (after what was sent before it there)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from maubot.handlers import command
 
 from ..agents import AgentError, Agents
 from ..db import ChatRoomRow
+from ..queue import Control, RoomQueues
 from ..registry import Registry
 from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
 from ..spaces import EncryptionUnavailable, Spaces, TooManyChats
-from .base import LIST_BYTES, CommandBase, allowed_user, chat_owner
+from .base import LIST_BYTES, CommandBase, allowed_user, in_turn, owner_in_turn, snapshot_agent
 
 
 @dataclass(eq=False, kw_only=True)
@@ -22,6 +24,7 @@ class ChatCommands(CommandBase):
     registry: Registry
     spaces: Spaces
     agents: Agents
+    queues: RoomQueues
     server_name: str
 
     async def valid_name(self, evt: MessageEvent, raw: str, example: str) -> str | None:
@@ -37,20 +40,31 @@ class ChatCommands(CommandBase):
 
     @command.new("new", help="New chat room in your Space: !new [name] [--from <snapshot>]")
     @command.argument("args", pass_raw=True, required=False)
+    @in_turn
     @allowed_user
-    async def new(self, evt: MessageEvent, args: str = "") -> None:
+    async def new(self, evt: MessageEvent, args: str = "") -> Control | None:
         name, from_flag, snapshot_name = f" {args or ''} ".partition(" --from ")
         wanted = None
         if name.strip():
             wanted = await self.valid_name(evt, name, "!new Research")
             if wanted is None:
-                return
-        agent_id = platform_chat_id = None
-        if from_flag:
-            fork = await self.fork(evt, snapshot_name)
-            if fork is None:
-                return
-            agent_id, platform_chat_id = fork
+                return None
+
+        async def run() -> None:  # in turn: a !save just before in this room has written it
+            agent_id = platform_chat_id = None
+            if from_flag:
+                fork = await self.fork(evt, snapshot_name)
+                if fork is None:
+                    return
+                agent_id, platform_chat_id = fork
+            await self.create(evt, wanted, agent_id, platform_chat_id)
+
+        return run
+
+    async def create(
+        self, evt: MessageEvent, wanted: str | None, agent_id: str | None,
+        platform_chat_id: str | None,
+    ) -> None:  # fmt: skip
         try:
             room = await self.on_homeserver(
                 evt, "!new", self.spaces.new_chat(evt.sender, wanted, agent_id, platform_chat_id)
@@ -68,23 +82,18 @@ class ChatCommands(CommandBase):
 
     async def fork(self, evt: MessageEvent, raw_name: str) -> tuple[str, str] | None:
         """A new conversation restored from a snapshot: (agent id, platform_chat_id)."""
-        name = clean_name(raw_name)
-        snap = await self.store.get_snapshot(evt.sender, name) if name else None
+        snap = await self.read_snapshot(evt, clean_name(raw_name), "new.from_unknown")
         if snap is None:
-            names = await self.snapshot_names(evt.sender)
-            await self.reply(evt, "new.from_unknown", name=name[:64], names=names)
             return None
-        agent = self.agents.get(snap.agent_id)
-        agent_id = snap.agent_id
+        agent_id, agent = snapshot_agent(self.agents, snap, self.settings().default_agent)
         if agent is None:
-            agent_id = self.settings().default_agent
-            agent = self.agents.get(agent_id)
+            await self.reply(evt, "agent.unknown", agent=agent_id)
+            return None
         platform_chat_id = new_platform_chat_id()
         try:
-            assert agent is not None
             await agent.restore(platform_chat_id, snap.messages)
         except AgentError as e:
-            self.log.warning("Forking snapshot %s failed: %s", name, e)
+            self.log.warning("Forking snapshot %s failed: %s", snap.name, e)
             language = self.settings().language
             await self.reply(evt, "agent.error", error=e.describe(language))
             return None
@@ -92,22 +101,30 @@ class ChatCommands(CommandBase):
 
     @command.new("chats", help="Your chats: !chats [archived]")
     @command.argument("which", pass_raw=True, required=False)
+    @in_turn
     @allowed_user
-    async def chats(self, evt: MessageEvent, which: str = "") -> None:
+    async def chats(self, evt: MessageEvent, which: str = "") -> Control | None:
         which = (which or "").strip().lower()
         if which not in ("", "archived"):
             await self.reply(evt, "chats.usage")
-            return
+            return None
         archived = which == "archived"
-        rooms = [
-            r for r in self.registry.rooms_of(evt.sender) if not r.gone and r.archived == archived
-        ]
-        if not rooms:
-            await self.reply(evt, "chats.none_archived" if archived else "chats.none")
-            return
-        lines = [self.notices.text("chats.archived_title" if archived else "chats.title")]
-        lines += self.fitting([f"- {self.chat_line(room, evt.room_id)}" for room in rooms], LIST_BYTES)
-        await self.reply_text(evt, "\n".join(lines))
+
+        async def run() -> None:  # in turn: after a !new, !rename or !archive sent before it
+            rooms = [
+                r for r in self.registry.rooms_of(evt.sender)
+                if not r.gone and r.archived == archived
+            ]  # fmt: skip
+            if not rooms:
+                await self.reply(evt, "chats.none_archived" if archived else "chats.none")
+                return
+            lines = [self.notices.text("chats.archived_title" if archived else "chats.title")]
+            lines += self.fitting(
+                [f"- {self.chat_line(room, evt.room_id)}" for room in rooms], LIST_BYTES
+            )
+            await self.reply_text(evt, "\n".join(lines))
+
+        return run
 
     def chat_line(self, room: ChatRoomRow, here: str) -> str:
         line = self.notices.text(
@@ -120,40 +137,51 @@ class ChatCommands(CommandBase):
 
     @command.new("rename", help="Rename this chat: !rename <name>")
     @command.argument("name", pass_raw=True, required=False)
-    @chat_owner
-    async def rename(self, evt: MessageEvent, room: ChatRoomRow, name: str = "") -> None:
+    @owner_in_turn
+    async def rename(self, evt: MessageEvent, room: ChatRoomRow, name: str = "") -> Control | None:
         new_name = await self.valid_name(evt, name, "!rename Research")
         if new_name is None:
-            return
-        renamed = await self.on_homeserver(evt, "!rename", self.spaces.rename(room, new_name))
-        if renamed is not None:
-            await self.reply(evt, "renamed", name=renamed.name)
+            return None
+
+        async def run() -> None:
+            renamed = await self.on_homeserver(evt, "!rename", self.spaces.rename(room, new_name))
+            if renamed is not None:
+                await self.reply(evt, "renamed", name=renamed.name)
+
+        return run
 
     @command.new("encrypt", help="End-to-end encrypt this chat: !encrypt --confirm")
     @command.argument("flags", pass_raw=True, required=False)
-    @chat_owner
-    async def encrypt(self, evt: MessageEvent, room: ChatRoomRow, flags: str = "") -> None:
-        crypto = self.spaces.mx.crypto
-        if not crypto.available:
-            await self.reply(evt, "encrypt.unavailable")
-        elif await crypto.is_encrypted(room.room_id):
-            await self.reply(evt, "encrypt.already")
-        elif "--confirm" not in (flags or "").split():
-            await self.reply(evt, "encrypt.confirm")
-        elif await self.on_homeserver(evt, "!encrypt", self.spaces.encrypt(room)) is not None:
-            await self.reply(evt, "encrypt.done")
+    @owner_in_turn
+    async def encrypt(self, evt: MessageEvent, room: ChatRoomRow, flags: str = "") -> Control:
+        async def run() -> None:  # in turn: never while an earlier answer is being sent
+            crypto = self.spaces.mx.crypto
+            if not crypto.available:
+                await self.reply(evt, "encrypt.unavailable")
+            elif await crypto.is_encrypted(room.room_id):
+                await self.reply(evt, "encrypt.already")
+            elif "--confirm" not in (flags or "").split():
+                await self.reply(evt, "encrypt.confirm")
+            elif await self.on_homeserver(evt, "!encrypt", self.spaces.encrypt(room)) is not None:
+                await self.reply(evt, "encrypt.done")
+
+        return run
 
     @command.new("archive", help="Archive this chat (history kept)", must_consume_args=False)
-    @chat_owner
-    async def archive(self, evt: MessageEvent, room: ChatRoomRow) -> None:
-        await self._set_archived(evt, room, True)
+    @owner_in_turn
+    async def archive(self, evt: MessageEvent, room: ChatRoomRow) -> Control:
+        return lambda: self._set_archived(evt, room.room_id, True)
 
     @command.new("unarchive", help="Bring this chat back into your Space", must_consume_args=False)
-    @chat_owner
-    async def unarchive(self, evt: MessageEvent, room: ChatRoomRow) -> None:
-        await self._set_archived(evt, room, False)
+    @owner_in_turn
+    async def unarchive(self, evt: MessageEvent, room: ChatRoomRow) -> Control:
+        return lambda: self._set_archived(evt, room.room_id, False)
 
-    async def _set_archived(self, evt: MessageEvent, room: ChatRoomRow, archived: bool) -> None:
+    async def _set_archived(self, evt: MessageEvent, room_id: str, archived: bool) -> None:
+        room = self.registry.room(room_id)  # as it is in turn, after an earlier !archive
+        if room is None:  # forgotten meanwhile (a server reset)
+            await self.reply(evt, "not_chat_room")
+            return
         if room.archived == archived:
             await self.reply(evt, "already_archived" if archived else "not_archived")
             return

@@ -10,13 +10,13 @@ from maubot import MessageEvent
 from maubot.handlers import command
 from maubot.handlers.command import CommandHandler
 
-from ..agents import Agent, AgentError, Agents
+from ..agents import Agent, AgentError, Agents, ContextInfo
 from ..chats import Chats
 from ..db import ChatRoomRow, SnapshotRow, now_ms
 from ..queue import Control, RoomQueues
 from ..registry import Registry
 from ..roomstate import clean_name, new_platform_chat_id
-from .base import CommandBase, Handler, chat_owner, owner_in_turn
+from .base import CommandBase, Handler, chat_owner, kb, owner_in_turn, snapshot_agent
 
 SNAPSHOT_NAME_MAX = 64
 
@@ -69,7 +69,7 @@ class ContextCommands(CommandBase):
     async def _room_for_snapshot(self, evt: MessageEvent, name: str) -> bool:
         """Whether the user may save ``name``: a new one within access.max_snapshots_per_user,
         or one that replaces a snapshot of the same name; else the user is told."""
-        names = {s.name for s in await self.store.snapshots_of(evt.sender)}
+        names = set(await self.store.snapshot_names(evt.sender))
         limit = self.settings().max_snapshots_per_user
         if name in names or len(names) < limit:
             return True
@@ -118,6 +118,10 @@ class ContextCommands(CommandBase):
                 self.log.warning("Snapshot of %s failed: %s", current.platform_chat_id, e)
                 await self.reply(evt, "agent.error", error=self.agent_error(e))
                 return
+            size, limit = len(data.encode()), self.settings().max_snapshot_bytes
+            if size > limit:
+                await self.reply(evt, "save.too_big", size=kb(size), max=kb(limit))
+                return
             await self.store.save_snapshot(
                 SnapshotRow(
                     evt.sender, snapshot_name, current.agent_id, current.platform_chat_id,
@@ -129,19 +133,15 @@ class ContextCommands(CommandBase):
         return run
 
     @snapshot_command("load", "Continue this chat from a snapshot: !load <name>")
-    async def load(
-        self, evt: MessageEvent, room: ChatRoomRow, snapshot_name: str
-    ) -> Control | None:
-        snap = await self.store.get_snapshot(evt.sender, snapshot_name)
-        if snap is None:
-            names = await self.snapshot_names(evt.sender)
-            key = "load.unknown" if names != self.notices.text("none") else "load.none"
-            await self.reply(evt, key, name=snapshot_name, names=names)
-            return None
-
+    async def load(self, evt: MessageEvent, room: ChatRoomRow, snapshot_name: str) -> Control:
         async def run() -> None:
-            _, agent = await self.current_agent(evt)
+            # In turn: a !save just before in this room has written it.
+            snap = await self.read_snapshot(evt, snapshot_name, "load.unknown", "load.none")
+            if snap is None:
+                return
+            agent_id, agent = snapshot_agent(self.agents, snap, self.settings().default_agent)
             if agent is None:
+                await self.reply(evt, "agent.unknown", agent=agent_id)
                 return
             fresh_id = new_platform_chat_id()
             try:
@@ -150,43 +150,59 @@ class ContextCommands(CommandBase):
                 self.log.warning("Restoring snapshot %s failed: %s", snap.name, e)
                 await self.reply(evt, "agent.error", error=self.agent_error(e))
                 return
-            old = self.registry.rooms[room.room_id].platform_chat_id
-            fresh = await self.chats.update(room.room_id, platform_chat_id=fresh_id)
+            old: list[ChatRoomRow] = []
+
+            async def switch(current: ChatRoomRow) -> ChatRoomRow:
+                old.append(current)
+                return replace(current, platform_chat_id=fresh_id, agent_id=agent_id)
+
+            if await self.on_homeserver(evt, "!load", self.chats.change(room.room_id, switch)) is None:
+                await self._drop(agent, fresh_id)  # the room stays as it was: nothing left behind
+                return
             self.log.info("Loaded snapshot %s into %s as %s", snap.name, room.room_id, fresh_id)
-            await self._drop(agent, old)  # replaced, as by !clear: its history goes
-            await self.reply(evt, "load.done", name=snap.name, pcid=fresh.platform_chat_id)
+            replaced = self.agents.get(old[0].agent_id)
+            if replaced is not None:  # replaced, as by !clear: its history goes
+                await self._drop(replaced, old[0].platform_chat_id)
+            await self.reply(evt, "load.done", name=snap.name, agent=agent_id, pcid=fresh_id)
 
         return run
 
     @command.new("context", help="This chat's agent, id, size and your snapshots", must_consume_args=False)
-    @chat_owner
-    async def context(self, evt: MessageEvent, room: ChatRoomRow) -> None:
+    @owner_in_turn
+    async def context(self, evt: MessageEvent, room: ChatRoomRow) -> Control:
+        async def run() -> None:  # in turn: after the !clear, !load, !agent sent before it
+            current = self.registry.room(room.room_id) or room
+            await self.reply_text(evt, await self.context_text(evt, current))
+
+        return run
+
+    async def context_text(self, evt: MessageEvent, room: ChatRoomRow) -> str:
         agent = self.agents.get(room.agent_id)
-        messages: object = "?"
-        chars = 0
+        info = ContextInfo(messages=0, chars=0)
         error = None
         if agent is None:
             error = self.notices.text("agent.unknown", agent=room.agent_id)
         else:
             try:
                 info = await agent.context(room.platform_chat_id)
-                messages, chars = info.messages, info.chars
             except AgentError as e:
                 error = self.agent_error(e)
         lines = [
             self.notices.text("context.title"),
             self.notices.text(
                 "context.body", agent=room.agent_id, pcid=room.platform_chat_id,
-                messages=messages, chars=chars,
-                tokens=(chars + 3) // 4,  # the usual rough estimate: four characters a token
+                messages="?" if error else info.messages, chars=info.chars,
+                tokens=(info.chars + 3) // 4,  # the usual rough estimate: four characters a token
                 snapshots=await self.snapshot_names(evt.sender),
             ),
         ]  # fmt: skip
+        if info.pruned:
+            lines.append(self.notices.text("context.pruned", count=info.pruned))
         if kept := len(await self.ledger.kept(room.room_id)):
             lines.append(self.notices.text("context.kept", count=kept))
         if error:
             lines.append(self.notices.text("context.unavailable", error=error))
-        await self.reply_text(evt, "\n".join(lines))
+        return "\n".join(lines)
 
     @command.new("agent", help="Show or switch this chat's agent: !agent [id]")
     @command.argument("agent_id", pass_raw=True, required=False)
@@ -196,14 +212,15 @@ class ContextCommands(CommandBase):
     ) -> Control | None:
         agents = ", ".join(f"`{a}`" for a in self.settings().agents)
         wanted = (agent_id or "").strip()
-        if not wanted:
-            await self.reply(evt, "agent.current", agent=room.agent_id, agents=agents)
-            return None
-        if wanted not in self.settings().agents:
+        if wanted and wanted not in self.settings().agents:
             await self.reply(evt, "agent.unknown_id", agent=wanted[:64], agents=agents)
             return None
 
         async def run() -> None:
+            if not wanted:  # in turn: after an !agent or !load sent before it
+                current = (self.registry.room(room.room_id) or room).agent_id
+                await self.reply(evt, "agent.current", agent=current, agents=agents)
+                return
             await self.chats.update(room.room_id, agent_id=wanted)
             self.log.info("Chat %s switched to agent %s", room.room_id, wanted)
             await self.reply(evt, "agent.switched", agent=wanted)

@@ -1,3 +1,4 @@
+from .history import HistoryBounds, HistorySize
 from .rows import (
     ChatRoomRow,
     HistoryRow,
@@ -17,7 +18,9 @@ __all__ = [
     "TABLES",
     "UNIQUE_VIOLATION",
     "ChatRoomRow",
+    "HistoryBounds",
     "HistoryRow",
+    "HistorySize",
     "LedgerRow",
     "SnapshotRow",
     "Store",

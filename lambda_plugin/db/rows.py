@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timezone
 from typing import TypeVar
@@ -92,6 +93,10 @@ class UsageRow(Row):
     tokens_in: int
     tokens_out: int
     requests: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def utc_day(at: float | None = None) -> str:

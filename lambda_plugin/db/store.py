@@ -1,4 +1,5 @@
-"""All SQL of the plugin, one method per query, identical on SQLite and PostgreSQL."""
+"""All SQL of the plugin, one method per query, identical on SQLite and PostgreSQL (bar the
+UTF-8 size of a text, ``history.octets``); the history's own is in ``history.py``."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import asyncpg
 from asyncpg import Record
 from mautrix.util.async_db import Connection, Database
 
-from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UsageRow, UserRow
+from .history import HistoryBounds, HistorySize, HistoryTable, octets
+from .rows import ChatRoomRow, HistoryRow, SnapshotRow, UsageRow, UserRow, now_ms
 
-# Raised on a unique or primary-key violation, whichever engine runs.
-UNIQUE_VIOLATION = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+# Raised on a constraint violation (unique, primary or foreign key, not null), whichever
+# engine runs: SQLite raises one IntegrityError for all of them, so PostgreSQL's counterpart
+# is their common base (a ForeignKeyViolationError is no UniqueViolationError).
+UNIQUE_VIOLATION = (asyncpg.IntegrityConstraintViolationError, sqlite3.IntegrityError)
 # What a call raises while the database is unreachable (restarting, failing over, locked):
 # a fault to wait out, not a reason to drop a message.
 DATABASE_DOWN = (
@@ -105,18 +109,18 @@ def _waits_out_once(method: F) -> F:
     return _waits_out(method, repeatable=False)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Store:
-    def __init__(self, db: Database, outage_s: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        outage_s: Callable[[], float] = lambda: 0.0,
+        history_bounds: Callable[[], HistoryBounds] = HistoryBounds,
+    ) -> None:
         self.db = db
         self.outage_s = outage_s  # how long a database outage is waited out
-        # MAX(seq)+1 is read then written: two appends must not interleave (PostgreSQL runs
-        # them on separate connections). One plugin instance owns its database, so a
-        # process-local lock is enough.
-        self._history_lock = asyncio.Lock()
+        # One plugin instance owns its database: a conversation's appends are serialised by
+        # a process-local lock of that conversation (see HistoryTable).
+        self.histories = HistoryTable(db, history_bounds)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
@@ -261,33 +265,37 @@ class Store:
         )
         return SnapshotRow.from_row(row) if row else None
 
-    async def snapshots_of(self, user_id: str) -> list[SnapshotRow]:
+    async def snapshot_names(self, user_id: str) -> list[str]:
+        """The names of the user's snapshots, in order (their contents are not read)."""
         rows = await self.db.fetch(
-            f"SELECT {SnapshotRow.columns} FROM snapshot WHERE user_id=$1 ORDER BY name",
-            user_id,
+            "SELECT name FROM snapshot WHERE user_id=$1 ORDER BY name", user_id
         )
-        return [SnapshotRow.from_row(row) for row in rows]
+        return [row["name"] for row in rows]
 
-    # history of stateless backends
+    async def snapshot_bytes(self, user_id: str, name: str) -> int | None:
+        """The size of a snapshot's contents (UTF-8), without reading them; None: no such."""
+        size = await self.db.fetchval(
+            f"SELECT {octets(self.db, 'messages')} FROM snapshot WHERE user_id=$1 AND name=$2",
+            user_id,
+            name,
+        )
+        return None if size is None else int(size)
+
+    # history of stateless backends (see HistoryTable: bounded, pruned as turns are added)
 
     @_waits_out
     async def history(
         self, platform_chat_id: str, limit: int | None = None, excluding: str = ""
     ) -> list[HistoryRow]:
-        """The conversation in order; with a limit, only its newest ``limit`` messages; the
-        turn of the message ``excluding`` left out (it is being asked again)."""
-        query = (
-            f"SELECT {HistoryRow.columns} FROM history WHERE platform_chat_id=$1"
-            " AND (message_id IS NULL OR message_id <> $2)"
-        )
-        if limit is None:
-            rows = await self.db.fetch(query + " ORDER BY seq", platform_chat_id, excluding)
-        else:
-            rows = await self.db.fetch(
-                query + " ORDER BY seq DESC LIMIT $3", platform_chat_id, excluding, limit
-            )
-            rows = list(reversed(rows))
-        return [HistoryRow.from_row(row) for row in rows]
+        """The conversation in order, its newest ``limit`` messages (never more than
+        history.max_turns); the turn of the message ``excluding`` left out (it is being
+        asked again)."""
+        return await self.histories.rows(platform_chat_id, limit, excluding)
+
+    @_waits_out
+    async def history_size(self, platform_chat_id: str, excluding: str = "") -> HistorySize:
+        """The conversation's size (one row of sums), the turn of ``excluding`` left out."""
+        return await self.histories.size(platform_chat_id, excluding)
 
     @_waits_out
     async def append_history(
@@ -295,27 +303,12 @@ class Store:
     ) -> None:
         """Appends (role, content) pairs after the conversation's last message, atomically;
         with ``message_id``, as that message's turn, replacing one it had (a re-ask after a
-        crash never holds a turn twice)."""
-        async with self._history_lock, self._transaction() as conn:
-            if message_id:
-                await conn.execute(
-                    "DELETE FROM history WHERE platform_chat_id=$1 AND message_id=$2",
-                    platform_chat_id, message_id,
-                )  # fmt: skip
-            last = await conn.fetchval(
-                "SELECT MAX(seq) FROM history WHERE platform_chat_id=$1", platform_chat_id
-            )
-            seq = 0 if last is None else int(last) + 1
-            stamp = now_ms()
-            for offset, (role, content) in enumerate(messages):
-                await conn.execute(
-                    f"INSERT INTO history ({HistoryRow.columns}, message_id)"
-                    " VALUES ($1, $2, $3, $4, $5, $6)",
-                    platform_chat_id, seq + offset, role, content, stamp, message_id or None,
-                )  # fmt: skip
+        crash never holds a turn twice). Turns past history.max_turns and history.max_kb
+        (the oldest first) are pruned in the same transaction."""
+        await self.histories.append(platform_chat_id, messages, message_id)
 
     async def drop_history(self, platform_chat_id: str) -> None:
-        await self.db.execute("DELETE FROM history WHERE platform_chat_id=$1", platform_chat_id)
+        await self.histories.drop(platform_chat_id)
 
     # small plugin state
 

@@ -1,12 +1,15 @@
-"""!new, !chats, !rename, !archive, !unarchive end to end, with bad input."""
+"""!new, !chats, !rename, !archive, !unarchive end to end, with bad input; !save and !load
+in a busy room, and !load's agent."""
 
 from __future__ import annotations
 
 import pytest
+import pytest_asyncio
 
 from devstack.stack import Deployment
+from tests.servers.openai_server import OpenAIServer
 
-from .helpers import is_room_invite, notice_text, onboard
+from .helpers import ANSWER_TIMEOUT, completed, is_room_invite, notice_text, onboard
 
 pytestmark = pytest.mark.real
 MARKER = "ai.lambda.matrix.room"
@@ -108,3 +111,92 @@ async def test_chat_limit(stack: Deployment, new_user) -> None:
         assert len([r for r, s in hal.invites.items() if is_room_invite(r, s)]) == 1
     finally:
         await stack.configure({"access": {"max_chats_per_user": 50}})
+
+
+@pytest_asyncio.fixture(scope="module")
+async def slow_agent(stack: Deployment):
+    """An OpenAI-compatible server as the agent ``held``: a test makes it hold its answers."""
+    server = OpenAIServer()
+    url = await server.start()
+    await stack.configure(
+        {"agents": {"registry": {"held": {"backend": "openai", "base_url": url, "model": "m", "timeout_s": 90}}}}
+    )
+    yield server
+    await server.stop()
+
+
+async def answer(user, room: str, bot: str, body: str) -> str:
+    """Sends ``body`` and returns the bot's complete answer (a streamed one once finished)."""
+    await user.sync_once(0)
+    mark = user.mark()
+    await user.send_text(room, body)
+    first = await user.wait_for_event(
+        room,
+        lambda e: e["sender"] == bot and e["type"] == "m.room.message"
+        and e["content"].get("m.relates_to", {}).get("rel_type") != "m.replace",
+        mark, ANSWER_TIMEOUT,
+    )  # fmt: skip
+    return await completed(user, room, first, mark, ANSWER_TIMEOUT)
+
+
+def bot_notice(bot: str, *words: str):
+    return lambda e: (
+        e["sender"] == bot and e["type"] == "m.room.message"
+        and all(word in e["content"].get("body", "") for word in words)
+    )  # fmt: skip
+
+
+async def test_save_then_load_in_a_busy_room_run_in_turn(
+    stack: Deployment, new_user, slow_agent: OpenAIServer
+) -> None:
+    ida = await new_user("ida")
+    got = await onboard(ida, stack)
+    bot = stack.bot_id
+    assert "held" in notice_text(await ida.command(got.room, "!agent held", bot))
+    slow_agent.mode = "stall"
+    slow_agent.release.clear()
+    try:
+        await ida.sync_once(0)
+        mark = ida.mark()
+        seen = len(slow_agent.requests)
+        await ida.send_text(got.room, "a question that takes a while")
+        await slow_agent.wait_requests(seen + 1)  # the room is busy answering it
+        await ida.send_text(got.room, "!save busy")
+        await ida.send_text(got.room, "!load busy")
+    finally:
+        slow_agent.mode = "ok"
+        slow_agent.release.set()
+    loaded = await ida.wait_for_event(
+        got.room, bot_notice(bot, "continues from snapshot **busy**"), mark, ANSWER_TIMEOUT
+    )
+    assert "with the agent `held`" in loaded["content"]["body"]
+    said = [e["content"].get("body", "") for e in ida.events_since(got.room, mark) if e["sender"] == bot]
+    assert not any("no snapshot" in body.lower() for body in said), said
+    assert any("Saved this conversation as snapshot **busy**" in body for body in said), said
+
+
+async def test_load_continues_with_the_agent_of_the_snapshot(
+    stack: Deployment, new_user, slow_agent: OpenAIServer
+) -> None:
+    jo = await new_user("jo")
+    got = await onboard(jo, stack)
+    bot = stack.bot_id
+    assert "held" in notice_text(await jo.command(got.room, "!agent held", bot))
+    assert "reply to: remember this" in await answer(jo, got.room, bot, "remember this")
+    assert "Saved" in notice_text(await jo.command(got.room, "!save with-held", bot))
+
+    reply = notice_text(await jo.command(got.room, "!new Echoing", bot))
+    echo_room = reply.split("https://matrix.to/#/")[1].split("?")[0]
+    await jo.join(echo_room)
+    await jo.wait_for_event(echo_room, bot_notice(bot, "Welcome to **Echoing**"))  # said first
+    assert "agent: `echo`" in notice_text(await jo.command(echo_room, "!context", bot))
+    loaded = notice_text(await jo.command(echo_room, "!load with-held", bot))
+    assert "with the agent `held`" in loaded
+    assert "agent: `held`" in notice_text(await jo.command(echo_room, "!context", bot))
+    marker = (await jo.state_event(echo_room, MARKER))["content"]
+    assert marker["agent_id"] == "held"
+    # The room now talks to the snapshot's agent, which gets the saved conversation.
+    seen = len(slow_agent.requests)
+    assert "reply to: and now?" in await answer(jo, echo_room, bot, "and now?")
+    sent = [m["content"] for m in slow_agent.requests[seen].json["messages"]]
+    assert sent[0] == "remember this" and sent[-1] == "and now?"

@@ -30,7 +30,7 @@ from lambda_plugin.agents import (
 )
 from lambda_plugin.agents.http import ERROR_BODY_BYTES
 from lambda_plugin.agents.openai import _sse_data
-from lambda_plugin.db import Store, upgrade_table
+from lambda_plugin.db import HistoryBounds, Store, upgrade_table
 from lambda_plugin.texts import TEXTS
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
@@ -157,6 +157,56 @@ async def test_snapshot_continues_in_new_chats_and_stays_reusable(make, store: S
         reply = await echo.respond(ask("three", chat=chat))
         assert "(message 3 in this conversation)" in reply.text
     assert (await echo.context(CHAT)).messages == 4
+
+
+def counting_rows(store: Store) -> list[int]:
+    """Records how many rows each read of ``store``'s database hands back."""
+    read: list[int] = []
+    fetch, fetchrow = store.db.fetch, store.db.fetchrow
+
+    async def counted_fetch(*args: Any) -> Any:
+        rows = await fetch(*args)
+        read.append(len(rows))
+        return rows
+
+    async def counted_fetchrow(*args: Any) -> Any:
+        read.append(1)
+        return await fetchrow(*args)
+
+    store.db.fetch, store.db.fetchrow = counted_fetch, counted_fetchrow  # type: ignore[method-assign]
+    return read
+
+
+@pytest.mark.parametrize("backend", ["echo", "openai"])
+@pytest.mark.parametrize("call", ["respond", "context", "snapshot"])
+async def test_a_long_conversation_is_read_within_the_bound(
+    store: Store, http: aiohttp.ClientSession, openai_server: OpenAIServer, backend: str,
+    call: str,
+) -> None:  # fmt: skip
+    # 300 turns from before the bound (or a bound lowered since): no read takes them all.
+    unbounded = Store(store.db, history_bounds=lambda: HistoryBounds(10**6, 10**9))
+    await unbounded.append_history(CHAT, [("user", f"m{i}") for i in range(300)])
+    small = Store(store.db, history_bounds=lambda: HistoryBounds(max_turns=10))
+    options = {} if backend == "echo" else {"base_url": openai_server.base_url, "model": "m"}
+    agent = create_agent(AgentSpec(backend, backend, {**options, "timeout_s": 10}), small, http, LOG)
+    read = counting_rows(store)
+    result = await getattr(agent, call)(ask("hello") if call == "respond" else CHAT)
+    assert read and max(read) <= 10, read
+    if call == "snapshot":
+        assert [m["content"] for m in json.loads(result)["messages"]] == [f"m{i}" for i in range(290, 300)]
+    if call == "context":
+        assert result == ContextInfo(messages=300, chars=sum(len(f"m{i}") for i in range(300)))
+
+
+async def test_a_restored_snapshot_keeps_its_newest_turns_within_the_bound(store: Store) -> None:
+    small = Store(store.db, history_bounds=lambda: HistoryBounds(max_turns=4))
+    echo = create_agent(AgentSpec("echo", "echo", {}), small, None, LOG)  # type: ignore[arg-type]
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(10)]
+    await echo.restore("pc-2", json.dumps({"version": 1, "messages": messages}))
+    assert await history(small, "pc-2") == [("user", f"m{i}") for i in range(6, 10)]
+    assert await echo.context("pc-2") == ContextInfo(messages=4, chars=8, pruned=6)
+    assert "(message 5 in this conversation)" in (await echo.respond(ask("x", chat="pc-2"))).text
+    assert (await echo.context("pc-2")).pruned == 8
 
 
 @pytest.mark.parametrize("snapshot", ["not json", '{"messages": 3}', '{"messages": [{"a": 1}]}'])

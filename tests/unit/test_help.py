@@ -1,4 +1,5 @@
-"""!help at handler level: the real LambdaBot in maubot.testing's harness.
+"""!help and the other commands at handler level: the real LambdaBot in maubot.testing's
+harness.
 
 The plugin may answer through maubot's client (which maubot.testing's MaubotTestBot records) or
 through its own HTTP calls on the client's session; the MaubotTestBot here points at a small fake
@@ -8,7 +9,10 @@ to the network.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,11 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from maubot.handlers.command import CommandHandler
+from maubot.matrix import MaubotMessageEvent
 from maubot.testing import TestBot as MaubotTestBot
-from mautrix.types import EventType
+from maubot.testing.bot import make_message
+from mautrix.types import EventID, EventType
 from mautrix.util.config import RecursiveDict
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -28,10 +35,11 @@ import lambda_plugin
 from lambda_plugin.bot import COMMAND_CLASSES
 from lambda_plugin.commands import command_names
 from lambda_plugin.config import Config
-from lambda_plugin.db import upgrade_table
+from lambda_plugin.db import ChatRoomRow, SnapshotRow, upgrade_table
 from lambda_plugin.texts import COMMANDS
 
 REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 10
 
 
 class FakeHomeserver:
@@ -41,6 +49,7 @@ class FakeHomeserver:
         self.url = ""
         self.requests: list[tuple[str, str]] = []
         self.sent: list[tuple[str, str, Any]] = []  # (room id, event type, content)
+        self.state: list[tuple[str, str, Any]] = []  # state sent: (room id, event type, content)
         self.joined_rooms_failures = 0  # how many /joined_rooms calls answer 502 first
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -52,6 +61,10 @@ class FakeHomeserver:
         if request.method == "PUT" and len(parts) >= 4 and parts[-3] == "send":
             self.sent.append((parts[-4], parts[-2], body))
             return web.json_response({"event_id": f"$sent{len(self.sent)}"})
+        # /_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}
+        if request.method == "PUT" and len(parts) >= 4 and parts[-3] == "state":
+            self.state.append((parts[-4], parts[-2], body))
+            return web.json_response({"event_id": f"$state{len(self.state)}"})
         if request.method == "GET" and request.path.endswith("/joined_rooms"):
             if self.joined_rooms_failures > 0:
                 self.joined_rooms_failures -= 1
@@ -216,7 +229,7 @@ async def test_help_from_the_bot_itself_is_ignored(
 
 
 async def test_start_wires_the_store(maubot_plugin) -> None:
-    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 4
+    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 5
     counts = await maubot_plugin.store.counts()
     assert counts == dict.fromkeys(counts, 0)
     assert set(counts) == {"lambda_user", "chat_room", "snapshot", "history", "ledger", "usage"}
@@ -242,3 +255,203 @@ async def test_start_survives_a_homeserver_that_is_down(
     assert "list the commands" in content["body"]
     assert maubot_plugin.gate.is_open
     assert failing_homeserver.joined_rooms_failures == 0
+
+
+# --- commands at handler level: in the room's turn, snapshots, no maubot usage text ---------
+
+ALICE = "@alice:example.com"
+GUEST = "@guest:example.com"
+ADMIN = "@admin:example.com"
+CHAT = "!chat:example.com"
+TWO_ECHOES = {
+    "agents": {"default": "echo", "registry": {"echo": {"backend": "echo"}, "echo2": {"backend": "echo"}}},
+    "access": {"admins": [ADMIN]},
+}
+_events = itertools.count(1)
+
+
+async def dispatch(bot: MaubotTestBot, body: str, sender: str = ALICE, room_id: str = CHAT) -> None:
+    """A text message as maubot hands it to the plugin's handlers (an event id of its own)."""
+    event = make_message(body, room_id=room_id, sender=sender)
+    event.event_id = EventID(f"$cmd{next(_events)}")
+    await bot.dispatch(EventType.ROOM_MESSAGE, MaubotMessageEvent(event, bot.client))
+
+
+async def chat_room(plugin: Any, agent_id: str = "echo") -> ChatRoomRow:
+    """Alice's chat room, known to the plugin once its start is done."""
+    assert await asyncio.wait_for(plugin.gate.wait(), TIMEOUT)
+    row = ChatRoomRow(CHAT, ALICE, "C1", "Chat 1", agent_id, "pc-1", False, False, 1)
+    await plugin.store.ensure_user(ALICE)
+    await plugin.store.set_space(ALICE, "!space:example.com")
+    await plugin.store.upsert_room(row)
+    await plugin.registry.load()
+    return row
+
+
+def bodies(bot: MaubotTestBot, hs: FakeHomeserver) -> list[str]:
+    return [content["body"] for _, content in notices(bot, hs)]
+
+
+async def answered(bot: MaubotTestBot, hs: FakeHomeserver, count: int) -> list[str]:
+    """The bodies of the plugin's notices once there are ``count`` of them."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(bodies(bot, hs)) < count:
+        assert time.monotonic() < deadline, bodies(bot, hs)
+        await asyncio.sleep(0.01)
+    return bodies(bot, hs)
+
+
+def hold_room(plugin: Any) -> asyncio.Future:
+    """Keeps the chat room busy (as a running answer does) until the future is set."""
+    held = asyncio.get_running_loop().create_future()
+    plugin.queues.worker(CHAT).push(held)
+    return held
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("!save draft", "!load draft", "continues from snapshot **draft**"),
+        ("!clear", "!context", "{pcid}"),
+        ("!agent echo2", "!agent", "talks to `echo2`"),
+        ("!agent echo2", "!context", "agent: `echo2`"),
+        ("!rename Renamed", "!chats", "**Renamed**"),
+        ("!archive", "!chats archived", "**Chat 1**"),
+        # The fork reads the snapshot, then the fake homeserver refuses the new room.
+        ("!save draft", "!new Fork --from draft", "homeserver refused"),
+    ],
+)
+async def test_a_command_reads_what_the_one_before_it_wrote_in_a_busy_room(
+    maubot_plugin, maubot_test_bot, homeserver, first: str, second: str, expected: str
+) -> None:
+    await chat_room(maubot_plugin)
+    await maubot_plugin.store.append_history("pc-1", [("user", "hi"), ("assistant", "echo: hi")])
+    held = hold_room(maubot_plugin)
+    await dispatch(maubot_test_bot, first)
+    await dispatch(maubot_test_bot, second)
+    assert bodies(maubot_test_bot, homeserver) == []  # both wait for the room's turn
+    held.set_result(None)
+    said = await answered(maubot_test_bot, homeserver, 2)
+    pcid = maubot_plugin.registry.rooms[CHAT].platform_chat_id
+    assert expected.format(pcid=pcid) in said[1], said
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_another_members_command_takes_no_place_in_the_owners_queue(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    held = hold_room(maubot_plugin)
+    for command in ("!context", "!clear", "!save x", "!rename Hijacked", "!chats"):
+        await dispatch(maubot_test_bot, command, sender=GUEST)
+    assert maubot_plugin.queues.worker(CHAT).places == 0  # behind the owner's running answer
+    said = await answered(maubot_test_bot, homeserver, 5)  # told at once, not after it
+    assert all("one of your chat rooms" in body for body in said[:4]), said
+    held.set_result(None)
+    assert maubot_plugin.registry.rooms[CHAT].name == "Chat 1"
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_load_continues_with_the_snapshots_agent_and_says_so(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    store = maubot_plugin.store
+    await chat_room(maubot_plugin)
+    await store.append_history("pc-1", [("user", "old"), ("assistant", "echo: old")])
+    messages = json.dumps({"version": 1, "messages": [{"role": "user", "content": "saved"}]})
+    await store.save_snapshot(SnapshotRow(ALICE, "elsewhere", "echo2", "pc-x", messages, 1))
+    await dispatch(maubot_test_bot, "!load elsewhere")
+    said = await answered(maubot_test_bot, homeserver, 1)
+    room = maubot_plugin.registry.rooms[CHAT]
+    assert room.agent_id == "echo2" and room.platform_chat_id != "pc-1"
+    assert "with the agent `echo2`" in said[0] and room.platform_chat_id in said[0]
+    assert [r.content for r in await store.history(room.platform_chat_id)] == ["saved"]
+    assert await store.history("pc-1") == []  # the replaced conversation is dropped
+    # A snapshot of an agent no longer configured continues with the default one.
+    await store.save_snapshot(SnapshotRow(ALICE, "gone", "retired", "pc-y", messages, 1))
+    await dispatch(maubot_test_bot, "!load gone")
+    said = await answered(maubot_test_bot, homeserver, 2)
+    assert maubot_plugin.registry.rooms[CHAT].agent_id == "echo" and "`echo`" in said[1]
+
+
+SMALL_SNAPSHOTS = {**TWO_ECHOES, "history": {"max_turns": 4, "max_kb": 64, "max_snapshot_kb": 1}}
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [SMALL_SNAPSHOTS])
+async def test_snapshots_past_their_bound_are_neither_saved_nor_loaded(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    store = maubot_plugin.store
+    await chat_room(maubot_plugin)
+    await store.append_history("pc-1", [("user", "x" * 1500)])
+    await dispatch(maubot_test_bot, "!save big")
+    said = await answered(maubot_test_bot, homeserver, 1)
+    assert "nothing was saved" in said[0] and "2 KB" in said[0] and "1 KB" in said[0]
+    assert await store.snapshot_names(ALICE) == []
+    # One saved before the bound: refused unread, by !load and by !new --from.
+    big = json.dumps({"version": 1, "messages": [{"role": "user", "content": "y" * 3000}]})
+    await store.save_snapshot(SnapshotRow(ALICE, "old", "echo", "pc-old", big, 1))
+    await dispatch(maubot_test_bot, "!load old")
+    await dispatch(maubot_test_bot, "!new Fork --from old")
+    said = await answered(maubot_test_bot, homeserver, 3)
+    assert all("can't be used" in body for body in said[1:]), said
+    assert maubot_plugin.registry.rooms[CHAT].platform_chat_id == "pc-1"
+    assert len(maubot_plugin.registry.rooms) == 1
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [SMALL_SNAPSHOTS])
+async def test_context_says_how_many_older_turns_were_pruned(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    for i in range(5):
+        await maubot_plugin.store.append_history("pc-1", [("user", f"q{i}"), ("assistant", "a")])
+    await dispatch(maubot_test_bot, "!context")
+    said = await answered(maubot_test_bot, homeserver, 1)
+    assert "messages: 4" in said[0] and "older turns pruned: 6" in said[0], said
+
+
+def handlers_of(classes: tuple[type, ...]) -> list[CommandHandler]:
+    found: list[CommandHandler] = []
+    todo = [v for cls in classes for v in vars(cls).values() if isinstance(v, CommandHandler)]
+    while todo:
+        handler = todo.pop()
+        found.append(handler)
+        todo.extend(handler.__mb_subcommands__)
+    return found
+
+
+def test_no_command_leaves_its_words_to_maubots_usage_text() -> None:
+    # maubot answers "**Usage:** …" itself to words a handler does not consume, to a missing
+    # required argument and to an unknown subcommand, before any check of ours.
+    handlers = handlers_of(COMMAND_CLASSES)
+    assert len(handlers) > 15
+    for handler in handlers:
+        name = handler.__mb_prefix__
+        args = handler.__mb_arguments__
+        assert not any(arg.required for arg in args), name
+        assert not handler.__mb_must_consume_args__ or any(arg.pass_raw for arg in args), name
+        assert not handler.__mb_subcommands__ or not handler.__mb_require_subcommand__, name
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+@pytest.mark.parametrize(
+    ("sender", "body", "expected"),
+    [
+        (ALICE, "!lambda status extra words", "for the bot's admins"),
+        (ALICE, "!lambda bogus", "for the bot's admins"),
+        (ALICE, "!lambda", "for the bot's admins"),
+        (ADMIN, "!lambda bogus words", "`!lambda status`"),
+        (ALICE, "!help me please", "list the commands"),
+        (ALICE, "!cancel now", "Nothing is running"),
+    ],
+)
+async def test_extra_words_get_our_answer_never_maubots_usage(
+    maubot_plugin, maubot_test_bot, homeserver, sender: str, body: str, expected: str
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, body, sender=sender)
+    said = await answered(maubot_test_bot, homeserver, 1)
+    assert len(said) == 1 and expected in said[0], said
+    assert "Usage:**" not in said[0] and "Subcommands" not in said[0]

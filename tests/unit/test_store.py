@@ -22,7 +22,9 @@ from lambda_plugin.db import (
     DATABASE_DOWN,
     UNIQUE_VIOLATION,
     ChatRoomRow,
+    HistoryBounds,
     HistoryRow,
+    HistorySize,
     LedgerRow,
     SnapshotRow,
     Store,
@@ -34,11 +36,12 @@ from lambda_plugin.db import store as store_module
 from lambda_plugin.db.ledger import LedgerTable
 from lambda_plugin.intake import Incoming, Kind, classify
 from lambda_plugin.ledger import DONE, Fate, Ledger, incoming_of
+from lambda_plugin.reconcile import Reconciler, Report
 from tests.unit.conftest import ENGINES, _drop_database
 from tests.unit.test_config import settings as make_settings
 
 TABLES = ("lambda_user", "chat_room", "snapshot", "history", "ledger", "usage")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 ROOM = "!room:example.org"
@@ -63,6 +66,7 @@ async def state_of(store: Store, event_id: str) -> str | None:
 
 
 BOT = "@bot:example.org"
+TIMEOUT = 10
 OTHER_ROOM = "!other:example.org"
 
 
@@ -470,17 +474,25 @@ async def test_save_snapshot_overwrites(store: Store) -> None:
     newer = snapshot("s", agent_id="gpt", platform_chat_id="pc-2", messages="[]", created_at=2)
     await store.save_snapshot(newer)
     assert await store.get_snapshot(ALICE, "s") == newer
-    assert await store.snapshots_of(ALICE) == [newer]
+    assert await store.snapshot_names(ALICE) == ["s"]
     assert (await store.counts())["snapshot"] == 1
 
 
-async def test_snapshots_of_ordered_by_name(store: Store) -> None:
+async def test_snapshot_names_ordered_by_name(store: Store) -> None:
     for name in ("zeta", "alpha", "mid", "beta"):
         await store.save_snapshot(snapshot(name))
     await store.save_snapshot(snapshot("bobs", BOB))
-    assert [s.name for s in await store.snapshots_of(ALICE)] == ["alpha", "beta", "mid", "zeta"]
-    assert [s.name for s in await store.snapshots_of(BOB)] == ["bobs"]
-    assert await store.snapshots_of("@nobody:example.org") == []
+    assert await store.snapshot_names(ALICE) == ["alpha", "beta", "mid", "zeta"]
+    assert await store.snapshot_names(BOB) == ["bobs"]
+    assert await store.snapshot_names("@nobody:example.org") == []
+
+
+async def test_snapshot_bytes_is_the_utf8_size_of_its_contents(store: Store) -> None:
+    messages = '{"content": "Привет 🙂"}' + "x" * 5_000
+    await store.save_snapshot(snapshot("big", messages=messages))
+    assert await store.snapshot_bytes(ALICE, "big") == len(messages.encode())
+    assert await store.snapshot_bytes(ALICE, "missing") is None
+    assert await store.snapshot_bytes(BOB, "big") is None
 
 
 async def test_snapshot_keeps_text_exactly(store: Store) -> None:
@@ -599,6 +611,123 @@ async def test_concurrent_appends_of_one_message_leave_one_turn(store: Store) ->
     rows = await store.history("pc-1")
     assert [r.role for r in rows] == ["user", "assistant"]
     assert rows[1].content.startswith("try ")
+
+
+def bounded(store: Store, max_turns: int = 200, max_bytes: int = 1024 * 1024) -> Store:
+    """A Store on the same database whose history keeps ``max_turns`` and ``max_bytes``."""
+    return Store(store.db, history_bounds=lambda: HistoryBounds(max_turns, max_bytes))
+
+
+async def contents(store: Store, platform_chat_id: str = "pc-1") -> list[str]:
+    return [r.content for r in await store.history(platform_chat_id)]
+
+
+@pytest.mark.parametrize(
+    ("max_turns", "max_bytes", "appends", "kept", "pruned"),
+    [
+        # Turns: the oldest go first, the newest max_turns stay.
+        (4, 10_000, [["a", "A"], ["b", "B"], ["c", "C"]], ["b", "B", "c", "C"], 2),
+        # Bytes (UTF-8, not characters): "éé" is 4 bytes, three of them 12 > 10.
+        (100, 10, [["éé"], ["éé"], ["éé"]], ["éé", "éé"], 1),
+        (100, 10, [["12345", "123456"]], ["123456"], 1),
+        # One append past the bounds on its own (a restored snapshot): its newest stay.
+        (3, 10_000, [[f"m{i}" for i in range(10)]], ["m7", "m8", "m9"], 7),
+        # A turn bigger than the whole bound is not kept at all.
+        (100, 4, [["ok"], ["far too big"]], [], 2),
+    ],
+)
+async def test_history_is_pruned_to_its_bounds_as_turns_are_added(
+    store: Store, max_turns: int, max_bytes: int, appends: list[list[str]], kept: list[str],
+    pruned: int,
+) -> None:  # fmt: skip
+    small = bounded(store, max_turns, max_bytes)
+    for append in appends:
+        await small.append_history("pc-1", [("user", text) for text in append])
+    await small.append_history("pc-other", [("user", "u")])
+    assert await contents(small) == kept
+    assert (await small.history_size("pc-1")).pruned == pruned
+    assert await store.db.fetchval("SELECT COUNT(*) FROM history WHERE platform_chat_id='pc-1'") == len(kept)
+    assert await contents(small, "pc-other") == ["u"]
+    assert (await small.history_size("pc-other")).pruned == 0
+
+
+async def test_pruned_turns_are_counted_until_the_history_is_dropped(store: Store) -> None:
+    small = bounded(store, max_turns=2)
+    for i in range(5):
+        await small.append_history("pc-1", [("user", f"q{i}"), ("assistant", f"a{i}")])
+    assert await contents(small) == ["q4", "a4"]
+    size = await small.history_size("pc-1")
+    assert (size.turns, size.chars, size.asked, size.pruned) == (2, 4, 1, 8)
+    # A re-asked turn replaces its own: nothing more is pruned.
+    await small.append_history("pc-1", [("user", "q5"), ("assistant", "a5")], message_id="$m")
+    await small.append_history("pc-1", [("user", "q5"), ("assistant", "again")], message_id="$m")
+    assert await contents(small) == ["q5", "again"]
+    assert (await small.history_size("pc-1")).pruned == 10
+    await small.drop_history("pc-1")
+    assert await small.history_size("pc-1") == HistorySize(0, 0, 0, 0)
+    assert await store.db.fetchval("SELECT COUNT(*) FROM plugin_state") == 0
+
+
+async def test_history_size_is_read_in_sums(store: Store) -> None:
+    await store.append_history("pc-1", [("user", "Привет"), ("assistant", "🙂 ok")])
+    await store.append_history("pc-1", [("user", "q"), ("assistant", "Q")], message_id="$m")
+    assert await store.history_size("pc-1") == HistorySize(turns=4, chars=12, asked=2, pruned=0)
+    assert await store.history_size("pc-1", excluding="$m") == HistorySize(2, 10, 1, 0)
+    assert await store.history_size("pc-none") == HistorySize(0, 0, 0, 0)
+
+
+async def test_history_reads_at_most_max_turns_rows(store: Store) -> None:
+    # Rows from before the bound (or a bound lowered since): reads stay bounded anyway.
+    await store.append_history("pc-1", [("user", f"m{i}") for i in range(30)])
+    small = bounded(store, max_turns=5)
+    assert await contents(small) == [f"m{i}" for i in range(25, 30)]
+    assert [r.content for r in await small.history("pc-1", limit=100)] == await contents(small)
+    assert [r.content for r in await small.history("pc-1", limit=2)] == ["m28", "m29"]
+    assert await small.history("pc-1", limit=0) == []
+    # The next turn prunes the conversation to the bound.
+    await small.append_history("pc-1", [("user", "new")])
+    assert await store.db.fetchval("SELECT COUNT(*) FROM history") == 5
+    assert (await small.history_size("pc-1")).pruned == 26
+
+
+async def test_concurrent_appends_keep_the_bound(store: Store) -> None:
+    small = bounded(store, max_turns=6)
+    await asyncio.gather(
+        *(small.append_history("pc-1", [("user", f"q{i}"), ("assistant", f"a{i}")]) for i in range(8))
+    )
+    rows = await small.history("pc-1")
+    assert len(rows) == 6 and [r.seq for r in rows] == list(range(10, 16))
+    assert (await small.history_size("pc-1")).pruned == 10
+
+
+async def test_each_conversation_has_a_lock_of_its_own_that_goes_when_unused(store: Store) -> None:
+    held = store.histories.lock("pc-busy")
+    async with held:  # an append of pc-busy under way: another conversation does not wait
+        await asyncio.wait_for(store.append_history("pc-1", [("user", "hi")]), TIMEOUT)
+        assert store.histories.lock("pc-busy") is held  # while pc-busy's waits for it
+    del held
+    await asyncio.gather(*(store.append_history(f"pc-{i}", [("user", "x")]) for i in range(50)))
+    await store.drop_history("pc-3")
+    assert len(store.histories._locks) == 0  # none kept per conversation once unused
+
+
+# constraint violations
+
+
+async def test_a_room_of_an_unknown_owner_is_a_violation_on_both_engines(store: Store) -> None:
+    # SQLite's IntegrityError covers a foreign key too; PostgreSQL's is no unique violation.
+    with pytest.raises(UNIQUE_VIOLATION):
+        await store.upsert_room(room(1, "@ghost:example.org"))
+    assert await store.all_rooms() == []
+
+
+async def test_reconciliation_writes_the_other_rooms_past_an_unknown_owner(store: Store) -> None:
+    await store.ensure_user(ALICE)
+    reconciler = Reconciler(None, store, None, make_settings, logging.getLogger("test"))  # type: ignore[arg-type]
+    report = Report()
+    await reconciler._write_rows([room(1), room(1, "@ghost:example.org")], report)
+    assert [r.room_id for r in await store.all_rooms()] == [room(1).room_id]
+    assert report.conflicts == 1
 
 
 # the ledger's SQL (lambda_plugin.db.ledger)
