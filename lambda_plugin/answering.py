@@ -23,6 +23,7 @@ from .ledger import Fate, Ledger
 from .matrix import HomeserverError, Matrix, new_txn
 from .notices import Notices, answering
 from .part import Part
+from .quotes import quoted_text, with_quote
 from .registry import Registry
 from .replies import StreamingReply, notice_content
 from .usage import Quota, estimate
@@ -85,6 +86,10 @@ class Answerer(Part):
                 return None
             body = body if spec is not None else caption(incoming.file)
             attachments = (attachment,)
+        if incoming.reply_to and incoming.file is None:
+            most = self.settings().max_quote_chars
+            quote = await quoted_text(self.mx, room.room_id, incoming.reply_to, most, self.log)
+            body = with_quote(body, quote)
         return AgentRequest(
             room.platform_chat_id, body, incoming.sender, attachments, incoming.event_id
         )

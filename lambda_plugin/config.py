@@ -45,6 +45,7 @@ class Config(BaseProxyConfig):
         helper.copy("access.max_kept_per_room")
         helper.copy("access.answer_estimate_tokens")
         helper.copy("access.max_joins_per_inviter")
+        helper.copy("access.max_quote_chars")
         helper.copy("spaces.space_name")
         helper.copy("spaces.chat_name")
         helper.copy("spaces.encryption")
@@ -211,6 +212,7 @@ class Settings:
     homeserver_wait_s: float  # how long a send is retried while the homeserver is unreachable
     database_wait_s: float  # how long a database call is retried while the database is down
     max_joins_per_inviter: int  # rooms joined for one user beyond their DM and managed rooms
+    max_quote_chars: int  # of the event a message replies to, handed to the agent with it
     max_files_per_answer: int  # files of one answer sent; the rest are named in one notice
     history_max_turns: int  # turns kept per conversation; older ones are pruned
     history_max_bytes: int  # text kept per conversation (UTF-8); older turns are pruned
@@ -274,6 +276,7 @@ def _access(config: BaseProxyConfig) -> dict[str, Any]:
             config["access.answer_estimate_tokens"], "access.answer_estimate_tokens"
         ),
         "max_joins_per_inviter": _whole(config, "access.max_joins_per_inviter"),
+        "max_quote_chars": _whole(config, "access.max_quote_chars"),
     }
 
 

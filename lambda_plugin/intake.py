@@ -54,6 +54,8 @@ class Incoming:
     source: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     # The bot's unfinished answer to it (a stream's first event) that a re-answer finishes.
     resume: str = ""
+    # The event it replies to (a thread's fallback reply is none): its text goes with it.
+    reply_to: str = ""
 
     @property
     def is_message(self) -> bool:
@@ -107,6 +109,17 @@ def trimmed(content: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def replied_to(content: dict[str, Any]) -> str:
+    """The id of the event a message replies to; "" for none, and for the reply a client
+    adds to a thread's message only for clients without threads (``is_falling_back``)."""
+    relates = content.get("m.relates_to")
+    if not isinstance(relates, dict) or relates.get("is_falling_back") is True:
+        return ""
+    reply = relates.get("m.in_reply_to")
+    event_id = reply.get("event_id") if isinstance(reply, dict) else None
+    return event_id if isinstance(event_id, str) else ""
+
+
 def command_name(body: str) -> str:
     words = body[len(COMMAND_PREFIX) :].split(maxsplit=1)
     return words[0].lower() if words else ""
@@ -137,6 +150,7 @@ def classify(event: Any, bot_id: str) -> Incoming:
         timestamp=_timestamp(event.get("origin_server_ts")),
         file=content if is_file else None,
         source=event,
+        reply_to=replied_to(content),
     )
     if not is_file and found.body.startswith(COMMAND_PREFIX):
         if msgtype != "m.text":

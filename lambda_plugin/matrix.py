@@ -313,6 +313,12 @@ class Matrix:
         chunk = data.get("chunk") if isinstance(data, dict) else None
         return [e for e in reversed(chunk) if isinstance(e, dict)] if isinstance(chunk, list) else []
 
+    async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
+        """One event of the room, as the server has it (encrypted ones still sealed)."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/event/{_q(event_id)}"
+        data = await self.request("GET", path)
+        return data if isinstance(data, dict) else {}
+
     async def earlier(
         self, room_id: str, before: str, limit: int, types: list[str]
     ) -> tuple[list[dict[str, Any]], str | None]:

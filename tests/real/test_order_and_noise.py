@@ -10,6 +10,7 @@ import pytest
 from devstack.matrix import Event, MatrixError, MatrixUser
 from devstack.stack import Deployment
 from lambda_plugin.intake import ANSWERS
+from lambda_plugin.quotes import with_quote
 
 from .helpers import (
     ANSWER_TIMEOUT,
@@ -150,8 +151,10 @@ async def test_replies_sent_while_stopped_are_read_as_the_client_shows_them(
         await start_instance(stack)
 
     assert "Cleared" in notice_text(await answer_to(una, got.room, bot, clear))
-    # The agent got the text alone, as the first message of the conversation !clear began.
-    assert notice_text(await answer_to(una, got.room, bot, question)) == echo("and now?", 1)
+    # The agent got the text without the fallback, after the quoted answer it replies to
+    # (access.max_quote_chars), as the first message of the conversation !clear began.
+    expected = with_quote("and now?", notice_text(quoted))
+    assert notice_text(await answer_to(una, got.room, bot, question)) == echo(expected, 1)
     assert len(bot_messages(una, got.room, bot, mark)) == 2
 
 async def test_malformed_messages_sent_while_down_are_skipped(stack: Deployment, new_user) -> None:

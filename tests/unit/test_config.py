@@ -114,6 +114,7 @@ CUSTOM: dict[str, Any] = {
     "outages.homeserver_wait_s": 30,
     "outages.database_wait_s": 2.5,
     "access.max_joins_per_inviter": 4,
+    "access.max_quote_chars": 300,
     "transcription": {
         "base_url": "http://127.0.0.1:8000/v1",
         "model": "whisper-1",
