@@ -3,7 +3,10 @@
 # maubot, this plugin built and uploaded, the bot client and instance (echo agent), a demo user.
 # State lives in .stack/ (delete it for a fresh start).
 #   ./up.sh [--workspace DIR]             the stack (DIR: shared workspace for files)
-#   ./up.sh reset local|server [--dry-run]  dev reset of the running stack, from another terminal
+#   ./up.sh --federated [...]             plus a second homeserver federating with the bot's
+#                                         and a demo user there (state in .stack/federated/)
+#   ./up.sh reset local|server [--dry-run] [--federated]  dev reset of the running stack,
+#                                         from another terminal
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
