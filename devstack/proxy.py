@@ -35,6 +35,7 @@ import threading
 from dataclasses import dataclass, field
 
 import aiohttp
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -211,7 +212,9 @@ class FaultProxy:
         try:
             async with self._session.request(
                 request.method,
-                self.target_url + request.rel_url.raw_path_qs,
+                # As sent, byte for byte: re-encoding (%21 -> !) would break what is signed
+                # over the exact path (federation requests).
+                yarl.URL(self.target_url + request.rel_url.raw_path_qs, encoded=True),
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
