@@ -48,6 +48,15 @@ async def onboard(user: MatrixUser, stack: Deployment, encrypted: bool = False) 
     return Onboarded(dm, space, room)
 
 
+async def join_chat(user: MatrixUser, room: str, bot: str) -> Event:
+    """Joins a chat room the bot made and returns its welcome: said on the owner's join, it
+    comes before anything the test asks there."""
+    await user.join(room)
+    return await user.wait_for_event(
+        room, lambda e: e["sender"] == bot and "ai.lambda.matrix.welcome" in e["content"]
+    )
+
+
 def notice_text(event: Event) -> str:
     assert event["content"]["msgtype"] == "m.notice", event
     return event["content"]["body"]

@@ -9,7 +9,7 @@ import pytest_asyncio
 from devstack.stack import Deployment
 from tests.servers.openai_server import OpenAIServer
 
-from .helpers import ANSWER_TIMEOUT, completed, is_room_invite, notice_text, onboard
+from .helpers import ANSWER_TIMEOUT, completed, is_room_invite, join_chat, notice_text, onboard
 
 pytestmark = pytest.mark.real
 MARKER = "ai.lambda.matrix.room"
@@ -24,7 +24,7 @@ async def test_new_and_chats(stack: Deployment, new_user) -> None:
     assert "Research notes" in reply and "https://matrix.to/#/!" in reply
     new_room = reply.split("https://matrix.to/#/")[1].split("?")[0]
     assert new_room in erin.invites or await erin.wait_for_invite(lambda r, s: r == new_room)
-    await erin.join(new_room)
+    await join_chat(erin, new_room, bot)
     child = await erin.state_event(got.space, "m.space.child", new_room)
     first_child = await erin.state_event(got.space, "m.space.child", got.room)
     assert child["content"]["via"] == ["localhost"]

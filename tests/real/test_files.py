@@ -15,7 +15,7 @@ from devstack.stack import Deployment
 from lambda_plugin.files import user_dir
 from tests.servers.lambda_server import LambdaServer
 
-from .helpers import notice_text, onboard
+from .helpers import join_chat, notice_text, onboard
 from .test_routing import is_answer
 
 pytestmark = pytest.mark.real
@@ -73,7 +73,7 @@ async def test_files_in_land_in_the_workspace(stack, workspace, new_user) -> Non
 
     # A second room's inbox is its own.
     second = notice_text(await tia.command(got.room, "!new", bot)).split("/#/")[1].split("?")[0]
-    await tia.join(second)
+    await join_chat(tia, second, bot)
     answer = await answer_to(
         tia, second, bot, lambda: tia.send_file(second, b"other", "notes.txt", "text/plain")
     )

@@ -18,6 +18,7 @@ from .helpers import (
     answers_to,
     ask,
     bot_messages,
+    join_chat,
     notice_text,
     onboard,
 )
@@ -162,7 +163,7 @@ async def test_malformed_messages_sent_while_down_are_skipped(stack: Deployment,
     got = await onboard(vic, stack)
     bot = stack.bot_id
     second = room_link(await vic.command(got.room, "!new", bot))
-    await vic.join(second)
+    await join_chat(vic, second, bot)
     await vic.sync_once(0)
     mark = vic.mark()
     log_mark = stack.log_mark()

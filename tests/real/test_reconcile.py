@@ -16,7 +16,7 @@ from devstack.stack import Deployment
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.matrix import SLIDING_SYNC
 
-from .helpers import ask, is_room_invite, is_space_invite, notice_text, onboard
+from .helpers import ask, is_room_invite, is_space_invite, join_chat, notice_text, onboard
 
 pytestmark = pytest.mark.real
 ROWS = "SELECT room_id, user_id, chat_id, name, agent_id, platform_chat_id, archived, gone FROM chat_room"
@@ -69,7 +69,7 @@ async def test_wiped_database_is_rebuilt(stack: Deployment, new_user) -> None:
     bot = stack.bot_id
     reply = notice_text(await ida.command(got.room, "!new Research", bot))
     research = reply.split("https://matrix.to/#/")[1].split("?")[0]
-    await ida.join(research)
+    await join_chat(ida, research, bot)
     assert "Archived" in notice_text(await ida.command(research, "!archive", bot))
     await ida.send_state(got.room, "m.room.name", {"name": "Renamed by hand"})
     await ida.wait_until_reply_contains(got.dm, "!chats", bot, "Renamed by hand")
@@ -141,7 +141,7 @@ async def test_half_made_space_is_completed_not_duplicated(stack: Deployment, ne
     await restart(stack)
     await jo.dm(stack.bot_id)
     room = await jo.wait_for_invite(is_room_invite)
-    await jo.join(room)
+    await join_chat(jo, room, stack.bot_id)
     marker = await jo.state_event(room, MARKER_TYPE)
     assert marker["content"]["space_id"] == space
     assert [r for r, s in jo.invites.items() if is_space_invite(r, s)] == [space]

@@ -13,7 +13,7 @@ from devstack.stack import Deployment
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
-from .helpers import completed, notice_text, onboard
+from .helpers import completed, join_chat, notice_text, onboard
 
 pytestmark = pytest.mark.real
 PCID = re.compile(r"platform_chat_id: `?([\w-]+)`?")
@@ -80,7 +80,7 @@ async def test_rooms_keep_separate_conversations(stack: Deployment, new_user) ->
     got = await onboard(lea, stack)
     bot = stack.bot_id
     second = notice_text(await lea.command(got.room, "!new", bot)).split("/#/")[1].split("?")[0]
-    await lea.join(second)
+    await join_chat(lea, second, bot)
 
     answer = await say(lea, got.room, "hello **world**", bot)
     assert "echo: hello **world**" in answer and "message 1 " in answer
@@ -112,7 +112,7 @@ async def test_rooms_keep_separate_conversations(stack: Deployment, new_user) ->
     # A new room forked from the snapshot.
     forked = notice_text(await lea.command(got.dm, "!new Fork --from two-msgs", bot))
     fork_room = forked.split("/#/")[1].split("?")[0]
-    await lea.join(fork_room)
+    await join_chat(lea, fork_room, bot)
     assert "message 3 " in await say(lea, fork_room, "forked", bot)
 
 
@@ -122,7 +122,7 @@ async def test_order_under_burst_while_another_room_stalls(stack, agents, new_us
     got = await onboard(max_, stack)
     bot = stack.bot_id
     slow = notice_text(await max_.command(got.room, "!new Slow", bot)).split("/#/")[1].split("?")[0]
-    await max_.join(slow)
+    await join_chat(max_, slow, bot)
     assert "gpt" in notice_text(await max_.command(slow, "!agent gpt", bot))
     openai.mode = "stall"
     openai.release.clear()
