@@ -18,10 +18,12 @@ from .notices import Notices
 from .part import Part
 from .policy import Admission, RateLimiter, admit, refusal
 from .registry import Registry
+from .replies import Link
 from .roomstate import matrix_to
+from .spaces import LIST_BYTES, chat_listing
 from .usage import Quota
 
-POINTER_EVERY_S = 3600  # at most one "your chats are in your Space" per room and hour
+POINTER_EVERY_S = 3600  # at most one pointer (or list of chats) per room and hour
 
 
 @dataclass(eq=False, kw_only=True)
@@ -131,6 +133,8 @@ class Conversation(Part):
             return
         room = self.registry.room(incoming.room_id)
         if room is None or admit(room, incoming.sender, self.settings()) is not Admission.TAKE:
+            if room is None and self.registry.spaces.get(incoming.room_id) == incoming.sender:
+                await self.pointer.point(incoming.room_id, incoming.sender)  # their chats
             await self.ledger.end(incoming.event_id, Fate.LEFT, "unknown command")
             return
         try:
@@ -143,7 +147,9 @@ class Conversation(Part):
 
 
 class SpacePointer:
-    """"Your chats are in your Space", said in a room that is not a chat: once a while."""
+    """Said in a room that is not a chat, once a while per room: in the sender's own Space,
+    the list of their chats (as ``!chats`` shows it); anywhere else, a link to their Space.
+    Another member of someone's Space is told nothing."""
 
     def __init__(self, registry: Registry, notices: Notices) -> None:
         self.registry = registry
@@ -154,10 +160,23 @@ class SpacePointer:
         user = self.registry.users.get(sender)
         if user is None or not user.space_id:
             return
+        owner = self.registry.spaces.get(room_id)
+        if (owner is not None and owner != sender) or not self._due(room_id):
+            return
+        server = self.notices.mx.server_name
+        if room_id == user.space_id:
+            rooms = self.registry.active_rooms_of(sender)
+            markdown, plain = chat_listing(self.notices, rooms, room_id, LIST_BYTES)
+            await self.notices.send(room_id, markdown, plain=plain)
+            return
+        link = Link(self.notices.text("space.link"), matrix_to(user.space_id, server))
+        await self.notices.say(room_id, "pointer", link=link)
+
+    def _due(self, room_id: str) -> bool:
+        """Whether the room may be told now (and, if so, it counts as told)."""
         now = time.monotonic()
         if now - self._pointed.get(room_id, -POINTER_EVERY_S) < POINTER_EVERY_S:
-            return
+            return False
         self._pointed = {r: t for r, t in self._pointed.items() if now - t < POINTER_EVERY_S}
         self._pointed[room_id] = now
-        link = matrix_to(user.space_id, self.notices.mx.server_name)
-        await self.notices.say(room_id, "pointer", link=link)
+        return True

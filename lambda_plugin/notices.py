@@ -9,7 +9,7 @@ from typing import Any
 from .config import Settings
 from .intake import ABOUT, ANSWERS
 from .matrix import Matrix
-from .replies import notice_content
+from .replies import Shown, notice_content
 from .texts import text
 
 
@@ -21,14 +21,21 @@ class Notices:
     settings: Callable[[], Settings]
 
     def text(self, key: str, **values: object) -> str:
-        return text(self.settings().language, key, **values)
+        """The text ``key`` as Markdown (a ``Link`` among the values: an anchor on its name)."""
+        return text(self.settings().language, key, **_rendered(values, markdown=True))
+
+    def plain(self, key: str, **values: object) -> str:
+        """The text ``key`` for a notice's plain body (a ``Link``: its name and URL)."""
+        return text(self.settings().language, key, **_rendered(values, markdown=False))
 
     async def say(
         self, room_id: str, key: str, *, reply_to: str | None = None, **values: object
     ) -> str:
         """Sends the text ``key`` with ``values``; returns the notice's event id.
         ``reply_to``: the user's event this answers (recorded in the notice)."""
-        return await self.send(room_id, self.text(key, **values), reply_to=reply_to)
+        shown = any(isinstance(value, Shown) for value in values.values())
+        plain = self.plain(key, **values) if shown else None
+        return await self.send(room_id, self.text(key, **values), reply_to=reply_to, plain=plain)
 
     async def note(self, room_id: str, key: str, *, reply_to: str, **values: object) -> str:
         """The same for a notice about a message that does not end it (it is kept for
@@ -36,9 +43,19 @@ class Notices:
         return await self.send(room_id, self.text(key, **values), reply_to=reply_to, field=ABOUT)
 
     async def send(
-        self, room_id: str, body: str, *, reply_to: str | None = None, field: str = ANSWERS
-    ) -> str:
-        return await self.mx.send(room_id, answering(notice_content(body), reply_to, field))
+        self, room_id: str, body: str, *, reply_to: str | None = None, field: str = ANSWERS,
+        plain: str | None = None,
+    ) -> str:  # fmt: skip
+        """Sends the Markdown ``body`` (``plain``: the plain body, where it differs)."""
+        content = notice_content(body, plain=plain)
+        return await self.mx.send(room_id, answering(content, reply_to, field))
+
+
+def _rendered(values: dict[str, object], markdown: bool) -> dict[str, object]:
+    def render(value: Shown) -> str:
+        return value.markdown() if markdown else value.plain()
+
+    return {k: render(v) if isinstance(v, Shown) else v for k, v in values.items()}
 
 
 def answering(

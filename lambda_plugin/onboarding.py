@@ -23,6 +23,7 @@ from .matrix import HomeserverError, Matrix
 from .notices import Notices
 from .part import Part
 from .registry import Registry
+from .replies import Link
 from .roomstate import chat_name, matrix_to
 from .spaces import EncryptionUnavailable, Provisioned, Spaces
 from .welcome import Welcomes
@@ -248,8 +249,8 @@ class Onboarding(Part):
         readable = self.mx.crypto.available or not await self._encrypted(room_id)
         if not result.created_space and readable:
             space_name = await self._room_name(result.space_id)
-            link = matrix_to(result.space_id, self.mx.server_name)
-            await self.notices.say(room_id, "space.exists", name=space_name, link=link)
+            link = Link(space_name, matrix_to(result.space_id, self.mx.server_name))
+            await self.notices.say(room_id, "space.exists", link=link)
 
     async def bot_removed(self, room_id: str, by: str) -> None:
         # Out of the room: the next invite to it is a new one.

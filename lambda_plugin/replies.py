@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mautrix.util import markdown
@@ -26,12 +27,73 @@ STREAM_CURSOR = " …"
 _SOME_EVENT = "$" + "x" * 43  # an event id's length, for measuring an edit before it is made
 
 
-def notice_content(text: str, html: bool = True) -> dict[str, Any]:
+# Every ASCII punctuation character: each one backslash-escaped is a literal in CommonMark.
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+# What a link's URL may not hold as it is in Markdown (it would end or break the link).
+_URL_BREAKERS = re.compile(r"[\s()<>\[\]\\`]")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as Markdown that renders as exactly its characters: no markup, no link."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+
+
+@dataclass(frozen=True)
+class Verbatim:
+    """A name as it is (a room's name is its owner's to set): escaped in the Markdown, so it
+    adds no markup and no link; itself in the plain body."""
+
+    text: str
+
+    def markdown(self) -> str:
+        return escape_markdown(self.text)
+
+    def plain(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Link:
+    """A room linked by its name: in the Markdown (so the HTML) an anchor on the name, in the
+    plain body the name and the URL. The name is escaped: whatever it holds, it adds no
+    markup and no other link."""
+
+    name: str
+    url: str
+
+    def markdown(self) -> str:
+        url = _URL_BREAKERS.sub(lambda m: f"%{ord(m.group()):02X}", self.url)
+        return f"[{escape_markdown(self._label())}]({url})"
+
+    def plain(self) -> str:
+        return f"{self._label()} <{self.url}>"  # a URL in plain text, delimited (RFC 3986)
+
+    def _label(self) -> str:
+        return " ".join(self.name.split()) or self.url  # one line; never an empty anchor
+
+
+# A value of a text shown one way in its Markdown (so its HTML), another in the plain body.
+Shown = Verbatim | Link
+
+
+def fit_count(lines: list[str], budget: int) -> int:
+    """How many of ``lines`` (the first ones) fit ``budget`` bytes, each with its line break."""
+    used = 0
+    for count, line in enumerate(lines):
+        used += len(line.encode()) + 2
+        if used > budget:
+            return count
+    return len(lines)
+
+
+def notice_content(text: str, html: bool = True, plain: str | None = None) -> dict[str, Any]:
     """An m.notice (other bots don't answer those) with the Markdown rendered as HTML
-    (unless ``html`` is False: the text alone)."""
+    (unless ``html`` is False: the text alone); ``plain``: the body, where it is not the
+    Markdown itself (a text with links: the HTML has anchors, the body names and URLs)."""
     # No mentions: an echoed "@room" or user id in an answer pings nobody.
     text = _clean(text)
-    content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
+    body = text if plain is None else _clean(plain)
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": body, "m.mentions": {}}
     if not html:
         return content
     rendered = markdown.render(text)

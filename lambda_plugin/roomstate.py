@@ -62,10 +62,13 @@ def creators_privileged(room_version: str) -> bool:
     return room_version.isdigit() and int(room_version) >= 12
 
 
+NO_GUESTS = {"guest_access": "forbidden"}
+
+
 def no_guests() -> dict[str, Any]:
     """``initial_state`` entry: no guest access (the private_chat preset opens rooms to
     guests, and clients say so in every room)."""
-    return {"type": "m.room.guest_access", "state_key": "", "content": {"guest_access": "forbidden"}}
+    return {"type": "m.room.guest_access", "state_key": "", "content": dict(NO_GUESTS)}
 
 
 def topic(text: str) -> dict[str, Any]:
@@ -135,6 +138,7 @@ STATE_TYPES = [
     MARKER_TYPE,
     "m.room.create",
     "m.room.encryption",
+    "m.room.guest_access",
     "m.room.name",
     "m.room.power_levels",
     "m.room.tombstone",
@@ -161,6 +165,9 @@ class RoomState:
     # Corrected m.room.power_levels, where users may redact or send the plugin's state; kept
     # for rooms the bot made only (the others are never written to).
     power_levels_fix: dict[str, Any] | None = None
+    # Its m.room.guest_access is there and not "forbidden" (rooms made before they were made
+    # closed); kept for rooms the bot made only.
+    guests_open: bool = False
     children: dict[str, bool] = field(default_factory=dict)  # child room -> listed with via
     parents: dict[str, bool] = field(default_factory=dict)  # parent Space -> with via
 
@@ -185,6 +192,7 @@ def parse_room(room_id: str, events: list[dict[str, Any]], bot_id: str) -> RoomS
             room.marker, room.marker_emptied = None, True
     if room.creator != bot_id:
         room.power_levels_fix = None
+        room.guests_open = False
     return room
 
 
@@ -211,6 +219,9 @@ def _read(room: RoomState, event: dict[str, Any], bot_id: str) -> None:
     elif etype == "m.room.power_levels":
         if key == "":
             room.power_levels_fix = raised_power_levels(content)
+    elif etype == "m.room.guest_access":
+        if key == "":  # no value is the default, forbidden
+            room.guests_open = content.get("guest_access", "forbidden") != "forbidden"
     else:  # m.space.child, m.space.parent
         via = content.get("via")
         if via is None or isinstance(via, list):

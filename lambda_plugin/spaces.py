@@ -12,10 +12,13 @@ from .crypto import encryption_state
 from .db import ChatRoomRow, Store, now_ms
 from .marker import KIND_SPACE, MARKER_TYPE, Marker
 from .matrix import HomeserverError, Matrix
+from .notices import Notices
 from .part import Part
+from .replies import Link, fit_count
 from .roomstate import (
     clean_name,
     creators_privileged,
+    matrix_to,
     new_platform_chat_id,
     no_guests,
     power_levels,
@@ -27,11 +30,42 @@ from .texts import text
 
 # Waits before createRoom is tried again after a failure that may not have made the room.
 CREATE_RETRY_S = (2.0, 5.0)
+# Room for a list in one answer: well under the event size limit with its HTML.
+LIST_BYTES = 8_000
 
 
 def chat_topic(language: str, agent_id: str) -> str:
     """A chat room's topic: its agent, and where the commands are."""
     return text(language, "chat.topic", agent=agent_id)
+
+
+def chat_listing(
+    notices: Notices, rooms: list[ChatRoomRow], here: str, budget: int, archived: bool = False
+) -> tuple[str, str]:
+    """What ``!chats`` says of ``rooms`` (and a Space written in): its Markdown and its plain
+    body, each room linked by name (``here``: the room asked in, marked), as many rooms as
+    fit ``budget`` bytes and "… and N more" (a list always fits one event)."""
+    if not rooms:
+        said = notices.text("chats.none_archived" if archived else "chats.none")
+        return said, said
+    title = notices.text("chats.archived_title" if archived else "chats.title")
+    lines = [_chat_line(notices, room, here) for room in rooms]
+    # The Markdown is the longer of the two (escapes, brackets): what fits bounds both.
+    kept = fit_count([f"- {markdown}" for markdown, _ in lines], budget)
+    more = [notices.text("list.more", count=len(lines) - kept)] if kept < len(lines) else []
+    markdown = [title, *(f"- {line}" for line, _ in lines[:kept]), *more]
+    plain = [title, *(f"- {line}" for _, line in lines[:kept]), *more]
+    return "\n".join(markdown), "\n".join(plain)
+
+
+def _chat_line(notices: Notices, room: ChatRoomRow, here: str) -> tuple[str, str]:
+    link = Link(room.name, matrix_to(room.room_id, notices.mx.server_name))
+    values: dict[str, object] = {"link": link, "chat_id": room.chat_id, "agent": room.agent_id}
+    current = " " + notices.text("chats.current") if room.room_id == here else ""
+    return (
+        notices.text("chats.line", **values) + current,
+        notices.plain("chats.line", **values) + current,
+    )
 
 
 @dataclass(frozen=True)

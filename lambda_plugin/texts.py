@@ -20,7 +20,10 @@ COMMANDS: list[tuple[str, dict[str, str]]] = [
     ("!usage", {"en": "your tokens today and this month (and this chat's)", "ru": "ваши токены за сегодня и за месяц (и этого чата)"}),
     ("!context", {"en": "this chat's agent, id and size", "ru": "агент, идентификатор и размер этого чата"}),
     ("!agent [id]", {"en": "show or switch this chat's agent", "ru": "показать или сменить агента чата"}),
-    ("!lambda status|reconcile|reset|usage", {"en": "admin: status, maintenance and usage", "ru": "админ: состояние, обслуживание и расход"}),
+]
+# The commands of the bot's admins (access.admins): !help lists them to admins only.
+ADMIN_COMMANDS: list[tuple[str, dict[str, str]]] = [
+    ("!lambda status|reconcile|reset|usage", {"en": "status, maintenance and usage", "ru": "состояние, обслуживание и расход"}),
 ]
 
 TEXTS: dict[str, dict[str, str]] = {
@@ -34,20 +37,21 @@ TEXTS: dict[str, dict[str, str]] = {
             "Welcome to **{name}**. Write here to talk to the agent `{agent}`; "
             "each chat room is its own conversation. `!help` lists the commands."
         ),
-        "space.exists": "You already have your Space: [{name}]({link}). I've invited you back.",
+        "space.exists": "You already have your Space: {link}. I've invited you back.",
+        "space.link": "your Space",
         "space.topic": "Your chats with AI agents: one room, one conversation.",
         "chat.topic": "{agent} · !help",
         "space.ready": "Your Space is ready: accept the invites to **{name}** and its first chat.",
         "not_chat_room": "This command works in one of your chat rooms.",
         "name.empty": "Please give a name, e.g. `{example}`.",
         "name.too_long": "That name is too long: at most {max} characters.",
-        "new.created": "Created **{name}**: {link} (you're invited).",
+        "new.created": "Created {link} (you're invited).",
         "new.too_many": "You have {max} chats, the most allowed. Archive one you no longer need.",
         "chats.title": "Your chats:",
         "chats.archived_title": "Your archived chats:",
         "chats.none": "You have no chats yet. `!new` makes one.",
         "chats.none_archived": "You have no archived chats.",
-        "chats.line": "{name} ({chat_id}) — {link} — agent `{agent}`",
+        "chats.line": "{link} ({chat_id}) — agent `{agent}`",
         "chats.current": "← this room",
         "chats.usage": "Usage: `!chats` or `!chats archived`.",
         "renamed": "Renamed to **{name}**.",
@@ -77,7 +81,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "answer.interrupted": "_(interrupted)_",
         "answer.files": "📎 {count} file(s) for your message.",
         "archived.no_answer": "This chat is archived, so its agent doesn't answer here. `!unarchive` brings it back.",
-        "pointer": "This room is not one of your chats. Your chats are in your Space: {link} (`!new` makes one).",
+        "pointer": "This room is not one of your chats. Your chats are in {link} (`!new` makes one).",
         "clear.done": "Cleared: this chat starts a new conversation (`platform_chat_id: {pcid}`). Your other chats are untouched.",
         "clear.upstream_failed": "The agent could not be told to drop the old conversation ({error}); this chat starts afresh anyway.",
         "snapshot.name_bad": "Give the snapshot a name of 1 to {max} characters, e.g. `{example}`.",
@@ -124,7 +128,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "usage.none": "No usage recorded this month.",
         "usage.csv": "Usage since {since}, one row per user, chat room and day.",
         "help.voice_on": "Voice messages are answered from their transcript.",
-        "help.voice_off": "Voice messages are not transcribed here (the operator can turn it on: `transcription` in the config).",
+        "help.voice_off": "Voice messages are not transcribed here.",
+        "help.voice_off_admin": "For the operator: `transcription` in the config turns voice transcription on.",
+        "help.admin_title": "**Admin commands** (you are in `access.admins`):",
         "encryption.unavailable": "⚠️ Chats here must be end-to-end encrypted, and the bot cannot encrypt right now, so no chat room was made. The operator has been told (see the bot's log); try again once it is fixed.",
         "encryption.undecryptable": "🔒 I could not decrypt a message you sent here: its keys never reached me. Send it again; if this repeats, sign out and in again in your client, or verify the bot's session, so your client shares its keys.",
         "encrypt.confirm": "This turns on end-to-end encryption for this chat. It cannot be turned off again. Send `!encrypt --confirm` to go ahead.",
@@ -174,20 +180,21 @@ TEXTS: dict[str, dict[str, str]] = {
             "Добро пожаловать в **{name}**. Пишите здесь, чтобы говорить с агентом `{agent}`; "
             "каждый чат — отдельный разговор. `!help` покажет команды."
         ),
-        "space.exists": "У вас уже есть пространство: [{name}]({link}). Я пригласил вас снова.",
+        "space.exists": "У вас уже есть пространство: {link}. Я пригласил вас снова.",
+        "space.link": "вашем пространстве",
         "space.topic": "Ваши чаты с ИИ-агентами: одна комната — один разговор.",
         "chat.topic": "{agent} · !help",
         "space.ready": "Ваше пространство готово: примите приглашения в **{name}** и первый чат.",
         "not_chat_room": "Эта команда работает в одном из ваших чатов.",
         "name.empty": "Укажите название, например `{example}`.",
         "name.too_long": "Слишком длинное название: не больше {max} символов.",
-        "new.created": "Создан чат **{name}**: {link} (вы приглашены).",
+        "new.created": "Создан чат {link} (вы приглашены).",
         "new.too_many": "У вас уже {max} чатов, это предел. Архивируйте ненужный.",
         "chats.title": "Ваши чаты:",
         "chats.archived_title": "Ваши архивные чаты:",
         "chats.none": "У вас ещё нет чатов. `!new` создаст новый.",
         "chats.none_archived": "У вас нет архивных чатов.",
-        "chats.line": "{name} ({chat_id}) — {link} — агент `{agent}`",
+        "chats.line": "{link} ({chat_id}) — агент `{agent}`",
         "chats.current": "← этот чат",
         "chats.usage": "Использование: `!chats` или `!chats archived`.",
         "renamed": "Переименовано в **{name}**.",
@@ -217,7 +224,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "answer.interrupted": "_(прервано)_",
         "answer.files": "📎 Файлов для вашего сообщения: {count}.",
         "archived.no_answer": "Этот чат в архиве, агент здесь не отвечает. `!unarchive` вернёт его.",
-        "pointer": "Эта комната не ваш чат. Ваши чаты — в вашем пространстве: {link} (`!new` создаст новый).",
+        "pointer": "Эта комната не ваш чат. Ваши чаты — в {link} (`!new` создаст новый).",
         "clear.done": "Очищено: чат начинает новый разговор (`platform_chat_id: {pcid}`). Другие чаты не затронуты.",
         "clear.upstream_failed": "Агенту не удалось сообщить о сбросе старого разговора ({error}); чат всё равно начат заново.",
         "snapshot.name_bad": "Дайте снимку имя от 1 до {max} символов, например `{example}`.",
@@ -264,7 +271,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "usage.none": "В этом месяце расхода нет.",
         "usage.csv": "Расход с {since}: по строке на пользователя, чат и день.",
         "help.voice_on": "На голосовые сообщения бот отвечает по их расшифровке.",
-        "help.voice_off": "Голосовые сообщения здесь не расшифровываются (оператор может включить: `transcription` в настройках).",
+        "help.voice_off": "Голосовые сообщения здесь не расшифровываются.",
+        "help.voice_off_admin": "Для оператора: расшифровку голосовых включает `transcription` в настройках.",
+        "help.admin_title": "**Команды администратора** (вы в `access.admins`):",
         "encryption.unavailable": "⚠️ Чаты здесь должны быть зашифрованы, а бот сейчас не может шифровать, поэтому чат не создан. Оператор предупреждён (см. журнал бота); попробуйте снова, когда это исправят.",
         "encryption.undecryptable": "🔒 Не удалось расшифровать ваше сообщение: ключи к нему до меня не дошли. Отправьте его ещё раз; если это повторяется, выйдите и снова войдите в клиенте или подтвердите сеанс бота, чтобы клиент поделился ключами.",
         "encrypt.confirm": "Это включит сквозное шифрование в этом чате. Выключить его потом нельзя. Отправьте `!encrypt --confirm`, чтобы продолжить.",
@@ -313,8 +322,14 @@ def text(language: str, key: str, **values: object) -> str:
     return template.format(**values) if values else template
 
 
-def help_text(language: str) -> str:
+def help_text(language: str, admin: bool = False) -> str:
+    """!help's list of commands; an admin's has the admin commands too."""
     lines = [text(language, "help.title"), ""]
-    for usage, description in COMMANDS:
-        lines.append(f"- `{usage}` — {description.get(language) or description['en']}")
+    lines += _command_lines(language, COMMANDS)
+    if admin:
+        lines += ["", text(language, "help.admin_title"), *_command_lines(language, ADMIN_COMMANDS)]
     return "\n".join(lines)
+
+
+def _command_lines(language: str, commands: list[tuple[str, dict[str, str]]]) -> list[str]:
+    return [f"- `{usage}` — {about.get(language) or about['en']}" for usage, about in commands]

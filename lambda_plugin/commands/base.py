@@ -29,13 +29,14 @@ from ..notices import Notices
 from ..part import Part, PartArgs
 from ..policy import Admission, admit
 from ..queue import QueueFull, RoomQueues
+from ..registry import Registry
 from ..replay import replaying
+from ..replies import fit_count
+from ..spaces import LIST_BYTES, chat_listing
 
 Handler = Callable[..., Awaitable[Any]]
 # Commands without arguments are made with must_consume_args=False: else maubot itself
 # answers trailing words ("Usage: …"), past the gate, the access policy and the handled log.
-# Room for a list in one answer: well under the event size limit with its HTML.
-LIST_BYTES = 8_000
 NAMES_BYTES = 2_000
 F = TypeVar("F", bound=Handler)
 T = TypeVar("T")
@@ -100,8 +101,9 @@ class CommandBase(Part):
     async def reply(self, evt: MessageEvent, key: str, **values: object) -> None:
         await self.notices.say(evt.room_id, key, reply_to=evt.event_id, **values)
 
-    async def reply_text(self, evt: MessageEvent, body: str) -> None:
-        await self.notices.send(evt.room_id, body, reply_to=evt.event_id)
+    async def reply_text(self, evt: MessageEvent, body: str, plain: str | None = None) -> None:
+        """Answers with the Markdown ``body`` (``plain``: the plain body, where it differs)."""
+        await self.notices.send(evt.room_id, body, reply_to=evt.event_id, plain=plain)
 
     async def snapshot_names(self, user_id: str) -> str:
         """The user's snapshots as a short list (it fits in any answer), or "none"."""
@@ -130,14 +132,10 @@ class CommandBase(Part):
     def fitting(self, lines: list[str], budget: int) -> list[str]:
         """The first of ``lines`` that fit ``budget`` bytes, and "… and N more" for the
         rest: a list answer always fits one event, however long the list grows."""
-        kept: list[str] = []
-        used = 0
-        for line in lines:
-            used += len(line.encode()) + 2
-            if used > budget:
-                return [*kept, self.notices.text("list.more", count=len(lines) - len(kept))]
-            kept.append(line)
-        return kept
+        kept = fit_count(lines, budget)
+        if kept == len(lines):
+            return lines
+        return [*lines[:kept], self.notices.text("list.more", count=len(lines) - kept)]
 
     async def on_homeserver(self, evt: MessageEvent, what: str, call: Awaitable[T]) -> T | None:
         """What ``call`` returns, or None after the homeserver refused it (logged, and the
@@ -217,9 +215,22 @@ async def _admin(self: CommandBase, evt: MessageEvent) -> tuple | None:
 async def _chat_owner(self: Any, evt: MessageEvent) -> tuple | None:
     room = self.registry.room(evt.room_id)
     if room is None or room.gone or room.user_id != evt.sender:
-        await self.reply(evt, "not_chat_room")
+        await _not_a_chat(self, evt)
         return None
     return (room,)
+
+
+async def _not_a_chat(self: Any, evt: MessageEvent) -> None:
+    """Says the command works in a chat room; sent in the sender's own Space, with the list
+    of their chats (never a link to the Space itself)."""
+    registry: Registry = self.registry
+    if registry.spaces.get(evt.room_id) != evt.sender:
+        await self.reply(evt, "not_chat_room")
+        return
+    rooms = registry.active_rooms_of(evt.sender)
+    markdown, plain = chat_listing(self.notices, rooms, evt.room_id, LIST_BYTES)
+    said = self.notices.text("not_chat_room")
+    await self.reply_text(evt, f"{said}\n\n{markdown}", f"{said}\n\n{plain}")
 
 
 any_user = _precondition(_nothing)

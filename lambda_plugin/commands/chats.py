@@ -12,8 +12,9 @@ from ..agents import AgentError, Agents
 from ..db import ChatRoomRow
 from ..queue import Control, RoomQueues
 from ..registry import Registry
+from ..replies import Link, Verbatim
 from ..roomstate import NAME_MAX, clean_name, matrix_to, new_platform_chat_id
-from ..spaces import EncryptionUnavailable, Spaces, TooManyChats
+from ..spaces import EncryptionUnavailable, Spaces, TooManyChats, chat_listing
 from .base import LIST_BYTES, CommandBase, allowed_user, in_turn, owner_in_turn, snapshot_agent
 
 
@@ -77,8 +78,8 @@ class ChatCommands(CommandBase):
             return
         if room is None:
             return
-        link = matrix_to(room.room_id, self.server_name)
-        await self.reply(evt, "new.created", name=room.name, link=link)
+        link = Link(room.name, matrix_to(room.room_id, self.server_name))
+        await self.reply(evt, "new.created", link=link)
 
     async def fork(self, evt: MessageEvent, raw_name: str) -> tuple[str, str] | None:
         """A new conversation restored from a snapshot: (agent id, platform_chat_id)."""
@@ -115,25 +116,10 @@ class ChatCommands(CommandBase):
                 r for r in self.registry.rooms_of(evt.sender)
                 if not r.gone and r.archived == archived
             ]  # fmt: skip
-            if not rooms:
-                await self.reply(evt, "chats.none_archived" if archived else "chats.none")
-                return
-            lines = [self.notices.text("chats.archived_title" if archived else "chats.title")]
-            lines += self.fitting(
-                [f"- {self.chat_line(room, evt.room_id)}" for room in rooms], LIST_BYTES
-            )
-            await self.reply_text(evt, "\n".join(lines))
+            listing = chat_listing(self.notices, rooms, evt.room_id, LIST_BYTES, archived)
+            await self.reply_text(evt, *listing)
 
         return run
-
-    def chat_line(self, room: ChatRoomRow, here: str) -> str:
-        line = self.notices.text(
-            "chats.line", name=f"**{room.name}**", chat_id=room.chat_id,
-            link=matrix_to(room.room_id, self.server_name), agent=room.agent_id,
-        )  # fmt: skip
-        if room.room_id == here:
-            line += " " + self.notices.text("chats.current")
-        return line
 
     @command.new("rename", help="Rename this chat: !rename <name>")
     @command.argument("name", pass_raw=True, required=False)
@@ -146,7 +132,7 @@ class ChatCommands(CommandBase):
         async def run() -> None:
             renamed = await self.on_homeserver(evt, "!rename", self.spaces.rename(room, new_name))
             if renamed is not None:
-                await self.reply(evt, "renamed", name=renamed.name)
+                await self.reply(evt, "renamed", name=Verbatim(renamed.name))
 
         return run
 
@@ -189,4 +175,5 @@ class ChatCommands(CommandBase):
             evt, "Archive change", self.spaces.set_archived(room, archived)
         )
         if changed is not None:
-            await self.reply(evt, "archived" if archived else "unarchived", name=changed.name)
+            key = "archived" if archived else "unarchived"
+            await self.reply(evt, key, name=Verbatim(changed.name))

@@ -13,9 +13,11 @@ from maubot.handlers.command import CommandHandler
 from ..agents import Agent, AgentError, Agents, ContextInfo
 from ..chats import Chats
 from ..db import ChatRoomRow, SnapshotRow, now_ms
+from ..matrix import HomeserverError
 from ..queue import Control, RoomQueues
 from ..registry import Registry
 from ..roomstate import clean_name, new_platform_chat_id
+from ..spaces import chat_topic
 from .base import CommandBase, Handler, chat_owner, kb, owner_in_turn, snapshot_agent
 
 SNAPSHOT_NAME_MAX = 64
@@ -163,6 +165,8 @@ class ContextCommands(CommandBase):
             replaced = self.agents.get(old[0].agent_id)
             if replaced is not None:  # replaced, as by !clear: its history goes
                 await self._drop(replaced, old[0].platform_chat_id)
+            if old[0].agent_id != agent_id:
+                await self.retopic(room.room_id, agent_id)
             await self.reply(evt, "load.done", name=snap.name, agent=agent_id, pcid=fresh_id)
 
         return run
@@ -221,11 +225,23 @@ class ContextCommands(CommandBase):
                 current = (self.registry.room(room.room_id) or room).agent_id
                 await self.reply(evt, "agent.current", agent=current, agents=agents)
                 return
+            before = (self.registry.room(room.room_id) or room).agent_id
             await self.chats.update(room.room_id, agent_id=wanted)
             self.log.info("Chat %s switched to agent %s", room.room_id, wanted)
+            if wanted != before:
+                await self.retopic(room.room_id, wanted)
             await self.reply(evt, "agent.switched", agent=wanted)
 
         return run
+
+    async def retopic(self, room_id: str, agent_id: str) -> None:
+        """Sets the chat's topic to name its agent now; a topic the homeserver refuses is
+        logged, and fails nothing (the switch is made)."""
+        topic = {"topic": chat_topic(self.settings().language, agent_id)}
+        try:
+            await self.chats.mx.send_state(room_id, "m.room.topic", topic)
+        except HomeserverError as e:
+            self.log.warning("Could not set the topic of %s: %s", room_id, e)
 
     @command.new("cancel", help="Stop the running answer", must_consume_args=False)
     @chat_owner

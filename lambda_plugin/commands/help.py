@@ -1,4 +1,4 @@
-"""!help: the commands, one line each."""
+"""!help: the commands, one line each; an admin's also lists the admin commands."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ class HelpCommands(CommandBase):
     @any_user
     async def help(self, evt: MessageEvent) -> None:
         settings = self.settings()
+        admin = evt.sender in settings.admins
         heard = any(settings.transcription_for(agent_id) for agent_id in settings.agents)
-        voice = "help.voice_on" if heard else "help.voice_off"
-        await self.reply_text(evt, help_text(settings.language) + "\n\n" + self.notices.text(voice))
+        lines = [help_text(settings.language, admin), ""]
+        lines.append(self.notices.text("help.voice_on" if heard else "help.voice_off"))
+        if admin and not heard:  # how to turn it on is the operator's to know, not a user's
+            lines.append(self.notices.text("help.voice_off_admin"))
+        await self.reply_text(evt, "\n".join(lines))

@@ -16,6 +16,7 @@ from typing import Any
 from ..db import ChatRoomRow, UserRow, chat_number
 from ..marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from ..roomstate import (
+    NO_GUESTS,
     RoomState,
     adopted_platform_chat_id,
     parse_room,
@@ -288,14 +289,28 @@ def link_writes(space: RoomState, room: RoomState, row: ChatRoomRow, server: str
     return writes
 
 
+def _managed(spaces: dict[str, RoomState], numbered: dict[str, Numbered]) -> list[RoomState]:
+    """The Spaces and chat rooms the plugin manages."""
+    return [*spaces.values(), *(room for n in numbered.values() for room, _, _ in n.rows)]
+
+
 def power_writes(spaces: dict[str, RoomState], numbered: dict[str, Numbered]) -> list[Write]:
     """Corrected power levels for the Spaces and chat rooms the plugin manages whose levels
     let users redact or send its state (rooms made before redaction moved up)."""
-    managed = [*spaces.values(), *(room for n in numbered.values() for room, _, _ in n.rows)]
     return [
         (room.room_id, "m.room.power_levels", "", room.power_levels_fix)
-        for room in managed
+        for room in _managed(spaces, numbered)
         if room.power_levels_fix is not None
+    ]
+
+
+def guest_writes(spaces: dict[str, RoomState], numbered: dict[str, Numbered]) -> list[Write]:
+    """Guest access forbidden in the Spaces and chat rooms the plugin manages that are open
+    to guests (made before rooms were made closed: the private_chat preset opens them)."""
+    return [
+        (room.room_id, "m.room.guest_access", "", dict(NO_GUESTS))
+        for room in _managed(spaces, numbered)
+        if room.guests_open
     ]
 
 
@@ -352,6 +367,9 @@ def plan(
     levels = power_writes(spaces, numbered)
     result.state_writes.extend(levels)
     report.repaired_power_levels = len(levels)
+    guests = guest_writes(spaces, numbered)
+    result.state_writes.extend(guests)
+    report.repaired_guest_access = len(guests)
     gone = gone_rooms(rooms, known_rooms, unread)
     result.rooms.update(gone)
     report.gone_rooms = len(gone)

@@ -26,6 +26,7 @@ class Report:
     conflicts: int = 0  # contradictions resolved deterministically (see log)
     repaired_links: int = 0  # m.space.child / m.space.parent written
     repaired_power_levels: int = 0  # rooms whose levels let users redact or send plugin state
+    repaired_guest_access: int = 0  # managed rooms open to guests, closed
     encrypted_unreadable: int = 0  # managed rooms encrypted while the bot can't decrypt
     gone_rooms: int = 0  # rooms in the database the bot is no longer in
     invites: int = 0  # pending invites handed to onboarding

@@ -10,6 +10,7 @@ to the network.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import time
@@ -36,7 +37,8 @@ from lambda_plugin.bot import COMMAND_CLASSES
 from lambda_plugin.commands import command_names
 from lambda_plugin.config import Config
 from lambda_plugin.db import ChatRoomRow, SnapshotRow, upgrade_table
-from lambda_plugin.texts import COMMANDS
+from lambda_plugin.replies import Link, notice_content
+from lambda_plugin.texts import ADMIN_COMMANDS, COMMANDS, text
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 10
@@ -51,6 +53,7 @@ class FakeHomeserver:
         self.sent: list[tuple[str, str, Any]] = []  # (room id, event type, content)
         self.state: list[tuple[str, str, Any]] = []  # state sent: (room id, event type, content)
         self.joined_rooms_failures = 0  # how many /joined_rooms calls answer 502 first
+        self.refused_state: set[str] = set()  # state event types answered 403
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.text()
@@ -63,6 +66,8 @@ class FakeHomeserver:
             return web.json_response({"event_id": f"$sent{len(self.sent)}"})
         # /_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}
         if request.method == "PUT" and len(parts) >= 4 and parts[-3] == "state":
+            if parts[-2] in self.refused_state:
+                return web.json_response({"errcode": "M_FORBIDDEN", "error": "no"}, status=403)
             self.state.append((parts[-4], parts[-2], body))
             return web.json_response({"event_id": f"$state{len(self.state)}"})
         if request.method == "GET" and request.path.endswith("/joined_rooms"):
@@ -177,8 +182,9 @@ async def test_help_lists_every_command(maubot_plugin, maubot_test_bot, homeserv
     assert_in_order(body, [usage for usage, _ in COMMANDS])
     for usage, description in COMMANDS:
         assert description["en"] in body, usage
-    for usage in ("!help", "!new", "!chats", "!rename", "!archive", "!clear", "!agent", "!lambda"):
+    for usage in ("!help", "!new", "!chats", "!rename", "!archive", "!clear", "!agent"):
         assert usage in body
+    assert "!lambda" not in body  # an admin command: alice is no admin
     assert "list the commands" in body
     html = content["formatted_body"]
     assert "<code>!help</code>" in html
@@ -190,10 +196,10 @@ def test_help_lists_exactly_the_registered_commands() -> None:
     # !help's lines come from texts.COMMANDS, the answers from the handlers maubot registers:
     # a command added, renamed or removed on one side only fails here.
     registered = command_names(COMMAND_CLASSES)
-    listed = [usage.split()[0].lstrip("!") for usage, _ in COMMANDS]
+    listed = [usage.split()[0].lstrip("!") for usage, _ in COMMANDS + ADMIN_COMMANDS]
     assert len(listed) == len(set(listed))
     assert set(listed) == registered
-    for _, description in COMMANDS:
+    for _, description in COMMANDS + ADMIN_COMMANDS:
         assert description.get("en") and description.get("ru")
 
 
@@ -316,8 +322,8 @@ def hold_room(plugin: Any) -> asyncio.Future:
         ("!clear", "!context", "{pcid}"),
         ("!agent echo2", "!agent", "talks to `echo2`"),
         ("!agent echo2", "!context", "agent: `echo2`"),
-        ("!rename Renamed", "!chats", "**Renamed**"),
-        ("!archive", "!chats archived", "**Chat 1**"),
+        ("!rename Renamed", "!chats", "Renamed <https://matrix.to/#/!chat"),
+        ("!archive", "!chats archived", "Chat 1 <https://matrix.to/#/!chat"),
         # The fork reads the snapshot, then the fake homeserver refuses the new room.
         ("!save draft", "!new Fork --from draft", "homeserver refused"),
     ],
@@ -455,3 +461,144 @@ async def test_extra_words_get_our_answer_never_maubots_usage(
     said = await answered(maubot_test_bot, homeserver, 1)
     assert len(said) == 1 and expected in said[0], said
     assert "Usage:**" not in said[0] and "Subcommands" not in said[0]
+
+
+# --- what a client shows: rooms linked by name, !help by role, the topic, the Space -------
+
+SPACE = "!space:example.com"
+CHAT_URL = "https://matrix.to/#/!chat:example.com?via=example.com"
+# In the HTML the URL is normalised (CommonMark percent-encodes the "!"; matrix.to and the
+# clients decode it, as the spec's matrix.to URIs allow).
+CHAT_HREF = CHAT_URL.replace("!", "%21")
+HOSTILE_NAMES = [
+    "[x](https://evil.example)",
+    "<b>bold</b> <a href='https://evil.example'>y</a>",
+    "*star* _under_ **strong**",
+    "`code` ]",
+    "<https://evil.example>",
+    "a\\",
+    "&amp; &lt; 1. # !",
+]
+
+
+def contents(bot: MaubotTestBot, hs: FakeHomeserver) -> list[tuple[str, dict[str, Any]]]:
+    return notices(bot, hs)
+
+
+def html_text(name: str) -> str:
+    """``name`` as the HTML shows it: its characters, escaped, never markup."""
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+@pytest.mark.parametrize("name", ["Chat 1", *HOSTILE_NAMES])
+async def test_chats_link_each_room_by_its_name_and_nothing_else(
+    maubot_plugin, maubot_test_bot, homeserver, name: str
+) -> None:
+    row = await chat_room(maubot_plugin)
+    await maubot_plugin.store.upsert_room(dataclasses.replace(row, name=name))
+    await maubot_plugin.registry.load()
+    await dispatch(maubot_test_bot, "!chats")
+    await answered(maubot_test_bot, homeserver, 1)
+    content = contents(maubot_test_bot, homeserver)[0][1]
+    html, body = content["formatted_body"], content["body"]
+    assert f'<a href="{CHAT_HREF}">{html_text(name)}</a>' in html, html
+    assert html.count("<a ") == 1 and "evil.example\"" not in html, html
+    for tag in ("<b>", "<em>", "<strong>", "<code>c", "<ol", "<h1"):
+        assert tag not in html, html
+    # The plain body: the name as it is and the URL; no Markdown link syntax.
+    assert f"{name} <{CHAT_URL}> (C1)" in body, body
+    assert "](" not in body.replace(name, "")
+
+
+def test_a_link_in_a_text_is_an_anchor_in_html_and_name_and_url_in_the_body() -> None:
+    link = Link("Ideas [draft]", "https://matrix.to/#/!r:hs?via=hs")
+    content = notice_content(
+        text("en", "new.created", link=link.markdown()),
+        plain=text("en", "new.created", link=link.plain()),
+    )
+    assert '<a href="https://matrix.to/#/%21r:hs?via=hs">Ideas [draft]</a>' in content["formatted_body"]
+    assert content["body"].startswith("Created Ideas [draft] <https://matrix.to/#/!r:hs?via=hs>")
+    # A name of spaces only, or none, is linked by its URL: never an anchor nobody sees.
+    assert ">https://matrix.to/#/!r:hs?via=hs</a>" in notice_content(Link(" ", link.url).markdown())[
+        "formatted_body"
+    ]
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+@pytest.mark.parametrize(("sender", "admin"), [(ALICE, False), (ADMIN, True)])
+async def test_help_shows_admin_lines_and_operator_wording_to_admins_only(
+    maubot_plugin, maubot_test_bot, homeserver, sender: str, admin: bool
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "!help", sender=sender)
+    body = (await answered(maubot_test_bot, homeserver, 1))[0]
+    assert_in_order(body, [usage for usage, _ in COMMANDS])
+    for usage, _ in ADMIN_COMMANDS:
+        assert (usage in body) is admin, body
+    for operator_word in ("operator", "config", "`transcription`"):
+        assert (operator_word in body) is admin, body
+    assert "Voice messages are not transcribed here" in body
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+@pytest.mark.parametrize("refused", [False, True])
+async def test_agent_switch_sets_the_topic_and_a_refused_topic_fails_nothing(
+    maubot_plugin, maubot_test_bot, homeserver, refused: bool
+) -> None:
+    await chat_room(maubot_plugin)
+    if refused:
+        homeserver.refused_state = {"m.room.topic"}
+    await dispatch(maubot_test_bot, "!agent echo2")
+    said = await answered(maubot_test_bot, homeserver, 1)
+    assert said == ["This chat now talks to `echo2`."]
+    assert maubot_plugin.registry.rooms[CHAT].agent_id == "echo2"
+    topics = [(r, c) for r, t, c in homeserver.state if t == "m.room.topic"]
+    assert topics == ([] if refused else [(CHAT, {"topic": "echo2 · !help"})])
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_the_space_answers_its_owner_with_the_chats_once_a_while(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "hello", room_id=SPACE)
+    await answered(maubot_test_bot, homeserver, 1)
+    room_id, content = contents(maubot_test_bot, homeserver)[0]
+    assert room_id == SPACE
+    assert f'<a href="{CHAT_HREF}">Chat 1</a>' in content["formatted_body"]
+    assert f"Chat 1 <{CHAT_URL}>" in content["body"]
+    assert "!space" not in content["body"] + content["formatted_body"]  # never itself
+    # Again soon, or from another member: nothing (no amplifier); a command still answers,
+    # in the Space's turn, after them.
+    await dispatch(maubot_test_bot, "hello again", room_id=SPACE)
+    await dispatch(maubot_test_bot, "hi", room_id=SPACE, sender=GUEST)
+    await dispatch(maubot_test_bot, "!chats", room_id=SPACE)
+    said = await answered(maubot_test_bot, homeserver, 2)
+    assert len(said) == 2 and "Your chats:" in said[1], said
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_a_chat_command_in_the_space_gets_the_chats_with_it(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "!rename Elsewhere", room_id=SPACE)
+    said = await answered(maubot_test_bot, homeserver, 1)
+    room_id, content = contents(maubot_test_bot, homeserver)[0]
+    assert room_id == SPACE and "one of your chat rooms" in said[0]
+    assert f'<a href="{CHAT_HREF}">Chat 1</a>' in content["formatted_body"]
+    assert maubot_plugin.registry.rooms[CHAT].name == "Chat 1"
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_another_room_points_to_the_space_by_a_named_link(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "hello", room_id="!elsewhere:example.com")
+    said = await answered(maubot_test_bot, homeserver, 1)
+    space_url = "https://matrix.to/#/!space:example.com?via=example.com"
+    html = contents(maubot_test_bot, homeserver)[0][1]["formatted_body"]
+    assert f'<a href="{space_url.replace("!", "%21")}">your Space</a>' in html
+    assert f"your Space <{space_url}>" in said[0]

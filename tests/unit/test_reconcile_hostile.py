@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from lambda_plugin.db import ChatRoomRow, UserRow
 from lambda_plugin.marker import KIND_CHAT, KIND_SPACE, MARKER_TYPE, Marker
 from lambda_plugin.reconcile import plan
@@ -365,3 +367,38 @@ def test_an_emptied_marker_the_database_does_not_know_is_not_trusted() -> None:
     known = ChatRoomRow("!c1", USER, "C1", "Chat 1", "echo", "p1", False, False, 2)
     result = run(states, {USER: UserRow(USER, "!space", 2, 1)}, {"!c1": known})
     assert not [w for w in result.state_writes if w[0] == "!c1" and w[1] == MARKER_TYPE]
+
+
+# B. Rooms made open to guests (the private_chat preset, before rooms were made closed) are
+# closed; rooms the plugin does not manage are left as they are.
+
+GUESTS = "m.room.guest_access"
+CLOSED = {"guest_access": "forbidden"}
+
+
+@pytest.mark.parametrize(
+    "opened", [{"guest_access": "can_join"}, {"guest_access": 5}, {"guest_access": None}]
+)
+def test_managed_rooms_open_to_guests_are_closed_once(opened: dict) -> None:
+    states = managed(power_levels(USER, BOT, privileged=False))
+    for room_id in ("!space", "!c1"):
+        states[room_id].append(event(GUESTS, opened))
+    states["!dm"] = [create(sender=USER), event(GUESTS, opened, sender=USER)]
+    states["!orphan"] = [create(ts=5), event(GUESTS, opened)]  # the bot's, in no Space
+    known_users = {USER: UserRow(USER, "!space", 2, 1)}
+    result = run(states, known_users)
+    writes = sorted(w for w in result.state_writes if w[1] == GUESTS)
+    assert writes == [("!c1", GUESTS, "", CLOSED), ("!space", GUESTS, "", CLOSED)]
+    assert result.report.repaired_guest_access == 2
+    again = run(applied(states, result), known_users, result.rooms)
+    assert again.report.writes == 0 and again.report.repaired_guest_access == 0
+
+
+@pytest.mark.parametrize("content", [CLOSED, {}, "not a map", {"guest_access": "forbidden", "x": 1}])
+def test_rooms_closed_to_guests_or_unreadable_get_no_guest_write(content: Any) -> None:
+    states = managed(power_levels(USER, BOT, privileged=False))
+    states["!c1"].append(event(GUESTS, content))
+    result = run(states, {USER: UserRow(USER, "!space", 2, 1)})
+    assert not [w for w in result.state_writes if w[1] == GUESTS]
+    assert result.report.repaired_guest_access == 0
+    assert parse_room("!c1", states["!c1"], BOT).guests_open is False
