@@ -123,6 +123,20 @@ class StartPlan:
     def count(self) -> int:
         return sum(len(items) for items in self.rooms.values())
 
+    def without(self, ignored: Callable[[Incoming], bool]) -> list[Incoming]:
+        """Takes out what the rooms do not answer (another member's, with shared rooms
+        off): it takes no place in a queue, or a flood sent while the bot was away would
+        fill the owner's. Returns what was taken out."""
+        dropped = []
+        for room_id, items in list(self.rooms.items()):
+            kept = [i for i in items if not ignored(i)]
+            dropped += [i for i in items if ignored(i)]
+            if kept:
+                self.rooms[room_id] = kept
+            else:
+                del self.rooms[room_id]
+        return dropped
+
 
 def plan_start(
     timelines: dict[str, list[dict[str, Any]]],
@@ -299,7 +313,9 @@ class CatchUp:
         events: list[Any] = timeline["events"]
         before: str | None = timeline["prev_batch"]
         most = self.max_events()
-        while before and len(events) < most and _oldest_ms(events) >= back_to_ms:
+        pages = -(-most // PAGE_LIMIT) + 1  # a homeserver that pages on forever is cut off
+        while before and pages and len(events) < most and _oldest_ms(events) >= back_to_ms:
+            pages -= 1
             limit = min(PAGE_LIMIT, most - len(events))
             try:
                 page, before = await self.mx.earlier(room_id, before, limit, CATCH_UP_TYPES)
@@ -307,7 +323,10 @@ class CatchUp:
                 self.log.warning("Paging back the cut timeline of %s failed: %s", room_id, e)
                 break
             known = {e.get("event_id") for e in events if isinstance(e, dict)}
-            events[:0] = [e for e in page if e.get("event_id") not in known]
+            new = [e for e in page if isinstance(e.get("event_id"), str) and e["event_id"] not in known]
+            if not new:
+                break  # nothing new: the room's start, or a homeserver going round
+            events[:0] = new
         if before and len(events) >= most:
             self.log.warning(
                 "Caught up only the newest %d events of %s (reconcile.catch_up_max_events)",

@@ -31,6 +31,7 @@ from .intake import Incoming, Kind, classify
 from .ledger import Fate, Ledger
 from .matrix import HomeserverError
 from .part import Part
+from .policy import Admission, admit
 from .reconcile import Reconciler, Report
 
 Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
@@ -112,6 +113,9 @@ class Startup(Part):
                 self.log.warning("Catch-up failed (%s); retry %d in %.0fs", e, attempt + 1, delay)
                 await asyncio.sleep(delay)
         self.hand_over(self._take_handed_over({}))  # from now on: the live way
+        # Given up: the position may move on again (else it stays old for good, and the
+        # next start's read from it walks ever more).
+        self._caught_up = True
         return []
 
     def _take_handed_over(self, merged_already: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -148,6 +152,8 @@ class Startup(Part):
         active = {r.room_id for r in self.registry.rooms.values() if not r.gone and not r.archived}
         bot_id = self.catch_up.mx.user_id
         plan = plan_start(everything, unfinished, states, bot_id, since_ms, active)
+        for incoming in plan.without(self._not_answered):
+            self.ledger.left(incoming, "not the room's to answer")
         for event_id in plan.answered:  # its answer reached the room before the stop
             await self.ledger.end(event_id, Fate.ANSWERED, "found in the room")
         # From here to the end nothing is awaited: the plan is queued whole, and maubot's
@@ -158,6 +164,11 @@ class Startup(Part):
         self.hand_over(late)
         self._retry_sealed(everything, since_ms, states)
         return parse_invites(sync, self.catch_up.mx.user_id)
+
+    def _not_answered(self, incoming: Incoming) -> bool:
+        """A chat room's event from someone it does not answer (policy, as live)."""
+        room = self.registry.rooms.get(incoming.room_id)
+        return room is not None and admit(room, incoming.sender, self.settings()) is Admission.IGNORE
 
     def _retry_sealed(self, timelines: dict[str, list[dict]], since_ms: int, done: dict) -> None:
         """What a start read and could not decrypt (the keys may come late; maubot never

@@ -143,6 +143,7 @@ class Reconciler:
         """One /state per room, READ_CONCURRENCY at a time; returns the unreadable ones."""
         mx, limit = self.mx, asyncio.Semaphore(READ_CONCURRENCY)
         unreadable: set[str] = set()
+        unanswered: list[HomeserverError] = []
 
         async def read(room_id: str) -> None:
             async with limit:
@@ -150,7 +151,7 @@ class Reconciler:
                     events = await mx.state(room_id)
                 except HomeserverError as e:
                     if e.status == 0:
-                        raise  # the homeserver is unreachable: the whole run is retried
+                        unanswered.append(e)  # a time-out, or the homeserver unreachable
                     # One room that can't be read (broken, or left meanwhile) must not keep
                     # the plugin from starting, nor be taken for gone: it keeps its row.
                     self.log.warning(
@@ -162,6 +163,8 @@ class Reconciler:
             states[room_id] = parse_room(room_id, events, mx.user_id)
 
         await asyncio.gather(*(read(room_id) for room_id in room_ids))
+        if unanswered and len(unanswered) == len(room_ids) and not states:
+            raise unanswered[0]  # not one room answered: the homeserver is down, run again
         return unreadable
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:

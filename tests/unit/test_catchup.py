@@ -569,3 +569,28 @@ async def test_a_failed_page_keeps_what_was_read() -> None:
     hs = PagingHomeserver(400, fail_at=1)
     sync = await read_with(hs).read(None, 0)
     assert bodies(sync) == [f"m{i}" for i in range(250, 400)]
+
+
+class RepeatingHomeserver(PagingHomeserver):
+    """Pages that hold only known events (or ones with no id), a new position each time."""
+
+    def __init__(self, count: int, page: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(count)
+        self.page = page
+
+    async def earlier(
+        self, room_id: str, before: str, limit: int, types: list[str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        self.pages.append(limit)
+        page = self.page if self.page is not None else list(self.events[-50:])
+        return page, f"p{len(self.pages)}"
+
+
+@pytest.mark.parametrize(
+    "page", [None, [{"type": "m.room.message", "origin_server_ts": 2_000_000}]]
+)
+async def test_a_homeserver_paging_on_forever_is_cut_off(page: Any) -> None:
+    hs = RepeatingHomeserver(100, page)
+    sync = await asyncio.wait_for(read_with(hs, 1000).read(None, 0), 5)
+    assert len(hs.pages) == 1  # a page with nothing new ends it
+    assert bodies(sync) == [f"m{i}" for i in range(50, 100)]

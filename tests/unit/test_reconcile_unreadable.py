@@ -480,3 +480,17 @@ async def test_the_background_loop_settles_what_a_start_could_not_read(store: St
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+TIMED_OUT = HomeserverError(0, None, "connection failed: TimeoutError")
+
+
+@pytest.mark.parametrize("read_batch", [0, 10])
+async def test_one_room_timing_out_is_unreadable_not_a_failed_run(store, read_batch) -> None:
+    """A time-out (status 0) of one room's read, the homeserver answering the rest: that
+    room is unreadable, the run goes on (it used to fail whole, and a start never ended)."""
+    mx = FlakyRooms(topology())
+    mx.failing["!c1"] = TIMED_OUT
+    registry = await seeded(store)
+    report = await reconciler_of(mx, store, registry, read_batch).run()
+    assert "!c1" in report.unreadable_rooms

@@ -388,3 +388,38 @@ async def test_a_live_command_finds_no_place_in_a_full_queue(env: Env) -> None:
     with pytest.raises(QueueFull):
         async with env.queues.in_turn(ROOM, "$clear"):
             pass
+
+
+async def test_another_members_flood_caught_up_after_a_start_takes_no_place() -> None:
+    """Policy holds for a start's catch-up too: what the room does not answer is taken out
+    of the plan (recorded as left by the start), so it fills no place of the owner's."""
+    import time
+
+    from lambda_plugin.catchup import CatchUp, plan_start
+    from lambda_plugin.policy import Admission, admit
+
+    settings = replace(make_settings(), max_queue_per_room=LIMIT)
+    gate = StartGate()
+    env = build(settings, gate)
+    room = ChatRoomRow(ROOM, USER, "C1", "Chat 1", "echo", "p1", False, False, 0)
+    env.router.registry.rooms[ROOM] = room
+    now = int(time.time() * 1000)
+
+    def raw(event_id: str, sender: str, body: str, ts: int) -> dict:
+        return {"type": "m.room.message", "event_id": event_id, "sender": sender,
+                "origin_server_ts": ts, "content": {"msgtype": "m.text", "body": body}}  # fmt: skip
+
+    timeline = [raw("$owner1", USER, "hello", now - 5000)]
+    timeline += [
+        raw(f"$m{i}", "@mallory:example.org", "spam" if i % 2 else "!nonsense", now - 4000 + i)
+        for i in range(200)
+    ]
+    plan = plan_start({ROOM: timeline}, [], {}, BOT, now - 600_000, {ROOM})
+    dropped = plan.without(lambda i: admit(room, i.sender, settings) is Admission.IGNORE)
+    assert len(dropped) == 200 and [i.event_id for i in plan.rooms[ROOM]] == ["$owner1"]
+    env.stage.blocked("$owner1")  # the agent takes a while on the owner's message
+    CatchUp(None, env.queues, logging.getLogger("t")).queue(plan)  # type: ignore[arg-type]
+    gate.open()
+    await env.stage.until_call("message", ROOM, "$owner1", False)
+    assert env.router.enqueue(msg("$owner2")) is not Queued.FULL
+    await asyncio.wait_for(env.queues.stop(), 5)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from lambda_plugin import startup as startup_module
 from lambda_plugin.config import Settings
 from lambda_plugin.gate import StartGate
 from lambda_plugin.intake import Incoming, Kind
@@ -532,3 +533,33 @@ async def test_a_start_longer_than_the_window_stores_no_position_before_its_catc
     await startup.save_sync_position()  # once the catch-up has run, the position moves on
     assert store.values["catch_up_since"] == "s-first"
     assert long.account == {"ai.lambda.matrix.catch_up": {"since": "s-first"}}
+
+
+class FailingCatchUp(LongStart):
+    async def read(self, since: str | None, back_to_ms: int = 0) -> dict:
+        self.read_from.append(since)
+        raise ConnectionError("the homeserver stumbles")
+
+
+async def test_the_position_moves_on_after_a_catch_up_given_up(window, monkeypatch) -> None:
+    """A catch-up given up (the homeserver stumbled through every try) lets the stored
+    position move on again: frozen, the next start would read from it ever further back."""
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(startup_module.asyncio, "sleep", lambda s: real_sleep(0))
+    catch_up = FailingCatchUp()
+    catch_up.release.set()
+    store = PositionStore(since="s-weeks-old")
+    ledger = SimpleNamespace(unfinished=_no_rows, states_of=_no_states, end=_nothing, prune=_nothing)
+    startup = Startup(
+        settings=lambda: window, log=LOG, gate=StartGate(), store=store, ledger=ledger,
+        reconciler=catch_up, catch_up=catch_up, enqueue=lambda incoming, replay: None,
+        invite=_nothing, sealed=_no_seal, background=asyncio.ensure_future,
+    )  # type: ignore[arg-type]  # fmt: skip
+    await asyncio.wait_for(startup.run(), TIMEOUT)
+    assert len(catch_up.read_from) == 4  # given up; the gate is open, the plugin runs on
+    startup.sync_done(sync("s-today", {}))
+    startup.positions.seen = type(startup.positions.seen)(
+        (at - WINDOW_S - 1, token) for at, token in startup.positions.seen
+    )
+    await startup.save_sync_position()
+    assert store.values["catch_up_since"] == "s-today"
