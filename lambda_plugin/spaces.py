@@ -29,7 +29,10 @@ from .roomstate import (
 from .texts import text
 
 # Waits before createRoom is tried again after a failure that may not have made the room.
-CREATE_RETRY_S = (2.0, 5.0)
+# After a failed createRoom, when the rooms the bot joined are looked at for the room it may
+# have made all the same (a slow homeserver finishes a request its client gave up on).
+CREATE_LOOK_S = (2.0, 5.0, 15.0, 30.0)
+CREATE_TRIES = 3  # of a createRoom the homeserver refused to take (503)
 # Room for a list in one answer: well under the event size limit with its HTML.
 LIST_BYTES = 8_000
 
@@ -213,31 +216,51 @@ class Spaces(Part):
         return room
 
     async def _create_room(self, body: dict[str, Any]) -> str:
-        """createRoom, made once. A request that got no answer (a timeout, a lost connection,
-        a 5xx) may have made the room all the same: it is looked for by its marker (a chat's
-        platform_chat_id is new, a Space's owner has none yet) before the request is tried
-        again, so a slow homeserver neither loses the room nor gets it twice."""
+        """createRoom, made once. A request that failed (a time-out, a lost connection, a
+        5xx) may have made the room all the same, even seconds later: it is looked for by
+        its marker (a chat's platform_chat_id is new, a Space's owner has none yet) among
+        the rooms the bot joined since, a while. Only a 503 (the homeserver did not take
+        the request) is tried again; a room made after all and found by none of the looks
+        is adopted by the next start's reconciliation."""
         marker = Marker.from_content(body["initial_state"][0]["content"])
-        for attempt, delay in enumerate((*CREATE_RETRY_S, None)):
+        before = await self._joined()
+        for attempt in range(CREATE_TRIES):
             try:
                 return await self.mx.create_room(body)
             except HomeserverError as e:
-                if delay is None or not (e.status == 0 or e.status >= 500):
+                if not (e.status == 0 or e.status >= 500):
                     raise
-                self.log.warning("createRoom failed (%s); try %d in %.0fs", e, attempt + 2, delay)
-            await asyncio.sleep(delay)
-            made = await self._made(marker)
-            if made is not None:
-                self.log.info("createRoom had made %s after all", made)
-                return made
+                self.log.warning("createRoom failed (%s); looking for the room it may have made", e)
+                made = await self._look_for(marker, before)
+                if made is not None:
+                    self.log.info("createRoom had made %s after all", made)
+                    return made
+                if e.status != 503 or attempt == CREATE_TRIES - 1:
+                    raise
         raise AssertionError("unreachable")
 
-    async def _made(self, marker: Marker | None) -> str | None:
-        """A joined room the plugin does not know yet whose marker, sent by the bot, is
-        ``marker``; None when there is none (or the homeserver can't tell yet)."""
+    async def _joined(self) -> set[str] | None:
+        try:
+            return set(await self.mx.joined_rooms())
+        except HomeserverError:
+            return None  # the looks, if any, then check the rooms the plugin does not know
+
+    async def _look_for(self, marker: Marker | None, before: set[str] | None) -> str | None:
+        for delay in CREATE_LOOK_S:
+            await asyncio.sleep(delay)
+            made = await self._made(marker, before)
+            if made is not None:
+                return made
+        return None
+
+    async def _made(self, marker: Marker | None, before: set[str] | None) -> str | None:
+        """A room the bot joined since ``before`` (or one the plugin does not know) whose
+        marker, sent by the bot, is ``marker``; None when there is none (yet)."""
         try:
             joined = await self.mx.joined_rooms()
             for room_id in joined:
+                if room_id in (before if before is not None else ()):
+                    continue
                 if room_id in self.registry.rooms or room_id in self.registry.spaces:
                     continue
                 for event in await self.mx.state(room_id):

@@ -61,7 +61,7 @@ class Homeserver:
 
 
 def spaces_on(hs: Homeserver, monkeypatch: pytest.MonkeyPatch) -> Spaces:
-    monkeypatch.setattr(spaces_module, "CREATE_RETRY_S", (0.0, 0.0))
+    monkeypatch.setattr(spaces_module, "CREATE_LOOK_S", (0.0, 0.0, 0.0, 0.0))
     chats: Any = type("Chats", (), {"registry": FakeRegistry()})()
     current = settings()
     return Spaces(mx=hs, store=None, chats=chats, settings=lambda: current, log=LOG)  # type: ignore[arg-type]
@@ -82,9 +82,8 @@ SPACE = Marker(kind=KIND_SPACE, owner=USER)
         ([], "!ok1:example.org", 1),
         ([(0, True)], "!made1:example.org", 1),  # timed out, but made: found, not made again
         ([(504, True)], "!made1:example.org", 1),
-        ([(0, False)], "!ok2:example.org", 2),  # not made: tried again
-        ([(502, False), (0, False)], "!ok3:example.org", 3),
-        ([(502, False), (0, True)], "!made2:example.org", 2),
+        ([(503, False)], "!ok2:example.org", 2),  # not taken: tried again
+        ([(503, False), (503, True)], "!made2:example.org", 2),
     ],
 )
 async def test_a_room_is_made_once_whatever_the_answer(
@@ -95,6 +94,57 @@ async def test_a_room_is_made_once_whatever_the_answer(
     assert hs.creates == creates
 
 
+class SlowHomeserver(Homeserver):
+    """createRoom times out for the client, and the room appears only some looks later."""
+
+    def __init__(self, looks_before_made: int) -> None:
+        super().__init__([(0, False)])
+        self.looks = 0
+        self.due = looks_before_made
+
+    async def joined_rooms(self) -> list[str]:
+        self.looks += 1
+        if self.creates and self.looks == self.due + 1:
+            # The room as the bot's request made it (the forged one holds the same state).
+            same = self.rooms["!forged:example.org"]
+            self.rooms["!late:example.org"] = [{**e, "sender": BOT} for e in same]
+        return list(self.rooms)
+
+
+async def test_a_room_made_seconds_after_the_time_out_is_found_not_made_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hs = SlowHomeserver(looks_before_made=3)
+    assert await spaces_on(hs, monkeypatch)._create_room(body(CHAT)) == "!late:example.org"
+    assert hs.creates == 1
+
+
+@pytest.mark.parametrize("failures", [[(0, False)], [(500, False)], [(502, False)]])
+async def test_a_failure_that_may_have_made_the_room_is_never_tried_again(
+    failures: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hs = Homeserver(failures)
+    with pytest.raises(HomeserverError):
+        await spaces_on(hs, monkeypatch)._create_room(body(CHAT))
+    assert hs.creates == 1
+
+
+async def test_only_rooms_joined_since_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    hs = Homeserver([(0, True)])
+    for i in range(50):  # DMs and other rooms of the bot's, there before
+        hs.rooms[f"!dm{i}:example.org"] = []
+    read: list[str] = []
+    real_state = hs.state
+
+    async def state(room_id: str) -> list[dict[str, Any]]:
+        read.append(room_id)
+        return await real_state(room_id)
+
+    hs.state = state  # type: ignore[method-assign]
+    assert await spaces_on(hs, monkeypatch)._create_room(body(CHAT)) == "!made1:example.org"
+    assert not any(r.startswith("!dm") for r in read)
+
+
 @pytest.mark.parametrize("status", [400, 403, 429])
 async def test_a_refusal_is_not_tried_again(status: int, monkeypatch: pytest.MonkeyPatch) -> None:
     hs = Homeserver([(status, False)])
@@ -103,8 +153,8 @@ async def test_a_refusal_is_not_tried_again(status: int, monkeypatch: pytest.Mon
     assert hs.creates == 1
 
 
-async def test_three_failures_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    hs = Homeserver([(0, False)] * 3)
+async def test_three_refusals_to_take_it_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    hs = Homeserver([(503, False)] * 3)
     with pytest.raises(HomeserverError):
         await spaces_on(hs, monkeypatch)._create_room(body(CHAT))
     assert hs.creates == 3
