@@ -101,9 +101,10 @@ class LambdaBot(Plugin):
         reconciler = self.reconciler = Reconciler(
             mx, store, registry, self.current_settings, self.log, chats=chats
         )
+        welcomes = Welcomes(mx=mx, notices=notices, **part)
         onboarding = Onboarding(
             gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
-            joins=JoinsTable(store.db), welcomes=Welcomes(mx=mx, notices=notices, **part),
+            joins=JoinsTable(store.db), welcomes=welcomes,
             **part,
         )  # fmt: skip
         router = Router(
@@ -117,6 +118,9 @@ class LambdaBot(Plugin):
         self.startup = Startup(
             gate=gate, store=store, ledger=ledger, reconciler=reconciler, catch_up=catch_up,
             enqueue=router.enqueue, invite=onboarding.handle_invite,
+            joined_meanwhile=lambda: welcomes.joined_meanwhile(
+                list(registry.rooms.values()), self.settings.catch_up_s
+            ),
             sealed=undecryptable.attempt, background=self.background, **part,
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)

@@ -52,6 +52,9 @@ class Startup(Part):
     catch_up: CatchUp
     enqueue: Enqueue  # a live event's way into its room's queue (Router.enqueue)
     invite: Invite
+    # Owners who joined a new chat while the plugin was stopped (maubot drops the first
+    # sync, and a start reads only messages): welcomed now.
+    joined_meanwhile: Callable[[], Awaitable[None]] | None = None
     sealed: Sealed  # an event still encrypted after a start's read: retried, else told
     background: Callable[[Coroutine[Any, Any, Any]], object]
 
@@ -76,6 +79,7 @@ class Startup(Part):
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
         await self._pending_invites(invites)
+        await self._joined_meanwhile()
         await self.prune_handled()
 
     def check_encryption(self) -> None:
@@ -194,6 +198,13 @@ class Startup(Part):
                 await self.invite(room_id, inviter)
             except Exception:
                 self.log.exception("Handling the pending invite to %s failed", room_id)
+
+    async def _joined_meanwhile(self) -> None:
+        if self.joined_meanwhile is not None:
+            try:
+                await self.joined_meanwhile()
+            except Exception:
+                self.log.exception("Welcoming owners who joined during the start failed")
 
     async def prune_handled(self) -> None:
         try:

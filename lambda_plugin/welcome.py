@@ -2,13 +2,16 @@
 
 Sent when the owner's join is seen, not when the room is made: a user on another homeserver
 gets the room's events only from their join on (their /sync starts there), so a welcome sent
-before it never notifies and shows only if the client pages back. Once per room: the welcome
-carries ``WELCOMED``, and a room whose recent events hold one (a rejoin, a restart) gets no
-second.
+before it never notifies and shows only if the client pages back. Once per room: a room
+where the bot has said anything lately (a welcome, an answer: a rejoin, a restart, a room
+made before this version) gets none; the bot's events are told by their sender, so this
+holds in encrypted rooms without their keys. An owner who joined while the plugin was
+stopped is welcomed at the start (rooms made within the catch-up window).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .db import ChatRoomRow
@@ -37,23 +40,42 @@ class Welcomes(Part):
         self._done[room.room_id] = None
         while len(self._done) > ROOMS_REMEMBERED:
             del self._done[next(iter(self._done))]
-        if await self._welcomed_before(room.room_id):
+        try:
+            if await self._spoken_in(room.room_id):
+                return
+            body = self.notices.text("welcome", name=room.name, agent=room.agent_id)
+            await self.mx.send(room.room_id, {**notice_content(body), WELCOMED: room.chat_id})
+        except Exception as e:  # a later join tries again
+            self._done.pop(room.room_id, None)
+            self.log.warning("Welcoming %s in %s failed: %s", room.user_id, room.room_id, e)
             return
-        body = self.notices.text("welcome", name=room.name, agent=room.agent_id)
-        await self.mx.send(room.room_id, {**notice_content(body), WELCOMED: room.chat_id})
         self.log.info("Welcomed %s in %s (%s)", room.user_id, room.room_id, room.chat_id)
 
-    async def _welcomed_before(self, room_id: str) -> bool:
+    async def _spoken_in(self, room_id: str) -> bool:
+        """Whether the bot said anything among the room's recent events."""
         try:
             recent = await self.mx.recent(room_id, RECENT_EVENTS)
         except HomeserverError as e:
             # Unknown: a welcome twice is better than none.
             self.log.warning("Could not read %s for an earlier welcome: %s", room_id, e)
             return False
-        await self.mx.crypto.open_all({room_id: recent})
         return any(
             event.get("sender") == self.mx.user_id
-            and isinstance(event.get("content"), dict)
-            and WELCOMED in event["content"]
+            and event.get("type") in ("m.room.message", "m.room.encrypted")
             for event in recent
         )
+
+    async def joined_meanwhile(self, rooms: list[ChatRoomRow], window_s: float) -> None:
+        """Welcomes the owners of chats made within ``window_s`` who joined while the
+        plugin was not listening (a start): their join reached no handler."""
+        since_ms = int((time.time() - window_s) * 1000)
+        for room in rooms:
+            if room.gone or room.archived or room.created_at < since_ms:
+                continue
+            try:
+                joined = await self.mx.membership(room.room_id, room.user_id) == "join"
+            except HomeserverError as e:
+                self.log.warning("Could not read who joined %s: %s", room.room_id, e)
+                continue
+            if joined:
+                await self.owner_joined(room)
