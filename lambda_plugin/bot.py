@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from collections.abc import Coroutine
 from typing import Any
 
@@ -27,7 +28,7 @@ from .commands import (
     UsageCommands,
     command_names,
 )
-from .config import Config, Settings
+from .config import Config, Settings, UserMatcher
 from .conversation import Conversation
 from .db import HistoryBounds, Store, upgrade_table
 from .db.joins import JoinsTable
@@ -217,8 +218,15 @@ class LambdaBot(Plugin):
         try:
             return self._build(self.config)
         except Exception as e:  # any bad value: start() must not raise
-            self.log.error("Config refused (%s); starting with the defaults of base-config", e)
-            return self._build(self.config.load_base())
+            # Failing closed: the defaults let everyone in, and the operator may have meant
+            # to keep the bot to a few.
+            self.log.error(
+                "Config refused (%s); starting with the defaults of base-config, with nobody"
+                " allowed to use the bot (access.allowed_users: []) until the config is fixed",
+                e,
+            )
+            settings, agents = self._build(self.config.load_base())
+            return replace(settings, allowed_users=UserMatcher([])), agents
 
     def on_external_config_update(self) -> None:
         self.config.load_and_update()

@@ -308,10 +308,13 @@ def _timing(config: BaseProxyConfig) -> dict[str, Any]:
 
 
 def _optional(config: BaseProxyConfig, key: str, form: re.Pattern[str]) -> str | None:
-    """An optional text of the given form; null or empty is none."""
+    """An optional text of the given form; null or empty is none (a whole number, as YAML
+    reads ``room_version: 10``, is its text)."""
     value = config[key]
     if value is None or value == "":
         return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str) or not form.fullmatch(value):
         raise ValueError(f"{key} must be null or {form.pattern!r}, not {value!r}")
     return value

@@ -548,3 +548,14 @@ def test_matcher_empty_matches_nobody() -> None:
 def test_matcher_refuses_bad_entries(entry: Any) -> None:
     with pytest.raises(ValueError):
         UserMatcher([entry])
+
+
+@pytest.mark.parametrize(("value", "expected"), [(10, "10"), ("11", "11"), (None, None), ("", None)])
+def test_a_room_version_may_be_written_as_a_number(value: Any, expected: str | None) -> None:
+    assert settings(spaces__room_version=value).room_version == expected
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "ten!", ["10"]])
+def test_a_room_version_of_another_form_is_refused(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"spaces\.room_version"):
+        settings(spaces__room_version=value)

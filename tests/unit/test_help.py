@@ -221,8 +221,10 @@ async def test_help_in_russian(maubot_plugin, maubot_test_bot, homeserver) -> No
 async def test_refused_config_starts_with_base_defaults(
     maubot_plugin, maubot_test_bot, homeserver
 ) -> None:
-    # start() must never raise: a bad config falls back to base-config's values.
+    # start() must never raise: a bad config falls back to base-config's values, closed to
+    # everyone (the defaults let anyone in, where the operator may have meant a few).
     assert maubot_plugin.settings.language == "en"
+    assert "@alice:example.com" not in maubot_plugin.settings.allowed_users
     content = await ask_help(maubot_test_bot, homeserver)
     assert "list the commands" in content["body"]
 
