@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from maubot import Plugin
