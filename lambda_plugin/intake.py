@@ -100,9 +100,8 @@ def trimmed(content: dict[str, Any]) -> dict[str, Any]:
     body = content.get("body")
     if isinstance(body, str) and body.startswith(("> <", "> * <")) and "\n" in body:
         lines = body.split("\n")
-        while lines and lines[0].startswith("> "):
-            lines.pop(0)
-        out["body"] = "\n".join(lines).strip()
+        first = next((i for i, line in enumerate(lines) if not line.startswith("> ")), len(lines))
+        out["body"] = "\n".join(lines[first:]).strip()  # one slice: a huge quote costs once
     html = content.get("formatted_body")
     if isinstance(html, str) and content.get("format") == "org.matrix.custom.html":
         out["formatted_body"] = _HTML_FALLBACK.sub("", html)

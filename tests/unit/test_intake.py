@@ -454,3 +454,10 @@ def test_the_html_fallback_is_trimmed_too() -> None:
 )
 def test_what_is_not_a_reply_fallback_stays(content: dict[str, Any]) -> None:
     assert trimmed(content) == content
+
+
+def test_a_huge_fallback_is_trimmed_in_one_pass() -> None:
+    # 100,000 quoted lines: a line at a time from the front was quadratic.
+    body = "> <@x:y> a\n" + "> q\n" * 100_000 + "\nthe text"
+    content = {"msgtype": "m.text", "body": body, **REPLY}
+    assert trimmed(content)["body"] == "the text"
