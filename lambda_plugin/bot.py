@@ -39,6 +39,7 @@ from .notices import Notices
 from .onboarding import Onboarding
 from .part import PartArgs
 from .queue import RoomQueues
+from .reactions import Reactions
 from .reconcile import Reconciler
 from .registry import Registry
 from .replay import CommandReplay
@@ -125,7 +126,8 @@ class LambdaBot(Plugin):
             sealed=undecryptable.attempt, background=self.background, **part,
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)
-        for handlers in (*commands, router, onboarding, undecryptable):
+        reactions = Reactions(gate=gate, mx=mx, registry=registry, queues=queues, **part)
+        for handlers in (*commands, router, onboarding, undecryptable, reactions):
             self.register_handler_class(handlers)
 
     def _conversation(

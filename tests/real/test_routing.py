@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from devstack.stack import Deployment
+from lambda_plugin.intake import ABOUT, ANSWERING
 from tests.servers.lambda_server import LambdaServer
 from tests.servers.openai_server import OpenAIServer
 
@@ -359,3 +360,44 @@ async def test_another_members_flood_takes_no_place_of_the_owners(
         openai.mode = "ok"
         openai.release.set()
         await stack.configure({"access": {"max_queue_per_room": 20}})
+
+
+async def test_a_stop_reaction_stops_a_stream_within_5_s(stack, agents, new_user) -> None:
+    """🛑 on the answer that streams (its first event) stops it as !cancel does; another
+    member's 🛑 changes nothing."""
+    openai, _ = agents
+    pia = await new_user("pia")
+    got = await onboard(pia, stack)
+    bot = stack.bot_id
+    patient = {"backend": "openai", "base_url": openai.base_url, "model": "test-model"}
+    await stack.configure({"agents": {"registry": {"patient": patient}}})
+    assert "patient" in notice_text(await pia.command(got.room, "!agent patient", bot))
+    guest = await new_user("guest")
+    await pia.invite(got.room, guest.user_id)
+    await guest.join(got.room)
+    openai.mode, openai.chunk_delay_s = "endless", 0.05
+    try:
+        await pia.sync_once(0)
+        mark = pia.mark()
+        question = await pia.send_text(got.room, "go on forever")
+        first = await pia.wait_for_event(
+            got.room, lambda e: e["sender"] == bot and e["content"].get(ANSWERING) == question, mark
+        )
+        stop = {"m.relates_to": {"rel_type": "m.annotation", "event_id": first["event_id"], "key": "🛑"}}
+        await guest.send(got.room, stop, "m.reaction")
+        await pia.sync_once(0)
+        after_guest = pia.mark()
+        # The stream goes on after the guest's 🛑: another edit of it comes.
+        await pia.wait_for_event(
+            got.room,
+            lambda e: e["sender"] == bot
+            and (e["content"].get("m.relates_to") or {}).get("event_id") == first["event_id"],
+            after_guest,
+        )
+        await pia.send(got.room, stop, "m.reaction")
+        stopped = await pia.wait_for_event(
+            got.room, lambda e: e["sender"] == bot and e["content"].get(ABOUT) == question, mark, 5
+        )
+        assert "!retry" in notice_text(stopped)
+    finally:
+        openai.mode, openai.chunk_delay_s = "ok", 0.0

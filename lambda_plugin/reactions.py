@@ -1,0 +1,77 @@
+"""Reactions that steer an answer: 🛑 on a running answer (or on the message it answers)
+stops it, as ``!cancel`` does: the message is kept for ``!retry``.
+
+Only the room's owner steers it; anyone else's reaction changes nothing. A reaction is
+judged by what it points at: the bot's event naming the message under way (its stream's
+first event, ``intake.ANSWERING``) or that message itself. Reactions sent while the plugin
+was stopped stop nothing: nothing was running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from maubot.handlers import event
+from mautrix.types import EventType, ReactionEvent
+
+from .gate import StartGate
+from .intake import ANSWERING
+from .matrix import HomeserverError, Matrix
+from .part import Part
+from .queue import RoomQueues
+from .registry import Registry
+
+STOP = "🛑"
+VARIATION = "\ufe0f"  # emoji presentation selector: the same key with or without it
+
+
+def stop_key(key: Any) -> bool:
+    return isinstance(key, str) and key.replace(VARIATION, "").strip() == STOP
+
+
+@dataclass(eq=False, kw_only=True)
+class Reactions(Part):
+    gate: StartGate
+    mx: Matrix
+    registry: Registry
+    queues: RoomQueues
+
+    @event.on(EventType.REACTION)
+    async def on_reaction(self, evt: ReactionEvent) -> None:
+        if not await self.gate.wait():
+            return
+        relates = getattr(evt.content, "relates_to", None)
+        target = getattr(relates, "event_id", None)
+        if not stop_key(getattr(relates, "key", None)) or not isinstance(target, str):
+            return
+        await self.stop(evt.room_id, evt.sender, target)
+
+    async def stop(self, room_id: str, sender: str, target: str) -> bool:
+        """Stops the room's running answer when the owner's 🛑 points at it."""
+        room = self.registry.room(room_id)
+        worker = self.queues.workers.get(room_id)
+        running = getattr(worker, "current_item", None) if worker is not None else None
+        if room is None or sender != room.user_id or running is None:
+            return False
+        if target != running.event_id and await self._answering(room_id, target) != running.event_id:
+            return False
+        stopped = self.queues.cancel(room_id)
+        if stopped:
+            self.log.info("Stopped the answer to %s in %s on a reaction", running.event_id, room_id)
+        return stopped
+
+    async def _answering(self, room_id: str, event_id: str) -> str | None:
+        """The message the bot's event ``event_id`` is an unfinished answer to, if it is one."""
+        try:
+            found = await self.mx.event(room_id, event_id)
+        except HomeserverError as e:
+            self.log.debug("Could not read %s reacted to in %s: %s", event_id, room_id, e)
+            return None
+        if found.get("type") == "m.room.encrypted":
+            found = await self.mx.crypto.open(room_id, found) or {}
+        content = found.get("content")
+        if found.get("sender") != self.mx.user_id or not isinstance(content, dict):
+            return None
+        answering = content.get(ANSWERING)
+        return answering if isinstance(answering, str) else None
