@@ -16,7 +16,7 @@ class HelpCommands(CommandBase):
         settings = self.settings()
         admin = evt.sender in settings.admins
         heard = any(settings.transcription_for(agent_id) for agent_id in settings.agents)
-        lines = [help_text(settings.language, admin), ""]
+        lines = [help_text(settings.language, admin), "", self.notices.text("help.reactions")]
         lines.append(self.notices.text("help.voice_on" if heard else "help.voice_off"))
         if admin and not heard:  # how to turn it on is the operator's to know, not a user's
             lines.append(self.notices.text("help.voice_off_admin"))

@@ -186,6 +186,7 @@ async def test_help_lists_every_command(maubot_plugin, maubot_test_bot, homeserv
         assert usage in body
     assert "!lambda" not in body  # an admin command: alice is no admin
     assert "list the commands" in body
+    assert "React 🛑" in body and "reply to a message" in body
     html = content["formatted_body"]
     assert "<code>!help</code>" in html
     assert "<code>!rename &lt;name&gt;</code>" in html
