@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 from devstack.matrix import MatrixUser, invite_state_value
 from devstack.maubot import PLUGIN_ID, Maubot, build_mbp
 from devstack.synapse import Synapse
-from tests.real.helpers import is_room_invite, is_space_invite, notice_text
+from tests.real.helpers import is_room_invite, is_space_invite, join_chat, notice_text
 
 pytestmark = pytest.mark.real
 
@@ -74,7 +74,7 @@ async def test_deploy_through_the_admin_ui(
         room = await user.wait_for_invite(is_room_invite, timeout=MATRIX_TIMEOUT_S)
         assert invite_state_value(user.invites[room], "m.room.name", "name") == "Thread 1"
         await user.join(space)
-        await user.join(room)
+        await join_chat(user, room, bot_id)  # the welcome comes on the join
         # ...and !new names the next one from the same template.
         reply = notice_text(await user.command(room, "!new", bot_id, timeout=MATRIX_TIMEOUT_S))
         assert "Thread 2" in reply, reply
