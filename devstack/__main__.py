@@ -80,6 +80,8 @@ async def _deploy(maubot: Maubot, synapse: Synapse, workspace: Path | None) -> t
     mbp = build_mbp()
     await maubot.upload_plugin(mbp)
     bot_id = await _bot_client(maubot, synapse)
+    if (await maubot.crypto_status(bot_id)).on:  # before the instance starts (its check)
+        await maubot.cross_sign(bot_id)  # the recovery key in a 0600 file, never printed
     await maubot.api(
         "PUT",
         f"/instance/{INSTANCE_ID}",
@@ -121,6 +123,7 @@ Lambda for Matrix is running (state in {servers.root}).
   Workspace:      {workspace or "none (start with --workspace DIR to hand files to agents)"}
   maubot admin:   {maubot.url}/_matrix/maubot   login: admin / admin
   end-to-end encryption: {crypto.describe()}
+  cross-signing:  {maubot.signing_text()}
 
 Connect a Matrix client (e.g. Element desktop) to {home.url} as the demo user{remote_login},
 start a direct chat with {bot_id}, and accept the Space invite that follows.

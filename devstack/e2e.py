@@ -31,6 +31,7 @@ from mautrix.crypto.attachments import decrypt_attachment, encrypt_attachment
 from mautrix.crypto.sessions import InboundGroupSession, OutboundGroupSession
 from mautrix.crypto.store import MemoryCryptoStore
 from mautrix.types import (
+    CrossSigningUsage,
     DeviceLists,
     DeviceOTKCount,
     EncryptedEvent,
@@ -40,8 +41,10 @@ from mautrix.types import (
     RoomID,
     RoomKeyEventContent,
     SessionID,
+    SigningKey,
     StateEvent,
     ToDeviceEvent,
+    TOFUSigningKey,
     TrustState,
     UserID,
 )
@@ -66,6 +69,19 @@ class _StateStore(MemoryStateStore, CryptoStateStore):
             and members.get(user_id) is not None
             and members[user_id].membership in shared
         ]
+
+
+class _CryptoStore(MemoryCryptoStore):
+    """mautrix's in-memory crypto store, which fails (``can't set attribute``) when it sees a
+    user's cross-signing keys a second time (a cross-signed bot, in a second shared room):
+    here the key is replaced, its first-seen key kept (trust on first use)."""
+
+    async def put_cross_signing_key(
+        self, user_id: UserID, usage: CrossSigningUsage, key: SigningKey
+    ) -> None:
+        keys = self._cross_signing_keys.setdefault(user_id, {})
+        first = keys[usage].first if usage in keys else key
+        keys[usage] = TOFUSigningKey(key=key, first=first)
 
 
 class _HeldSession(OutboundGroupSession):
@@ -104,7 +120,7 @@ class E2EUser(MatrixUser):
         client = Client(base_url=homeserver_url, state_store=_StateStore(), log=log)
         try:
             await client.login(identifier=user_id, password=password, device_name=device_name)
-            store = MemoryCryptoStore(account_id=user_id, pickle_key="devstack-e2e")
+            store = _CryptoStore(account_id=user_id, pickle_key="devstack-e2e")
             await store.put_device_id(client.device_id)
             machine = OlmMachine(client, store, client.state_store, log=log.getChild("crypto"))
             # Share room keys with every device that isn't blacklisted: the bot's device is

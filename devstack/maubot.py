@@ -46,7 +46,10 @@ def build_mbp() -> Path:
 
 
 class ManagementError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int = 0, errcode: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,39 @@ class CryptoStatus:
         if self.on:
             return f"on (device {self.device_id}, fingerprint {self.fingerprint})"
         return f"off: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CrossSigning:
+    """Whether the bot's device is cross-signed (signed by its account's self-signing key),
+    and where its recovery key is kept: the key itself is never printed nor logged."""
+
+    signed: bool
+    how: str  # what was done, or why it is not signed
+    key_file: Path
+
+    def describe(self) -> str:
+        where = f"recovery key in {self.key_file}" if self.key_file.exists() else "no recovery key kept"
+        return f"{'yes' if self.signed else 'NO'}, {self.how} ({where})"
+
+
+def keep_secret(path: Path, secret: str) -> None:
+    """Writes ``secret`` to ``path``, readable by its owner only from the first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    os.replace(tmp, path)
+
+
+def _errcode(body: str) -> str | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed.get("errcode") if isinstance(parsed, dict) else None
 
 
 def olm_import_error() -> str | None:
@@ -97,6 +133,7 @@ class Maubot:
         self.log = self.dir / "maubot.log"
         self.token: str | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.signing: CrossSigning | None = None  # the last cross_sign()'s result
 
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +239,9 @@ class Maubot:
         ) as resp:
             body = await resp.text()
             if resp.status >= 400:
-                raise ManagementError(f"{method} {path}: {resp.status} {body[:500]}")
+                raise ManagementError(
+                    f"{method} {path}: {resp.status} {body[:500]}", resp.status, _errcode(body)
+                )
             return json.loads(body) if body else None
 
     async def close(self) -> None:
@@ -272,6 +311,51 @@ class Maubot:
         if not info.get("started"):
             return f"the bot client did not start (see {self.log})"
         return f"maubot did not set up crypto for the client (see {self.log})"
+
+    def recovery_key_file(self, user_id: str) -> Path:
+        """Where the recovery key of ``user_id``'s cross-signing keys is kept (mode 0600)."""
+        localpart = user_id.lstrip("@").split(":", 1)[0]
+        return self.dir / f"recovery-key-{localpart}"
+
+    async def cross_sign(self, user_id: str) -> CrossSigning:
+        """Cross-signs the client's device as an operator does in the admin UI: "Generate
+        recovery key" for an account without cross-signing keys (the key kept in a file),
+        else "Verify" with the kept key (a new device of the same account). Never raises
+        for a refusal: the result says why the device is not signed."""
+        self.signing = await self._cross_sign(user_id)
+        return self.signing
+
+    def signing_text(self) -> str:
+        """For the banner: whether the bot's device is cross-signed, where its key is kept."""
+        if self.signing is None:
+            return "not set up (the bot client does not encrypt)"
+        return self.signing.describe()
+
+    async def _cross_sign(self, user_id: str) -> CrossSigning:
+        key_file = self.recovery_key_file(user_id)
+        trust = (await self.get_client(user_id)).get("trust_state") or ""
+        if trust.startswith("cross-signed") or trust == "verified":
+            return CrossSigning(True, f"already ({trust})", key_file)
+        path = f"/client/{user_id}"
+        try:
+            result = await self.api("POST", f"{path}/generate_recovery_key")
+        except ManagementError as e:
+            if e.errcode != "client_has_keys":
+                return CrossSigning(False, f"generating the keys failed: {e}", key_file)
+            if not key_file.exists():
+                why = "the account has cross-signing keys, but their recovery key is not kept"
+                return CrossSigning(False, f"{why} here: Verify it in the admin UI", key_file)
+            return await self._verify(user_id, key_file)
+        keep_secret(key_file, result["recovery_key"])
+        return CrossSigning(True, "keys generated", key_file)
+
+    async def _verify(self, user_id: str, key_file: Path) -> CrossSigning:
+        key = key_file.read_text().strip()
+        try:
+            await self.api("POST", f"/client/{user_id}/verify", json={"recovery_key": key})
+        except ManagementError as e:  # its text is maubot's answer, never the key
+            return CrossSigning(False, f"verifying with the kept recovery key failed: {e}", key_file)
+        return CrossSigning(True, "verified with the kept recovery key", key_file)
 
     async def create_instance(
         self, instance_id: str, user_id: str, config: dict | None = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .matrix import MatrixUser
-from .maubot import CryptoStatus, Maubot, build_mbp
+from .maubot import CrossSigning, CryptoStatus, Maubot, build_mbp
 from .postgres import Postgres
 from .procs import wait_until
 from .synapse import Synapse
@@ -28,6 +28,8 @@ class Deployment:
     users: list[MatrixUser] = field(default_factory=list)
     # Whether maubot encrypts for the bot client (its device id, Olm account), set by deploy().
     crypto: CryptoStatus | None = None
+    # Whether deploy() cross-signed the bot's device (None: no crypto, nothing to sign).
+    signing: CrossSigning | None = None
 
     async def user(self, localpart: str, password: str = "password") -> MatrixUser:
         """Registers a user and returns it logged in; closed with the deployment."""
@@ -130,6 +132,8 @@ async def deploy(
         login = synapse.login(bot_id, "bot-password")
         await maubot.create_client(bot_id, login["access_token"], login["device_id"])
         crypto = await maubot.crypto_status(bot_id)
+        # Before the instance starts: its start finds the device cross-signed.
+        signing = await maubot.cross_sign(bot_id) if crypto.on else None
         await maubot.create_instance(instance_id, bot_id, config)
     except BaseException:
         await maubot.close()
@@ -142,6 +146,7 @@ async def deploy(
         bot_id=bot_id,
         instance_id=instance_id,
         crypto=crypto,
+        signing=signing,
     )
 
 

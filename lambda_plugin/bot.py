@@ -30,6 +30,7 @@ from .commands import (
 )
 from .config import Config, Settings, UserMatcher
 from .conversation import Conversation
+from .crypto import check_at_start
 from .db import HistoryBounds, Store, upgrade_table
 from .db.joins import JoinsTable
 from .gate import StartGate
@@ -82,12 +83,14 @@ class LambdaBot(Plugin):
         self.background(self.startup.run())
         self.background(self.startup.keep_sync_position())
         self.background(self.reconciler.rereads.run())  # rooms a reconciliation couldn't read
+        self.background(check_at_start(self.mx, self.log))  # one line if not cross-signed
         self.log.info("Lambda started with agents %s", ", ".join(self.settings.agents))
 
     def _wire(self) -> None:
         """The parts, each given what it uses; the handler classes registered."""
         part: PartArgs = {"settings": self.current_settings, "log": self.log}
         gate, store, mx = self.gate, self.store, Matrix(self.client, self.log)
+        self.mx = mx
         mx.outage_s = lambda: self.settings.homeserver_wait_s
         registry = self.registry = Registry(store)
         ledger = self.ledger = Ledger(

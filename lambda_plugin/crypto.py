@@ -8,9 +8,11 @@ reads itself (the catch-up's /sync) and sends itself (its own HTTP calls) goes t
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from mautrix.client import Client
 from mautrix.errors import DecryptionError, EncryptionError, MNotFound
@@ -23,6 +25,9 @@ from mautrix.types import (
     RoomID,
     UserID,
 )
+
+if TYPE_CHECKING:
+    from .matrix import Matrix
 
 MEGOLM = "m.megolm.v1.aes-sha2"
 ENCRYPTED = "m.room.encrypted"
@@ -149,3 +154,125 @@ class Crypto:
             for i, raw in enumerate(events):
                 if raw.get("type") == ENCRYPTED and (opened := await self.open(room_id, raw)):
                     events[i] = opened
+
+
+# Cross-signing: whether the bot's device is signed by its account's self-signing key, which
+# the master key signs, as any client sees it (a client trusts such a device: no red shield,
+# keys shared under stricter rules). Read from the homeserver's /keys/query, what clients
+# read, not mautrix's cache: a device cross-signed meanwhile (maubot's admin UI) is seen
+# without a restart. An operator cross-signs it in maubot's admin UI (docs/operations.md).
+
+KEYS_QUERY = "/_matrix/client/v3/keys/query"
+CHECK_TIMEOUT_S = 15.0  # one check, whatever the homeserver does (rate limits, no answer)
+START_TRIES = 3  # the start's check, tried again while the homeserver does not answer
+START_RETRY_S = 20.0
+
+Verify = Callable[[dict, str, str, str], bool]  # (signed object, user id, key name, public key)
+
+
+class Signing(enum.Enum):
+    NO_CRYPTO = "no_crypto"  # maubot gave the client no crypto: nothing to sign
+    NOT_SET_UP = "not_set_up"  # the account has no (valid) cross-signing keys
+    UNSIGNED = "unsigned"  # it has them, and this device is not signed by them
+    SIGNED = "signed"
+    UNKNOWN = "unknown"  # the homeserver could not be asked
+
+    @property
+    def unsigned(self) -> bool:
+        """Clients show the bot's messages as from an unverified device."""
+        return self in (Signing.NOT_SET_UP, Signing.UNSIGNED)
+
+
+def _verify_olm(data: dict, user_id: str, key_name: str, key: str) -> bool:
+    # Imported here: it needs python-olm, which only a client with crypto has.
+    from mautrix.crypto.signature import verify_signature_json
+    from mautrix.types import SigningKey, UserID
+
+    return verify_signature_json(data, UserID(user_id), key_name, SigningKey(key))  # type: ignore[arg-type]
+
+
+def _ed25519(key_object: Any, usage: str) -> str | None:
+    """The public key of a cross-signing key object of ``usage``, if it is one."""
+    if not isinstance(key_object, dict) or usage not in (key_object.get("usage") or []):
+        return None
+    keys = key_object.get("keys")
+    if not isinstance(keys, dict) or len(keys) != 1:
+        return None
+    (key_id, key), = keys.items()
+    ok = isinstance(key_id, str) and key_id.startswith("ed25519:") and isinstance(key, str)
+    return key if ok and key_id == f"ed25519:{key}" else None
+
+
+def judge(response: Any, user_id: str, device_id: str, verify: Verify = _verify_olm) -> Signing:
+    """How a /keys/query ``response`` shows the device: its account's master key, the
+    self-signing key signed by it, the device signed by that (each signature checked)."""
+    if not isinstance(response, dict):
+        return Signing.UNKNOWN
+    master = _ed25519(_at(response, "master_keys", user_id), "master")
+    ssk_object = _at(response, "self_signing_keys", user_id)
+    ssk = _ed25519(ssk_object, "self_signing")
+    if master is None or ssk is None or not _signed(verify, ssk_object, user_id, master):
+        return Signing.NOT_SET_UP
+    device = _at(response, "device_keys", user_id, device_id)
+    return Signing.SIGNED if _signed(verify, device, user_id, ssk) else Signing.UNSIGNED
+
+
+def _at(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]…``, or None where a level is missing or not an object."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _signed(verify: Verify, data: Any, user_id: str, key: str) -> bool:
+    signatures = data.get("signatures") if isinstance(data, dict) else None
+    if not isinstance(signatures, dict) or not isinstance(signatures.get(user_id), dict):
+        return False
+    try:
+        return bool(verify(data, user_id, key, key))
+    except Exception:  # a malformed key or signature: not signed
+        return False
+
+
+async def device_signing(mx: Matrix, timeout_s: float = CHECK_TIMEOUT_S) -> Signing:
+    """Whether the bot's device is cross-signed; raises when the homeserver can't be asked
+    within ``timeout_s`` (or refuses)."""
+    device_id = mx.device_id
+    if not mx.crypto.available or not device_id:
+        return Signing.NO_CRYPTO
+    body = {"device_keys": {mx.user_id: [device_id]}, "timeout": int(timeout_s * 1000)}
+    response = await asyncio.wait_for(
+        mx.request("POST", KEYS_QUERY, body, timeout_s=timeout_s), timeout_s
+    )
+    return judge(response, mx.user_id, device_id)
+
+
+async def check_at_start(mx: Matrix, log: logging.Logger, retry_s: float = START_RETRY_S) -> None:
+    """One log line at start about the bot's device: a warning when it is not cross-signed
+    (or could not be checked), info when it is; never raises. In the background: a start
+    never waits for it."""
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            state = await device_signing(mx)
+            break
+        except Exception as e:
+            if attempt == START_TRIES:
+                log.warning("Could not check whether the bot's device is cross-signed: %r", e)
+                return
+        await asyncio.sleep(retry_s)
+    if state is Signing.NO_CRYPTO:
+        log.info("No end-to-end encryption for this client: nothing to cross-sign")
+    elif state is Signing.SIGNED:
+        log.info("The bot's device %s is cross-signed", mx.device_id)
+    elif state.unsigned:
+        why = "its account has no cross-signing keys" if state is Signing.NOT_SET_UP else (
+            "it is not signed by its account's self-signing key"
+        )
+        log.warning(
+            "The bot's device %s is not cross-signed (%s): clients mark its messages as from"
+            " an unverified device. Cross-sign it in maubot's admin UI (the client's Generate"
+            " recovery key, or Verify with the recovery key); see docs/operations.md",
+            mx.device_id, why,
+        )  # fmt: skip
+    else:
+        log.warning("Could not check whether the bot's device is cross-signed: %s", state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from maubot.handlers import command
 
 from .. import files
 from ..agents import Agents
+from ..crypto import Signing, device_signing
 from ..db import month_start, utc_day
 from ..queue import RoomQueues
 from ..reconcile import Reconciler, Report
@@ -54,7 +56,10 @@ class AdminCommands(CommandBase):
     async def status(self, evt: MessageEvent) -> None:
         counts = await self.store.counts()
         rooms = self.reconciler.registry.rooms.values()
-        health = await self.agents.health(HEALTH_TIMEOUT_S)
+        # Both bounded, asked at once: the slower decides how long the status takes.
+        health, signing = await asyncio.gather(
+            self.agents.health(HEALTH_TIMEOUT_S), self.signing_line()
+        )
         say = self.notices.text
         lines = [
             say("admin.status_title"),
@@ -68,6 +73,7 @@ class AdminCommands(CommandBase):
                 busy=self.queues.busy_rooms(),
             ),
             self.encryption_line(),
+            signing,
             say("admin.health_title"),
             *(f"- `{agent_id}`: {self.health_text(problem)}" for agent_id, problem in health.items()),
             say("admin.report_title"),
@@ -79,6 +85,19 @@ class AdminCommands(CommandBase):
         on = self.spaces.mx.crypto.available
         state = self.notices.text("admin.crypto_on" if on else "admin.crypto_off")
         return self.notices.text("admin.encryption", state=state, mode=self.settings().encryption)
+
+    async def signing_line(self) -> str:
+        """Whether the bot's device is cross-signed, as clients see it (asked now, bounded)."""
+        mx = self.spaces.mx
+        try:
+            state = await device_signing(mx)
+        except Exception as e:
+            self.log.warning("Checking the bot's cross-signing failed: %r", e)
+            state = Signing.UNKNOWN
+        device = f" `{mx.device_id}`" if mx.device_id else ""
+        return self.notices.text(
+            "admin.signing", device=device, state=self.notices.text(f"admin.signing_{state.value}")
+        )
 
     def health_text(self, problem: str | None) -> str:
         if problem == "timeout":

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -539,3 +540,53 @@ async def test_undecryptable_while_stopped_is_not_silent(encrypted, e2e_user) ->
     assert len(undecryptable_notices(hal, got.room, bot, mark)) == 1, (
         f"{never} (keys never sent) got no notice: {said}; logged: {logged}"
     )
+
+
+def _one_key(keys: dict, user_id: str) -> tuple[str, dict]:
+    """The public key of a user's cross-signing key of /keys/query, and its object."""
+    key_object = keys[user_id]
+    [(key_id, public)] = key_object["keys"].items()
+    assert key_id == f"ed25519:{public}", key_object
+    return public, key_object
+
+
+async def test_the_bot_device_is_cross_signed_as_a_client_sees_it(encrypted, e2e_user) -> None:
+    """deploy() cross-signed the bot's device through maubot's management API (as an operator
+    does in the admin UI): an encrypting client finds it signed by the bot's self-signing key,
+    which its master key signs; the recovery key is in a 0600 file and in no log; the start
+    logged it signed; `!lambda status` says so."""
+    from mautrix.crypto.signature import verify_signature_json
+    from mautrix.types import TrustState
+
+    stack = encrypted.stack
+    need_crypto(stack)
+    assert stack.signing is not None and stack.signing.signed, stack.signing
+    key_file = stack.signing.key_file
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    recovery_key = key_file.read_text().strip()
+    logs = stack.maubot.log_text() + (stack.maubot.dir / "maubot.out").read_text(errors="replace")
+    assert len(recovery_key) > 40 and recovery_key not in logs
+    assert recovery_key.replace(" ", "") not in logs.replace(" ", "")
+    bot, device_id = stack.bot_id, stack.crypto.device_id
+    stack.wait_for_log(f"The bot's device {device_id} is cross-signed")
+    assert "is not cross-signed" not in stack.maubot.log_text()
+    ivo = await e2e_user("ivo")
+    got = await onboard(ivo, stack, encrypted=True)
+    await stack.configure({"access": {"admins": [ivo.user_id]}})
+    try:
+        status = notice_text(await ivo.command(got.room, "!lambda status", bot))
+    finally:
+        await stack.configure({"access": {"admins": []}})
+    assert f"The bot's device `{device_id}`: ✅ cross-signed" in status, status
+    keys = await ivo.request(
+        "POST", "/_matrix/client/v3/keys/query", {"device_keys": {bot: [device_id]}}
+    )
+    master, _ = _one_key(keys["master_keys"], bot)
+    ssk, ssk_object = _one_key(keys["self_signing_keys"], bot)
+    device = keys["device_keys"][bot][device_id]
+    assert verify_signature_json(ssk_object, bot, master, master)
+    assert verify_signature_json(device, bot, ssk, ssk), device
+    # And as the client's own crypto (mautrix's OlmMachine) judges the bot's device.
+    identity = await ivo.machine.get_or_fetch_device(bot, device_id)
+    assert identity is not None
+    assert await ivo.machine.resolve_trust(identity) >= TrustState.CROSS_SIGNED_UNTRUSTED
