@@ -18,7 +18,7 @@ from .db import ChatRoomRow
 from .matrix import HomeserverError, Matrix
 from .notices import Notices
 from .part import Part
-from .replies import notice_content
+from .replies import Verbatim, notice_content
 
 # The field of the welcome notice (its value: the chat's id).
 WELCOMED = "ai.lambda.matrix.welcome"
@@ -43,8 +43,11 @@ class Welcomes(Part):
         try:
             if await self._spoken_in(room.room_id):
                 return
-            body = self.notices.text("welcome", name=room.name, agent=room.agent_id)
-            await self.mx.send(room.room_id, {**notice_content(body), WELCOMED: room.chat_id})
+            values: dict[str, object] = {"name": Verbatim(room.name), "agent": room.agent_id}
+            body = self.notices.text("welcome", **values)
+            plain = self.notices.plain("welcome", **values)
+            content = notice_content(body, plain=plain)
+            await self.mx.send(room.room_id, {**content, WELCOMED: room.chat_id})
         except Exception as e:  # a later join tries again
             self._done.pop(room.room_id, None)
             self.log.warning("Welcoming %s in %s failed: %s", room.user_id, room.room_id, e)

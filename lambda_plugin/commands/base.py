@@ -31,7 +31,7 @@ from ..policy import Admission, admit
 from ..queue import QueueFull, RoomQueues
 from ..registry import Registry
 from ..replay import replaying
-from ..replies import fit_count
+from ..replies import Verbatim, fit_count
 from ..spaces import LIST_BYTES, chat_listing
 
 Handler = Callable[..., Awaitable[Any]]
@@ -108,7 +108,8 @@ class CommandBase(Part):
     async def snapshot_names(self, user_id: str) -> str:
         """The user's snapshots as a short list (it fits in any answer), or "none"."""
         snaps = await self.store.snapshot_names(user_id)
-        names = self.fitting([f"`{name}`" for name in snaps], NAMES_BYTES)
+        # In code: a backtick of a name saved before names had none could end it.
+        names = self.fitting([f"`{name.replace('`', chr(39))}`" for name in snaps], NAMES_BYTES)
         return ", ".join(names) or self.notices.text("none")
 
     async def read_snapshot(
@@ -120,13 +121,15 @@ class CommandBase(Part):
         limit = self.settings().max_snapshot_bytes
         size = await self.store.snapshot_bytes(evt.sender, name) if name else None
         if size is not None and size > limit:
-            await self.reply(evt, "snapshot.too_big", name=name, size=kb(size), max=kb(limit))
+            await self.reply(
+                evt, "snapshot.too_big", name=Verbatim(name), size=kb(size), max=kb(limit)
+            )
             return None
         snap = None if size is None else await self.store.get_snapshot(evt.sender, name)
         if snap is None:
             names = await self.snapshot_names(evt.sender)
             key = no_snapshots if no_snapshots and names == self.notices.text("none") else unknown
-            await self.reply(evt, key, name=name[:64], names=names)
+            await self.reply(evt, key, name=Verbatim(name[:64]), names=names)
         return snap
 
     def fitting(self, lines: list[str], budget: int) -> list[str]:

@@ -16,6 +16,7 @@ from ..db import ChatRoomRow, SnapshotRow, now_ms
 from ..matrix import HomeserverError
 from ..queue import Control, RoomQueues
 from ..registry import Registry
+from ..replies import Verbatim
 from ..roomstate import clean_name, new_platform_chat_id
 from ..spaces import chat_topic
 from .base import CommandBase, Handler, chat_owner, kb, owner_in_turn, snapshot_agent
@@ -33,7 +34,8 @@ def snapshot_command(command_name: str, help: str) -> Callable[[Handler], Comman
             self: ContextCommands, evt: MessageEvent, room: ChatRoomRow, name: str = ""
         ) -> Control | None:
             snapshot = clean_name(name or "")
-            if snapshot and len(snapshot) <= SNAPSHOT_NAME_MAX:
+            # No backtick: a name is shown in code (`!load name`), which it must not end.
+            if snapshot and len(snapshot) <= SNAPSHOT_NAME_MAX and "`" not in snapshot:
                 return await func(self, evt, room, snapshot)
             await self.reply(
                 evt, "snapshot.name_bad", max=SNAPSHOT_NAME_MAX, example=f"!{command_name} draft"
@@ -130,7 +132,9 @@ class ContextCommands(CommandBase):
                     data, now_ms(),
                 )
             )  # fmt: skip
-            await self.reply(evt, "save.done", name=snapshot_name)
+            await self.reply(
+                evt, "save.done", name=Verbatim(snapshot_name), command=f"!load {snapshot_name}"
+            )
 
         return run
 
@@ -167,7 +171,9 @@ class ContextCommands(CommandBase):
                 await self._drop(replaced, old[0].platform_chat_id)
             if old[0].agent_id != agent_id:
                 await self.retopic(room.room_id, agent_id)
-            await self.reply(evt, "load.done", name=snap.name, agent=agent_id, pcid=fresh_id)
+            await self.reply(
+                evt, "load.done", name=Verbatim(snap.name), agent=agent_id, pcid=fresh_id
+            )
 
         return run
 

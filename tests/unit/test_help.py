@@ -605,3 +605,22 @@ async def test_another_room_points_to_the_space_by_a_named_link(
     html = contents(maubot_test_bot, homeserver)[0][1]["formatted_body"]
     assert f'<a href="{space_url.replace("!", "%21")}">your Space</a>' in html
     assert f"your Space <{space_url}>" in said[0]
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_a_snapshot_name_adds_no_markup_or_link(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    await chat_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "!save a**[click](https://evil.example)**")
+    await dispatch(maubot_test_bot, "!save `break` out")
+    await dispatch(maubot_test_bot, "!load nope[x](https://evil.example)")
+    await answered(maubot_test_bot, homeserver, 3)
+    contents = [content for _, content in notices(maubot_test_bot, homeserver)]
+    assert len(contents) == 3, contents
+    assert all("<a " not in content.get("formatted_body", "") for content in contents)
+    [saved] = [c["body"] for c in contents if c["body"].startswith("Saved")]
+    assert "`!load a**[click](https://evil.example)**`" in saved
+    # Refused: a backtick would end the code the name is shown in.
+    assert any("e.g. `!save draft`" in c["body"] for c in contents)
+    assert await maubot_plugin.store.snapshot_names(ALICE) == ["a**[click](https://evil.example)**"]

@@ -183,3 +183,12 @@ async def test_owners_who_joined_during_a_start_are_welcomed(
     made = int((time.time() - age_s) * 1000)
     await welcomes.joined_meanwhile([chat(created_at=made), chat(room_id="!gone:x", gone=True)], 600)
     assert len(welcomes_in(mx)) == (1 if welcomed else 0)
+
+
+async def test_a_room_name_adds_no_markup_or_link_to_the_welcome() -> None:
+    mx = Room()
+    hostile = "x** [Verify your account](https://evil.example/login) **y"
+    await onboarding_on(mx, chat(name=hostile)).member_joined(ROOM, OWNER, None)
+    [welcome] = welcomes_in(mx)
+    assert "<a " not in welcome.get("formatted_body", "") and "evil.example" in welcome["body"]
+    assert hostile in welcome["body"]  # the plain body shows the name as it is
