@@ -28,7 +28,7 @@ from .commands import (
     UsageCommands,
     command_names,
 )
-from .config import Config, Settings, UserMatcher
+from .config import Config, Settings, UserMatcher, users_of
 from .conversation import Conversation
 from .crypto import check_at_start
 from .db import HistoryBounds, Store, upgrade_table
@@ -223,15 +223,20 @@ class LambdaBot(Plugin):
         try:
             return self._build(self.config)
         except Exception as e:  # any bad value: start() must not raise
-            # Failing closed: the defaults let everyone in, and the operator may have meant
-            # to keep the bot to a few.
-            self.log.error(
-                "Config refused (%s); starting with the defaults of base-config, with nobody"
-                " allowed to use the bot (access.allowed_users: []) until the config is fixed",
-                e,
-            )
             settings, agents = self._build(self.config.load_base())
-            return replace(settings, allowed_users=UserMatcher([])), agents
+            # Who may use the bot stays the operator's: the defaults let everyone in. Only
+            # when that list itself can't be read is nobody let in (failing closed).
+            allowed, admins = _access_lists(self.config)
+            self.log.error(
+                "Config refused (%s); starting with the defaults of base-config%s", e,
+                "" if allowed else ", with nobody allowed to use the bot until"
+                " access.allowed_users is fixed",
+            )  # fmt: skip
+            return replace(
+                settings,
+                allowed_users=allowed or UserMatcher([]),
+                admins=admins or UserMatcher([]),
+            ), agents
 
     def on_external_config_update(self) -> None:
         self.config.load_and_update()
@@ -243,3 +248,14 @@ class LambdaBot(Plugin):
         self.startup.check_encryption()
         self.background(self.agents.swap(agents))
         self.log.info("Config reloaded")
+
+
+def _access_lists(config: BaseProxyConfig) -> tuple[UserMatcher | None, UserMatcher | None]:
+    """The operator's access.allowed_users and access.admins, each None when unreadable."""
+    found: list[UserMatcher | None] = []
+    for key in ("access.allowed_users", "access.admins"):
+        try:
+            found.append(users_of(config[key], key))
+        except Exception:
+            found.append(None)
+    return found[0], found[1]

@@ -137,7 +137,7 @@ def _token_limits(value: Any, daily: int, monthly: int) -> dict[str, tuple[int, 
     return limits
 
 
-def _users(value: Any, key: str) -> UserMatcher:
+def users_of(value: Any, key: str) -> UserMatcher:
     if value is None:
         value = []
     if not isinstance(value, list):
@@ -260,8 +260,8 @@ def _access(config: BaseProxyConfig) -> dict[str, Any]:
     daily = _tokens(config["access.daily_tokens"], "access.daily_tokens")
     monthly = _tokens(config["access.monthly_tokens"], "access.monthly_tokens")
     return {
-        "allowed_users": _users(config["access.allowed_users"], "access.allowed_users"),
-        "admins": _users(config["access.admins"], "access.admins"),
+        "allowed_users": users_of(config["access.allowed_users"], "access.allowed_users"),
+        "admins": users_of(config["access.admins"], "access.admins"),
         "max_chats_per_user": _whole(config, "access.max_chats_per_user"),
         "shared_rooms": _flag(config, "access.shared_rooms"),
         "max_message_chars": _whole(config, "access.max_message_chars"),

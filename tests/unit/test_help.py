@@ -218,14 +218,22 @@ async def test_help_in_russian(maubot_plugin, maubot_test_bot, homeserver) -> No
     assert "talk to AI agents" not in body
 
 
-@pytest.mark.parametrize("maubot_plugin_config_overrides", [{"language": "klingon"}])
+@pytest.mark.parametrize(
+    ("maubot_plugin_config_overrides", "alice_allowed"),
+    [
+        ({"language": "klingon"}, True),  # the operator's list: everyone
+        ({"language": "klingon", "access": {"allowed_users": ["@boss:example.com"]}}, False),
+        ({"language": "klingon", "access": {"allowed_users": "@alice:example.com"}}, False),
+    ],
+)
 async def test_refused_config_starts_with_base_defaults(
-    maubot_plugin, maubot_test_bot, homeserver
+    maubot_plugin, maubot_test_bot, homeserver, alice_allowed: bool
 ) -> None:
-    # start() must never raise: a bad config falls back to base-config's values, closed to
-    # everyone (the defaults let anyone in, where the operator may have meant a few).
+    # start() must never raise: a bad config falls back to base-config's values, but who may
+    # use the bot stays the operator's (the defaults let everyone in); an access list that
+    # can't be read lets nobody in.
     assert maubot_plugin.settings.language == "en"
-    assert "@alice:example.com" not in maubot_plugin.settings.allowed_users
+    assert ("@alice:example.com" in maubot_plugin.settings.allowed_users) is alice_allowed
     content = await ask_help(maubot_test_bot, homeserver)
     assert "list the commands" in content["body"]
 
