@@ -89,7 +89,10 @@ class CommandBase(Part):
             try:
                 await result()
             except asyncio.CancelledError:
-                self.ledger.release(evt.event_id)  # a stop: the next start runs it
+                # A stop while it ran: it may have acted already (a room made, a conversation
+                # cleared), and run again at the next start it would act twice. Ended, not
+                # released (one still waiting for its turn never got here: that one runs).
+                await asyncio.shield(self.ledger.end(evt.event_id, Fate.ANSWERED, "stopped"))
                 raise
             except Exception:
                 await self.ledger.end(evt.event_id, Fate.ANSWERED, "failed")

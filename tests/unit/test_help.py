@@ -632,3 +632,31 @@ async def test_a_snapshot_name_adds_no_markup_or_link(
     # Refused: a backtick would end the code the name is shown in.
     assert any("e.g. `!save draft`" in c["body"] for c in contents)
     assert await maubot_plugin.store.snapshot_names(ALICE) == ["a**[click](https://evil.example)**"]
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [TWO_ECHOES])
+async def test_a_command_stopped_while_it_runs_is_not_run_again_at_the_next_start(
+    maubot_plugin, maubot_test_bot, homeserver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (the instance's, an upgrade) while !new runs in its turn: the room may be made
+    already, so the next start must not make it again."""
+    from lambda_plugin.catchup import plan_start
+    from lambda_plugin.spaces import Spaces
+
+    await chat_room(maubot_plugin)
+    made: list[str | None] = []
+
+    async def new_chat(self: Any, user_id: str, name: str | None = None, *_: Any, **__: Any) -> Any:
+        made.append(name)  # the room made on the homeserver here; the reply still to come
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Spaces, "new_chat", new_chat)
+    await dispatch(maubot_test_bot, "!new Research")
+    deadline = time.monotonic() + TIMEOUT
+    while not made:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await maubot_plugin.queues.stop()  # what the instance's stop does
+    unfinished = await maubot_plugin.ledger.unfinished()
+    plan = plan_start({}, unfinished, {}, "@lambda:example.com", 0)
+    assert not [i for items in plan.rooms.values() for i in items if i.command == "new"]
