@@ -54,32 +54,49 @@ class ChatCommands(CommandBase):
         async def run() -> None:  # in turn: a !save just before in this room has written it
             agent_id = platform_chat_id = None
             if from_flag:
+                # The chat limit first: a refused !new must leave no restored conversation.
+                if len(self.registry.rooms_of(evt.sender)) >= self.settings().max_chats_per_user:
+                    await self.reply(evt, "new.too_many", max=self.settings().max_chats_per_user)
+                    return
                 fork = await self.fork(evt, snapshot_name)
                 if fork is None:
                     return
                 agent_id, platform_chat_id = fork
-            await self.create(evt, wanted, agent_id, platform_chat_id)
+            if not await self.create(evt, wanted, agent_id, platform_chat_id) and platform_chat_id:
+                await self.unfork(agent_id, platform_chat_id)
 
         return run
 
     async def create(
         self, evt: MessageEvent, wanted: str | None, agent_id: str | None,
         platform_chat_id: str | None,
-    ) -> None:  # fmt: skip
+    ) -> bool:  # fmt: skip
+        """Makes the chat and says so; False when it was not made (the user told why)."""
         try:
             room = await self.on_homeserver(
                 evt, "!new", self.spaces.new_chat(evt.sender, wanted, agent_id, platform_chat_id)
             )
         except TooManyChats:
             await self.reply(evt, "new.too_many", max=self.settings().max_chats_per_user)
-            return
+            return False
         except EncryptionUnavailable:
             await self.reply(evt, "encryption.unavailable")
-            return
+            return False
         if room is None:
-            return
+            return False
         link = Link(room.name, matrix_to(room.room_id, self.server_name))
         await self.reply(evt, "new.created", link=link)
+        return True
+
+    async def unfork(self, agent_id: str | None, platform_chat_id: str) -> None:
+        """Drops a conversation restored for a chat that was not made."""
+        agent = self.agents.get(agent_id) if agent_id else None
+        if agent is None:
+            return
+        try:
+            await agent.drop(platform_chat_id)
+        except AgentError as e:
+            self.log.warning("Dropping the unused fork %s failed: %s", platform_chat_id, e)
 
     async def fork(self, evt: MessageEvent, raw_name: str) -> tuple[str, str] | None:
         """A new conversation restored from a snapshot: (agent id, platform_chat_id)."""

@@ -660,3 +660,27 @@ async def test_a_command_stopped_while_it_runs_is_not_run_again_at_the_next_star
     unfinished = await maubot_plugin.ledger.unfinished()
     plan = plan_start({}, unfinished, {}, "@lambda:example.com", 0)
     assert not [i for items in plan.rooms.values() for i in items if i.command == "new"]
+
+
+ONE_CHAT = {**TWO_ECHOES, "access": {"admins": [], "max_chats_per_user": 1}}
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [ONE_CHAT])
+async def test_a_refused_fork_leaves_no_restored_conversation(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    store = maubot_plugin.store
+    await chat_room(maubot_plugin)
+    turns = [{"role": "user", "content": "x" * 1000}] * 50
+    await store.save_snapshot(
+        SnapshotRow(ALICE, "big", "echo", "pc-x", json.dumps({"version": 1, "messages": turns}), 1)
+    )
+    for _ in range(3):
+        await dispatch(maubot_test_bot, "!new Fork --from big")
+    said = await answered(maubot_test_bot, homeserver, 3)
+    assert all("at most 1" in body or "1 chat" in body for body in said), said
+    orphans = await maubot_plugin.database.fetchval(
+        "SELECT COUNT(*) FROM history"
+        " WHERE platform_chat_id NOT IN (SELECT platform_chat_id FROM chat_room)"
+    )
+    assert orphans == 0
