@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
@@ -12,6 +13,9 @@ from .matrix import Matrix
 from .replies import Shown, notice_content
 from .texts import text
 
+REFUSED_EVERY_S = 3600.0
+REFUSALS_REMEMBERED = 10_000
+
 
 @dataclass(eq=False)
 class Notices:
@@ -19,6 +23,19 @@ class Notices:
 
     mx: Matrix
     settings: Callable[[], Settings]
+    # (room, sender, text) -> when last said: refusals go once a while, so nobody can make
+    # the bot flood a room (or spend its rate limit) by sending a command it refuses.
+    _refused: dict[tuple[str, str, str], float] = field(default_factory=dict)
+
+    def first_in_a_while(self, room_id: str, sender: str, key: str) -> bool:
+        """Whether ``key`` was not said to ``sender`` in ``room_id`` this last while."""
+        now = time.monotonic()
+        if now - self._refused.get((room_id, sender, key), -REFUSED_EVERY_S) < REFUSED_EVERY_S:
+            return False
+        self._refused[(room_id, sender, key)] = now
+        while len(self._refused) > REFUSALS_REMEMBERED:
+            del self._refused[next(iter(self._refused))]
+        return True
 
     def text(self, key: str, **values: object) -> str:
         """The text ``key`` as Markdown (a ``Link`` among the values: an anchor on its name)."""

@@ -204,17 +204,23 @@ async def _nothing(self: CommandBase, evt: MessageEvent) -> tuple:
     return ()
 
 
+async def _refuse(self: CommandBase, evt: MessageEvent, key: str) -> None:
+    """A precondition's refusal: said once a while to a sender in a room, not each time."""
+    if self.notices.first_in_a_while(evt.room_id, evt.sender, key):
+        await self.reply(evt, key)
+
+
 async def _allowed(self: CommandBase, evt: MessageEvent) -> tuple | None:
     if evt.sender in self.settings().allowed_users:
         return ()
-    await self.reply(evt, "refused")
+    await _refuse(self, evt, "refused")
     return None
 
 
 async def _admin(self: CommandBase, evt: MessageEvent) -> tuple | None:
     if evt.sender in self.settings().admins:
         return ()
-    await self.reply(evt, "admin.only")
+    await _refuse(self, evt, "admin.only")
     return None
 
 
@@ -231,7 +237,7 @@ async def _not_a_chat(self: Any, evt: MessageEvent) -> None:
     of their chats (never a link to the Space itself)."""
     registry: Registry = self.registry
     if registry.spaces.get(evt.room_id) != evt.sender:
-        await self.reply(evt, "not_chat_room")
+        await _refuse(self, evt, "not_chat_room")
         return
     rooms = registry.active_rooms_of(evt.sender)
     markdown, plain = chat_listing(self.notices, rooms, evt.room_id, LIST_BYTES)
