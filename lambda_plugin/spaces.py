@@ -258,22 +258,30 @@ class Spaces(Part):
         marker, sent by the bot, is ``marker``; None when there is none (yet)."""
         try:
             joined = await self.mx.joined_rooms()
-            for room_id in joined:
-                if room_id in (before if before is not None else ()):
-                    continue
-                if room_id in self.registry.rooms or room_id in self.registry.spaces:
-                    continue
-                for event in await self.mx.state(room_id):
-                    if (
-                        event.get("type") == MARKER_TYPE
-                        and event.get("state_key") == ""
-                        and event.get("sender") == self.mx.user_id
-                        and Marker.from_content(event.get("content")) == marker
-                    ):
-                        return room_id
         except HomeserverError as e:
             self.log.warning("Could not look for the room createRoom may have made: %s", e)
+            return None
+        for room_id in joined:
+            if room_id in (before if before is not None else ()):
+                continue
+            if room_id in self.registry.rooms or room_id in self.registry.spaces:
+                continue
+            try:  # one room that can't be read is not the end of the look
+                events = await self.mx.state(room_id)
+            except HomeserverError as e:
+                self.log.debug("Could not read %s looking for a made room: %s", room_id, e)
+                continue
+            if any(self._is_marker(event, marker) for event in events):
+                return room_id
         return None
+
+    def _is_marker(self, event: dict[str, Any], marker: Marker | None) -> bool:
+        return (
+            event.get("type") == MARKER_TYPE
+            and event.get("state_key") == ""
+            and event.get("sender") == self.mx.user_id
+            and Marker.from_content(event.get("content")) == marker
+        )
 
     async def _chat_room_body(self, room: ChatRoomRow, space_id: str) -> dict[str, Any]:
         """The createRoom request of a chat room: its marker and Space link in it from the start."""

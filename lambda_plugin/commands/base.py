@@ -283,7 +283,9 @@ def _not_the_rooms(commands: Any, evt: MessageEvent) -> bool:
     if not commands.gate.is_open:
         return False
     room = commands.registry.room(evt.room_id)
-    return room is not None and admit(room, evt.sender, commands.settings()) is Admission.IGNORE
+    if room is None or room.user_id == evt.sender:
+        return False  # the owner's go in turn, allowed or not (their precondition decides)
+    return admit(room, evt.sender, commands.settings()) is Admission.IGNORE
 
 
 def owner_in_turn(func: F) -> F:

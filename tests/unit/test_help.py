@@ -688,3 +688,18 @@ async def test_a_refused_fork_leaves_no_restored_conversation(
         " WHERE platform_chat_id NOT IN (SELECT platform_chat_id FROM chat_room)"
     )
     assert orphans == 0
+
+
+NOT_ALICE = {**TWO_ECHOES, "access": {"admins": [], "allowed_users": ["@boss:example.com"]}}
+
+
+@pytest.mark.parametrize("maubot_plugin_config_overrides", [NOT_ALICE])
+async def test_the_owners_command_waits_its_turn_even_when_no_longer_allowed(
+    maubot_plugin, maubot_test_bot, homeserver
+) -> None:
+    # Out of turn, her !clear would run beside the answer already running.
+    await chat_room(maubot_plugin)
+    held = hold_room(maubot_plugin)
+    await dispatch(maubot_test_bot, "!clear")
+    assert maubot_plugin.queues.worker(CHAT).places == 1
+    held.set_result(None)

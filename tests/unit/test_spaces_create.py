@@ -220,3 +220,23 @@ async def test_spaces_and_chats_are_made_closed_to_guests_with_a_topic(
         assert body.get("room_version") == version
         # v10 lists the bot in the power levels; v12 (the default here) must not.
         assert (BOT in body["power_level_content_override"]["users"]) is (version == "10")
+
+
+class BrokenNeighbour(Homeserver):
+    """Another room joined meanwhile, whose state can't be read, comes first in the list."""
+
+    async def create_room(self, body: dict[str, Any]) -> str:
+        self.rooms["!broken:example.org"] = []
+        return await super().create_room(body)
+
+    async def state(self, room_id: str) -> list[dict[str, Any]]:
+        if room_id == "!broken:example.org":
+            raise HomeserverError(403, "M_FORBIDDEN", "not yours")
+        return await super().state(room_id)
+
+
+async def test_a_room_that_cannot_be_read_does_not_end_the_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hs = BrokenNeighbour([(0, True)])
+    assert await spaces_on(hs, monkeypatch)._create_room(body(CHAT)) == "!made1:example.org"
