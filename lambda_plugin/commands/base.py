@@ -205,7 +205,9 @@ async def _nothing(self: CommandBase, evt: MessageEvent) -> tuple:
 
 
 async def _refuse(self: CommandBase, evt: MessageEvent, key: str) -> None:
-    """A precondition's refusal: said once a while to a sender in a room, not each time."""
+    """A refusal of someone the room is not theirs to use (a stranger, another member of
+    someone's chat): said once a while to a sender in a room, not each time, so they can't
+    make the bot flood the owner's room."""
     if self.notices.first_in_a_while(evt.room_id, evt.sender, key):
         await self.reply(evt, key)
 
@@ -220,7 +222,7 @@ async def _allowed(self: CommandBase, evt: MessageEvent) -> tuple | None:
 async def _admin(self: CommandBase, evt: MessageEvent) -> tuple | None:
     if evt.sender in self.settings().admins:
         return ()
-    await _refuse(self, evt, "admin.only")
+    await self.reply(evt, "admin.only")
     return None
 
 
@@ -237,7 +239,11 @@ async def _not_a_chat(self: Any, evt: MessageEvent) -> None:
     of their chats (never a link to the Space itself)."""
     registry: Registry = self.registry
     if registry.spaces.get(evt.room_id) != evt.sender:
-        await _refuse(self, evt, "not_chat_room")
+        room = registry.room(evt.room_id)
+        if room is not None and room.user_id != evt.sender:
+            await _refuse(self, evt, "not_chat_room")  # another's chat: once a while
+        else:
+            await self.reply(evt, "not_chat_room")
         return
     rooms = registry.active_rooms_of(evt.sender)
     markdown, plain = chat_listing(self.notices, rooms, evt.room_id, LIST_BYTES)

@@ -40,6 +40,7 @@ from .helpers import (
     bot_messages,
     is_room_invite,
     is_space_invite,
+    join_chat,
     notice_text,
 )
 from .test_encryption import assert_sealed, need_crypto
@@ -258,12 +259,14 @@ async def test_answers_and_chat_commands(far: Far) -> None:
     # !new: a second room, invited to over federation and joined from the remote server.
     second = link_in(await user.command(got.room, "!new Second", bot))
     await user.wait_for_invite(lambda r, _s: r == second)
-    await user.join(second)
+    await join_chat(user, second, bot)  # its welcome comes on the join
     _, answer = await ask(user, second, "in the second room", bot)
     assert "(message 1 " in notice_text(answer)
     listing = notice_text(await user.command(second, "!chats", bot))
-    assert "**Far chat** (C1)" in listing and "**Second** (C2)" in listing
-    assert f"?via={stack.synapse.server_name} " in listing
+    # Each room linked by its name; the plain body has the URL, via the bot's server.
+    assert re.search(r"- Far chat <https://matrix\.to/#/![^ >]+> \(C1\)", listing), listing
+    assert re.search(r"- Second <https://matrix\.to/#/![^ >]+> \(C2\)", listing), listing
+    assert f"?via={stack.synapse.server_name}>" in listing
     assert "fedfiles" in notice_text(await user.command(second, "!agent fedfiles", bot))
     assert "`fedfiles`" in notice_text(await user.command(second, "!context", bot))
 
