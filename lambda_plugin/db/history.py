@@ -103,6 +103,7 @@ class HistoryTable:
     ) -> None:
         """See ``Store.append_history``; what is past the bounds afterwards is pruned."""
         bounds = self.bounds()
+        messages = [(role, storable(content)) for role, content in messages]
         kept = newest_within(messages, bounds)
         pruned = len(messages) - len(kept)
         conn: Connection
@@ -187,3 +188,9 @@ class HistoryTable:
             await conn.execute(
                 "DELETE FROM plugin_state WHERE key=$1", PRUNED_KEY + platform_chat_id
             )
+
+
+def storable(text: str) -> str:
+    """``text`` as both engines store it: PostgreSQL's text holds no NUL character (JSON
+    and Matrix allow one), so it becomes U+FFFD, on SQLite alike."""
+    return text.replace("\x00", "\ufffd")
