@@ -319,6 +319,13 @@ class Matrix:
         data = await self.request("GET", path)
         return data if isinstance(data, dict) else {}
 
+    async def opened_event(self, room_id: str, event_id: str) -> dict[str, Any]:
+        """One event of the room, an encrypted one opened ({} when it can't be, yet)."""
+        found = await self.event(room_id, event_id)
+        if found.get("type") == "m.room.encrypted":
+            found = await self.crypto.open(room_id, found) or {}
+        return found
+
     async def earlier(
         self, room_id: str, before: str, limit: int, types: list[str]
     ) -> tuple[list[dict[str, Any]], str | None]:

@@ -14,8 +14,6 @@ from typing import Any
 from .intake import FILE_MSGTYPES, trimmed
 from .matrix import HomeserverError, Matrix
 
-ENCRYPTED = "m.room.encrypted"
-
 
 async def quoted_text(
     mx: Matrix, room_id: str, event_id: str, max_chars: int, log: logging.Logger
@@ -23,12 +21,10 @@ async def quoted_text(
     """The text of the event ``event_id`` (at most ``max_chars``, cut with "…"); "" when
     it can't be read or holds none."""
     try:
-        event = await mx.event(room_id, event_id)
+        event = await mx.opened_event(room_id, event_id)
     except HomeserverError as e:
         log.debug("The event %s replied to in %s can't be read: %s", event_id, room_id, e)
         return ""
-    if event.get("type") == ENCRYPTED:
-        event = await mx.crypto.open(room_id, event) or {}
     return _cut(text_of(event), max_chars)
 
 

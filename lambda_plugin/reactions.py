@@ -64,12 +64,10 @@ class Reactions(Part):
     async def _answering(self, room_id: str, event_id: str) -> str | None:
         """The message the bot's event ``event_id`` is an unfinished answer to, if it is one."""
         try:
-            found = await self.mx.event(room_id, event_id)
+            found = await self.mx.opened_event(room_id, event_id)
         except HomeserverError as e:
             self.log.debug("Could not read %s reacted to in %s: %s", event_id, room_id, e)
             return None
-        if found.get("type") == "m.room.encrypted":
-            found = await self.mx.crypto.open(room_id, found) or {}
         content = found.get("content")
         if found.get("sender") != self.mx.user_id or not isinstance(content, dict):
             return None

@@ -11,7 +11,7 @@ import pytest
 from lambda_plugin.answering import Answerer
 from lambda_plugin.db import ChatRoomRow
 from lambda_plugin.intake import classify, replied_to
-from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.matrix import HomeserverError, Matrix
 from lambda_plugin.quotes import quoted_text, text_of, with_quote
 
 BOT = "@lambda:example.org"
@@ -34,6 +34,8 @@ class Events:
 
     async def _open(self, room_id: str, raw: dict[str, Any]) -> Any:
         return self._opened
+
+    opened_event = Matrix.opened_event  # the real one, over this fake's event and crypto
 
     async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
         self.asked.append(event_id)

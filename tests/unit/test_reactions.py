@@ -10,7 +10,7 @@ import pytest
 
 from lambda_plugin.db import ChatRoomRow
 from lambda_plugin.intake import ANSWERING, ANSWERS, Incoming, Kind
-from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.matrix import HomeserverError, Matrix
 from lambda_plugin.reactions import Reactions, stop_key
 
 BOT = "@lambda:example.org"
@@ -29,6 +29,8 @@ class Room:
 
     async def _open(self, room_id: str, raw: dict[str, Any]) -> Any:
         return raw.get("opened")
+
+    opened_event = Matrix.opened_event  # the real one, over this fake's event and crypto
 
     async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
         if event_id not in self.events:
