@@ -106,12 +106,8 @@ class LambdaBot(Plugin):
         reconciler = self.reconciler = Reconciler(
             mx, store, registry, self.current_settings, self.log, chats=chats
         )
-        welcomes = Welcomes(mx=mx, notices=notices, **part)
-        onboarding = Onboarding(
-            gate=gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
-            joins=JoinsTable(store.db), welcomes=welcomes,
-            **part,
-        )  # fmt: skip
+        onboarding = self._onboarding(part, mx, spaces, chats, notices)
+        welcomes = onboarding.welcomes
         router = Router(
             queues=queues, ledger=ledger, registry=registry, gate=gate, notices=notices,
             command_names=command_names(COMMAND_CLASSES), **part,
@@ -132,6 +128,16 @@ class LambdaBot(Plugin):
         reactions = Reactions(gate=gate, mx=mx, registry=registry, queues=queues, **part)
         for handlers in (*commands, router, onboarding, undecryptable, reactions):
             self.register_handler_class(handlers)
+
+    def _onboarding(
+        self, part: PartArgs, mx: Matrix, spaces: Spaces, chats: Chats, notices: Notices
+    ) -> Onboarding:
+        """Invites, joins and welcomes: who gets a Space, and the welcome on their join."""
+        return Onboarding(
+            gate=self.gate, mx=mx, spaces=spaces, chats=chats, notices=notices,
+            joins=JoinsTable(self.store.db), welcomes=Welcomes(mx=mx, notices=notices, **part),
+            **part,
+        )  # fmt: skip
 
     def _conversation(
         self, part: PartArgs, mx: Matrix, registry: Registry, notices: Notices
