@@ -91,7 +91,8 @@ class Answerer(Part):
             quote = await quoted_text(self.mx, room.room_id, incoming.reply_to, most, self.log)
             body = with_quote(body, quote)
         return AgentRequest(
-            room.platform_chat_id, body, incoming.sender, attachments, incoming.event_id
+            room.platform_chat_id, body, incoming.sender, attachments, incoming.event_id,
+            replaces=incoming.replaces,
         )
 
     async def ask(
@@ -117,8 +118,8 @@ class Answerer(Part):
             return Fate.KEPT, "agent"
         try:
             fate = await self._deliver(room, reply, answer, (incoming.event_id, request.user_id))
-            if fate[0] is Fate.ANSWERED:
-                self.ledger.delivered(incoming.event_id)  # done, whatever cancels it now
+            if fate[0] is Fate.ANSWERED:  # done, whatever cancels it now
+                self.ledger.delivered(incoming.event_id, reply.first_piece)
             return fate
         finally:  # spent once the agent answered, whether or not the answer reaches the room;
             # written after the send, which it must not delay

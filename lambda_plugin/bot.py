@@ -41,6 +41,7 @@ from .onboarding import Onboarding
 from .part import PartArgs
 from .queue import RoomQueues
 from .reactions import Reactions
+from .reanswer import Reanswers
 from .reconcile import Reconciler
 from .registry import Registry
 from .replay import CommandReplay
@@ -125,7 +126,9 @@ class LambdaBot(Plugin):
             sealed=undecryptable.attempt, background=self.background, **part,
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)
-        reactions = Reactions(gate=gate, mx=mx, registry=registry, queues=queues, **part)
+        reactions = Reactions(
+            gate=gate, mx=mx, registry=registry, queues=queues, enqueue=router.enqueue, **part
+        )
         for handlers in (*commands, router, onboarding, undecryptable, reactions):
             self.register_handler_class(handlers)
 
@@ -150,8 +153,10 @@ class LambdaBot(Plugin):
             mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
             voice=voice, quota=quota, ledger=self.ledger, **part,
         )  # fmt: skip
+        reanswers = Reanswers(mx=mx, ledger=self.ledger, notices=notices, **part)
         return Conversation(
             gate=self.gate, ledger=self.ledger, registry=registry, answerer=answerer,
+            reanswers=reanswers,
             notices=notices, quota=quota, command_names=command_names(COMMAND_CLASSES),
             replay=CommandReplay(self.client, self.message_handlers, self.log), **part,
         )  # fmt: skip

@@ -24,7 +24,7 @@ from .matrix import HomeserverError, Matrix, one_off_sync_filter
 from .queue import RoomQueues
 
 TIMELINE_LIMIT = 50
-CATCH_UP_TYPES = ["m.room.message", "m.room.encrypted"]  # encrypted ones are decrypted after
+CATCH_UP_TYPES = ["m.room.message", "m.reaction", "m.room.encrypted"]  # encrypted: decrypted after
 PAGE_LIMIT = 100  # events per /messages page when a room's timeline was cut (limited)
 SYNC_TOKEN_KEY = "catch_up_since"
 # The same position in the bot's account data: the rooms are the truth, and where the

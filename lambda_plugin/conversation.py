@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 from .answering import Answerer
 from .gate import StartGate
-from .intake import Incoming
+from .intake import Incoming, Kind
 from .ledger import Fate, Ledger
 from .matrix import HomeserverError
 from .notices import Notices
 from .part import Part
 from .policy import Admission, RateLimiter, admit, refusal
+from .reanswer import Reanswers
 from .registry import Registry
 from .replies import Link
 from .roomstate import matrix_to
@@ -35,6 +36,7 @@ class Conversation(Part):
     ledger: Ledger
     registry: Registry
     answerer: Answerer
+    reanswers: Reanswers
     notices: Notices
     quota: Quota
     replay: Callable[[Incoming], Awaitable[None]]  # a missed command, to maubot's handlers
@@ -72,6 +74,11 @@ class Conversation(Part):
             await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
             return Fate.LEFT, admission.value
+        if incoming.replaces or incoming.kind is Kind.REGENERATE:  # an edit, a 🔁
+            resolved = await self.reanswers.resolve(room, incoming)
+            if isinstance(resolved, tuple):
+                return resolved
+            incoming = resolved
         if reason := refusal(room, len(incoming.body), settings):
             await self.notices.say(room_id, reason[0], reply_to=incoming.event_id, **reason[1])
             return Fate.REFUSED, reason[0]
@@ -113,6 +120,19 @@ class Conversation(Part):
             return
         if await self._keep(room_id, incoming, "cancelled"):
             await self.notices.note(room_id, "cancelled", reply_to=incoming.event_id)
+
+    def supersedes(self, edit: Incoming, earlier: Incoming) -> bool:
+        """Whether the room owner's edit replaces ``earlier`` (its original, or an earlier
+        edit of it) before that is answered: anyone else's changes nothing."""
+        room = self.registry.room(edit.room_id)
+        return (
+            room is not None and edit.sender == room.user_id == earlier.sender
+            and earlier.kind is Kind.MESSAGE and earlier.event_id != edit.event_id
+            and earlier.turn == edit.replaces
+        )  # fmt: skip
+
+    def superseded(self, incoming: Incoming) -> None:
+        self.ledger.superseded(incoming)
 
     def stopped(self, incoming: Incoming) -> None:
         # Left unfinished in the ledger: the next start answers it, once.

@@ -12,12 +12,17 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mautrix.types import MessageEvent
+from mautrix.types import MessageEvent, ReactionEvent
 
 FILE_MSGTYPES = ("m.file", "m.image", "m.audio", "m.video")
 TEXT_MSGTYPES = ("m.text", "m.emote")
 ANSWERED_MSGTYPES = (*TEXT_MSGTYPES, *FILE_MSGTYPES)
 COMMAND_PREFIX = "!"
+MESSAGE_TYPE = "m.room.message"
+REACTION_TYPE = "m.reaction"
+REGENERATE = "🔁"  # a reaction on the latest answer: answer its message again
+STOP = "🛑"  # a reaction on a running answer: stop it (live only: see reactions.py)
+VARIATION = "\ufe0f"  # emoji presentation selector: the same key with or without it
 # The field of the bot's notices that names the user's event they answer: whether a message
 # was answered is a fact in the room, not only in the plugin's database.
 ANSWERS = "ai.lambda.matrix.answers"
@@ -37,7 +42,8 @@ _HTML_FALLBACK = re.compile(r"^<mx-reply>[\s\S]*?</mx-reply>")
 class Kind(enum.Enum):
     MESSAGE = "message"  # a message for the room's agent
     COMMAND = "command"  # a `!`-command
-    IGNORED = "ignored"  # anything else: the bot's own, notices, edits, other types
+    REGENERATE = "regenerate"  # a 🔁 on an answer: its message answered again
+    IGNORED = "ignored"  # anything else: the bot's own, notices, edits of commands, other types
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,19 @@ class Incoming:
     resume: str = ""
     # The event it replies to (a thread's fallback reply is none): its text goes with it.
     reply_to: str = ""
+    # The message whose turn this re-answers: an edit's original, the message a 🔁 is for.
+    replaces: str = ""
+    # A 🔁's: the bot's answer reacted to (the message it answers is found in its turn).
+    regenerates: str = ""
 
     @property
     def is_message(self) -> bool:
-        return self.kind is Kind.MESSAGE
+        return self.kind in (Kind.MESSAGE, Kind.REGENERATE)
+
+    @property
+    def turn(self) -> str:
+        """The conversation turn it is: its own, or the one of the message it re-answers."""
+        return self.replaces or self.event_id
 
     def resuming(self, answer_event: str) -> Incoming:
         return replace(self, resume=answer_event) if answer_event else self
@@ -80,6 +95,15 @@ def _timestamp(value: Any) -> int:
 def is_edit(content: dict[str, Any]) -> bool:
     relates = content.get("m.relates_to")
     return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+
+
+def edited(content: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(the original's id, the new content) of an edit; None when it is malformed."""
+    original = content["m.relates_to"].get("event_id")
+    new = content.get("m.new_content")
+    if not isinstance(original, str) or not isinstance(new, dict) or _malformed(new):
+        return None
+    return original, new
 
 
 def _malformed(content: dict[str, Any]) -> bool:
@@ -125,44 +149,70 @@ def command_name(body: str) -> str:
 
 
 def classify(event: Any, bot_id: str) -> Incoming:
-    """What ``event`` (a room event as JSON) is: a message to answer, a command, or nothing."""
-    if not isinstance(event, dict) or event.get("type") != "m.room.message":
+    """What ``event`` (a room event as JSON) is: a message to answer (an edit of one, a 🔁
+    on an answer), a command, or nothing."""
+    if not isinstance(event, dict) or event.get("type") not in (MESSAGE_TYPE, REACTION_TYPE):
         return IGNORED
     content, sender = event.get("content"), _str(event.get("sender"))
     event_id = _str(event.get("event_id"))
     if not isinstance(content, dict) or not sender or not event_id or sender == bot_id:
         return IGNORED
-    if not event.get(TRIMMED):
-        content = trimmed(content)
+    found = Incoming(
+        Kind.MESSAGE, event_id=event_id, room_id=_str(event.get("room_id")) or "",
+        sender=sender, timestamp=_timestamp(event.get("origin_server_ts")), source=event,
+    )  # fmt: skip
+    if event["type"] == REACTION_TYPE:
+        return _reaction(found, content)
+    return _message(found, content if event.get(TRIMMED) else trimmed(content))
+
+
+def _reaction(found: Incoming, content: dict[str, Any]) -> Incoming:
+    """A 🔁 on an event (the bot's answer, the turn decides): regenerate it."""
+    relates = content.get("m.relates_to")
+    if not isinstance(relates, dict) or relates.get("rel_type") != "m.annotation":
+        return IGNORED
+    target = relates.get("event_id")
+    if not reaction_is(relates.get("key"), REGENERATE) or not isinstance(target, str):
+        return IGNORED
+    return replace(found, kind=Kind.REGENERATE, regenerates=target)
+
+
+def _message(found: Incoming, content: dict[str, Any]) -> Incoming:
+    if _malformed(content):
+        return IGNORED
+    replaces = ""
+    if is_edit(content):
+        edit = edited(content)
+        if edit is None or edit[1].get("msgtype") not in TEXT_MSGTYPES:
+            return IGNORED  # an edit of a file's caption is no new question
+        replaces, content = edit
     msgtype, body = content.get("msgtype"), _str(content.get("body"))
-    if msgtype not in ANSWERED_MSGTYPES or is_edit(content) or _malformed(content):
+    if msgtype not in ANSWERED_MSGTYPES:
         return IGNORED
     is_file = msgtype in FILE_MSGTYPES
     if body is None and not is_file:
         return IGNORED
-    found = Incoming(
-        Kind.MESSAGE,
-        event_id=event_id,
-        room_id=_str(event.get("room_id")) or "",
-        sender=sender,
-        body=body or "",
-        timestamp=_timestamp(event.get("origin_server_ts")),
-        file=content if is_file else None,
-        source=event,
-        reply_to=replied_to(content),
-    )
+    found = replace(
+        found, body=body or "", file=content if is_file else None, replaces=replaces,
+        reply_to="" if replaces else replied_to(content),
+    )  # fmt: skip
     if not is_file and found.body.startswith(COMMAND_PREFIX):
-        if msgtype != "m.text":
-            return IGNORED  # commands are plain text; an emote that starts with ! is neither
+        if msgtype != "m.text" or replaces:  # an edit runs no command, nor does an emote
+            return IGNORED  # commands are plain text
         return replace(found, kind=Kind.COMMAND, command=command_name(found.body))
     return found
 
 
-def as_json(evt: MessageEvent) -> dict[str, Any]:
+def reaction_is(key: Any, emoji: str) -> bool:
+    """Whether a reaction's key is ``emoji``, with or without the presentation selector."""
+    return isinstance(key, str) and key.replace(VARIATION, "").strip() == emoji
+
+
+def as_json(evt: MessageEvent | ReactionEvent) -> dict[str, Any]:
     """A live event in the form ``classify`` reads (mautrix trimmed its reply fallback)."""
     return {
         TRIMMED: True,
-        "type": "m.room.message",
+        "type": str(evt.type),
         "event_id": evt.event_id,
         "room_id": evt.room_id,
         "sender": evt.sender,

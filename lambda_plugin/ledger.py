@@ -46,7 +46,7 @@ def row_of(incoming: Incoming, fate: Fate = Fate.SEEN) -> LedgerRow:
     return LedgerRow(
         event_id=incoming.event_id, room_id=incoming.room_id, sender=incoming.sender,
         kind=incoming.kind.value, state=fate.value, reason="", ts=incoming.timestamp,
-        event=event, answer_event=None, updated_at=now_ms(),
+        event=event, answer_event=None, updated_at=now_ms(), replaces=incoming.replaces or None,
     )  # fmt: skip
 
 
@@ -134,18 +134,23 @@ class Ledger(Part):
         """The bot's first event of the answer (a stream's): a re-answer edits it."""
         await self._db(lambda: self.table.set_answer_event(event_id, answer_event), "answer")
 
-    def delivered(self, event_id: str) -> None:
+    def delivered(self, event_id: str, answer_event: str = "") -> None:
         """The finished answer is in the room: from now on the message is done, whatever
-        happens to its handler (a !cancel, a stop); its end is written in the background."""
+        happens to its handler (a !cancel, a stop); its end is written in the background,
+        with the answer's first event (what an edit or a 🔁 of the message edits)."""
         if event_id not in self._delivered:
-            self._delivered[event_id] = asyncio.ensure_future(self._answered(event_id))
+            answered = self._answered(event_id, answer_event)
+            self._delivered[event_id] = asyncio.ensure_future(answered)
 
     def was_delivered(self, event_id: str) -> bool:
         return event_id in self._delivered
 
-    async def _answered(self, event_id: str) -> None:
-        try:
-            await self._set(event_id, Fate.ANSWERED, "", keep_event=False)
+    async def _answered(self, event_id: str, answer_event: str) -> None:
+        try:  # the event stays: a 🔁 answers it again
+            await self._db(
+                lambda: self.table.set_state(event_id, "answered", "", True, answer_event),
+                "answered",
+            )
         except Exception as e:  # the next start finds the answer in the room
             self.log.warning("Recording %s as answered failed: %s", event_id, e)
         finally:
@@ -192,6 +197,40 @@ class Ledger(Part):
         has queued itself is in its queues already, in its place)."""
         rows = await self._db(lambda: self.table.in_states(UNFINISHED), "unfinished")
         return [row for row in rows if row.event_id not in self._queued]
+
+    def superseded(self, incoming: Incoming) -> None:
+        """Writes, in the background, that an edit of the message replaced it before it was
+        answered (queued, or stopped mid-answer)."""
+        self._claimed.discard(incoming.event_id)
+        self._queued.discard(incoming.event_id)
+        row = replace(row_of(incoming, Fate.SUPERSEDED), reason="edited", event=None)
+
+        async def write() -> None:
+            await self._write(row, "superseded")  # a row not written yet
+            try:
+                await self._set(incoming.event_id, Fate.SUPERSEDED, "edited", keep_event=False)
+            except Exception as e:  # the next start finds the edit after it: superseded again
+                self.log.warning("Recording %s as superseded failed: %s", incoming.event_id, e)
+
+        self.background(write())
+
+    async def supersede_turn(self, incoming: Incoming) -> None:
+        """What of the turn ``incoming`` re-answers has no end yet (a kept one) never runs."""
+        table = self.table
+        await self._db(
+            lambda: table.supersede_turn(incoming.room_id, incoming.turn, incoming.event_id),
+            "supersede",
+        )
+
+    async def turn(self, room_id: str, turn: str) -> list[LedgerRow]:
+        """The rows of a conversation turn (message, edits, 🔁s), newest first."""
+        return await self._db(lambda: self.table.of_turn(room_id, turn), "turn")
+
+    async def newer_message(self, room_id: str, turn: str, after_ms: int, before_ms: int) -> bool:
+        table = self.table
+        return await self._db(
+            lambda: table.newer_message(room_id, turn, after_ms, before_ms), "latest"
+        )
 
     async def states_of(self, event_ids: list[str]) -> dict[str, str]:
         return await self._db(lambda: self.table.states_of(event_ids), "states")

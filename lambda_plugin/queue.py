@@ -45,6 +45,10 @@ class Stage(Protocol):
 
     def stopped(self, incoming: Incoming) -> None: ...
 
+    def supersedes(self, edit: Incoming, earlier: Incoming) -> bool: ...
+
+    def superseded(self, incoming: Incoming) -> None: ...
+
 
 @dataclass(eq=False)
 class RoomWorker:
@@ -63,6 +67,7 @@ class RoomWorker:
         self.current_item: Incoming | None = None  # the message handed to the stage
         self.slot_events: dict[asyncio.Future, str] = {}  # a live command's slot -> its event
         self.stopping = False
+        self.replaced: str = ""  # the running message an edit stopped (not a !cancel)
         self.task = asyncio.create_task(self._run())
 
     @property
@@ -84,8 +89,23 @@ class RoomWorker:
         )
 
     def push(self, item: QueueItem) -> None:
+        if isinstance(item, Incoming) and item.replaces:
+            self._supersede(item)
         self.items.append(item)
         self._wakeup.set()
+
+    def _supersede(self, edit: Incoming, ahead: int | None = None) -> None:
+        """An edit replaces what it edits that is still queued ahead of it (``ahead``: how
+        many places are; None: all) or running: dropped, or stopped silently; the edited
+        text is answered in its place."""
+        for item in list(self.items)[:ahead]:
+            incoming = item.incoming if isinstance(item, Retry) else item
+            if isinstance(incoming, Incoming) and self.stage.supersedes(edit, incoming):
+                self.items.remove(item)
+                self.stage.superseded(incoming)
+        running = self.current_item
+        if running is not None and self.stage.supersedes(edit, running) and self.cancel():
+            self.replaced = running.event_id
 
     def push_start(self, items: list[Incoming]) -> None:
         """Puts a start's events at the head, in order, each once: a command whose live
@@ -100,6 +120,12 @@ class RoomWorker:
         ]  # fmt: skip
         head: list[QueueItem] = [slots.get(incoming.event_id, incoming) for incoming in items]
         self.items = deque([*head, *rest])
+        for incoming in items:  # in order: an edit drops only what came before it
+            if not incoming.replaces:
+                continue
+            place = next((n for n, item in enumerate(self.items) if item is incoming), None)
+            if place is not None:
+                self._supersede(incoming, place)
         self._wakeup.set()
 
     def cancel(self) -> bool:
@@ -165,7 +191,10 @@ class RoomWorker:
         call = self.current = asyncio.create_task(self._hand(incoming, retried))
         await asyncio.wait({call})
         self.current = self.current_item = None
-        if call.cancelled() and not self.stopping:
+        replaced, self.replaced = self.replaced == incoming.event_id, ""
+        if call.cancelled() and replaced and not self.stopping:
+            self.stage.superseded(incoming)
+        elif call.cancelled() and not self.stopping:
             await self.stage.cancelled(self.room_id, incoming)
         elif not call.cancelled() and call.exception() is not None:
             raise call.exception()  # type: ignore[misc]  # logged by _run

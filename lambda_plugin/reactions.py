@@ -1,5 +1,6 @@
 """Reactions that steer an answer: 🛑 on a running answer (or on the message it answers)
-stops it, as ``!cancel`` does: the message is kept for ``!retry``.
+stops it, as ``!cancel`` does: the message is kept for ``!retry``. A 🔁 is a message of
+its own to intake (answered in its turn, see reanswer.py): it is queued from here.
 
 Only the room's owner steers it; anyone else's reaction changes nothing. A reaction is
 judged by what it points at: the bot's event naming the message under way (its stream's
@@ -9,6 +10,7 @@ was stopped stop nothing: nothing was running.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,18 +18,15 @@ from maubot.handlers import event
 from mautrix.types import EventType, ReactionEvent
 
 from .gate import StartGate
-from .intake import ANSWERING
+from .intake import ANSWERING, STOP, Incoming, Kind, as_json, classify, reaction_is
 from .matrix import HomeserverError, Matrix
 from .part import Part
 from .queue import RoomQueues
 from .registry import Registry
 
-STOP = "🛑"
-VARIATION = "\ufe0f"  # emoji presentation selector: the same key with or without it
-
 
 def stop_key(key: Any) -> bool:
-    return isinstance(key, str) and key.replace(VARIATION, "").strip() == STOP
+    return reaction_is(key, STOP)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -36,9 +35,14 @@ class Reactions(Part):
     mx: Matrix
     registry: Registry
     queues: RoomQueues
+    enqueue: Callable[[Incoming], object]  # a 🔁 goes the live way of messages
 
     @event.on(EventType.REACTION)
     async def on_reaction(self, evt: ReactionEvent) -> None:
+        regenerate = classify(as_json(evt), self.mx.user_id)
+        if regenerate.kind is Kind.REGENERATE:
+            self.enqueue(regenerate)  # before any await: in the order maubot dispatched
+            return
         if not await self.gate.wait():
             return
         relates = getattr(evt.content, "relates_to", None)

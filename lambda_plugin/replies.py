@@ -322,6 +322,7 @@ class StreamingReply:
         self.shown = ""  # the text of the last partial sent
         self.last_piece: tuple[str, str] = ("", "")  # (event id, text) once finished
         self.sealed = False  # whether the finished answer was measured as encrypted
+        self.first_piece = ""  # the finished answer's first event: what a re-answer edits
 
     async def partial(self, text_so_far: str) -> None:
         self.streamed_chars = max(self.streamed_chars, len(text_so_far))
@@ -409,6 +410,7 @@ class StreamingReply:
             else:
                 ids.append(await send(notice))
         self.last_piece = (ids[-1], pieces[-1][0])
+        self.first_piece = ids[0]
         return ids
 
     def edit_last(self) -> dict[str, Any]:

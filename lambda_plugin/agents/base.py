@@ -48,6 +48,14 @@ class AgentRequest:
     attachments: tuple[Attachment, ...] = ()
     # The Matrix event id of the message: asked again (after a crash), it is the same turn.
     message_id: str = ""
+    # The message whose turn this one replaces (an edit's original, the message a 🔁 is
+    # for): the conversation's last turn, answered again.
+    replaces: str = ""
+
+    @property
+    def turn(self) -> str:
+        """The conversation turn it is: the one it replaces, else its own."""
+        return self.replaces or self.message_id
 
 
 @dataclass(frozen=True)
@@ -197,11 +205,12 @@ class StoreAgent(Agent):
     async def remember(self, request: AgentRequest, user_text: str, answer: str) -> None:
         # One atomic write after the whole answer: a failed or cancelled attempt leaves no
         # half exchange behind, and a message asked again (after a crash between this write
-        # and the answer's send) replaces its turn: history never holds a turn twice.
+        # and the answer's send), edited or regenerated replaces its turn: history never
+        # holds a turn twice.
         await self.store.append_history(
             request.platform_chat_id,
             [("user", user_text), ("assistant", answer)],
-            message_id=request.message_id,
+            message_id=request.turn,
         )
 
     async def drop(self, platform_chat_id: str) -> None:

@@ -16,9 +16,9 @@ class EchoAgent(StoreAgent):
     async def respond(
         self, request: AgentRequest, on_partial: PartialCallback | None = None
     ) -> AgentReply:
-        # Its own earlier turn (asked again after a crash) is not counted; one row of sums
+        # Its own earlier turn (asked again after a crash, edited) is not counted; one row of sums
         # is read, whatever the conversation's length.
-        size = await self.store.history_size(request.platform_chat_id, request.message_id)
+        size = await self.store.history_size(request.platform_chat_id, request.turn)
         number = 1 + size.asked
         parts = [f"echo: {request.text}"]
         if request.attachments:

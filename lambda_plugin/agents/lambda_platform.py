@@ -58,6 +58,8 @@ class LambdaAgent(Agent):
         }  # fmt: skip
         if request.message_id:  # the idempotency key: a platform that has the turn reuses it
             body["message_id"] = request.message_id
+        if request.replaces:  # an edit or a 🔁: this turn replaces that message's
+            body["replaces"] = request.replaces
         data = await self.client.json(
             "POST", self._chat(request.platform_chat_id, "messages"), body=body
         )

@@ -121,7 +121,7 @@ class OpenAIAgent(StoreAgent):
             messages.append({"role": "system", "content": self.system_prompt})
         if self.max_history:
             history = await self.store.history(
-                request.platform_chat_id, limit=self.max_history, excluding=request.message_id
+                request.platform_chat_id, limit=self.max_history, excluding=request.turn
             )
             messages.extend({"role": row.role, "content": row.content} for row in history)
         content: str | list[dict[str, Any]] = user_text

@@ -19,10 +19,10 @@ class LedgerTable:
         """Adds the row unless the event has one; False when it had."""
         added = await self.db.fetchval(
             f"INSERT INTO ledger ({LedgerRow.columns})"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING"
-            " RETURNING event_id",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
             row.event_id, row.room_id, row.sender, row.kind, row.state, row.reason, row.ts,
-            row.event, row.answer_event, row.updated_at,
+            row.event, row.answer_event, row.updated_at, row.replaces,
         )  # fmt: skip
         return added is not None
 
@@ -40,16 +40,48 @@ class LedgerTable:
         )
         return LedgerRow.from_row(row) if row else None
 
-    async def set_state(self, event_id: str, state: str, reason: str, keep_event: bool) -> bool:
+    async def set_state(
+        self, event_id: str, state: str, reason: str, keep_event: bool, answer_event: str = ""
+    ) -> bool:
         """The event's new state, unless it has reached an end already (ends are final);
-        its JSON is dropped unless it may still run. False when nothing changed."""
+        its JSON is dropped unless it may still run (or be answered again: an answered
+        message, for a 🔁). ``answer_event``: the answer's first event, when known. False
+        when nothing changed."""
         changed = await self.db.fetchval(
             "UPDATE ledger SET state=$2, reason=$3, updated_at=$4,"
-            " event = CASE WHEN $5 THEN event ELSE NULL END"
-            " WHERE event_id=$1 AND state NOT IN ($6, $7, $8, $9) RETURNING event_id",
-            event_id, state, reason, now_ms(), keep_event, *ENDS,
+            " event = CASE WHEN $5 THEN event ELSE NULL END,"
+            " answer_event = COALESCE($6, answer_event)"
+            " WHERE event_id=$1 AND state NOT IN ($7, $8, $9, $10) RETURNING event_id",
+            event_id, state, reason, now_ms(), keep_event, answer_event or None, *ENDS,
         )  # fmt: skip
         return changed is not None
+
+    async def newer_message(self, room_id: str, turn: str, after_ms: int, before_ms: int) -> bool:
+        """Whether the room has a message of another turn than ``turn`` sent between the two
+        times (one not the room's to answer aside): then ``turn`` was not the latest."""
+        found = await self.db.fetchval(
+            "SELECT event_id FROM ledger WHERE room_id=$1 AND kind=$2 AND ts > $3 AND ts < $4"
+            " AND COALESCE(replaces, event_id) <> $5 AND state <> $6 LIMIT 1",
+            room_id, "message", after_ms, before_ms, turn, "left",
+        )  # fmt: skip
+        return found is not None
+
+    async def of_turn(self, room_id: str, turn: str) -> list[LedgerRow]:
+        """The rows of one conversation turn (the message, its edits, its 🔁s), newest first."""
+        rows = await self.db.fetch(
+            f"SELECT {LedgerRow.columns} FROM ledger WHERE room_id=$1"
+            " AND (event_id=$2 OR replaces=$2) ORDER BY ts DESC, updated_at DESC LIMIT 100",
+            room_id, turn,
+        )  # fmt: skip
+        return [LedgerRow.from_row(row) for row in rows]
+
+    async def supersede_turn(self, room_id: str, turn: str, by: str) -> None:
+        """Ends what of the turn is not ended (kept, or not run yet) as superseded by ``by``."""
+        await self.db.execute(
+            "UPDATE ledger SET state=$4, reason=$5, updated_at=$6, event=NULL WHERE room_id=$1"
+            " AND (event_id=$2 OR replaces=$2) AND event_id <> $3 AND state IN ($7, $8, $9)",
+            room_id, turn, by, "superseded", "edited", now_ms(), "seen", "taken", "kept",
+        )  # fmt: skip
 
     async def set_answer_event(self, event_id: str, answer_event: str) -> None:
         await self.db.execute(

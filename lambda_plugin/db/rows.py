@@ -131,3 +131,4 @@ class LedgerRow(Row):
     event: str | None
     answer_event: str | None
     updated_at: int
+    replaces: str | None = None  # the message whose turn it re-answers (an edit, a 🔁)

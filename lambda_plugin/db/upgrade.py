@@ -145,3 +145,11 @@ async def upgrade_v5(conn: Connection) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX joined_room_inviter_idx ON joined_room (inviter)")
+
+
+@upgrade_table.register(description="The ledger names the message an edit or a 🔁 re-answers")  # type: ignore[call-arg, arg-type]
+async def upgrade_v6(conn: Connection) -> None:
+    # ``replaces``: for an edit, its original; for a 🔁, the message it answers again. The
+    # conversation turn a row is (its own id when null) decides which message is the latest.
+    await conn.execute("ALTER TABLE ledger ADD COLUMN replaces TEXT")
+    await conn.execute("CREATE INDEX ledger_replaces_idx ON ledger (replaces)")

@@ -917,3 +917,32 @@ async def test_a_message_asked_again_replaces_its_turn_never_doubles_it(
             {"role": "assistant", "content": "reply to: one"},
             {"role": "user", "content": "two"},
         ]
+
+
+async def test_lambda_names_the_turn_an_edit_replaces(make, lambda_server: LambdaServer) -> None:
+    agent = platform(make, lambda_server)
+    await agent.respond(replace(ask("hello"), message_id="$edit", replaces="$original"))
+    await agent.respond(replace(ask("hi"), message_id="$new"))  # no edit: no replaces
+    first, second = lambda_server.requests
+    assert (first.json["message_id"], first.json["replaces"]) == ("$edit", "$original")
+    assert "replaces" not in second.json
+
+
+@pytest.mark.parametrize("backend", ["echo", "openai"])
+async def test_an_edit_replaces_the_last_turn_of_the_conversation(
+    make, store: Store, openai_server: OpenAIServer, backend: str
+) -> None:
+    agent = make("echo") if backend == "echo" else openai(make, openai_server, stream=False)
+    await agent.respond(replace(ask("one"), message_id="$1"))
+    await agent.respond(replace(ask("two"), message_id="$2"))
+    edited = await agent.respond(replace(ask("deux"), message_id="$e", replaces="$2"))
+    again = await agent.respond(replace(ask("zwei"), message_id="$e2", replaces="$2"))
+    assert [text for role, text in await history(store) if role == "user"] == ["one", "zwei"]
+    if backend == "echo":
+        assert "(message 2 " in edited.text and "(message 2 " in again.text
+    else:  # the edit's prompt holds the turns before it, not the text it replaces
+        assert openai_server.requests[-1].json["messages"] == [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "reply to: one"},
+            {"role": "user", "content": "zwei"},
+        ]

@@ -62,7 +62,7 @@ class Recorder:
     async def answer_started(self, event_id: str, answer_event: str) -> None:  # Ledger
         self.calls.append(("answer_started", event_id, answer_event))
 
-    def delivered(self, event_id: str) -> None:  # Ledger
+    def delivered(self, event_id: str, answer_event: str = "") -> None:  # Ledger
         self.calls.append(("delivered", event_id))
 
 

@@ -18,6 +18,8 @@ from lambda_plugin.db import ChatRoomRow, Store
 from lambda_plugin.gate import StartGate
 from lambda_plugin.intake import Incoming, classify
 from lambda_plugin.ledger import Fate, Ledger
+from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.reanswer import Reanswers
 from lambda_plugin.startup import Startup
 from lambda_plugin.usage import Quota
 from tests.unit.test_config import settings as make_settings
@@ -47,6 +49,7 @@ class FakeAnswerer:
     """Answers at once, or as ``fates`` says (by event id); ``gate`` holds every answer."""
 
     asked: list[str] = field(default_factory=list)
+    given: list[Incoming] = field(default_factory=list)  # what each answer was asked
     fates: dict[str, tuple[Fate, str]] = field(default_factory=dict)
     gate: asyncio.Event | None = None
     failing: set[str] = field(default_factory=set)
@@ -54,13 +57,15 @@ class FakeAnswerer:
 
     async def answer(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
         self.asked.append(incoming.event_id)
+        self.given.append(incoming)
         if self.gate is not None:
             await self.gate.wait()
         if incoming.event_id in self.failing:
             raise RuntimeError("a bug")
         fate = self.fates.get(incoming.event_id, (Fate.ANSWERED, ""))
         if fate[0] is Fate.ANSWERED and self.ledger is not None:
-            self.ledger.delivered(incoming.event_id)
+            # The answer's first event: the one it finished, else a new one.
+            self.ledger.delivered(incoming.event_id, incoming.resume or f"$answer{incoming.event_id}")
         return fate
 
 
@@ -76,6 +81,19 @@ class FakeNotices:
 
     def said_keys(self) -> list[str]:
         return [key for key, _ in self.said]
+
+
+@dataclass
+class FakeRoom:
+    """The room's events as ``Matrix.opened_event`` reads them (by id)."""
+
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    user_id: str = BOT
+
+    async def opened_event(self, room_id: str, event_id: str) -> dict[str, Any]:
+        if event_id not in self.events:
+            raise HomeserverError(404, "M_NOT_FOUND", "no such event")
+        return self.events[event_id]
 
 
 class NoUsage:
@@ -99,6 +117,7 @@ class Env:
         self.current = {"settings": make_settings(**overrides)}
         self.answerer = FakeAnswerer()
         self.notices = FakeNotices()
+        self.room = FakeRoom()
         self.replayed: list[str] = []
         self.restart()
 
@@ -113,9 +132,12 @@ class Env:
         async def replay(incoming: Incoming) -> None:
             self.replayed.append(incoming.event_id)
 
+        reanswers = Reanswers(
+            mx=self.room, ledger=self.ledger, notices=self.notices, **part  # type: ignore[arg-type]
+        )
         self.stage = Conversation(
             gate=gate, ledger=self.ledger, registry=FakeRegistry({ROOM: row}),
-            answerer=self.answerer, notices=self.notices,
+            answerer=self.answerer, notices=self.notices, reanswers=reanswers,
             quota=Quota(store=NoUsage(), **part), replay=replay,  # type: ignore[arg-type]
             command_names=("clear",), **part,
         )  # fmt: skip

@@ -186,7 +186,8 @@ async def test_help_lists_every_command(maubot_plugin, maubot_test_bot, homeserv
         assert usage in body
     assert "!lambda" not in body  # an admin command: alice is no admin
     assert "list the commands" in body
-    assert "React 🛑" in body and "reply to a message" in body
+    assert "🛑 to an answer" in body and "reply to a message" in body
+    assert "Edit your latest message" in body and "react 🔁" in body
     html = content["formatted_body"]
     assert "<code>!help</code>" in html
     assert "<code>!rename &lt;name&gt;</code>" in html
@@ -246,7 +247,7 @@ async def test_help_from_the_bot_itself_is_ignored(
 
 
 async def test_start_wires_the_store(maubot_plugin) -> None:
-    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 5
+    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 6
     counts = await maubot_plugin.store.counts()
     assert counts == dict.fromkeys(counts, 0)
     assert set(counts) == {"lambda_user", "chat_room", "snapshot", "history", "ledger", "usage"}

@@ -145,23 +145,86 @@ def test_other_event_types_are_ignored() -> None:
     assert classify(ev, BOT) is IGNORED
 
 
-@pytest.mark.parametrize("msgtype", ["m.text", "m.emote", "m.file"])
-def test_edit_is_ignored(msgtype: str) -> None:
-    ev = text(
-        "* hello",
-        msgtype,
-        extra={
-            "m.relates_to": {"rel_type": "m.replace", "event_id": "$orig"},
-            "m.new_content": {"msgtype": msgtype, "body": "hello"},
-        },
-    )
-    assert classify(ev, BOT) is IGNORED
+EDIT = {"rel_type": "m.replace", "event_id": "$orig"}
+
+
+@pytest.mark.parametrize("msgtype", ["m.text", "m.emote"])
+def test_an_edit_is_its_new_text_for_the_message_it_replaces(msgtype: str) -> None:
+    ev = text("* hello", msgtype, extra={
+        "m.relates_to": EDIT, "m.new_content": {"msgtype": msgtype, "body": "hello"},
+    })  # fmt: skip
+    found = classify(ev, BOT)
+    assert (found.kind, found.body, found.replaces, found.turn) == (
+        Kind.MESSAGE, "hello", "$orig", "$orig",
+    )  # fmt: skip
+    assert found.event_id == "$ev1" and not found.reply_to
+
+
+@pytest.mark.parametrize(
+    "new_content",
+    [
+        None,  # no new content: nothing to answer
+        "hello",  # not an object
+        {"msgtype": "m.text", "body": 5},  # a body of the wrong type
+        {"msgtype": "m.text", "body": "hi", "formatted_body": ["x"]},
+        {"msgtype": "m.file", "body": "a.pdf", "url": "mxc://x/y"},  # a file's caption
+        {"msgtype": "m.notice", "body": "hello"},
+        {"msgtype": "m.text", "body": "!clear"},  # an edit into a command runs nothing
+    ],
+)
+def test_an_edit_that_is_no_question_is_ignored(new_content: Any) -> None:
+    extra: dict[str, Any] = {"m.relates_to": EDIT}
+    if new_content is not None:
+        extra["m.new_content"] = new_content
+    assert classify(text("* hello", extra=extra), BOT) is IGNORED
+
+
+def test_an_edit_naming_no_event_is_ignored() -> None:
+    relates = {"rel_type": "m.replace", "event_id": 7}
+    extra = {"m.relates_to": relates, "m.new_content": {"msgtype": "m.text", "body": "hi"}}
+    assert classify(text("* hi", extra=extra), BOT) is IGNORED
 
 
 def test_edit_of_a_command_is_ignored() -> None:
-    ev = text("* !new x", extra={"m.relates_to": {"rel_type": "m.replace", "event_id": "$orig"}})
+    ev = text("* !new x", extra={"m.relates_to": EDIT})
     assert classify(ev, BOT) is IGNORED
-    ev = text("!new x", extra={"m.relates_to": {"rel_type": "m.replace", "event_id": "$orig"}})
+    ev = text("!new x", extra={"m.relates_to": EDIT})
+    assert classify(ev, BOT) is IGNORED
+
+
+@pytest.mark.parametrize(
+    ("key", "rel_type", "target", "regenerates"),
+    [
+        ("🔁", "m.annotation", "$answer", True),
+        ("🔁\ufe0f", "m.annotation", "$answer", True),  # with the presentation selector
+        ("👍", "m.annotation", "$answer", False),
+        ("🛑", "m.annotation", "$answer", False),  # a stop is live only (reactions.py)
+        ("🔁", "m.reference", "$answer", False),
+        ("🔁", "m.annotation", None, False),
+        (None, "m.annotation", "$answer", False),
+    ],
+)
+def test_a_regenerate_reaction(key: Any, rel_type: str, target: Any, regenerates: bool) -> None:
+    ev = {
+        "type": "m.reaction", "event_id": "$r", "sender": "@alice:example.org",
+        "room_id": "!room:example.org", "origin_server_ts": 5,
+        "content": {"m.relates_to": {"rel_type": rel_type, "event_id": target, "key": key}},
+    }  # fmt: skip
+    found = classify(ev, BOT)
+    if not regenerates:
+        assert found is IGNORED
+        return
+    assert (found.kind, found.regenerates, found.event_id, found.timestamp) == (
+        Kind.REGENERATE, "$answer", "$r", 5,
+    )  # fmt: skip
+    assert found.is_message and not found.body
+
+
+def test_the_bots_own_reaction_is_ignored() -> None:
+    ev = {
+        "type": "m.reaction", "event_id": "$r", "sender": BOT, "room_id": "!room:example.org",
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$a", "key": "🔁"}},
+    }  # fmt: skip
     assert classify(ev, BOT) is IGNORED
 
 
@@ -391,10 +454,11 @@ def test_as_json_round_trip_notice_is_ignored() -> None:
     assert classify(as_json(make_message_event("hi", MessageType.NOTICE)), BOT) is IGNORED
 
 
-def test_as_json_round_trip_edit_is_ignored() -> None:
-    evt = make_message_event("* hello")
+def test_as_json_round_trip_edit_is_the_new_text() -> None:
+    evt = make_message_event("hello")
     evt.content.set_edit("$orig")
-    assert classify(as_json(evt), BOT) is IGNORED
+    found = classify(as_json(evt), BOT)
+    assert (found.kind, found.body, found.replaces) == (Kind.MESSAGE, "hello", "$orig")
 
 
 # --- reply fallbacks: one trimming for live events and caught-up ones -----------------------

@@ -51,11 +51,13 @@ async def test_a_cancel_while_the_answers_end_is_written_changes_nothing(store: 
     real_set = env.ledger.table.set_state
     writing, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_set_state(event_id: str, state: str, reason: str, keep_event: bool) -> bool:
+    async def slow_set_state(
+        event_id: str, state: str, reason: str, keep_event: bool, answer_event: str = ""
+    ) -> bool:
         if state == Fate.ANSWERED.value:
             writing.set()
             await release.wait()  # a slow or restarting database
-        return await real_set(event_id, state, reason, keep_event)
+        return await real_set(event_id, state, reason, keep_event, answer_event)
 
     env.ledger.table.set_state = slow_set_state  # type: ignore[method-assign]
     try:

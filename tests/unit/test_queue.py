@@ -126,6 +126,15 @@ class FakeStage:
     def stopped(self, incoming: Incoming) -> None:
         self.record("stopped", incoming.event_id)
 
+    def supersedes(self, edit: Incoming, earlier: Incoming) -> bool:
+        return (
+            earlier.sender == edit.sender and earlier.event_id != edit.event_id
+            and earlier.turn == edit.replaces
+        )  # fmt: skip
+
+    def superseded(self, incoming: Incoming) -> None:
+        self.record("superseded", incoming.event_id)
+
     def control(
         self, name: str, block: asyncio.Event | None = None, error: Exception | None = None
     ) -> Callable[[], Awaitable[None]]:
@@ -853,3 +862,67 @@ async def test_a_failing_cancelled_is_logged_and_the_queue_goes_on(
     assert failures[0].exc_info[1] is stage.cancelled_error
     assert stage.order("cancelled") == ["$1"]
     await ended(worker)
+
+
+# --- edits: what an edit replaces is not answered on its own --------------------------------
+
+
+def edit_of(event_id: str, original: str, sender: str = USER) -> Incoming:
+    return Incoming(
+        Kind.MESSAGE, event_id=event_id, room_id=ROOM, sender=sender, body="edited",
+        replaces=original,
+    )  # fmt: skip
+
+
+async def test_an_edit_drops_its_queued_original_and_earlier_edits(
+    queues: RoomQueues, stage: FakeStage
+) -> None:
+    running = stage.blocked("$running")
+    worker = queues.worker(ROOM)
+    worker.push(msg("$running"))
+    await stage.until_call("message", ROOM, "$running", False)
+    worker.push(msg("$1"))
+    worker.push(edit_of("$e1", "$1"))
+    worker.push(msg("$2"))
+    worker.push(edit_of("$e2", "$1"))  # edits always name the original
+    worker.push(edit_of("$forged", "$2", sender="@mallory:example.org"))
+    running.set()
+    await stage.until_done("$forged")
+    assert stage.order("superseded") == ["$1", "$e1"]
+    assert stage.order("done") == ["$running", "$2", "$e2", "$forged"]
+
+
+async def test_an_edit_stops_its_running_original_silently(
+    queues: RoomQueues, stage: FakeStage
+) -> None:
+    stage.blocked("$1")  # never released: only the edit ends it
+    worker = queues.worker(ROOM)
+    worker.push(msg("$1"))
+    await stage.until_call("message", ROOM, "$1", False)
+    worker.push(edit_of("$e", "$1"))
+    await stage.until_done("$e")
+    assert stage.has("aborted", "$1") and stage.order("superseded") == ["$1"]
+    assert stage.order("cancelled") == []  # no "cancelled" notice, nothing kept
+
+
+async def test_an_edit_leaves_another_running_message_alone(
+    queues: RoomQueues, stage: FakeStage
+) -> None:
+    running = stage.blocked("$2")
+    worker = queues.worker(ROOM)
+    worker.push(msg("$2"))
+    await stage.until_call("message", ROOM, "$2", False)
+    worker.push(edit_of("$e", "$1"))
+    running.set()
+    await stage.until_done("$2", "$e")
+    assert stage.order("superseded") == []
+
+
+async def test_a_start_with_a_message_and_its_edit_answers_the_edit_only(
+    queues: RoomQueues, stage: FakeStage
+) -> None:
+    worker = queues.worker(ROOM)
+    worker.push_start([msg("$1"), edit_of("$e1", "$1"), msg("$2"), edit_of("$e2", "$1")])
+    await stage.until_done("$2", "$e2")
+    assert stage.order("superseded") == ["$1", "$e1"]
+    assert stage.order("done") == ["$2", "$e2"]

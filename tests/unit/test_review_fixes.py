@@ -86,6 +86,11 @@ class ReplayingStage:
 
     def stopped(self, incoming: Incoming) -> None: ...
 
+    def supersedes(self, edit: Incoming, earlier: Incoming) -> bool:
+        return False
+
+    def superseded(self, incoming: Incoming) -> None: ...
+
 
 def missed(raw: dict[str, Any]) -> Incoming:
     found = classify({**raw, "room_id": ROOM}, BOT)

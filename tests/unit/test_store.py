@@ -41,7 +41,7 @@ from tests.unit.conftest import ENGINES, _drop_database
 from tests.unit.test_config import settings as make_settings
 
 TABLES = ("lambda_user", "chat_room", "snapshot", "history", "ledger", "usage")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 ROOM = "!room:example.org"
@@ -820,7 +820,7 @@ async def test_states_of_checks_any_number_of_ids_in_batches(store: Store) -> No
     async with store.db.acquire() as conn:
         await conn.executemany(
             f"INSERT INTO ledger ({LedgerRow.columns})"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             [dataclasses.astuple(ledger_row(e, s)) for e, s in known.items()],
         )
     asked = [*known, *(f"$unknown{i}" for i in range(103))]  # 1,203 ids: 3 batches

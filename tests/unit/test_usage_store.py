@@ -26,7 +26,7 @@ BOB = "@bob:example.org"
 CAROL = "@carol:example.org"
 ROOM = "!one:example.org"
 OTHER = "!two:example.org"
-LATEST_VERSION = 5  # v5: rooms joined per inviter
+LATEST_VERSION = 6  # v6: the ledger names what an edit or a 🔁 re-answers
 
 
 async def test_add_usage_adds_up_per_user_room_and_day(store: Store) -> None:

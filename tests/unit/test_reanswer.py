@@ -1,0 +1,167 @@
+"""Re-answers in the room's turn over a real Store: an edit of the owner's latest message
+and a 🔁 on the latest answer answer that message again (the answer edited in place);
+anything else changes nothing or gets one notice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lambda_plugin.db import Store
+from lambda_plugin.intake import ANSWERING, ANSWERS, Incoming, classify
+from lambda_plugin.ledger import Fate
+from tests.unit.test_conversation import BOT, ROOM, USER, Env, message
+
+OTHER = "@mallory:example.org"
+
+
+def edit(event_id: str, original: str, body: str, ts: int, sender: str = USER) -> Incoming:
+    event = {
+        "type": "m.room.message", "event_id": event_id, "sender": sender, "room_id": ROOM,
+        "origin_server_ts": ts, "content": {
+            "msgtype": "m.text", "body": f"* {body}",
+            "m.new_content": {"msgtype": "m.text", "body": body},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+        },
+    }  # fmt: skip
+    return classify(event, BOT)
+
+
+def regenerate(event_id: str, answer: str, ts: int, sender: str = USER) -> Incoming:
+    event = {
+        "type": "m.reaction", "event_id": event_id, "sender": sender, "room_id": ROOM,
+        "origin_server_ts": ts,
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": answer, "key": "🔁"}},
+    }  # fmt: skip
+    return classify(event, BOT)
+
+
+def sent(incoming: Incoming) -> dict[str, Any]:
+    assert incoming.source is not None
+    return incoming.source
+
+
+def bot_event(event_id: str, content: dict[str, Any], sender: str = BOT) -> dict[str, Any]:
+    return {"type": "m.room.message", "event_id": event_id, "sender": sender, "content": content}
+
+
+async def answered(env: Env, incoming: Incoming) -> None:
+    """The message sent, seen in the room and answered."""
+    env.room.events[incoming.event_id] = sent(incoming)
+    await env.stage.message(ROOM, incoming, retried=False)
+
+
+async def test_an_edit_of_the_latest_message_answers_its_new_text_in_place(store: Store) -> None:
+    env = Env(store)
+    await answered(env, message("$1", "what is 2+2", ts=10))
+    await env.stage.message(ROOM, edit("$e", "$1", "what is 3+3", ts=20), retried=False)
+    _, again = env.answerer.given
+    assert (again.event_id, again.body, again.replaces) == ("$e", "what is 3+3", "$1")
+    assert again.resume == "$answer$1"  # the first answer's event, edited in place
+    assert await env.state("$e") == Fate.ANSWERED.value
+    assert await env.state("$1") == Fate.ANSWERED.value  # its answer stays what it was
+    # A second edit replaces the same turn, in the same answer event.
+    await env.stage.message(ROOM, edit("$e2", "$1", "what is 4+4", ts=30), retried=False)
+    assert env.answerer.given[-1].replaces == "$1" and env.answerer.given[-1].resume == "$answer$1"
+
+
+async def test_an_edit_of_an_older_message_gets_one_notice(store: Store) -> None:
+    env = Env(store)
+    await answered(env, message("$1", "first", ts=10))
+    await answered(env, message("$2", "second", ts=20))
+    await env.stage.message(ROOM, edit("$e", "$1", "first, edited", ts=30), retried=False)
+    assert env.answerer.asked == ["$1", "$2"]
+    assert env.notices.said == [("reanswer.older", "$e")]
+    assert await env.state("$e") == Fate.REFUSED.value
+
+
+@pytest.mark.parametrize(
+    ("editor", "original_sender", "original_body"),
+    [
+        (OTHER, OTHER, "mine"),  # another member edits their own message: not the owner
+        (USER, OTHER, "theirs"),  # an edit naming someone else's message
+        (OTHER, USER, "the owner's"),  # someone else's "edit" of the owner's message
+        (USER, USER, "!clear"),  # an edit of a command
+    ],
+)
+async def test_an_edit_that_is_not_the_owners_of_their_message_changes_nothing(
+    store: Store, editor: str, original_sender: str, original_body: str
+) -> None:
+    env = Env(store, access__shared_rooms=True)
+    original = sent(message("$1", original_body, ts=10))
+    env.room.events["$1"] = {**original, "sender": original_sender}
+    await env.stage.message(ROOM, edit("$e", "$1", "changed", ts=20, sender=editor), retried=False)
+    assert "$e" not in env.answerer.asked and env.notices.said == []
+    assert await env.state("$e") == Fate.LEFT.value
+
+
+async def test_an_edit_of_an_event_that_cannot_be_read_changes_nothing(store: Store) -> None:
+    env = Env(store)
+    await env.stage.message(ROOM, edit("$e", "$gone", "changed", ts=20), retried=False)
+    assert env.answerer.asked == [] and await env.state("$e") == Fate.LEFT.value
+
+
+async def test_a_kept_original_is_superseded_by_its_edits_answer(store: Store) -> None:
+    env = Env(store)
+    env.answerer.fates["$1"] = (Fate.KEPT, "agent")
+    await answered(env, message("$1", "hi", ts=10))
+    await env.stage.message(ROOM, edit("$e", "$1", "hello", ts=20), retried=False)
+    assert await env.state("$1") == Fate.SUPERSEDED.value  # !retry never sends it again
+    assert await env.ledger.kept(ROOM) == []
+    assert env.answerer.given[-1].resume == ""  # it had no answer: a new one
+
+
+async def test_a_regenerate_answers_the_newest_form_of_the_latest_message(store: Store) -> None:
+    env = Env(store)
+    await answered(env, message("$1", "tell a joke", ts=10))
+    env.room.events["$answer$1"] = bot_event("$answer$1", {"body": "joke", ANSWERS: "$1"})
+    await env.stage.message(ROOM, edit("$e", "$1", "tell a pun", ts=20), retried=False)
+    await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=30), retried=False)
+    again = env.answerer.given[-1]
+    assert (again.event_id, again.body, again.replaces, again.resume) == (
+        "$r", "tell a pun", "$1", "$answer$1",
+    )  # fmt: skip
+    assert await env.state("$r") == Fate.ANSWERED.value
+    env.restart()  # a new process: the ledger still knows the turn
+    await env.stage.message(ROOM, regenerate("$r2", "$answer$1", ts=40), retried=False)
+    assert env.answerer.given[-1].body == "tell a pun"  # a 🔁 is no newer message
+
+
+async def test_a_regenerate_of_a_forgotten_message_reads_it_from_the_room(store: Store) -> None:
+    env = Env(store)  # a lost database: the room is all there is
+    env.room.events["$1"] = sent(message("$1", "tell a joke", ts=10))
+    env.room.events["$a"] = bot_event("$a", {"body": "jo", ANSWERING: "$1"})
+    await env.stage.message(ROOM, regenerate("$r", "$a", ts=30), retried=False)
+    again = env.answerer.given[-1]
+    assert (again.body, again.replaces, again.resume) == ("tell a joke", "$1", "$a")
+
+
+@pytest.mark.parametrize(
+    ("target", "sender"),
+    [
+        (bot_event("$t", {"body": "x", ANSWERS: "$1"}, sender=OTHER), USER),  # forged answer
+        (bot_event("$t", {"body": "a notice about it", "ai.lambda.matrix.about": "$1"}), USER),
+        (bot_event("$t", {"body": "x", ANSWERS: "$1"}), OTHER),  # not the owner
+        (bot_event("$t", {"body": "x", ANSWERS: 5}), USER),
+    ],
+)
+async def test_a_regenerate_that_is_not_the_owners_on_an_answer_changes_nothing(
+    store: Store, target: dict[str, Any], sender: str
+) -> None:
+    env = Env(store, access__shared_rooms=True)
+    await answered(env, message("$1", "hi", ts=10))
+    env.room.events["$t"] = target
+    await env.stage.message(ROOM, regenerate("$r", "$t", ts=30, sender=sender), retried=False)
+    assert env.answerer.asked == ["$1"] and env.notices.said == []
+    assert await env.state("$r") == Fate.LEFT.value
+
+
+async def test_a_regenerate_of_an_older_answer_gets_one_notice(store: Store) -> None:
+    env = Env(store)
+    await answered(env, message("$1", "one", ts=10))
+    await answered(env, message("$2", "two", ts=20))
+    env.room.events["$answer$1"] = bot_event("$answer$1", {"body": "x", ANSWERS: "$1"})
+    await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=30), retried=False)
+    assert env.answerer.asked == ["$1", "$2"]
+    assert env.notices.said == [("reanswer.older", "$r")]
