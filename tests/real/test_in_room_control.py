@@ -10,7 +10,7 @@ from devstack.stack import Deployment
 from lambda_plugin.intake import ANSWERS
 
 from .helpers import ask, notice_text, onboard
-from .test_encryption import need_crypto
+from .test_encryption import e2e_user, encrypted, need_crypto  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.real
 
@@ -40,8 +40,8 @@ async def edited_answer(user, room: str, bot: str, answer: dict, by: str) -> str
     return found["content"]["m.new_content"]["body"]
 
 
-async def steer(user, stack: Deployment, encrypted: bool) -> None:
-    got = await onboard(user, stack, encrypted=encrypted)
+async def steer(user, stack: Deployment, sealed: bool) -> None:
+    got = await onboard(user, stack, encrypted=sealed)
     bot = stack.bot_id
     first, answer = await ask(user, got.room, "one", bot)
     assert notice_text(answer) == "echo: one\n\n(message 1 in this conversation)"
@@ -66,11 +66,11 @@ async def steer(user, stack: Deployment, encrypted: bool) -> None:
 
 
 async def test_an_edit_and_a_regenerate_answer_again_in_place(stack: Deployment, new_user) -> None:
-    await steer(await new_user("ed"), stack, encrypted=False)
+    await steer(await new_user("ed"), stack, sealed=False)
 
 
 async def test_an_edit_and_a_regenerate_answer_again_in_place_encrypted(
-    encrypted, e2e_user
+    encrypted, e2e_user  # noqa: F811  (the fixtures imported above)
 ) -> None:
     need_crypto(encrypted.stack)
-    await steer(await e2e_user("ee"), encrypted.stack, encrypted=True)
+    await steer(await e2e_user("ee"), encrypted.stack, sealed=True)
