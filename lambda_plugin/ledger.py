@@ -147,10 +147,7 @@ class Ledger(Part):
 
     async def _answered(self, event_id: str, answer_event: str) -> None:
         try:  # the event stays: a 🔁 answers it again
-            await self._db(
-                lambda: self.table.set_state(event_id, "answered", "", True, answer_event),
-                "answered",
-            )
+            await self._set(event_id, Fate.ANSWERED, "", keep_event=True, answer_event=answer_event)
         except Exception as e:  # the next start finds the answer in the room
             self.log.warning("Recording %s as answered failed: %s", event_id, e)
         finally:
@@ -182,9 +179,13 @@ class Ledger(Part):
             await self._set(dropped.event_id, Fate.REFUSED, "dropped", keep_event=False)
         return over
 
-    async def _set(self, event_id: str, fate: Fate, reason: str, keep_event: bool) -> bool:
+    async def _set(
+        self, event_id: str, fate: Fate, reason: str, keep_event: bool, answer_event: str = ""
+    ) -> bool:
+        table = self.table
         return await self._db(
-            lambda: self.table.set_state(event_id, fate.value, reason, keep_event), fate.value
+            lambda: table.set_state(event_id, fate.value, reason, keep_event, answer_event),
+            fate.value,
         )
 
     async def kept(self, room_id: str) -> list[Incoming]:
