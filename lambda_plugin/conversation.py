@@ -70,7 +70,7 @@ class Conversation(Part):
         settings = self.settings()
         room = self.registry.room(room_id)
         admission = admit(room, incoming.sender, settings)
-        if admission is Admission.POINT:
+        if admission is Admission.POINT and incoming.kind is Kind.MESSAGE:  # not for a 🔁
             await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
             return Fate.LEFT, admission.value
@@ -123,16 +123,18 @@ class Conversation(Part):
 
     def supersedes(self, edit: Incoming, earlier: Incoming) -> bool:
         """Whether the room owner's edit replaces ``earlier`` (its original, or an earlier
-        edit of it) before that is answered: anyone else's changes nothing."""
+        edit of it) before that is answered: anyone else's changes nothing, and a file is
+        never replaced by text (its edit is refused in its turn, as ``reanswers`` decides)."""
         room = self.registry.room(edit.room_id)
         return (
             room is not None and edit.sender == room.user_id == earlier.sender
-            and earlier.kind is Kind.MESSAGE and earlier.event_id != edit.event_id
-            and earlier.turn == edit.replaces
+            and earlier.kind is Kind.MESSAGE and earlier.file is None
+            and earlier.event_id != edit.event_id and earlier.turn == edit.replaces
         )  # fmt: skip
 
     def superseded(self, incoming: Incoming) -> None:
-        self.ledger.superseded(incoming)
+        if not self.ledger.was_delivered(incoming.event_id):  # answered as it was stopped
+            self.ledger.superseded(incoming)
 
     def stopped(self, incoming: Incoming) -> None:
         # Left unfinished in the ledger: the next start answers it, once.

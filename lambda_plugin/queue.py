@@ -97,14 +97,22 @@ class RoomWorker:
     def _supersede(self, edit: Incoming, ahead: int | None = None) -> None:
         """An edit replaces what it edits that is still queued ahead of it (``ahead``: how
         many places are; None: all) or running: dropped, or stopped silently; the edited
-        text is answered in its place."""
-        for item in list(self.items)[:ahead]:
-            incoming = item.incoming if isinstance(item, Retry) else item
-            if isinstance(incoming, Incoming) and self.stage.supersedes(edit, incoming):
-                self.items.remove(item)
-                self.stage.superseded(incoming)
+        text is answered in its place. Not when a message of another turn came between:
+        then the edit is of an older message (refused in its turn) and the original stays."""
+        queued = [(item, _incoming(item)) for item in list(self.items)[:ahead]]
+        forms = [(n, item, found) for n, (item, found) in enumerate(queued)
+                 if found is not None and self.stage.supersedes(edit, found)]  # fmt: skip
         running = self.current_item
-        if running is not None and self.stage.supersedes(edit, running) and self.cancel():
+        runs = running is not None and self.stage.supersedes(edit, running)
+        if not forms and not runs:
+            return
+        between = queued[0 if runs else forms[0][0] + 1 :]
+        if any(_other_turn(found, edit) for _, found in between):
+            return
+        for _, item, found in forms:
+            self.items.remove(item)
+            self.stage.superseded(found)
+        if running is not None and runs and self.cancel():
             self.replaced = running.event_id
 
     def push_start(self, items: list[Incoming]) -> None:
@@ -198,6 +206,16 @@ class RoomWorker:
             await self.stage.cancelled(self.room_id, incoming)
         elif not call.cancelled() and call.exception() is not None:
             raise call.exception()  # type: ignore[misc]  # logged by _run
+
+
+def _incoming(item: QueueItem) -> Incoming | None:
+    found = item.incoming if isinstance(item, Retry) else item
+    return found if isinstance(found, Incoming) else None
+
+
+def _other_turn(found: Incoming | None, edit: Incoming) -> bool:
+    """A message of another conversation turn than the one ``edit`` re-answers."""
+    return found is not None and found.kind is Kind.MESSAGE and found.turn != edit.turn
 
 
 class QueueFull(Exception):

@@ -883,13 +883,33 @@ async def test_an_edit_drops_its_queued_original_and_earlier_edits(
     await stage.until_call("message", ROOM, "$running", False)
     worker.push(msg("$1"))
     worker.push(edit_of("$e1", "$1"))
-    worker.push(msg("$2"))
     worker.push(edit_of("$e2", "$1"))  # edits always name the original
+    worker.push(msg("$2"))
     worker.push(edit_of("$forged", "$2", sender="@mallory:example.org"))
     running.set()
     await stage.until_done("$forged")
     assert stage.order("superseded") == ["$1", "$e1"]
-    assert stage.order("done") == ["$running", "$2", "$e2", "$forged"]
+    assert stage.order("done") == ["$running", "$e2", "$2", "$forged"]
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["original running", "original queued"])
+async def test_an_edit_after_another_message_leaves_the_original_to_be_answered(
+    queues: RoomQueues, stage: FakeStage, running: bool
+) -> None:
+    """A, B, then an edit of A: A is not the latest, so the edit is refused in its turn
+    (the stage's business): A must still be answered, never dropped nor stopped."""
+    ahead = "$1" if running else "$0"  # what runs while the edit arrives
+    release = stage.blocked(ahead)
+    worker = queues.worker(ROOM)
+    for event_id in dict.fromkeys([ahead, "$1"]):
+        worker.push(msg(event_id))
+    await stage.until_call("message", ROOM, ahead, False)
+    worker.push(msg("$2"))
+    worker.push(edit_of("$e1", "$1"))
+    release.set()
+    await stage.until_done("$1", "$2", "$e1")
+    assert stage.order("superseded") == [] and not stage.has("aborted", "$1")
+    assert stage.order("done")[-3:] == ["$1", "$2", "$e1"]
 
 
 async def test_an_edit_stops_its_running_original_silently(
@@ -923,6 +943,7 @@ async def test_a_start_with_a_message_and_its_edit_answers_the_edit_only(
 ) -> None:
     worker = queues.worker(ROOM)
     worker.push_start([msg("$1"), edit_of("$e1", "$1"), msg("$2"), edit_of("$e2", "$1")])
-    await stage.until_done("$2", "$e2")
-    assert stage.order("superseded") == ["$1", "$e1"]
-    assert stage.order("done") == ["$2", "$e2"]
+    await stage.until_done("$e1", "$2", "$e2")
+    # $e2 came after $2: an edit of an older message, left to its turn (refused there).
+    assert stage.order("superseded") == ["$1"]
+    assert stage.order("done") == ["$e1", "$2", "$e2"]
