@@ -152,6 +152,7 @@ class Answerer(Part):
             send_partial=send_partial,
             send_first=lambda content: send_first(content, wait=True),
             resume=incoming.resume,
+            resumes_finished=bool(incoming.resume and incoming.replaces),  # an edit, a 🔁
             started=lambda event_id: self.ledger.answer_started(incoming.event_id, event_id),
             # Measured as sent: the encrypted event in an encrypted room.
             encrypted=lambda: self.mx.crypto.must_seal(room_id),

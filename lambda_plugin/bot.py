@@ -127,7 +127,7 @@ class LambdaBot(Plugin):
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)
         reactions = Reactions(
-            gate=gate, mx=mx, registry=registry, queues=queues, enqueue=router.enqueue, **part
+            gate=gate, mx=mx, registry=registry, queues=queues, route=router.route, **part
         )
         for handlers in (*commands, router, onboarding, undecryptable, reactions):
             self.register_handler_class(handlers)

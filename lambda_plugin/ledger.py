@@ -204,12 +204,13 @@ class Ledger(Part):
         answered (queued, or stopped mid-answer)."""
         self._claimed.discard(incoming.event_id)
         self._queued.discard(incoming.event_id)
-        row = replace(row_of(incoming, Fate.SUPERSEDED), reason="edited", event=None)
+        # The event stays: the edit's turn reads the original from here, not the room.
+        row = replace(row_of(incoming, Fate.SUPERSEDED), reason="edited")
 
         async def write() -> None:
             await self._write(row, "superseded")  # a row not written yet
             try:
-                await self._set(incoming.event_id, Fate.SUPERSEDED, "edited", keep_event=False)
+                await self._set(incoming.event_id, Fate.SUPERSEDED, "edited", keep_event=True)
             except Exception as e:  # the next start finds the edit after it: superseded again
                 self.log.warning("Recording %s as superseded failed: %s", incoming.event_id, e)
 
@@ -219,7 +220,9 @@ class Ledger(Part):
         """What of the turn ``incoming`` re-answers has no end yet (a kept one) never runs."""
         table = self.table
         await self._db(
-            lambda: table.supersede_turn(incoming.room_id, incoming.turn, incoming.event_id),
+            lambda: table.supersede_turn(
+                incoming.room_id, incoming.turn, incoming.event_id, incoming.timestamp
+            ),
             "supersede",
         )
 

@@ -10,7 +10,7 @@ was stopped stop nothing: nothing was running.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,15 @@ class Reactions(Part):
     mx: Matrix
     registry: Registry
     queues: RoomQueues
-    enqueue: Callable[[Incoming], object]  # a 🔁 goes the live way of messages
+    route: Callable[[Incoming], Awaitable[None]]  # a 🔁 goes the live way of messages
 
     @event.on(EventType.REACTION)
     async def on_reaction(self, evt: ReactionEvent) -> None:
         regenerate = classify(as_json(evt), self.mx.user_id)
         if regenerate.kind is Kind.REGENERATE:
-            self.enqueue(regenerate)  # before any await: in the order maubot dispatched
+            # Queued before route's first await: in the order maubot dispatched; a full
+            # queue is told so, as for a message.
+            await self.route(regenerate)
             return
         if not await self.gate.wait():
             return

@@ -11,6 +11,7 @@ nothing; an older message gets one short notice.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,13 +42,23 @@ class Reanswers(Part):
 
     async def resolve(self, room: ChatRoomRow, incoming: Incoming) -> Outcome:
         """What an edit or a 🔁 answers: the message's text with the answer to edit in place
-        (``resume``), or its fate when there is nothing to answer."""
+        (``resume``), or its fate when there is nothing to answer. Kept (for ``!retry``)
+        when the room can't be read now."""
         if incoming.sender != room.user_id:
             return Fate.LEFT, "not the owner's"
-        if incoming.kind is Kind.REGENERATE:
-            turn = await self._regenerated(room.room_id, incoming)
-        else:
-            turn = await self._edited(room.room_id, incoming)
+        turn: _Turn | tuple[Fate, str] | None
+        try:
+            if incoming.kind is Kind.REGENERATE:
+                turn = await self._regenerated(room.room_id, incoming)
+            else:
+                turn = await self._edited(room.room_id, incoming)
+        except HomeserverError as e:  # an outage: the original may be superseded already
+            self.log.warning("Reading what %s answers again failed: %s", incoming.event_id, e)
+            with contextlib.suppress(HomeserverError):
+                await self.notices.note(room.room_id, "send.failed", reply_to=incoming.event_id)
+            return Fate.KEPT, "read"
+        if isinstance(turn, tuple):
+            return turn
         if turn is None or turn.form.sender != incoming.sender:
             return Fate.LEFT, "not a message to answer again"
         if await self.ledger.newer_message(
@@ -62,12 +73,18 @@ class Reanswers(Part):
         await self.ledger.supersede_turn(found)
         return found
 
-    async def _edited(self, room_id: str, edit: Incoming) -> _Turn | None:
-        original = await self._message(room_id, edit.replaces)
+    async def _edited(self, room_id: str, edit: Incoming) -> _Turn | tuple[Fate, str] | None:
+        rows = await self.ledger.turn(room_id, edit.replaces)
+        if any(_later_edit(row, edit) for row in rows):
+            return Fate.SUPERSEDED, "edited again"  # the newer edit answers, in its turn
+        # As the ledger holds it (read from the room once, by this plugin), else the room's.
+        held = next((row for row in rows if row.event_id == edit.replaces), None)
+        original = incoming_of(held, self.mx.user_id) if held is not None else None
+        if original is None:
+            original = await self._message(room_id, edit.replaces)
         if original is None or original.replaces or original.file is not None:
             return None  # an edit of an edit is none (edits name the original), nor of a file
-        original = replace(original, body=edit.body)
-        rows = await self.ledger.turn(room_id, original.event_id)
+        original = replace(original, body=edit.body, resume="")
         return _Turn(original, original.timestamp, _answer_event(rows))
 
     async def _regenerated(self, room_id: str, reaction: Incoming) -> _Turn | None:
@@ -79,7 +96,11 @@ class Reanswers(Part):
         turn = named.replaces if named is not None and named.replaces else answered
         if turn != answered:
             rows = await self.ledger.turn(room_id, turn)
-        forms = (incoming_of(row, self.mx.user_id) for row in rows if row.kind == "message")
+        forms = (  # the owner's own, up to the 🔁 (a newer edit is answered in its turn)
+            incoming_of(row, self.mx.user_id) for row in rows
+            if row.kind == "message" and row.sender == reaction.sender
+            and row.ts <= reaction.timestamp
+        )  # fmt: skip
         form = next((found for found in forms if found is not None), None)
         if form is None:  # the ledger forgot it (pruned, a lost database): as the room has it
             form = await self._message(room_id, turn)
@@ -105,11 +126,24 @@ class Reanswers(Part):
         return named if isinstance(named, str) else None
 
     async def _event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
+        """The event, opened; None when the room has none such for the bot (gone, never
+        there, not visible); an outage is raised."""
         try:
             return await self.mx.opened_event(room_id, event_id)
         except HomeserverError as e:
+            if e.status not in (400, 403, 404):
+                raise
             self.log.debug("Could not read %s in %s: %s", event_id, room_id, e)
             return None
+
+
+def _later_edit(row: Any, edit: Incoming) -> bool:
+    """A newer edit of the same message by the same sender, not ignored."""
+    return (
+        row.replaces == edit.replaces and row.sender == edit.sender
+        and row.event_id != edit.event_id and row.kind == "message"
+        and row.ts > edit.timestamp and row.state != Fate.LEFT.value
+    )  # fmt: skip
 
 
 def _answer_event(rows: list[Any]) -> str:

@@ -295,6 +295,7 @@ class StreamingReply:
         *,
         send_partial: Callable[[dict[str, Any]], Awaitable[str]] | None = None,
         resume: str | None = None,
+        resumes_finished: bool = False,
         started: Callable[[str], Awaitable[None]] | None = None,
         send_first: Callable[[dict[str, Any]], Awaitable[str]] | None = None,
         encrypted: Callable[[], Awaitable[bool]] | None = None,
@@ -307,6 +308,9 @@ class StreamingReply:
         self.clock = clock
         # An unfinished answer of an earlier attempt (a stop mid-stream): edited, not doubled.
         self.event_id: str | None = resume or None
+        # ``resume`` is a finished answer (a re-answer edits it): cut off only once this
+        # attempt has shown something in it, else it stays the answer it was.
+        self.resumes_finished = resumes_finished
         self.started = started  # told the first event's id, once sent
         # The first event again, as the same transaction as a try that failed (it may have
         # reached the homeserver): waits out an outage. None: ``send``.
@@ -379,7 +383,7 @@ class StreamingReply:
     async def interrupt(self, note: str) -> None:
         """Marks an unfinished answer as cut off (never left looking as if it streams on);
         a failure to say so is left alone: a re-answer edits it again."""
-        if self.event_id is None:
+        if self.event_id is None or (self.resumes_finished and not self.shown):
             return
         text = f"{self.shown}\n\n{note}" if self.shown.strip() else note
         try:

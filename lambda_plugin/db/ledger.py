@@ -75,12 +75,14 @@ class LedgerTable:
         )  # fmt: skip
         return [LedgerRow.from_row(row) for row in rows]
 
-    async def supersede_turn(self, room_id: str, turn: str, by: str) -> None:
-        """Ends what of the turn is not ended (kept, or not run yet) as superseded by ``by``."""
+    async def supersede_turn(self, room_id: str, turn: str, by: str, by_ts: int) -> None:
+        """Ends what of the turn is not ended (kept, or not run yet) and is not newer than
+        ``by`` as superseded by it; the event stays (an edit of it reads the original)."""
         await self.db.execute(
-            "UPDATE ledger SET state=$4, reason=$5, updated_at=$6, event=NULL WHERE room_id=$1"
-            " AND (event_id=$2 OR replaces=$2) AND event_id <> $3 AND state IN ($7, $8, $9)",
-            room_id, turn, by, "superseded", "edited", now_ms(), "seen", "taken", "kept",
+            "UPDATE ledger SET state=$4, reason=$5, updated_at=$6 WHERE room_id=$1"
+            " AND (event_id=$2 OR replaces=$2) AND event_id <> $3 AND state IN ($7, $8, $9)"
+            " AND ts <= $10",
+            room_id, turn, by, "superseded", "edited", now_ms(), "seen", "taken", "kept", by_ts,
         )  # fmt: skip
 
     async def set_answer_event(self, event_id: str, answer_event: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -193,6 +194,34 @@ async def test_a_cancelled_answer_is_counted_and_marked_interrupted() -> None:
         await call
     assert [c for c in recorder.calls if c[0] == "record"] == [("record", USER, Usage(2, 10))]
     assert recorder.contents[-1]["m.new_content"]["body"].endswith("answer.interrupted")
+
+
+class FailingAgent(Agent):
+    """Streams ``streams`` characters (none: nothing), then fails."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
+
+    async def respond(self, request: AgentRequest, partial: Any) -> AgentReply:
+        if self.streams:
+            await partial("y" * self.streams)
+        raise AgentError.of("agent.timeout", "deadline", seconds=1)
+
+
+@pytest.mark.parametrize(("streams", "cut"), [(0, False), (40, True)], ids=["silent", "streamed"])
+async def test_a_failed_reanswer_leaves_the_finished_answer_unless_it_streamed_into_it(
+    streams: int, cut: bool
+) -> None:
+    """An edit's or a 🔁's answer that fails before showing anything leaves the old answer
+    as it was (not turned into "interrupted"); one that streamed into it is cut off."""
+    recorder = Recorder()
+    edit = replace(QUESTION, event_id="$edit", replaces="$question").resuming("$old-answer")
+    fate = await answerer(recorder).ask(ROW, FailingAgent(streams), REQUEST, edit)  # type: ignore[arg-type]
+    assert fate == (Fate.KEPT, "agent")
+    edits = [c for c in recorder.contents if c.get("m.relates_to", {}).get("event_id") == "$old-answer"]
+    assert bool(edits) is cut
+    if cut:
+        assert edits[-1]["m.new_content"]["body"].endswith("answer.interrupted")
 
 
 class FilesOnlyAgent(Agent):

@@ -90,7 +90,11 @@ class FakeRoom:
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     user_id: str = BOT
 
+    down: bool = False  # an outage: nothing can be read
+
     async def opened_event(self, room_id: str, event_id: str) -> dict[str, Any]:
+        if self.down:
+            raise HomeserverError(502, None, "bad gateway")
         if event_id not in self.events:
             raise HomeserverError(404, "M_NOT_FOUND", "no such event")
         return self.events[event_id]

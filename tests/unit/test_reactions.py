@@ -48,7 +48,7 @@ def reactions(mx: Room, running: Incoming | None = RUNNING) -> Reactions:
     registry = SimpleNamespace(room=lambda room_id: ROW if room_id == ROOM else None)
     return Reactions(
         settings=lambda: None, log=logging.getLogger("test.reactions"), gate=None, mx=mx,
-        registry=registry, queues=queues, enqueue=lambda incoming: None,
+        registry=registry, queues=queues, route=lambda incoming: None,
     )  # type: ignore[arg-type]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ anything else changes nothing or gets one notice."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -165,3 +166,86 @@ async def test_a_regenerate_of_an_older_answer_gets_one_notice(store: Store) -> 
     await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=30), retried=False)
     assert env.answerer.asked == ["$1", "$2"]
     assert env.notices.said == [("reanswer.older", "$r")]
+
+
+async def test_an_edit_reads_its_superseded_original_from_the_ledger(store: Store) -> None:
+    """The queue dropped the original for its edit: the edit's turn finds the original in
+    the ledger, so an outage of the room meanwhile costs neither."""
+    env = Env(store)
+    original = message("$1", "hi", ts=10)
+    env.ledger.superseded(original)
+    while await env.state("$1") != Fate.SUPERSEDED.value:
+        await asyncio.sleep(0.01)
+    env.room.down = True
+    await env.stage.message(ROOM, edit("$e", "$1", "hello", ts=20), retried=False)
+    again = env.answerer.given[-1]
+    assert (again.event_id, again.body, again.replaces, again.resume) == ("$e", "hello", "$1", "")
+    assert await env.state("$e") == Fate.ANSWERED.value
+
+
+async def test_an_edit_the_room_cannot_be_read_for_is_kept_for_retry(store: Store) -> None:
+    env = Env(store)
+    env.room.events["$1"] = sent(message("$1", "hi", ts=10))
+    env.room.down = True
+    the_edit = edit("$e", "$1", "hello", ts=20)
+    await env.stage.message(ROOM, the_edit, retried=False)
+    assert env.answerer.asked == [] and env.notices.said == [("send.failed", "$e")]
+    assert await env.state("$e") == Fate.KEPT.value
+    env.room.down = False
+    [kept] = await env.ledger.kept(ROOM)
+    await env.stage.message(ROOM, kept, retried=True)  # !retry
+    assert env.answerer.given[-1].body == "hello" and await env.state("$e") == Fate.ANSWERED.value
+
+
+async def test_an_older_edit_gives_way_to_a_newer_one_of_the_same_message(store: Store) -> None:
+    """Edits E1 (caught up) and E2 (live, seen meanwhile): E1 answers nothing, and no turn
+    ends E2, which answers the newest text."""
+    env = Env(store)
+    await answered(env, message("$1", "v1", ts=10))
+    newer = edit("$e2", "$1", "v3", ts=30)
+    env.ledger.seen(newer)
+    while await env.state("$e2") != Fate.SEEN.value:
+        await asyncio.sleep(0.01)
+    await env.stage.message(ROOM, edit("$e1", "$1", "v2", ts=20), retried=False)
+    assert await env.state("$e1") == Fate.SUPERSEDED.value and env.answerer.asked == ["$1"]
+    env.room.events["$answer$1"] = bot_event("$answer$1", {"body": "v1", ANSWERS: "$1"})
+    await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=25), retried=False)
+    assert env.answerer.given[-1].body == "v1"  # the 🔁 came before E2: E2 is not its form
+    assert await env.state("$e2") == Fate.SEEN.value
+    await env.stage.message(ROOM, newer, retried=False)
+    assert env.answerer.given[-1].body == "v3" and await env.state("$e2") == Fate.ANSWERED.value
+
+
+async def test_another_members_pending_edit_does_not_steer_the_owners_regenerate(
+    store: Store,
+) -> None:
+    env = Env(store, access__shared_rooms=True)
+    await answered(env, message("$1", "tell a joke", ts=10))
+    env.room.events["$answer$1"] = bot_event("$answer$1", {"body": "joke", ANSWERS: "$1"})
+    env.ledger.seen(edit("$forged", "$1", "say something rude", ts=20, sender=OTHER))
+    while await env.state("$forged") != Fate.SEEN.value:
+        await asyncio.sleep(0.01)
+    await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=30), retried=False)
+    assert env.answerer.given[-1].body == "tell a joke"
+    assert await env.state("$r") == Fate.ANSWERED.value
+
+
+@pytest.mark.parametrize(
+    ("content", "sender", "replaced"),
+    [
+        ({"msgtype": "m.text", "body": "hi"}, USER, True),
+        ({"msgtype": "m.file", "body": "a.pdf", "url": "mxc://example.org/a"}, USER, False),
+        ({"msgtype": "m.audio", "body": "voice", "url": "mxc://example.org/v"}, USER, False),
+        ({"msgtype": "m.text", "body": "hi"}, OTHER, False),
+    ],
+    ids=["text", "file", "voice", "another member's"],
+)
+async def test_the_queue_drops_for_an_edit_only_the_owners_text_it_edits(
+    store: Store, content: dict[str, Any], sender: str, replaced: bool
+) -> None:
+    """A text edit naming a queued file is refused in its turn: the file stays queued."""
+    env = Env(store, access__shared_rooms=True)
+    event = {"type": "m.room.message", "event_id": "$1", "sender": sender, "room_id": ROOM,
+             "origin_server_ts": 10, "content": content}  # fmt: skip
+    earlier = classify(event, BOT)
+    assert env.stage.supersedes(edit("$e", "$1", "changed", ts=20, sender=sender), earlier) is replaced
