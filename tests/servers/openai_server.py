@@ -12,6 +12,8 @@ first piece without ``[DONE]``.
 
 "keepalive" streams keep-alive comments and "endless" streams pieces of text, one every
 ``chunk_delay_s``, never ending: until the client goes away or the server stops.
+A stream the client leaves before its end (any mode) is noted in ``left`` (when, by
+``time.monotonic()``); ``wait_left(n)`` waits until n were, without polling.
 
 Usage: every answer carries ``usage``, counting one token per character (the text of every
 message sent in, the answer out) unless ``usage`` is set: None sends none, anything else is
@@ -27,7 +29,9 @@ Authorization header), "garbage" text that is not JSON, "shape" JSON without ``t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +49,22 @@ class OpenAIServer(LocalServer):
     transcription_mode: str = "ok"
     transcription_status: int = 500
     transcription_delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.left: list[float] = []  # when a client left a stream unfinished (monotonic)
+        self._leaving = asyncio.Condition()
+
+    async def wait_left(self, count: int = 1, timeout: float = 30.0) -> list[float]:
+        """Waits until clients left ``count`` streams before their end, in all."""
+        async with self._leaving:
+            await asyncio.wait_for(self._leaving.wait_for(lambda: len(self.left) >= count), timeout)
+        return list(self.left)
+
+    async def _client_left(self) -> None:
+        async with self._leaving:
+            self.left.append(time.monotonic())
+            self._leaving.notify_all()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -107,7 +127,7 @@ class OpenAIServer(LocalServer):
             while not await self.pause(self.chunk_delay_s):
                 await resp.write(line.encode())
         except ConnectionError:
-            pass  # the client gave up on it, as it should
+            await self._client_left()  # the client gave up on it, as it should
         return resp
 
     def _answer(self, body: dict[str, Any]) -> str:
@@ -117,9 +137,16 @@ class OpenAIServer(LocalServer):
         return self.answer_for(_text_of(last["content"]))
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        answer = self._answer(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        try:
+            await self._streamed(resp, body)
+        except ConnectionError:
+            await self._client_left()  # gone before the end: nothing more to send it
+        return resp
+
+    async def _streamed(self, resp: web.StreamResponse, body: dict[str, Any]) -> None:
+        answer = self._answer(body)
         options = body.get("stream_options") or {}
         with_usage = bool(options.get("include_usage")) and self.mode != "garbage"
 
@@ -132,25 +159,24 @@ class OpenAIServer(LocalServer):
         if self.mode == "garbage":
             await event("{not json")
             await resp.write_eof()
-            return resp
+            return
         await event({"choices": [_choice(delta={"role": "assistant"})]})
         size = max(1, -(-len(answer) // self.chunks))  # ceiling division
         pieces = [answer[i : i + size] for i in range(0, len(answer), size)]
         for index, piece in enumerate(pieces):
             if index and await self.pause(self.chunk_delay_s):
-                return resp  # stopping
+                return  # stopping
             delta = {"content": piece} if self.mode != "shape" else {"content": 42}
             await event({"choices": [_choice(delta=delta)]})
             if self.mode == "cut":
                 await resp.write_eof()
-                return resp
+                return
         await event({"choices": [_choice(delta={}, finish="stop")]})
         usage = self._usage(body, answer)
         if with_usage and usage is not None:
             await event({"choices": [], "usage": usage})
         await event("[DONE]")
         await resp.write_eof()
-        return resp
 
     async def _transcriptions(self, request: web.Request) -> web.Response:
         form = await request.post()  # read once already, and kept, by the recording
