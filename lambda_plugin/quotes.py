@@ -21,7 +21,7 @@ async def quoted_text(
     """The text of the event ``event_id`` (at most ``max_chars``, cut with "…"); "" when
     it can't be read or holds none."""
     try:
-        event = await mx.opened_event(room_id, event_id)
+        event = await mx.shown_event(room_id, event_id)
     except HomeserverError as e:
         log.debug("The event %s replied to in %s can't be read: %s", event_id, room_id, e)
         return ""
@@ -29,8 +29,8 @@ async def quoted_text(
 
 
 def text_of(event: dict[str, Any]) -> str:
-    """A message event's text as a client shows it (an edit's newest text is not fetched:
-    the event as sent); a file's caption or name."""
+    """A message event's text (as shown: its newest edit, where the homeserver bundles
+    it); a file's caption or name."""
     content = event.get("content")
     if event.get("type") != "m.room.message" or not isinstance(content, dict):
         return ""

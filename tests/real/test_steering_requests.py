@@ -183,18 +183,7 @@ def reply_of(room: str, sender: str, event_id: str, quoted: str, text: str) -> d
     }  # fmt: skip
 
 
-# A plugin bug, until fixed: quotes.text_of reads the event replied to as GET /event gives it,
-# the original (MSC2676), so a streamed answer is quoted as its first partial ("reply to: f …"),
-# not as the user sees it; the newest edit is in its unsigned["m.relations"]["m.replace"].
-QUOTES_THE_FIRST_PARTIAL = pytest.mark.xfail(
-    strict=True, reason="a reply to a streamed answer quotes its first partial, not its text"
-)
-
-
-@pytest.mark.parametrize(
-    "target",
-    ["own-message", pytest.param("streamed-answer", marks=QUOTES_THE_FIRST_PARTIAL)],
-)
+@pytest.mark.parametrize("target", ["own-message", "streamed-answer"])
 async def test_a_reply_sends_the_quote_and_the_text_without_the_fallback(
     stack: Deployment, new_user, steered: OpenAIServer, target: str
 ) -> None:

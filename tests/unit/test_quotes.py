@@ -35,7 +35,8 @@ class Events:
     async def _open(self, room_id: str, raw: dict[str, Any]) -> Any:
         return self._opened
 
-    opened_event = Matrix.opened_event  # the real one, over this fake's event and crypto
+    opened_event = Matrix.opened_event  # the real ones, over this fake's event and crypto
+    shown_event = Matrix.shown_event
 
     async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
         self.asked.append(event_id)
@@ -87,9 +88,20 @@ def test_the_text_of_an_event(event: dict[str, Any], text: str) -> None:
     assert text_of(event) == text
 
 
+def edited(edit_sender: str = USER, edit_type: str = "m.room.message") -> dict[str, Any]:
+    """A streamed answer as /event serves it: the original, its newest edit bundled."""
+    edit = {"type": edit_type, "sender": edit_sender, "event_id": "$edit",
+            "content": {"body": "* the whole answer", "m.new_content": {"msgtype": "m.text",
+                        "body": "the whole answer"}}}  # fmt: skip
+    return {**message("the wh …"), "unsigned": {"m.relations": {"m.replace": edit}}}
+
+
 @pytest.mark.parametrize(
     ("source", "most", "quote"),
     [
+        (Events(edited()), 2000, "the whole answer"),  # as the user sees it
+        (Events(edited("@mallory:example.org")), 2000, "the wh …"),  # not its sender's edit
+        (Events(edited(edit_type="m.room.encrypted"), opened=None), 2000, "the wh …"),
         (Events(message("what is 2+2?")), 2000, "what is 2+2?"),
         (Events(message("x" * 5000)), 10, "x" * 9 + "…"),
         (Events(HomeserverError(404, "M_NOT_FOUND", "gone")), 2000, ""),
