@@ -66,6 +66,7 @@ class Config(BaseProxyConfig):
         helper.copy("reconcile.handled_kept_days")
         helper.copy("reconcile.read_batch")
         helper.copy("reconcile.catch_up_max_events")
+        helper.copy("reconcile.delta_start")
         helper.copy("outages.homeserver_wait_s")
         helper.copy("outages.database_wait_s")
         helper.copy("transcription")
@@ -220,6 +221,7 @@ class Settings:
     room_version: str | None  # of new Spaces and chats; None: the homeserver's default
     space_avatar_url: str | None  # an mxc:// avatar for new Spaces
     catch_up_max_events: int  # events of one room a start reads back, a cut timeline paged
+    delta_start: bool  # a restart reads the rooms changed since the stored position only
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
         """The user's (daily, monthly) token limits; 0 is no limit."""
@@ -302,6 +304,7 @@ def _timing(config: BaseProxyConfig) -> dict[str, Any]:
         "handled_kept_s": _number(config, "reconcile.handled_kept_days") * DAY_S,
         "read_batch": _read_batch(config["reconcile.read_batch"]),
         "catch_up_max_events": _whole(config, "reconcile.catch_up_max_events"),
+        "delta_start": _flag(config, "reconcile.delta_start"),
         "homeserver_wait_s": _number(config, "outages.homeserver_wait_s"),
         "database_wait_s": _number(config, "outages.database_wait_s"),
     }

@@ -33,6 +33,7 @@ from .matrix import HomeserverError
 from .part import Part
 from .policy import Admission, admit
 from .reconcile import Reconciler, Report
+from .reconcile.delta import delta_start
 
 Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
@@ -69,15 +70,20 @@ class Startup(Part):
         # that catch-up reads from: a start longer than the window must not move it on.
         self._caught_up = False
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
+        self.verification: asyncio.Future | None = None  # after a delta start
 
     async def run(self) -> None:
-        """The start: never raises, never gives up while the homeserver or database is down."""
+        """The start: never raises, never gives up while the homeserver or database is down.
+        After a start that read only the changed rooms, every room is verified in the
+        background once users are answered again."""
         self.check_encryption()
         report = await self._reconcile_until_done()
         invites = await self._catch_up_retried()
         report.invites = len(invites)
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
+        if report.delta:
+            self.verification = asyncio.ensure_future(self.verify())
         await self._pending_invites(invites)
         await self._joined_meanwhile()
         await self.prune_handled()
@@ -97,11 +103,38 @@ class Startup(Part):
             try:
                 async with self._lock:
                     await self.registry.load()
-                    return await self.reconciler.run()
+                    return await self._delta() or await self.reconciler.run()
             except Exception as e:  # homeserver or database down: never give up, never raise
                 self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
+
+    async def _delta(self) -> Report | None:
+        """The rooms changed since the stop, read again, when the database kept its sync
+        position (None: every room is read)."""
+        since = await self.store.get_value(SYNC_TOKEN_KEY) if self.settings().delta_start else None
+        if not since or not self.registry.users:
+            return None
+        reconciler = self.reconciler
+        report = await delta_start(reconciler.mx, since, reconciler.reread, self.log)
+        if report is not None:
+            reconciler.last_report = report
+        return report
+
+    async def verify(self) -> Report | None:
+        """Every room read and reconciled, gently, after a delta start: what the delta
+        missed is repaired, and said (None: it failed; the next start reads again)."""
+        try:
+            async with self._lock:
+                report = await self.reconciler.run(gentle=True)
+        except Exception as e:
+            self.log.warning("Verifying every room after the start failed: %s", e)
+            return None
+        if report.repairs():
+            self.log.warning("Verified every room: %d repaired: %s", report.repairs(), report.line())
+        else:
+            self.log.info("Verified every room: nothing to repair (%s)", report.line())
+        return report
 
     async def _catch_up_retried(self) -> list[tuple[str, str]]:
         """The catch-up, tried again a few times while the homeserver stumbles: what users

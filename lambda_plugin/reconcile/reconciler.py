@@ -21,6 +21,8 @@ from .reread import Rereads, Settled, settle_room
 
 READ_CONCURRENCY = 32  # /state reads at once
 BATCHES_AT_ONCE = 4  # sliding-sync reads at once (reconcile.read_batch rooms each)
+# A verification in the background, while users are answered: one batch, few reads at once.
+GENTLE = (1, 4)  # (batches, /state reads) at once
 # The sliding-sync connections of a start's reads, one per batch: each read restarts its
 # connection, so the homeserver keeps no more than one start's worth of them.
 CONN_ID = "ai.lambda.matrix.reconcile"
@@ -46,14 +48,15 @@ class Reconciler:
     def __post_init__(self) -> None:
         self.rereads = Rereads(self.reread, self.log)
 
-    async def run(self, dry_run: bool = False) -> Report:
-        """Reconciles once; returns the report."""
+    async def run(self, dry_run: bool = False, gentle: bool = False) -> Report:
+        """Reconciles once; returns the report. ``gentle``: at low concurrency (in the
+        background, while users are answered)."""
         started = time.monotonic()
         requests_before = self.mx.requests
         # What the plugin knew before reading the rooms: a row that changes while they are
         # read (a !clear, a rename) is newer than what was read, and is left alone.
         known_users, known_rooms = dict(self.registry.users), dict(self.registry.rooms)
-        states = await self.read_topology()
+        states = await self.read_topology(GENTLE) if gentle else await self.read_topology()
         result = plan(
             states,
             self.mx.user_id,
@@ -91,7 +94,9 @@ class Reconciler:
                 )
         return len(sealed)
 
-    async def read_topology(self) -> dict[str, RoomState]:
+    async def read_topology(
+        self, at_once: tuple[int, int] = (BATCHES_AT_ONCE, READ_CONCURRENCY)
+    ) -> dict[str, RoomState]:
         """Every joined room's state, parsed as it arrives (only what reconciliation reads
         is kept): in batches through sliding sync where the homeserver has it, one /state
         per room otherwise and for any room a batch did not bring. Pending invites come
@@ -101,15 +106,15 @@ class Reconciler:
         states: dict[str, RoomState] = {}
         size = self.settings().read_batch
         if size and self.sliding_sync and self.mx.device_id:  # sliding sync wants a device
-            await self._read_batches(room_ids, size, states)
+            await self._read_batches(room_ids, size, states, at_once[0])
         left = [room_id for room_id in room_ids if room_id not in states]
-        self._unread = await self._read_each(left, states)
+        self._unread = await self._read_each(left, states, at_once[1])
         return states
 
     async def _read_batches(
-        self, room_ids: list[str], size: int, states: dict[str, RoomState]
+        self, room_ids: list[str], size: int, states: dict[str, RoomState], at_once: int
     ) -> None:
-        mx, limit = self.mx, asyncio.Semaphore(BATCHES_AT_ONCE)
+        mx, limit = self.mx, asyncio.Semaphore(at_once)
 
         async def read(index: int, batch: list[str]) -> None:
             async with limit:
@@ -139,9 +144,11 @@ class Reconciler:
         else:
             self.log.warning("A batched read of rooms failed (%s): read one by one instead", e)
 
-    async def _read_each(self, room_ids: list[str], states: dict[str, RoomState]) -> set[str]:
-        """One /state per room, READ_CONCURRENCY at a time; returns the unreadable ones."""
-        mx, limit = self.mx, asyncio.Semaphore(READ_CONCURRENCY)
+    async def _read_each(
+        self, room_ids: list[str], states: dict[str, RoomState], at_once: int
+    ) -> set[str]:
+        """One /state per room, ``at_once`` at a time; returns the unreadable ones."""
+        mx, limit = self.mx, asyncio.Semaphore(at_once)
         unreadable: set[str] = set()
         unanswered: list[HomeserverError] = []
 

@@ -34,6 +34,16 @@ class Report:
     requests: int = 0  # homeserver requests made
     seconds: float = 0.0
     dry_run: bool = False
+    delta: bool = False  # a restart's read of the rooms changed since it stopped, only
+    changed_rooms: int = 0  # the rooms that read found changed, read again
+
+    def repairs(self) -> int:
+        """What the run found wrong and made right (rows, room state, links)."""
+        return (
+            self.restored_user_meta + self.restored_room_meta + self.restored_chat_rows
+            + self.repaired_chat_rows + self.repaired_links + self.repaired_power_levels
+            + self.repaired_guest_access + self.gone_rooms
+        )  # fmt: skip
 
     def line(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.as_dict().items())

@@ -109,6 +109,7 @@ CUSTOM: dict[str, Any] = {
     "reconcile.handled_kept_days": 2,
     "reconcile.read_batch": 50,
     "reconcile.catch_up_max_events": 300,
+    "reconcile.delta_start": False,
     "spaces.room_version": "10",
     "spaces.avatar_url": "mxc://example.org/abcDEF123",
     "outages.homeserver_wait_s": 30,
@@ -228,6 +229,7 @@ def test_custom_config_gives_custom_settings() -> None:
     assert "@alice:example.org" not in s.admins
     assert s.max_chats_per_user == 7
     assert s.shared_rooms is True
+    assert s.delta_start is False
     assert s.space_name == "Space of {user_id}"
     assert s.chat_name == "Talk #{n}"
     assert s.encryption == "never"
@@ -330,6 +332,7 @@ INVALID: list[tuple[str, Any]] = [
     ("spaces.chat_name", "Chat {displayname}"),
     ("access.shared_rooms", "yes"),
     ("access.shared_rooms", 1),
+    ("reconcile.delta_start", "no"),
     ("replies.stream_edit_interval_s", -0.5),
     ("replies.stream_edit_interval_s", 0),
     ("files.max_size_mb", 0),

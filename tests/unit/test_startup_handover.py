@@ -471,7 +471,7 @@ class LongStart:
         self.read_from: list[str | None] = []
         self.account: dict[str, Any] = {}
         self.queued = False
-        self.registry = SimpleNamespace(rooms={}, load=_nothing)
+        self.registry = SimpleNamespace(rooms={}, users={}, load=_nothing)
         self.user_id = BOT
         self.crypto = SimpleNamespace(available=True, open_all=_open_nothing)
         self.mx = self
@@ -479,7 +479,7 @@ class LongStart:
     async def run(self) -> Any:  # the Reconciler
         self.reconciling.set()
         await self.release.wait()
-        return SimpleNamespace(invites=0, line=lambda: "")
+        return SimpleNamespace(invites=0, line=lambda: "", delta=False)
 
     async def read(self, since: str | None, back_to_ms: int = 0) -> dict[str, Any]:  # CatchUp
         self.read_from.append(since)

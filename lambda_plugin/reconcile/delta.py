@@ -1,0 +1,110 @@
+"""A restart costs what changed, not what exists.
+
+With the database intact, the stored sync position says where the plugin stopped (a
+catch-up window back). One ``/sync`` from there, filtered to the state types reconciliation
+reads, names the rooms whose state changed since (and the rooms the bot left); only those
+are read again and settled (``Reconciler.reread``), and the start's gate opens. A full
+reconciliation of every room follows in the background (``Reconciler.run`` at low
+concurrency, after the gate is open): it repairs what the delta could not see (a room made
+unmarked, adopted through its Space's listing) and logs what it repaired. A position the
+homeserver refuses, or a room that can't be read now, means the start reads everything,
+as without a position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..matrix import HomeserverError, Matrix
+from ..roomstate import STATE_TYPES
+from .report import Report
+
+REREADS_AT_ONCE = 8  # changed rooms read again at once during a start
+
+
+def delta_filter() -> str:
+    """State changes of the types reconciliation reads, per room, and the rooms left; no
+    messages, members, receipts or account data (a room with none of those changes is not
+    in the answer). A room that cannot exist makes each request unique (Synapse caches
+    sync answers)."""
+    return json.dumps(
+        {
+            "room": {
+                "not_rooms": [f"!lambda-{uuid.uuid4().hex}:invalid"],
+                "timeline": {"types": STATE_TYPES, "limit": 1},
+                "state": {"types": STATE_TYPES},
+                "ephemeral": {"not_types": ["*"]},
+                "account_data": {"not_types": ["*"]},
+                "include_leave": True,
+            },
+            "presence": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]},
+        }
+    )
+
+
+def changed_rooms(sync: Any) -> list[str]:
+    """Rooms of a filtered /sync whose state changed (events in their state or timeline),
+    and the rooms the bot left or was removed from; sorted, each once."""
+    rooms = sync.get("rooms") if isinstance(sync, dict) else None
+    if not isinstance(rooms, dict):
+        return []
+    changed: set[str] = set()
+    joined = rooms.get("join")
+    for room_id, data in (joined if isinstance(joined, dict) else {}).items():
+        if isinstance(room_id, str) and _has_events(data):
+            changed.add(room_id)
+    left = rooms.get("leave")
+    changed.update(r for r in (left if isinstance(left, dict) else {}) if isinstance(r, str))
+    return sorted(changed)
+
+
+def _has_events(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    for section in ("state", "timeline"):
+        part = data.get(section)
+        events = part.get("events") if isinstance(part, dict) else None
+        if isinstance(events, list) and events:
+            return True
+    return False
+
+
+async def delta_start(
+    mx: Matrix, since: str, reread: Callable[[str], Awaitable[None]], log: Any
+) -> Report | None:
+    """Reads the rooms changed since ``since`` again; their report, or None when the full
+    read is needed (the position refused, a changed room that can't be read now). An outage
+    is raised: the start tries again."""
+    started, requests_before = time.monotonic(), mx.requests
+    query = {"filter": delta_filter(), "since": since, "timeout": "0"}
+    try:
+        sync = await mx.sync(query)
+    except HomeserverError as e:
+        if e.status == 0 or e.status >= 500:
+            raise
+        log.info("The stored sync position was refused (%s): every room is read", e)
+        return None
+    changed = changed_rooms(sync)
+    limit = asyncio.Semaphore(REREADS_AT_ONCE)
+
+    async def read(room_id: str) -> bool:
+        async with limit:
+            try:
+                await reread(room_id)
+                return True
+            except Exception as e:
+                log.warning("Reading the changed room %s failed (%s): every room is read", room_id, e)
+                return False
+
+    if not all(await asyncio.gather(*(read(room_id) for room_id in changed))):
+        return None
+    report = Report(delta=True, changed_rooms=len(changed))
+    report.requests = mx.requests - requests_before
+    report.seconds = time.monotonic() - started
+    return report

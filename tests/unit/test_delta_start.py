@@ -1,0 +1,196 @@
+"""A restart with the database intact reads only the rooms changed since it stopped, then
+verifies every room in the background; without a usable position it reads everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from lambda_plugin.catchup import SYNC_TOKEN_KEY
+from lambda_plugin.gate import StartGate
+from lambda_plugin.matrix import HomeserverError
+from lambda_plugin.reconcile import Report
+from lambda_plugin.reconcile.delta import changed_rooms, delta_filter, delta_start
+from lambda_plugin.roomstate import STATE_TYPES
+from lambda_plugin.startup import Startup
+from tests.unit.test_config import settings as make_settings
+from tests.unit.test_startup_handover import LongStart
+
+LOG = logging.getLogger("test.delta")
+TIMEOUT = 10
+STATE = {"events": [{"type": "m.room.name", "state_key": "", "content": {"name": "x"}}]}
+
+
+@pytest.mark.parametrize(
+    ("sync", "changed"),
+    [
+        ({"rooms": {"join": {"!a:x": {"state": STATE}, "!b:x": {"timeline": STATE}}}}, ["!a:x", "!b:x"]),
+        ({"rooms": {"join": {"!a:x": {"timeline": {"events": []}, "state": {"events": []}}}}}, []),
+        ({"rooms": {"leave": {"!gone:x": {}}, "join": {"!a:x": {}}}}, ["!gone:x"]),
+        ({"rooms": {"join": {"!a:x": None, "!b:x": {"state": "x"}, "!c:x": {"state": {"events": 5}}}}}, []),
+        ({"rooms": {"join": ["!a:x"], "leave": "!b:x"}}, []),
+        ({"rooms": None}, []),
+        ([], []),
+        (None, []),
+    ],
+)  # fmt: skip
+def test_the_changed_rooms_of_a_filtered_sync(sync: Any, changed: list[str]) -> None:
+    assert changed_rooms(sync) == changed
+
+
+def test_the_filter_asks_for_state_changes_only() -> None:
+    room = json.loads(delta_filter())["room"]
+    assert room["timeline"]["types"] == STATE_TYPES == room["state"]["types"]
+    assert room["include_leave"] is True and room["ephemeral"] == {"not_types": ["*"]}
+    assert delta_filter() != delta_filter()  # never a cached answer of the last start
+
+
+class DeltaMatrix:
+    def __init__(self, answer: dict | HomeserverError) -> None:
+        self.answer = answer
+        self.requests = 0
+        self.queries: list[dict[str, str]] = []
+
+    async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict:
+        self.requests += 1
+        self.queries.append(query)
+        if isinstance(self.answer, HomeserverError):
+            raise self.answer
+        return self.answer
+
+
+CHANGED = {"rooms": {"join": {"!a:x": {"state": STATE}}, "leave": {"!b:x": {}}}}
+
+
+async def test_only_the_changed_rooms_are_read_again() -> None:
+    mx, read = DeltaMatrix(CHANGED), []
+
+    async def reread(room_id: str) -> None:
+        read.append(room_id)
+
+    report = await delta_start(mx, "s-stop", reread, LOG)  # type: ignore[arg-type]
+    assert read == ["!a:x", "!b:x"] and mx.queries[0]["since"] == "s-stop"
+    assert report is not None and (report.delta, report.changed_rooms, report.requests) == (True, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("answer", "fails"),
+    [
+        (HomeserverError(400, "M_UNKNOWN", "bad since"), False),  # refused: read everything
+        (HomeserverError(404, None, "no such token"), False),
+        (CHANGED, True),  # a changed room that can't be read now: read everything
+    ],
+)
+async def test_an_unusable_delta_means_every_room_is_read(answer: Any, fails: bool) -> None:
+    async def reread(room_id: str) -> None:
+        if fails:
+            raise HomeserverError(403, "M_FORBIDDEN", "not now")
+
+    assert await delta_start(DeltaMatrix(answer), "s", reread, LOG) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("status", [0, 502])
+async def test_an_outage_during_the_delta_is_raised_for_the_start_to_try_again(status: int) -> None:
+    async def reread(room_id: str) -> None:
+        raise AssertionError("nothing to read")
+
+    with pytest.raises(HomeserverError):
+        await delta_start(DeltaMatrix(HomeserverError(status, None, "down")), "s", reread, LOG)  # type: ignore[arg-type]
+
+
+class Reconciling(LongStart):
+    """A reconciler whose full runs are recorded (gentle or not); its rooms changed: one."""
+
+    def __init__(self, repairs: int = 0) -> None:
+        super().__init__()
+        self.release.set()
+        self.registry = SimpleNamespace(rooms={}, users={"@ann:x": object()}, load=self._load)
+        self.runs: list[bool] = []
+        self.reread_rooms: list[str] = []
+        self.answer = CHANGED
+        self.requests = 0
+        self.repairs = repairs
+        self.last_report: Report | None = None
+
+    async def _load(self) -> None:
+        pass
+
+    async def run(self, dry_run: bool = False, gentle: bool = False) -> Report:  # type: ignore[override]
+        self.runs.append(gentle)
+        return Report(repaired_chat_rows=self.repairs if gentle else 0)
+
+    async def reread(self, room_id: str) -> None:
+        self.reread_rooms.append(room_id)
+
+    async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict:
+        return self.answer
+
+    async def account_data(self, data_type: str) -> dict | None:  # no position there either
+        return None
+
+
+class Values:
+    def __init__(self, **values: str) -> None:
+        self.values = values
+
+    async def get_value(self, key: str) -> str | None:
+        return self.values.get(key)
+
+
+async def _nothing(*_args: Any) -> Any:
+    return []
+
+
+def startup_of(reconciler: Reconciling, store: Values, delta: bool = True) -> Startup:
+    settings = replace(make_settings(), delta_start=delta)
+    ledger = SimpleNamespace(unfinished=_nothing, states_of=_states, end=_nothing, prune=_nothing)
+    return Startup(
+        settings=lambda: settings, log=LOG, gate=StartGate(), store=store, ledger=ledger,
+        reconciler=reconciler, catch_up=reconciler, enqueue=lambda incoming, replay: None,
+        invite=_nothing, sealed=_nothing, background=asyncio.ensure_future,
+    )  # type: ignore[arg-type]  # fmt: skip
+
+
+async def _states(*_args: Any) -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("repairs", [0, 2])
+async def test_a_restart_reads_the_changed_rooms_then_verifies_all_in_the_background(
+    repairs: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    reconciler = Reconciling(repairs)
+    startup = startup_of(reconciler, Values(**{SYNC_TOKEN_KEY: "s-stop"}))
+    await asyncio.wait_for(startup.run(), TIMEOUT)
+    assert startup.gate.is_open and reconciler.reread_rooms == ["!a:x", "!b:x"]
+    assert startup.verification is not None
+    verified = await asyncio.wait_for(startup.verification, TIMEOUT)
+    assert reconciler.runs == [True]  # one full run, gentle, after the gate opened
+    assert verified is not None and verified.repairs() == repairs
+    assert ("repaired" in caplog.text) is bool(repairs)
+
+
+@pytest.mark.parametrize(
+    ("values", "delta", "users"),
+    [
+        ({}, True, True),  # the database lost its position (or never had one)
+        ({SYNC_TOKEN_KEY: "s-stop"}, False, True),  # the operator turned it off
+        ({SYNC_TOKEN_KEY: "s-stop"}, True, False),  # a database without a user: rebuilt
+    ],
+)
+async def test_without_a_usable_position_every_room_is_read_before_the_gate(
+    values: dict[str, str], delta: bool, users: bool
+) -> None:
+    reconciler = Reconciling()
+    if not users:
+        reconciler.registry.users = {}
+    startup = startup_of(reconciler, Values(**values), delta)
+    await asyncio.wait_for(startup.run(), TIMEOUT)
+    assert reconciler.runs == [False] and reconciler.reread_rooms == []
+    assert startup.verification is None
