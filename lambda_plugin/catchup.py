@@ -27,6 +27,9 @@ TIMELINE_LIMIT = 50
 CATCH_UP_TYPES = ["m.room.message", "m.reaction", "m.room.encrypted"]  # encrypted: decrypted after
 PAGE_LIMIT = 100  # events per /messages page when a room's timeline was cut (limited)
 SYNC_TOKEN_KEY = "catch_up_since"
+# Where the next start's delta reads state changes from: the newest position this process
+# reconciled up to (a change it missed is repaired by the verification that follows).
+DELTA_TOKEN_KEY = "delta_since"
 # The same position in the bot's account data: the rooms are the truth, and where the
 # catch-up resumes from survives a lost database too (no full /sync over every room).
 SYNC_POSITION_TYPE = "ai.lambda.matrix.catch_up"
@@ -262,6 +265,9 @@ class SyncPositions:
 
     def record(self, token: str) -> None:
         self.seen.append((time.time(), token))
+
+    def newest(self) -> str | None:
+        return self.seen[-1][1] if self.seen else None
 
     def older_than(self, age_s: float) -> str | None:
         """The newest position seen at least ``age_s`` ago (older ones are dropped)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .catchup import (
+    DELTA_TOKEN_KEY,
     SYNC_POSITION_TYPE,
     SYNC_TOKEN_KEY,
     CatchUp,
@@ -66,11 +67,12 @@ class Startup(Part):
         # maubot's first sync, until the start's catch-up merges it (None once it did).
         self._handed_over: dict[str, list[dict]] | None = {}
         self._saved_position: str | None = None
+        self._saved_delta: str | None = None
         # Until this start's catch-up has queued what it read, the stored position is where
         # that catch-up reads from: a start longer than the window must not move it on.
         self._caught_up = False
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
-        self.verification: asyncio.Future | None = None  # after a delta start
+        self.verification: object = None  # the background verification after a delta start
 
     async def run(self) -> None:
         """The start: never raises, never gives up while the homeserver or database is down.
@@ -83,7 +85,7 @@ class Startup(Part):
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
         if report.delta:
-            self.verification = asyncio.ensure_future(self.verify())
+            self.verification = self.background(self.verify())  # a stop cancels it
         await self._pending_invites(invites)
         await self._joined_meanwhile()
         await self.prune_handled()
@@ -112,9 +114,9 @@ class Startup(Part):
     async def _delta(self) -> Report | None:
         """The rooms changed since the stop, read again, when the database kept its sync
         position (None: every room is read)."""
-        since = await self.store.get_value(SYNC_TOKEN_KEY) if self.settings().delta_start else None
-        if not since or not self.registry.users:
-            return None
+        since = await self.store.get_value(DELTA_TOKEN_KEY) if self.settings().delta_start else None
+        if not since or not self.registry.users or not self.registry.rooms:
+            return None  # a database without its rows (wiped by hand): rebuilt in full
         reconciler = self.reconciler
         report = await delta_start(reconciler.mx, since, reconciler.reread, self.log)
         if report is not None:
@@ -322,16 +324,20 @@ class Startup(Part):
         """Stores where the next start's catch-up reads from (a catch-up window back), in
         the database and in the bot's account data, when it moved; never before this
         start's catch-up has queued what it read (a start that never caught up leaves the
-        position where it was: the next start reads from there again)."""
+        position where it was: the next start reads from there again). Also the newest
+        position, in the database only: where the next start's delta reads from."""
         if not self._caught_up:
             return
         token = self.positions.older_than(self.settings().catch_up_s)
-        if token is None or token == self._saved_position:
-            return
+        newest = self.positions.newest()
         try:
-            await self.store.set_value(SYNC_TOKEN_KEY, token)
-            await self.catch_up.mx.set_account_data(SYNC_POSITION_TYPE, {"since": token})
-            self._saved_position = token
+            if newest is not None and newest != self._saved_delta:
+                await self.store.set_value(DELTA_TOKEN_KEY, newest)
+                self._saved_delta = newest
+            if token is not None and token != self._saved_position:
+                await self.store.set_value(SYNC_TOKEN_KEY, token)
+                await self.catch_up.mx.set_account_data(SYNC_POSITION_TYPE, {"since": token})
+                self._saved_position = token
         except Exception:
             self.log.exception("Saving the sync position failed")
 

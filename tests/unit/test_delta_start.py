@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lambda_plugin.catchup import SYNC_TOKEN_KEY
+from lambda_plugin.catchup import DELTA_TOKEN_KEY
 from lambda_plugin.gate import StartGate
 from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import Report
@@ -110,7 +110,10 @@ class Reconciling(LongStart):
     def __init__(self, repairs: int = 0) -> None:
         super().__init__()
         self.release.set()
-        self.registry = SimpleNamespace(rooms={}, users={"@ann:x": object()}, load=self._load)
+        self.registry = SimpleNamespace(
+            rooms={"!a:x": SimpleNamespace(room_id="!a:x", gone=False, archived=False)}, users={"@ann:x": object()},
+            load=self._load,
+        )
         self.runs: list[bool] = []
         self.reread_rooms: list[str] = []
         self.answer = CHANGED
@@ -166,11 +169,11 @@ async def test_a_restart_reads_the_changed_rooms_then_verifies_all_in_the_backgr
     repairs: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     reconciler = Reconciling(repairs)
-    startup = startup_of(reconciler, Values(**{SYNC_TOKEN_KEY: "s-stop"}))
+    startup = startup_of(reconciler, Values(**{DELTA_TOKEN_KEY: "s-stop"}))
     await asyncio.wait_for(startup.run(), TIMEOUT)
     assert startup.gate.is_open and reconciler.reread_rooms == ["!a:x", "!b:x"]
     assert startup.verification is not None
-    verified = await asyncio.wait_for(startup.verification, TIMEOUT)
+    verified = await asyncio.wait_for(startup.verification, TIMEOUT)  # type: ignore[arg-type]
     assert reconciler.runs == [True]  # one full run, gentle, after the gate opened
     assert verified is not None and verified.repairs() == repairs
     assert ("repaired" in caplog.text) is bool(repairs)
@@ -180,8 +183,8 @@ async def test_a_restart_reads_the_changed_rooms_then_verifies_all_in_the_backgr
     ("values", "delta", "users"),
     [
         ({}, True, True),  # the database lost its position (or never had one)
-        ({SYNC_TOKEN_KEY: "s-stop"}, False, True),  # the operator turned it off
-        ({SYNC_TOKEN_KEY: "s-stop"}, True, False),  # a database without a user: rebuilt
+        ({DELTA_TOKEN_KEY: "s-stop"}, False, True),  # the operator turned it off
+        ({DELTA_TOKEN_KEY: "s-stop"}, True, False),  # a database without its rows: rebuilt
     ],
 )
 async def test_without_a_usable_position_every_room_is_read_before_the_gate(
@@ -189,7 +192,7 @@ async def test_without_a_usable_position_every_room_is_read_before_the_gate(
 ) -> None:
     reconciler = Reconciling()
     if not users:
-        reconciler.registry.users = {}
+        reconciler.registry.rooms = {}
     startup = startup_of(reconciler, Values(**values), delta)
     await asyncio.wait_for(startup.run(), TIMEOUT)
     assert reconciler.runs == [False] and reconciler.reread_rooms == []

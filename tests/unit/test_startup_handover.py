@@ -527,11 +527,12 @@ async def test_a_start_longer_than_the_window_stores_no_position_before_its_catc
     )
     await startup.save_sync_position()
     assert store.values["catch_up_since"] == "s-before-the-stop" and long.account == {}
+    assert "delta_since" not in store.values  # the delta's too: this start reconciled nothing yet
     long.release.set()
     await asyncio.wait_for(run, TIMEOUT)
     assert long.read_from == ["s-before-the-stop"] and long.queued  # nothing missed is skipped
     await startup.save_sync_position()  # once the catch-up has run, the position moves on
-    assert store.values["catch_up_since"] == "s-first"
+    assert store.values["catch_up_since"] == "s-first" == store.values["delta_since"]
     assert long.account == {"ai.lambda.matrix.catch_up": {"since": "s-first"}}
 
 
