@@ -18,7 +18,7 @@ from lambda_plugin.marker import MARKER_TYPE
 from .matrix import MatrixError, MatrixUser
 from .stack import Deployment
 
-TABLES = ("chat_room", "lambda_user", "snapshot", "history", "ledger", "usage")
+TABLES = ("chat_room", "lambda_user", "snapshot", "history", "ledger", "usage", "file_place")
 
 
 @dataclass

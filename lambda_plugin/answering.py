@@ -17,6 +17,7 @@ from . import files
 from .agents import Agent, AgentError, AgentReply, AgentRequest, Agents, Attachment, Usage
 from .attachments import FileService
 from .db import ChatRoomRow
+from .db.places import FilePlaceTable
 from .files import caption
 from .intake import ANSWERING, Incoming
 from .ledger import Fate, Ledger
@@ -42,6 +43,7 @@ class Answerer(Part):
     voice: Voice
     quota: Quota
     ledger: Ledger
+    places: FilePlaceTable | None = None  # where files landed: a reply to one names it
 
     async def answer(self, room_id: str, incoming: Incoming) -> tuple[Fate, str]:
         """Hands the message (and its file) to the room's agent and sends the answer; the
@@ -87,12 +89,19 @@ class Answerer(Part):
             body = body if spec is not None else caption(incoming.file)
             attachments = (attachment,)
         if incoming.reply_to and incoming.file is None:
-            most = self.settings().max_quote_chars
-            quote = await quoted_text(self.mx, room.room_id, incoming.reply_to, most, self.log)
-            body = with_quote(body, quote)
+            body = with_quote(body, await self._quote(room.room_id, incoming.reply_to))
         return AgentRequest(
             room.platform_chat_id, body, incoming.sender, attachments, incoming.event_id,
             replaces=incoming.replaces,
+        )
+
+    async def _quote(self, room_id: str, reply_to: str) -> str:
+        """The event replied to, quoted; a file's workspace path only while a workspace is
+        set (without one, the agent can't open it)."""
+        settings = self.settings()
+        places = self.places if settings.workspace_root else None
+        return await quoted_text(
+            self.mx, room_id, reply_to, settings.max_quote_chars, self.log, places
         )
 
     async def ask(

@@ -2,6 +2,7 @@
 
 The workspace rules (names, size, which folder) live in ``files``; this part chooses the way
 (workspace, inline for agents that take files so, or refused) and tells the user a refusal.
+Where a file lands in the workspace is recorded, so a later reply to its message can name it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from . import files
 from .agents import Agent, Attachment
+from .db.places import FilePlaceTable
 from .intake import Incoming
 from .matrix import Matrix
 from .notices import Notices
@@ -23,6 +25,7 @@ class FileService(Part):
 
     mx: Matrix
     notices: Notices
+    places: FilePlaceTable | None = None  # where files landed, for replies (None: not kept)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def take(
@@ -51,7 +54,20 @@ class FileService(Part):
             "Received file %s from %s in %s",
             attachment.workspace_path or attachment.name, incoming.sender, room_id,
         )  # fmt: skip
+        if attachment.workspace_path:
+            await self._place(room_id, incoming.turn, attachment.workspace_path)
         return attachment
+
+    async def _place(self, room_id: str, event_id: str, path: str) -> None:
+        """Records where the file message ``event_id`` landed (a 🔁's file: its message's
+        turn); a database that fails now costs a later reply the path, never the answer."""
+        if self.places is None:
+            return
+        try:
+            await self.places.put(room_id, event_id, path)
+        except Exception as e:
+            self.log.warning("Recording where the file of %s in %s landed failed: %s",
+                             event_id, room_id, e)  # fmt: skip
 
     async def _fetch(
         self, room_id: str, incoming: Incoming, agent: Agent | None

@@ -33,6 +33,7 @@ from .conversation import Conversation
 from .crypto import check_at_start
 from .db import HistoryBounds, Store, upgrade_table
 from .db.joins import JoinsTable
+from .db.places import FilePlaceTable
 from .gate import StartGate
 from .ledger import Ledger
 from .matrix import Matrix
@@ -94,6 +95,7 @@ class LambdaBot(Plugin):
         self.mx = mx
         mx.outage_s = lambda: self.settings.homeserver_wait_s
         registry = self.registry = Registry(store)
+        self.places = FilePlaceTable(store.db)  # where users' files landed in the workspace
         ledger = self.ledger = Ledger(
             store=store, bot_id=lambda: mx.user_id, background=self.background, **part
         )
@@ -123,7 +125,8 @@ class LambdaBot(Plugin):
             joined_meanwhile=lambda: welcomes.joined_meanwhile(
                 list(registry.rooms.values()), self.settings.catch_up_s
             ),
-            sealed=undecryptable.attempt, background=self.background, **part,
+            sealed=undecryptable.attempt, background=self.background, places=self.places,
+            **part,
         )  # fmt: skip
         commands = self._commands(notices, registry, chats, spaces, reconciler)
         reactions = Reactions(
@@ -146,12 +149,12 @@ class LambdaBot(Plugin):
         self, part: PartArgs, mx: Matrix, registry: Registry, notices: Notices
     ) -> Conversation:
         """A message's way from the room's queue to the answer: policy, quota, voice, files."""
-        files = FileService(mx=mx, notices=notices, **part)
+        files = FileService(mx=mx, notices=notices, places=self.places, **part)
         quota = Quota(store=self.store, **part)
         voice = Voice(mx=mx, notices=notices, http=self.http, **part)
         answerer = Answerer(
             mx=mx, registry=registry, agents=self.agents, files=files, notices=notices,
-            voice=voice, quota=quota, ledger=self.ledger, **part,
+            voice=voice, quota=quota, ledger=self.ledger, places=self.places, **part,
         )  # fmt: skip
         reanswers = Reanswers(mx=mx, ledger=self.ledger, notices=notices, **part)
         return Conversation(

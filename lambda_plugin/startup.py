@@ -27,6 +27,7 @@ from .catchup import (
 )
 from .crypto import ENCRYPTED
 from .db import Store
+from .db.places import FilePlaceTable
 from .gate import StartGate
 from .intake import Incoming, Kind, classify
 from .ledger import Fate, Ledger
@@ -59,6 +60,7 @@ class Startup(Part):
     joined_meanwhile: Callable[[], Awaitable[None]] | None = None
     sealed: Sealed  # an event still encrypted after a start's read: retried, else told
     background: Callable[[Coroutine[Any, Any, Any]], object]
+    places: FilePlaceTable | None = None  # where files landed: aged out with the ledger
 
     def __post_init__(self) -> None:
         self.registry = self.reconciler.registry
@@ -242,11 +244,18 @@ class Startup(Part):
                 self.log.exception("Welcoming owners who joined during the start failed")
 
     async def prune_handled(self) -> None:
-        try:
-            kept_ms = int((time.time() - self.settings().handled_kept_s) * 1000)
-            await self.ledger.prune(kept_ms)
-        except Exception:
-            self.log.exception("Pruning the ledger failed")
+        """Forgets the ledger's events, and where their files landed, past
+        ``reconcile.handled_kept_days``; one failing leaves the other pruned."""
+        kept_ms = int((time.time() - self.settings().handled_kept_s) * 1000)
+        places = self.places
+        prunes = [("the ledger", self.ledger.prune)]
+        if places is not None:
+            prunes.append(("the file places", places.prune))
+        for what, prune in prunes:
+            try:
+                await prune(kept_ms)
+            except Exception:
+                self.log.exception("Pruning %s failed", what)
 
     async def rebuild(self) -> Report:
         """``reset local``: the plugin's rows dropped and rebuilt from the rooms, with the gate

@@ -1,6 +1,7 @@
 from .history import HistoryBounds, HistorySize
 from .rows import (
     ChatRoomRow,
+    FilePlaceRow,
     HistoryRow,
     LedgerRow,
     SnapshotRow,
@@ -18,6 +19,7 @@ __all__ = [
     "TABLES",
     "UNIQUE_VIOLATION",
     "ChatRoomRow",
+    "FilePlaceRow",
     "HistoryBounds",
     "HistoryRow",
     "HistorySize",

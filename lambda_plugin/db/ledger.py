@@ -115,3 +115,4 @@ class LedgerTable:
 
     async def prune(self, older_than_ms: int) -> None:
         await self.db.execute("DELETE FROM ledger WHERE updated_at < $1", older_than_ms)
+

@@ -132,3 +132,14 @@ class LedgerRow(Row):
     answer_event: str | None
     updated_at: int
     replaces: str | None = None  # the message whose turn it re-answers (an edit, a 🔁)
+
+
+@dataclass(frozen=True)
+class FilePlaceRow(Row):
+    """Where a user's file message landed in the workspace (its path relative to the root,
+    as the agent was given it), for a later reply to that message."""
+
+    room_id: str
+    event_id: str
+    path: str
+    ts: int  # when it was written: rows age out with the ledger's

@@ -59,6 +59,7 @@ def is_outage(error: BaseException, repeatable: bool = True) -> bool:
 # Every table of the plugin, in an order rows can be deleted in.
 TABLES = (
     "chat_room", "lambda_user", "snapshot", "history", "ledger", "usage", "plugin_state",
+    "file_place",
 )  # fmt: skip
 # Sums of a usage query: SUM is NULL over no rows, and NUMERIC on PostgreSQL.
 USAGE_SUMS = (

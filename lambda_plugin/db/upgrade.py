@@ -153,3 +153,20 @@ async def upgrade_v6(conn: Connection) -> None:
     # conversation turn a row is (its own id when null) decides which message is the latest.
     await conn.execute("ALTER TABLE ledger ADD COLUMN replaces TEXT")
     await conn.execute("CREATE INDEX ledger_replaces_idx ON ledger (replaces)")
+
+
+@upgrade_table.register(description="Where each file a user sent landed in the workspace")  # type: ignore[call-arg, arg-type]
+async def upgrade_v7(conn: Connection) -> None:
+    # One row per file message written into the workspace: its path relative to the root (the
+    # name has a timestamp, so a reply to the message can't derive it). Keyed by room too: an
+    # event id named from another room never finds this room's file. Pruned by ``ts``.
+    await conn.execute(
+        """CREATE TABLE file_place (
+            room_id   TEXT NOT NULL,
+            event_id  TEXT NOT NULL,
+            path      TEXT NOT NULL,
+            ts        BIGINT NOT NULL,
+            PRIMARY KEY (room_id, event_id)
+        )"""
+    )
+    await conn.execute("CREATE INDEX file_place_ts_idx ON file_place (ts)")

@@ -15,6 +15,7 @@ from devstack.stack import Deployment
 from lambda_plugin.files import user_dir
 from tests.servers.lambda_server import LambdaServer
 
+from .helpers import answer_to as answered
 from .helpers import join_chat, notice_text, onboard
 from .test_routing import is_answer
 
@@ -80,6 +81,35 @@ async def test_files_in_land_in_the_workspace(stack, workspace, new_user) -> Non
     [rel_other] = paths_in(answer)
     assert Path(rel_other).parent != Path(rel).parent
     assert (root / rel_other).read_bytes() == b"other"
+
+
+def reply_to_file(event_id: str, sender: str, text: str) -> dict:
+    """A reply to a file message as Element sends it: the fallback, then the text."""
+    return {
+        "msgtype": "m.text",
+        "body": f"> <{sender}> sent a file.\n\n{text}",
+        "m.relates_to": {"m.in_reply_to": {"event_id": event_id}},
+    }
+
+
+async def test_a_reply_to_a_file_gives_its_workspace_path(stack, workspace, new_user) -> None:
+    root, _ = workspace
+    yan = await new_user("yan")
+    got = await onboard(yan, stack)
+    bot = stack.bot_id
+    sent = await yan.send_file(got.room, b"a,b\n1,2\n", "data.csv", "text/csv")
+    [rel] = paths_in(notice_text(await answered(yan, got.room, bot, sent)))
+    reply = await yan.send(got.room, reply_to_file(sent, yan.user_id, "what is in it?"))
+    echoed = notice_text(await answered(yan, got.room, bot, reply))
+    # The path the agent was given with the file (its name has the time it landed).
+    assert echoed.startswith(f"echo: > [file: data.csv, in the workspace at {rel}]\n\n")
+    assert "what is in it?" in echoed and (root / rel).read_bytes() == b"a,b\n1,2\n"
+    # The file's event id named from another room: nothing of the first room's file.
+    second = notice_text(await yan.command(got.room, "!new", bot)).split("/#/")[1].split("?")[0]
+    await join_chat(yan, second, bot)
+    stray = await yan.send(second, reply_to_file(sent, yan.user_id, "and here?"))
+    echoed = notice_text(await answered(yan, second, bot, stray))
+    assert echoed.startswith("echo: and here?") and rel not in echoed and "[file" not in echoed
 
 
 @pytest.mark.parametrize(

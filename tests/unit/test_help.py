@@ -247,7 +247,7 @@ async def test_help_from_the_bot_itself_is_ignored(
 
 
 async def test_start_wires_the_store(maubot_plugin) -> None:
-    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 6
+    assert await maubot_plugin.database.fetchval("SELECT version FROM version") == 7
     counts = await maubot_plugin.store.counts()
     assert counts == dict.fromkeys(counts, 0)
     assert set(counts) == {"lambda_user", "chat_room", "snapshot", "history", "ledger", "usage"}

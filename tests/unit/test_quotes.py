@@ -122,7 +122,9 @@ def test_the_quote_goes_before_the_text_as_markdown_quote_lines() -> None:
 
 async def test_the_agent_is_asked_with_the_quote() -> None:
     events = Events(message("the answer was 4"))
-    settings = SimpleNamespace(max_quote_chars=2000, transcription_for=lambda agent: None)
+    settings = SimpleNamespace(
+        max_quote_chars=2000, transcription_for=lambda agent: None, workspace_root=None
+    )
     answerer = Answerer(
         settings=lambda: settings, log=LOG, mx=events, registry=None, agents=None,
         files=None, notices=None, voice=None, quota=None, ledger=None,

@@ -26,7 +26,7 @@ BOB = "@bob:example.org"
 CAROL = "@carol:example.org"
 ROOM = "!one:example.org"
 OTHER = "!two:example.org"
-LATEST_VERSION = 6  # v6: the ledger names what an edit or a 🔁 re-answers
+LATEST_VERSION = 7  # v7: where each file a user sent landed in the workspace
 
 
 async def test_add_usage_adds_up_per_user_room_and_day(store: Store) -> None:
