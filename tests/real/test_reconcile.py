@@ -23,10 +23,15 @@ ROWS = "SELECT room_id, user_id, chat_id, name, agent_id, platform_chat_id, arch
 
 
 async def restart(stack: Deployment) -> str:
-    """Restarts the instance and returns its reconciliation log line."""
+    """Restarts the instance and returns the log line of the reconciliation that read every
+    room: the start's, or, after a start that read only the changed rooms (a delta), the
+    verification that follows it in the background."""
     mark = stack.log_mark()
     await stack.restart_instance()
-    return stack.wait_for_log("Reconciled: ", after=mark)
+    line = stack.wait_for_log("Reconciled: ", after=mark)
+    if report_value(line, "delta") == "True":
+        return stack.wait_for_log("Verified every room: ", after=mark)
+    return line
 
 
 def report_value(line: str, key: str) -> str:
