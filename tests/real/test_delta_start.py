@@ -43,11 +43,12 @@ async def test_a_restart_reads_only_the_changed_rooms_and_verifies_the_rest(
     await join_chat(pia, second, bot)
     await start_line(stack, start=False)  # a clean stop stores the position the delta reads from
 
-    # While the plugin is stopped: the owner renames one chat (the room's state changes), and
-    # the other chat's row drifts in the database (nothing in any room says so).
+    # The other chat's row drifts in the database (nothing in any room says so; maubot's
+    # database API answers only while the instance runs, which holds its rows in memory),
+    # then, while the plugin is stopped, the owner renames one chat: its state changes.
+    await stack.sql(f"UPDATE chat_room SET name='Drifted' WHERE room_id='{second}'")
     await stack.maubot.set_started(stack.instance_id, False)
     await pia.send_state(got.room, "m.room.name", {"name": "Renamed while stopped"})
-    await stack.sql(f"UPDATE chat_room SET name='Drifted' WHERE room_id='{second}'")
     line, mark = await start_line(stack)
     assert report_value(line, "delta") == "True", line
     changed, requests = int(report_value(line, "changed_rooms")), int(report_value(line, "requests"))
@@ -68,8 +69,10 @@ async def test_a_position_the_homeserver_refuses_means_every_room_is_read(
 ) -> None:
     quinn = await new_user("quinn")
     await onboard(quinn, stack)
-    await stack.maubot.set_started(stack.instance_id, False)
+    await start_line(stack, start=False)  # a clean stop stores a position
     await stack.sql("UPDATE plugin_state SET value='s-not-a-token' WHERE key='delta_since'")
-    line, _ = await start_line(stack)
+    mark = stack.log_mark()
+    await stack.kill_server()  # SIGKILL: no stop writes a good position over it
+    line = stack.wait_for_log(f"{stack.instance_id}] Reconciled: ", after=mark)
     assert report_value(line, "delta") == "False", line
     assert int(report_value(line, "joined_rooms")) >= 3, line
