@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-import pytest_asyncio
 
 from devstack.matrix import Event, MatrixUser
 from devstack.stack import Deployment
@@ -24,6 +23,7 @@ from tests.servers.openai_server import OpenAIServer
 
 from .helpers import ANSWER_TIMEOUT, answer_to, ask, bot_messages, notice_text, onboard
 from .test_encryption import e2e_user, encrypted, need_crypto  # noqa: F401  (fixtures)
+from .test_faults import slow  # noqa: F401  (the streaming agent, six seconds an answer)
 from .test_in_room_control import edit_of, reaction
 
 pytestmark = pytest.mark.real
@@ -195,28 +195,6 @@ async def test_steering_while_down_is_applied_once(
 # a stop in the middle of a re-answer
 
 
-@pytest_asyncio.fixture(scope="module")
-async def slow_steer(stack: Deployment):
-    """A streaming agent: each answer takes about six seconds, in six pieces."""
-    server = OpenAIServer()
-    url = await server.start()
-    server.mode, server.chunks, server.chunk_delay_s = "stream", 6, 1.0
-    await stack.configure(
-        {
-            "agents": {
-                "registry": {
-                    "slow_steer": {
-                        "backend": "openai", "base_url": url, "model": "m", "timeout_s": 120,
-                    }
-                }
-            },
-            "replies": {"stream_edit_interval_s": 0.3},
-        }
-    )  # fmt: skip
-    yield server
-    await server.stop()
-
-
 def latest_text(user: MatrixUser, room: str, first: Event) -> str:
     body = notice_text(first)
     for e in edits_of(user, room, first["sender"], first["event_id"]):
@@ -240,11 +218,11 @@ def history_sent(server: OpenAIServer, text: str) -> list[str]:
 @pytest.mark.parametrize("how", STOPS)
 @pytest.mark.parametrize("steering", ["edited", "regenerated"])
 async def test_a_stop_mid_reanswer_finishes_it_once(
-    stack: Deployment, new_user, slow_steer: OpenAIServer, steering: str, how: str
+    stack: Deployment, new_user, slow: OpenAIServer, steering: str, how: str  # noqa: F811
 ) -> None:
     user = await new_user("mr")
     room, bot = (await onboard(user, stack)).room, stack.bot_id
-    assert "slow_steer" in notice_text(await user.command(room, "!agent slow_steer", bot))
+    assert "slow" in notice_text(await user.command(room, "!agent slow", bot))
     first = await user.send_text(room, "one")
     answer = await answer_to(user, room, bot, first, in_progress=True)
     await user.wait_until(
@@ -252,7 +230,7 @@ async def test_a_stop_mid_reanswer_finishes_it_once(
     )
     await user.sync_once(0)
     mark = user.mark()
-    asked_before = len(slow_steer.requests)
+    asked_before = len(slow.requests)
     if steering == "edited":
         by, text = await user.send(room, edit_of(first, "uno")), "uno"
     else:
@@ -268,7 +246,7 @@ async def test_a_stop_mid_reanswer_finishes_it_once(
     again = await reanswer_of(user, room, bot, answer, by)
     caught_up(stack, log_mark, [by])  # unfinished in the ledger: finished by the start
     # Asked twice: the stream the stop cut off, and once more after the start.
-    assert [asked_text(r) for r in slow_steer.requests[asked_before:]] == [text, text]
+    assert [asked_text(r) for r in slow.requests[asked_before:]] == [text, text]
     assert again["content"]["m.new_content"]["body"] == f"reply to: {text}"
     await user.sync_once(0)
     assert latest_text(user, room, answer) == f"reply to: {text}"
@@ -289,7 +267,7 @@ async def test_a_stop_mid_reanswer_finishes_it_once(
     await user.wait_until(
         lambda: latest_text(user, room, fresh) == "reply to: two", ANSWER_TIMEOUT, "answer two"
     )
-    assert history_sent(slow_steer, "two") == [text, f"reply to: {text}", "two"]
+    assert history_sent(slow, "two") == [text, f"reply to: {text}", "two"]
     await user.sync_once(0)
     assert [e["event_id"] for e in bot_messages(user, room, bot, mark)] == [fresh["event_id"]]
     finals = [e for e in naming(user, room, bot, {by}, mark) if e["content"].get(ANSWERS)]
