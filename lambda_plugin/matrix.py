@@ -326,23 +326,6 @@ class Matrix:
             found = await self.crypto.open(room_id, found) or {}
         return found
 
-    async def shown_event(self, room_id: str, event_id: str) -> dict[str, Any]:
-        """The event as a client shows it: opened, with the newest edit by its own sender
-        that the homeserver bundles with it (``unsigned.m.relations.m.replace``, MSC2676:
-        /event itself serves the original), e.g. a streamed answer's final text."""
-        found = await self.event(room_id, event_id)
-        relations = (found.get("unsigned") or {}).get("m.relations")
-        edit = relations.get("m.replace") if isinstance(relations, dict) else None
-        if found.get("type") == "m.room.encrypted":
-            found = await self.crypto.open(room_id, found) or {}
-        if isinstance(edit, dict) and edit.get("type") == "m.room.encrypted":
-            edit = await self.crypto.open(room_id, edit)
-        content = edit.get("content") if isinstance(edit, dict) else None
-        newest = content.get("m.new_content") if isinstance(content, dict) else None
-        if isinstance(newest, dict) and found and edit and edit.get("sender") == found.get("sender"):
-            found = {**found, "content": newest}
-        return found
-
     async def earlier(
         self, room_id: str, before: str, limit: int, types: list[str]
     ) -> tuple[list[dict[str, Any]], str | None]:

@@ -34,7 +34,7 @@ async def quoted_text(
     """The text of the event ``event_id`` (at most ``max_chars``, cut with "…"); "" when
     it can't be read or holds none. A file's workspace path (``places``) is never cut."""
     try:
-        event = await mx.shown_event(room_id, event_id)
+        event = await shown_event(mx, room_id, event_id)
     except HomeserverError as e:
         log.debug("The event %s replied to in %s can't be read: %s", event_id, room_id, e)
         return ""
@@ -44,6 +44,25 @@ async def quoted_text(
         if path:
             return file_quote(found[0], path, max_chars)
     return _cut(text_of(event), max_chars)
+
+
+async def shown_event(mx: Matrix, room_id: str, event_id: str) -> dict[str, Any]:
+    """The event as a client shows it: opened, with the newest edit by its own sender that
+    the homeserver bundles with it (``unsigned.m.relations.m.replace``; /event itself serves
+    the original, MSC2676): a streamed answer's final text, not its first partial."""
+    found = await mx.event(room_id, event_id)
+    unsigned = found.get("unsigned")
+    relations = unsigned.get("m.relations") if isinstance(unsigned, dict) else None
+    edit = relations.get("m.replace") if isinstance(relations, dict) else None
+    if found.get("type") == "m.room.encrypted":
+        found = await mx.crypto.open(room_id, found) or {}
+    if isinstance(edit, dict) and edit.get("type") == "m.room.encrypted":
+        edit = await mx.crypto.open(room_id, edit)
+    content = edit.get("content") if isinstance(edit, dict) else None
+    newest = content.get("m.new_content") if isinstance(content, dict) else None
+    if isinstance(newest, dict) and found and edit and edit.get("sender") == found.get("sender"):
+        found = {**found, "content": newest}
+    return found
 
 
 def text_of(event: dict[str, Any]) -> str:

@@ -35,8 +35,7 @@ class Events:
     async def _open(self, room_id: str, raw: dict[str, Any]) -> Any:
         return self._opened
 
-    opened_event = Matrix.opened_event  # the real ones, over this fake's event and crypto
-    shown_event = Matrix.shown_event
+    opened_event = Matrix.opened_event  # the real one, over this fake's event and crypto
 
     async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
         self.asked.append(event_id)
@@ -102,6 +101,8 @@ def edited(edit_sender: str = USER, edit_type: str = "m.room.message") -> dict[s
         (Events(edited()), 2000, "the whole answer"),  # as the user sees it
         (Events(edited("@mallory:example.org")), 2000, "the wh …"),  # not its sender's edit
         (Events(edited(edit_type="m.room.encrypted"), opened=None), 2000, "the wh …"),
+        (Events({**message("as sent"), "unsigned": "junk"}), 2000, "as sent"),
+        (Events({**message("as sent"), "unsigned": {"m.relations": {"m.replace": 5}}}), 2000, "as sent"),
         (Events(message("what is 2+2?")), 2000, "what is 2+2?"),
         (Events(message("x" * 5000)), 10, "x" * 9 + "…"),
         (Events(HomeserverError(404, "M_NOT_FOUND", "gone")), 2000, ""),
