@@ -74,7 +74,7 @@ class Conversation(Part):
             await self.pointer.point(room_id, incoming.sender)
         if room is None or admission is not Admission.TAKE:
             return Fate.LEFT, admission.value
-        if incoming.replaces or incoming.kind is Kind.REGENERATE:  # an edit, a 🔁
+        if incoming.is_reanswer:  # an edit, a 🔁
             resolved = await self.reanswers.resolve(room, incoming)
             if isinstance(resolved, tuple):
                 return resolved

@@ -72,6 +72,11 @@ class Incoming:
         return self.kind in (Kind.MESSAGE, Kind.REGENERATE)
 
     @property
+    def is_reanswer(self) -> bool:
+        """An edit or a 🔁: the message of its turn answered again."""
+        return bool(self.replaces) or self.kind is Kind.REGENERATE
+
+    @property
     def turn(self) -> str:
         """The conversation turn it is: its own, or the one of the message it re-answers."""
         return self.replaces or self.event_id

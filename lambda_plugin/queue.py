@@ -97,8 +97,9 @@ class RoomWorker:
     def _supersede(self, edit: Incoming, ahead: int | None = None) -> None:
         """An edit replaces what it edits that is still queued ahead of it (``ahead``: how
         many places are; None: all) or running: dropped, or stopped silently; the edited
-        text is answered in its place. Not when a message of another turn came between:
-        then the edit is of an older message (refused in its turn) and the original stays."""
+        text is answered in its place. Not when a message of another turn or a command came
+        between: then the edit is of an older message (refused in its turn) and the
+        original stays."""
         queued = [(item, _incoming(item)) for item in list(self.items)[:ahead]]
         forms = [(n, item, found) for n, (item, found) in enumerate(queued)
                  if found is not None and self.stage.supersedes(edit, found)]  # fmt: skip
@@ -107,7 +108,7 @@ class RoomWorker:
         if not forms and not runs:
             return
         between = queued[0 if runs else forms[0][0] + 1 :]
-        if any(_other_turn(found, edit) for _, found in between):
+        if any(_barrier(item, found, edit) for item, found in between):
             return
         for _, item, found in forms:
             self.items.remove(item)
@@ -213,8 +214,11 @@ def _incoming(item: QueueItem) -> Incoming | None:
     return found if isinstance(found, Incoming) else None
 
 
-def _other_turn(found: Incoming | None, edit: Incoming) -> bool:
-    """A message of another conversation turn than the one ``edit`` re-answers."""
+def _barrier(item: QueueItem, found: Incoming | None, edit: Incoming) -> bool:
+    """What an edit can't reach across: a message of another conversation turn, or a
+    command (``!clear``, ``!agent``: the conversation it would replace a turn of is gone)."""
+    if isinstance(item, asyncio.Future) or (found is not None and found.kind is Kind.COMMAND):
+        return True
     return found is not None and found.kind is Kind.MESSAGE and found.turn != edit.turn
 
 

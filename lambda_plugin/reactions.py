@@ -18,7 +18,7 @@ from maubot.handlers import event
 from mautrix.types import EventType, ReactionEvent
 
 from .gate import StartGate
-from .intake import ANSWERING, STOP, Incoming, Kind, as_json, classify, reaction_is
+from .intake import ANSWERING, ANSWERS, STOP, Incoming, Kind, as_json, classify, reaction_is
 from .matrix import HomeserverError, Matrix
 from .part import Part
 from .queue import RoomQueues
@@ -60,15 +60,17 @@ class Reactions(Part):
         running = getattr(worker, "current_item", None) if worker is not None else None
         if room is None or sender != room.user_id or running is None:
             return False
-        if target != running.event_id and await self._answering(room_id, target) != running.event_id:
+        running_ids, again = _running_ids(running), running.is_reanswer
+        if target not in running_ids and await self._answering(room_id, target, again) not in running_ids:
             return False
         stopped = self.queues.cancel(room_id)
         if stopped:
             self.log.info("Stopped the answer to %s in %s on a reaction", running.event_id, room_id)
         return stopped
 
-    async def _answering(self, room_id: str, event_id: str) -> str | None:
-        """The message the bot's event ``event_id`` is an unfinished answer to, if it is one."""
+    async def _answering(self, room_id: str, event_id: str, finished: bool) -> str | None:
+        """The message the bot's event ``event_id`` is an unfinished answer to, if it is one
+        (``finished``: or the answer, a re-answer streaming into it)."""
         try:
             found = await self.mx.opened_event(room_id, event_id)
         except HomeserverError as e:
@@ -77,5 +79,16 @@ class Reactions(Part):
         content = found.get("content")
         if found.get("sender") != self.mx.user_id or not isinstance(content, dict):
             return None
-        answering = content.get(ANSWERING)
+        # A re-answer streams into the finished answer, which names its message as answered.
+        answering = content.get(ANSWERING, content.get(ANSWERS) if finished else None)
         return answering if isinstance(answering, str) else None
+
+
+def _running_ids(running: Incoming) -> set[str]:
+    """What a 🛑 may point at to stop ``running``: the message itself; for a re-answer also
+    the message it answers again and, for a 🔁, the answer reacted to (whose content names
+    the message: a 🛑 on it matches through ``_answering``)."""
+    ids = {running.event_id}
+    if running.is_reanswer:
+        ids |= {running.turn, running.regenerates} - {""}
+    return ids

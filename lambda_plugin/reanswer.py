@@ -75,19 +75,24 @@ class Reanswers(Part):
 
     async def _edited(self, room_id: str, edit: Incoming) -> _Turn | tuple[Fate, str] | None:
         rows = await self.ledger.turn(room_id, edit.replaces)
-        if any(_later_edit(row, edit) for row in rows):
+        if await self._newer_form(room_id, edit.replaces, edit, rows):
             return Fate.SUPERSEDED, "edited again"  # the newer edit answers, in its turn
         # As the ledger holds it (read from the room once, by this plugin), else the room's.
         held = next((row for row in rows if row.event_id == edit.replaces), None)
         original = incoming_of(held, self.mx.user_id) if held is not None else None
         if original is None:
             original = await self._message(room_id, edit.replaces)
-        if original is None or original.replaces or original.file is not None:
+        if (
+            original is None or original.kind is not Kind.MESSAGE or original.replaces
+            or original.file is not None
+        ):  # fmt: skip
             return None  # an edit of an edit is none (edits name the original), nor of a file
         original = replace(original, body=edit.body, resume="")
         return _Turn(original, original.timestamp, _answer_event(rows))
 
-    async def _regenerated(self, room_id: str, reaction: Incoming) -> _Turn | None:
+    async def _regenerated(
+        self, room_id: str, reaction: Incoming
+    ) -> _Turn | tuple[Fate, str] | None:
         answered = await self._answered_by(room_id, reaction.regenerates)
         if answered is None:
             return None
@@ -96,6 +101,8 @@ class Reanswers(Part):
         turn = named.replaces if named is not None and named.replaces else answered
         if turn != answered:
             rows = await self.ledger.turn(room_id, turn)
+        if await self._newer_form(room_id, turn, reaction, rows):
+            return Fate.SUPERSEDED, "edited since"  # a kept 🔁 retried after an edit, say
         forms = (  # the owner's own, up to the 🔁 (a newer edit is answered in its turn)
             incoming_of(row, self.mx.user_id) for row in rows
             if row.kind == "message" and row.sender == reaction.sender
@@ -109,6 +116,17 @@ class Reanswers(Part):
         first = next((row.ts for row in rows if row.event_id == turn), form.timestamp)
         form = replace(form, event_id=turn, replaces="")
         return _Turn(form, first, _answer_event(rows) or reaction.regenerates)
+
+    async def _newer_form(self, room_id: str, turn: str, by: Incoming, rows: list[Any]) -> bool:
+        """Whether a newer edit of the turn, by the same sender, will be answered: it came
+        after ``by`` (an edit, a 🔁) with no other turn's message between (else it is
+        refused as older, and ``by`` must answer)."""
+        for row in rows:
+            if _later_edit(row, by) and not await self.ledger.newer_message(
+                room_id, turn, by.timestamp, row.ts
+            ):
+                return True
+        return False
 
     async def _message(self, room_id: str, event_id: str) -> Incoming | None:
         """The room's event ``event_id`` as intake sees it (None: unreadable, or no message)."""
@@ -137,12 +155,12 @@ class Reanswers(Part):
             return None
 
 
-def _later_edit(row: Any, edit: Incoming) -> bool:
-    """A newer edit of the same message by the same sender, not ignored."""
+def _later_edit(row: Any, by: Incoming) -> bool:
+    """A newer edit of the turn by the same sender that is answered or still may be."""
     return (
-        row.replaces == edit.replaces and row.sender == edit.sender
-        and row.event_id != edit.event_id and row.kind == "message"
-        and row.ts > edit.timestamp and row.state != Fate.LEFT.value
+        bool(row.replaces) and row.sender == by.sender and row.event_id != by.event_id
+        and row.kind == "message" and row.ts > by.timestamp
+        and row.state not in (Fate.LEFT.value, Fate.REFUSED.value)
     )  # fmt: skip
 
 

@@ -892,19 +892,21 @@ async def test_an_edit_drops_its_queued_original_and_earlier_edits(
     assert stage.order("done") == ["$running", "$e2", "$2", "$forged"]
 
 
+@pytest.mark.parametrize("between", [msg, command], ids=["a message", "a command"])
 @pytest.mark.parametrize("running", [True, False], ids=["original running", "original queued"])
 async def test_an_edit_after_another_message_leaves_the_original_to_be_answered(
-    queues: RoomQueues, stage: FakeStage, running: bool
+    queues: RoomQueues, stage: FakeStage, running: bool, between: Callable[[str], Incoming]
 ) -> None:
-    """A, B, then an edit of A: A is not the latest, so the edit is refused in its turn
-    (the stage's business): A must still be answered, never dropped nor stopped."""
+    """A, B (or a command: !clear, !agent), then an edit of A: A is not the latest, so the
+    edit is refused in its turn (the stage's business): A must still be answered, never
+    dropped nor stopped."""
     ahead = "$1" if running else "$0"  # what runs while the edit arrives
     release = stage.blocked(ahead)
     worker = queues.worker(ROOM)
     for event_id in dict.fromkeys([ahead, "$1"]):
         worker.push(msg(event_id))
     await stage.until_call("message", ROOM, ahead, False)
-    worker.push(msg("$2"))
+    worker.push(between("$2"))
     worker.push(edit_of("$e1", "$1"))
     release.set()
     await stage.until_done("$1", "$2", "$e1")

@@ -59,6 +59,10 @@ SEALED = {"type": "m.room.encrypted", "sender": BOT, "content": {}, "opened": ST
 EVENTS = {"$stream": STREAM, "$done": DONE, "$forged": FORGED, "$sealed": SEALED}
 
 
+EDIT = Incoming(Kind.MESSAGE, "$edit", ROOM, OWNER, "x", 2, replaces="$question")
+REGENERATE = Incoming(Kind.REGENERATE, "$again", ROOM, OWNER, "", 2, regenerates="$done")
+
+
 @pytest.mark.parametrize(
     ("sender", "target", "running", "stops"),
     [
@@ -71,6 +75,14 @@ EVENTS = {"$stream": STREAM, "$done": DONE, "$forged": FORGED, "$sealed": SEALED
         (OWNER, "$missing", RUNNING, False),
         (OWNER, "$stream", None, False),  # nothing running
         (OWNER, "$stream", Incoming(Kind.MESSAGE, "$other", ROOM, OWNER, "x", 2), False),
+        # A re-answer: the edit (or 🔁) runs; the user sees the message and its answer.
+        (OWNER, "$question", EDIT, True),  # the message edited
+        (OWNER, "$done", EDIT, True),  # its finished answer, streamed into again
+        (OWNER, "$stream", EDIT, True),
+        (OWNER, "$done", REGENERATE, True),  # the answer the 🔁 was on
+        (OWNER, "$question", REGENERATE, False),  # (the 🔁 names the answer, not the message)
+        (GUEST, "$done", EDIT, False),
+        (OWNER, "$forged", EDIT, False),
     ],
 )
 async def test_a_stop_reaction(sender: str, target: str, running: Any, stops: bool) -> None:

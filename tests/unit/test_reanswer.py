@@ -249,3 +249,51 @@ async def test_the_queue_drops_for_an_edit_only_the_owners_text_it_edits(
              "origin_server_ts": 10, "content": content}  # fmt: skip
     earlier = classify(event, BOT)
     assert env.stage.supersedes(edit("$e", "$1", "changed", ts=20, sender=sender), earlier) is replaced
+
+
+async def seen(env: Env, *incomings: Incoming) -> None:
+    """Queued (seen in the ledger) and not run yet."""
+    for incoming in incomings:
+        env.ledger.seen(incoming)
+    for incoming in incomings:
+        while await env.state(incoming.event_id) != Fate.SEEN.value:
+            await asyncio.sleep(0.01)
+
+
+async def test_an_edit_with_a_newer_one_past_another_message_still_answers(store: Store) -> None:
+    """A, edit E1 (the queue dropped A for it), B, edit E2: E2 is of an older message and
+    gets its notice, so E1 must answer A's turn (not give way to E2)."""
+    env = Env(store)
+    original = message("$a", "v1", ts=10)
+    env.room.events["$a"] = sent(original)
+    env.ledger.superseded(original)
+    e1, b, e2 = edit("$e1", "$a", "v2", ts=20), message("$b", "next", ts=30), edit("$e2", "$a", "v3", ts=40)
+    await seen(env, b, e2)
+    for incoming in (e1, b, e2):
+        await env.stage.message(ROOM, incoming, retried=False)
+    assert env.answerer.asked == ["$e1", "$b"] and env.answerer.given[0].body == "v2"
+    assert env.notices.said == [("reanswer.older", "$e2")]
+
+
+async def test_an_edit_after_a_command_gets_the_older_notice(store: Store) -> None:
+    """A command may have changed the conversation (!clear, !agent): the turn is gone."""
+    env = Env(store)
+    await answered(env, message("$1", "hi", ts=10))
+    clear = classify({**sent(message("$c", "!clear", ts=15))}, BOT)
+    assert await env.ledger.claim(clear)
+    await env.ledger.end("$c", Fate.ANSWERED)
+    await env.stage.message(ROOM, edit("$e", "$1", "hello", ts=20), retried=False)
+    assert env.notices.said == [("reanswer.older", "$e")] and env.answerer.asked == ["$1"]
+
+
+async def test_a_regenerate_retried_after_an_edit_does_not_bring_back_the_old_text(
+    store: Store,
+) -> None:
+    """A 🔁 kept (over the rate), then an edit answered, then !retry: the 🔁 is superseded."""
+    env = Env(store)
+    await answered(env, message("$1", "v1", ts=10))
+    env.room.events["$answer$1"] = bot_event("$answer$1", {"body": "a1", ANSWERS: "$1"})
+    await env.stage.message(ROOM, edit("$e", "$1", "v2", ts=30), retried=False)
+    await env.stage.message(ROOM, regenerate("$r", "$answer$1", ts=20), retried=True)
+    assert env.answerer.asked == ["$1", "$e"]
+    assert await env.state("$r") == Fate.SUPERSEDED.value
