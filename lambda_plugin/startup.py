@@ -35,11 +35,12 @@ from .matrix import HomeserverError
 from .part import Part
 from .policy import Admission, admit
 from .reconcile import Reconciler, Report
-from .reconcile.delta import delta_start
+from .reconcile.delta import DELTA_MOST, delta_start
 
 Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
 PRUNE_EVERY_S = 3600
+VERIFY_RETRY_S = 30.0  # the first wait after a failed verification (doubling, to 10 min)
 Invite = Callable[[str, str], Awaitable[None]]
 Enqueue = Callable[[Incoming, bool], object]
 
@@ -120,20 +121,27 @@ class Startup(Part):
         if not since or not self.registry.users or not self.registry.rooms:
             return None  # a database without its rows (wiped by hand): rebuilt in full
         reconciler = self.reconciler
-        report = await delta_start(reconciler.mx, since, reconciler.reread, self.log)
+        most = self.settings().read_batch or DELTA_MOST
+        report = await delta_start(reconciler.mx, since, reconciler.reread, self.log, most)
         if report is not None:
             reconciler.last_report = report
         return report
 
-    async def verify(self) -> Report | None:
+    async def verify(self) -> Report:
         """Every room read and reconciled, gently, after a delta start: what the delta
-        missed is repaired, and said (None: it failed; the next start reads again)."""
-        try:
-            async with self._lock:
-                report = await self.reconciler.run(gentle=True)
-        except Exception as e:
-            self.log.warning("Verifying every room after the start failed: %s", e)
-            return None
+        missed (a change no live handler applies, made while the plugin ran or was down) is
+        repaired, and said. Tried again while the homeserver or database fails; a stop
+        cancels it, and the next start's verification reads everything again."""
+        delay = VERIFY_RETRY_S
+        while True:
+            try:
+                async with self._lock:
+                    report = await self.reconciler.run(gentle=True)
+                break
+            except Exception as e:
+                self.log.warning("Verifying every room failed (%s); again in %.0fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 600)
         if report.repairs():
             self.log.warning("Verified every room: %d repaired: %s", report.repairs(), report.line())
         else:
@@ -260,14 +268,14 @@ class Startup(Part):
     async def rebuild(self) -> Report:
         """``reset local``: the plugin's rows dropped and rebuilt from the rooms, with the gate
         closed meanwhile; what arrives during it waits and is handled after."""
-        self.gate.close()
-        try:
-            async with self._lock:
+        async with self._lock:  # first: a verification running holds it, answering on
+            self.gate.close()
+            try:
                 await self.store.clear_all()
                 await self.registry.load()
                 return await self.reconciler.run()
-        finally:
-            self.gate.open()
+            finally:
+                self.gate.open()
 
     def sync_done(self, data: Any) -> None:
         """Runs inside maubot's sync loop, before the sync's events are dispatched: notes

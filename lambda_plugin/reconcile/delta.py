@@ -25,6 +25,9 @@ from ..roomstate import STATE_TYPES
 from .report import Report
 
 REREADS_AT_ONCE = 8  # changed rooms read again at once during a start
+# More changed rooms than one batched read holds (``reconcile.read_batch``; this when 0):
+# reading each alone costs more than reading every room, which the start does then.
+DELTA_MOST = 200
 
 
 def delta_filter() -> str:
@@ -76,11 +79,12 @@ def _has_events(data: Any) -> bool:
 
 
 async def delta_start(
-    mx: Matrix, since: str, reread: Callable[[str], Awaitable[None]], log: Any
-) -> Report | None:
+    mx: Matrix, since: str, reread: Callable[[str], Awaitable[None]], log: Any,
+    most: int = DELTA_MOST,
+) -> Report | None:  # fmt: skip
     """Reads the rooms changed since ``since`` again; their report, or None when the full
-    read is needed (the position refused, a changed room that can't be read now). An outage
-    is raised: the start tries again."""
+    read is needed (the position refused, more than ``most`` rooms changed, one that can't
+    be read now). An outage is raised: the start tries again."""
     started, requests_before = time.monotonic(), mx.requests
     query = {"filter": delta_filter(), "since": since, "timeout": "0"}
     try:
@@ -91,6 +95,9 @@ async def delta_start(
         log.info("The stored sync position was refused (%s): every room is read", e)
         return None
     changed = changed_rooms(sync)
+    if len(changed) > most:
+        log.info("%d rooms changed since the stop: every room is read", len(changed))
+        return None
     limit = asyncio.Semaphore(REREADS_AT_ONCE)
 
     async def read(room_id: str) -> bool:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from ..chats import Chats
 from ..config import Settings
 from ..db import UNIQUE_VIOLATION, ChatRoomRow, Store, now_ms
-from ..marker import MARKER_TYPE
 from ..matrix import HomeserverError, Matrix
 from ..registry import Registry
 from ..roomstate import STATE_TYPES, RoomState, parse_room
@@ -186,7 +185,9 @@ class Reconciler:
         rooms = [r for r in result.rooms.values() if r.room_id not in changed]
         await self._write_rows(rooms, result.report)
         for room_id, event_type, state_key, content in result.state_writes:
-            if room_id in changed and event_type == MARKER_TYPE:
+            # Nor is anything written into such a room, or naming it (a Space's child link:
+            # a chat archived meanwhile must not be linked back).
+            if room_id in changed or state_key in changed:
                 continue
             self.log.debug("Reconciliation writes %s/%s into %s", event_type, state_key, room_id)
             try:

@@ -197,3 +197,51 @@ async def test_without_a_usable_position_every_room_is_read_before_the_gate(
     await asyncio.wait_for(startup.run(), TIMEOUT)
     assert reconciler.runs == [False] and reconciler.reread_rooms == []
     assert startup.verification is None
+
+
+async def test_more_changed_rooms_than_one_batch_are_read_all_at_once() -> None:
+    async def reread(room_id: str) -> None:
+        raise AssertionError("read each: more costly than the full read")
+
+    assert await delta_start(DeltaMatrix(CHANGED), "s", reread, LOG, most=1) is None  # type: ignore[arg-type]
+
+
+class FlakyReconciling(Reconciling):
+    """Its first verification fails (the homeserver stumbles); the next one runs."""
+
+    async def run(self, dry_run: bool = False, gentle: bool = False) -> Report:  # type: ignore[override]
+        self.runs.append(gentle)
+        if len(self.runs) == 1:
+            raise HomeserverError(0, None, "unreachable")
+        return Report()
+
+
+async def test_a_failed_verification_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr("lambda_plugin.startup.asyncio.sleep", lambda s: real_sleep(0))
+    reconciler = FlakyReconciling()
+    startup = startup_of(reconciler, Values(**{DELTA_TOKEN_KEY: "s-stop"}))
+    assert await asyncio.wait_for(startup.verify(), TIMEOUT) is not None
+    assert reconciler.runs == [True, True]
+
+
+async def test_a_reset_during_the_verification_keeps_answering_until_it_can_start() -> None:
+    """The reset waits for the verification's lock with the gate open: users are answered
+    meanwhile; only once it holds the lock is the gate closed for the rebuild."""
+    reconciler = Reconciling()
+    startup = startup_of(reconciler, Values())
+    startup.gate.open()
+    cleared = asyncio.Event()
+
+    async def clear_all() -> None:
+        assert not startup.gate.is_open  # closed only now
+        cleared.set()
+
+    startup.store.clear_all = clear_all  # type: ignore[attr-defined]
+    async with startup._lock:  # the verification holds it
+        rebuild = asyncio.ensure_future(startup.rebuild())
+        for _ in range(10):  # the reset runs until it waits for the lock
+            await asyncio.sleep(0)
+        assert startup.gate.is_open and not cleared.is_set()
+    await asyncio.wait_for(rebuild, TIMEOUT)
+    assert cleared.is_set() and startup.gate.is_open

@@ -29,6 +29,7 @@ from lambda_plugin.reconcile import (
     restore_markers,
     user_row,
 )
+from lambda_plugin.reconcile.report import Plan
 from lambda_plugin.roomstate import RoomState
 
 BOT = "@bot:hs"
@@ -512,3 +513,20 @@ async def test_a_client_without_a_device_reads_room_by_room() -> None:
     mx.device_id = None  # type: ignore[assignment]
     states = await reconciler_for(mx, read_batch=10).read_topology()
     assert len(states) == 5 and mx.batches == []
+
+
+async def test_nothing_is_written_into_or_naming_a_room_changed_during_the_run() -> None:
+    """A chat archived (a command) while a verification read the rooms: its row, its state
+    and its Space's child link are left as the command made them; other rooms are written."""
+    mx = FakeMatrix({"!space": [], "!x": [], "!y": []})
+    reconciler = reconciler_for(mx, read_batch=0)
+    before = ChatRoomRow("!x", "@u:hs", "C1", "Chat 1", "echo", "p1", False, False, 0)
+    other = replace(before, room_id="!y", chat_id="C2", platform_chat_id="p2")
+    reconciler.registry.rooms = {"!x": replace(before, archived=True), "!y": other}
+    link = {"via": ["hs"]}
+    result = Plan(rooms={"!x": before, "!y": other}, state_writes=[
+        ("!space", "m.space.child", "!x", link), ("!x", "m.room.power_levels", "", {}),
+        ("!space", "m.space.child", "!y", link),
+    ])  # fmt: skip
+    await reconciler._apply(result, {"!x": before, "!y": other})
+    assert [(room, kind, key) for room, kind, key, _ in mx.sent] == [("!space", "m.space.child", "!y")]
