@@ -28,7 +28,8 @@ CATCH_UP_TYPES = ["m.room.message", "m.reaction", "m.room.encrypted"]  # encrypt
 PAGE_LIMIT = 100  # events per /messages page when a room's timeline was cut (limited)
 SYNC_TOKEN_KEY = "catch_up_since"
 # Where the next start's delta reads state changes from: the newest position this process
-# reconciled up to (a change it missed is repaired by the verification that follows).
+# saw, once its start had reconciled (a change no live handler applied is repaired by the
+# verification that follows every delta start).
 DELTA_TOKEN_KEY = "delta_since"
 # The same position in the bot's account data: the rooms are the truth, and where the
 # catch-up resumes from survives a lost database too (no full /sync over every room).
