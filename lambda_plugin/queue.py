@@ -215,8 +215,9 @@ def _incoming(item: QueueItem) -> Incoming | None:
 
 
 def _barrier(item: QueueItem, found: Incoming | None, edit: Incoming) -> bool:
-    """What an edit can't reach across: a message of another conversation turn, or a
-    command (``!clear``, ``!agent``: the conversation it would replace a turn of is gone)."""
+    """What an edit can't reach across in the queue: a message of another conversation
+    turn, or a command (``!clear``, ``!agent``: the original is answered in the conversation
+    it was sent to, and the edit answers again after the command, in its turn)."""
     if isinstance(item, asyncio.Future) or (found is not None and found.kind is Kind.COMMAND):
         return True
     return found is not None and found.kind is Kind.MESSAGE and found.turn != edit.turn

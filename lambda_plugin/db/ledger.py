@@ -57,13 +57,12 @@ class LedgerTable:
         return changed is not None
 
     async def newer_message(self, room_id: str, turn: str, after_ms: int, before_ms: int) -> bool:
-        """Whether the room has a message of another turn than ``turn``, or a command, sent
-        between the two times (one not the room's to answer aside): then ``turn`` was not the
-        latest (a command may have changed the conversation: ``!clear``, ``!agent``)."""
+        """Whether the room has a message of another turn than ``turn`` sent between the two
+        times (one not the room's to answer aside): then ``turn`` was not the latest."""
         found = await self.db.fetchval(
-            "SELECT event_id FROM ledger WHERE room_id=$1 AND kind IN ($2, $7) AND ts > $3"
-            " AND ts < $4 AND COALESCE(replaces, event_id) <> $5 AND state <> $6 LIMIT 1",
-            room_id, "message", after_ms, before_ms, turn, "left", "command",
+            "SELECT event_id FROM ledger WHERE room_id=$1 AND kind=$2 AND ts > $3 AND ts < $4"
+            " AND COALESCE(replaces, event_id) <> $5 AND state <> $6 LIMIT 1",
+            room_id, "message", after_ms, before_ms, turn, "left",
         )  # fmt: skip
         return found is not None
 

@@ -275,15 +275,16 @@ async def test_an_edit_with_a_newer_one_past_another_message_still_answers(store
     assert env.notices.said == [("reanswer.older", "$e2")]
 
 
-async def test_an_edit_after_a_command_gets_the_older_notice(store: Store) -> None:
-    """A command may have changed the conversation (!clear, !agent): the turn is gone."""
+async def test_an_edit_after_a_command_is_answered_again(store: Store) -> None:
+    """A, then !cancel or !clear, then an edit of A: a command is no newer message; the
+    edit answers A's turn again (after !clear, in the conversation as it is now)."""
     env = Env(store)
     await answered(env, message("$1", "hi", ts=10))
     clear = classify({**sent(message("$c", "!clear", ts=15))}, BOT)
     assert await env.ledger.claim(clear)
     await env.ledger.end("$c", Fate.ANSWERED)
     await env.stage.message(ROOM, edit("$e", "$1", "hello", ts=20), retried=False)
-    assert env.notices.said == [("reanswer.older", "$e")] and env.answerer.asked == ["$1"]
+    assert env.notices.said == [] and env.answerer.asked == ["$1", "$e"]
 
 
 async def test_a_regenerate_retried_after_an_edit_does_not_bring_back_the_old_text(
