@@ -56,6 +56,8 @@ PLUGIN_CONFIG = {
     "spaces": {"encryption": "never"},
     "reconcile": {"catch_up_minutes": 0.5},
 }
+# What the plugin logs when the background verification after a delta start ends.
+VERIFICATION_ENDS = (b"Verified every room: ", b"Verifying every room after the start failed")
 # The streaming agent of first_words, in agents.registry next to echo (which stays the default).
 STREAM_AGENT = "bench_stream"
 
@@ -212,6 +214,23 @@ class BenchStack:
             await self._first_sync_done(hs_mark)
             await self.set_instance_started(True)
             await self.log.wait_for("Reconciled: ", mark, 120)
+            await self.verification_done()
+
+    async def verification_done(self, timeout: float = 600) -> None:
+        """After a delta start, waits until its background verification (a read of every
+        room at low concurrency) has ended: a benchmark measured meanwhile would share the
+        bot with it. Returns at once after a full start, or one already verified."""
+        assert self.log is not None
+        text = self.log.read_from(0)
+        start = text.rfind(b"Reconciled: ")
+        if start < 0 or b"delta=True" not in text[start : text.find(b"\n", start)]:
+            return
+        deadline = time.monotonic() + timeout
+        while not any(end in text[start:] for end in VERIFICATION_ENDS):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no verification ended {timeout:.0f}s after the delta start")
+            await asyncio.sleep(0.2)
+            text = self.log.read_from(0)
 
     async def plugin_tables(self) -> list[str]:
         """The plugin's tables, as maubot's database API lists them (the schema's version
@@ -277,6 +296,13 @@ class BenchStack:
         await self.set_client_sync(True)
         await self._first_sync_done(mark)
         return loop.time() - started
+
+    async def wake_bot_sync(self) -> None:
+        """Wakes maubot's long poll and returns once Synapse has answered it (and a moment
+        more): the plugin has noted a fresh sync position, which its next clean stop stores
+        (where a delta start reads from)."""
+        await self._first_sync_done(LogTail(self.synapse.dir / "homeserver.log").mark())
+        await asyncio.sleep(0.3)
 
     async def _first_sync_done(self, mark: int, timeout: float = 60) -> None:
         """mautrix drops the first sync after the client's sync starts (maubot sets

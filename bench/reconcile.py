@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from lambda_plugin.matrix import SLIDING_SYNC, one_off_sync_filter
 from .common import CpuMeter, LogTail, homeserver_requests, median, report_values, wait_idle
 from .env import BenchStack
 from .profile import Profiler
-from .topology import layout, provision
+from .topology import Topology, layout, provision
 
 RECONCILE_TIMEOUT = 600
+VERIFY_TIMEOUT = 600
+VERIFIED = "Verified every room: "
 STATE_TYPES = plugin_reconcile_module.STATE_TYPES
 READ_CONCURRENCY = getattr(plugin_reconcile_module, "READ_CONCURRENCY", 16)
 BATCHES_AT_ONCE = getattr(plugin_reconcile_module, "BATCHES_AT_ONCE", 4)
@@ -134,15 +137,22 @@ async def sync_replay(bot: MatrixUser) -> float:
 
 
 async def plugin_reconcile(
-    stack: BenchStack, wipe: bool, profile_dir: Path | None = None, tag: str = ""
+    stack: BenchStack,
+    wipe: bool,
+    profile_dir: Path | None = None,
+    tag: str = "",
+    meanwhile: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """Stops the instance, optionally wipes its database, starts it and reads the report of
-    its reconciliation; wall time runs from the start request to the "Reconciled:" line."""
+    """Stops the instance, optionally wipes its database, runs ``meanwhile`` (while it is
+    stopped), starts it and reads the report of its reconciliation; wall time runs from the
+    start request to the "Reconciled:" line."""
     assert stack.log is not None
     if wipe:  # through maubot's database API, which answers only while the instance runs
         await stack.wipe_plugin_db()
     await stack.set_instance_started(False)
     await wait_idle(stack.pids(), timeout=30)
+    if meanwhile is not None:
+        await meanwhile()
     profilers = []
     if profile_dir is not None:
         for name, pid in stack.pids().items():
@@ -160,6 +170,8 @@ async def plugin_reconcile(
     line, logged = await stack.log.wait_for("Reconciled: ", mark, RECONCILE_TIMEOUT)
     cpu = meter.stop()
     values = report_values(line)
+    # where the start went: maubot starting the instance up to the plugin's start() done
+    _, started = await stack.log.wait_for("Lambda started with agents", mark, 5)
     await asyncio.sleep(0.3)  # Synapse's access log of the last requests
     by_endpoint = {
         name: {
@@ -177,6 +189,10 @@ async def plugin_reconcile(
         "report": values,
         "cpu": cpu,
         "hs_requests": by_endpoint,
+        "request_to_started_seconds": round(started - requested, 3),
+        "started_to_ready_seconds": round(logged - started, 3),
+        "mark": mark,  # where in maubot's log this start began, and when it was ready
+        "logged": logged,
     }
     if profilers:
         result["profile"] = {name: prof.stop() for name, prof in profilers}
@@ -212,6 +228,170 @@ async def _outlive_catch_up_window(stack: BenchStack, since: float, log) -> None
         await asyncio.sleep(left)
 
 
+def rss_mb(pid: int | None) -> float | None:
+    """A process's resident set (``VmRSS`` of /proc/<pid>/status), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def verified_values(line: str) -> dict[str, str]:
+    """``key=value`` pairs of a "Verified every room: ..." line, and ``repaired`` (the
+    count it leads with, 0 when it says "nothing to repair")."""
+    tail = line.split(VERIFIED, 1)[1]
+    values = dict(part.strip("()").split("=", 1) for part in tail.split() if "=" in part)
+    first = tail.split(" ", 1)[0]
+    values["repaired"] = first if first.isdigit() else "0"
+    return values
+
+
+async def verification(stack: BenchStack, start: dict[str, Any]) -> dict[str, Any] | None:
+    """The background verification that follows a delta start (``start``, from
+    plugin_reconcile): its line's figures, and the time from the gate to that line."""
+    if start["report"].get("delta") != "True":
+        return None  # a full read: nothing follows it
+    assert stack.log is not None
+    line, logged = await stack.log.wait_for(VERIFIED, start["mark"], VERIFY_TIMEOUT)
+    values = verified_values(line)
+    return {
+        "repaired": int(values["repaired"]),
+        "seconds": float(values.get("seconds", "nan")),
+        "gate_to_line_seconds": round(logged - start["logged"], 3),
+        "writes": int(values.get("writes", 0)),
+        "report": values,
+    }
+
+
+async def restarts(stack: BenchStack, reps: int, log, label: str) -> dict[str, Any]:
+    """``reps`` restarts with the database intact. Before each stop maubot's sync is woken
+    (so the life has a sync position and its clean stop stores it, as a bot that has been
+    up a minute has); each start is followed through its background verification. Then
+    maubot's RSS."""
+    runs = []
+    for i in range(reps):
+        await stack.wake_bot_sync()
+        run = await plugin_reconcile(stack, wipe=False)
+        run["verify"] = await verification(stack, run)
+        runs.append(run)
+        took = run["verify"]["seconds"] if run["verify"] else None
+        log(
+            f"restart at {label} run {i + 1}: wall {run['wall_seconds']:.3f}s (to start()"
+            f" done {run['request_to_started_seconds']:.3f}s, delta {run['seconds']:.3f}s)"
+            f" delta={run['report'].get('delta')} changed_rooms="
+            f"{run['report'].get('changed_rooms')} requests={run['requests']}, verified in {took}s"
+        )
+    walls = [r["wall_seconds"] for r in runs]
+    return {
+        "wall_seconds": round(median(walls), 3),
+        "wall_seconds_runs": walls,
+        "delta": all(r["report"].get("delta") == "True" for r in runs),
+        "changed_rooms": [int(r["report"].get("changed_rooms", -1)) for r in runs],
+        "requests": [r["requests"] for r in runs],
+        "verify_seconds": [r["verify"] and r["verify"]["seconds"] for r in runs],
+        "rss_mb": rss_mb(stack.pids()["maubot"]),
+        "runs": runs,
+    }
+
+
+async def small_phase(
+    stack: BenchStack, bot: MatrixUser, users: list[MatrixUser], chats: int, reps: int, log
+) -> tuple[Topology, dict[str, Any]]:
+    """The first tenth of the owners alone: provisioned, met by a first start that lives one
+    catch-up window (so its stop stores both sync positions), restarted ``reps`` times with
+    the database intact. Then the database is emptied and the plugin stopped: the start
+    at the full size meets every room as new."""
+    topo = await provision(bot, users, chats)
+    await wait_idle(stack.pids(), timeout=60)
+    first = await plugin_reconcile(stack, wipe=False)
+    life = time.monotonic()
+    await stack.wake_bot_sync()  # a position older than the window when it stops
+    log(f"small: {topo.managed_rooms} rooms, first start wall {first['wall_seconds']:.3f}s")
+    await _outlive_catch_up_window(stack, life, log)
+    measured = await restarts(stack, reps, log, f"{topo.managed_rooms} rooms")
+    await stack.wipe_plugin_db()
+    await stack.set_instance_started(False)
+    return topo, {"rooms": topo.managed_rooms, "first_wall_seconds": first["wall_seconds"],
+                  **measured}  # fmt: skip
+
+
+async def background_repair(stack: BenchStack, bot: MatrixUser, topo: Topology, log) -> dict:
+    """Changes made behind the plugin's back, then a restart with the database intact: two
+    chat rows changed in the database, one renamed and one deleted (no room says so: only
+    the background verification can see them; made just before the stop, as maubot's
+    database API answers only while the instance runs, and nothing rewrites them before it),
+    and, while it is stopped, one chat renamed in its room (the delta sees it and reads the
+    room again before the gate)."""
+    renamed, drifted, deleted = topo.owners[-1].chats[:3]
+    name = f"Renamed {uuid.uuid4().hex[:6]}"
+
+    async def behind_its_back() -> None:
+        await bot.send_state(renamed, "m.room.name", {"name": name})
+
+    await stack.sql(f"UPDATE chat_room SET name='Drifted' WHERE room_id='{drifted}'")
+    await stack.sql(f"DELETE FROM chat_room WHERE room_id='{deleted}'")
+    await stack.wake_bot_sync()
+    start = await plugin_reconcile(stack, wipe=False, meanwhile=behind_its_back)
+    at_gate = await stack.sql(f"SELECT name FROM chat_room WHERE room_id='{renamed}'")
+    verify = await verification(stack, start)
+    rows = await stack.sql(
+        f"SELECT name FROM chat_room WHERE room_id IN ('{drifted}', '{deleted}')"
+    )
+    result = {
+        "hidden_changes": 2,
+        "delta": start["report"].get("delta") == "True",
+        "changed_rooms": int(start["report"].get("changed_rooms", -1)),
+        "rename_seen_at_gate": bool(at_gate) and at_gate[0]["name"] == name,
+        "rows_restored": len(rows) == 2 and all(r["name"] != "Drifted" for r in rows),
+        "wall_seconds": start["wall_seconds"],
+        "verify": verify,
+    }
+    log(f"background repair: {result}")
+    return result
+
+
+def restart_keys(small: dict, big: dict, background: dict) -> dict[str, Any]:
+    """The figures of the restarts with the database intact (``restarts``) at the small and
+    the full size, and of the changes made behind the plugin's back (``background_repair``)."""
+    middle = sorted(big["runs"], key=lambda r: r["wall_seconds"])[len(big["runs"]) // 2]
+    verify = background["verify"] or {}
+    return {
+        "restart_wall_seconds": big["wall_seconds"],
+        "restart_delta": big["delta"] and small["delta"],
+        "restart_wall_seconds_small": small["wall_seconds"],
+        "restart_small_rooms": small["rooms"],
+        "restart_growth": round(big["wall_seconds"] / small["wall_seconds"], 2),
+        "restart_changed_rooms": big["changed_rooms"],
+        "restart_requests": big["requests"],
+        "restart_changed_rooms_small": small["changed_rooms"],
+        "restart_wall_seconds_runs": big["wall_seconds_runs"],
+        "restart_wall_seconds_small_runs": small["wall_seconds_runs"],
+        "restart_report": middle["report"],
+        "restart_hs_requests": middle["hs_requests"],
+        "restart_cpu": middle["cpu"],
+        # the middle restart: start request -> the plugin's start() done -> ready
+        "restart_request_to_started_seconds": middle["request_to_started_seconds"],
+        "restart_started_to_ready_seconds": middle["started_to_ready_seconds"],
+        "verify_seconds_runs": big["verify_seconds"],
+        "verify_seconds_small_runs": small["verify_seconds"],
+        "rss_mb": big["rss_mb"],
+        "rss_mb_small": small["rss_mb"],
+        "background_repaired": verify.get("repaired"),
+        "background_hidden_changes": background["hidden_changes"],
+        "background_verify_seconds": verify.get("seconds"),
+        "background_verify_gate_to_line_seconds": verify.get("gate_to_line_seconds"),
+        "background_delta": background["delta"],
+        "background_changed_rooms": background["changed_rooms"],
+        "background_rename_seen_at_gate": background["rename_seen_at_gate"],
+        "background_rows_restored": background["rows_restored"],
+        "background_restart_wall_seconds": background["wall_seconds"],
+        "background_verify_report": verify.get("report"),
+    }
+
+
 async def run(
     stack: BenchStack, rooms: int, reps: int, log, profile_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -219,10 +399,17 @@ async def run(
     await stack.set_instance_started(False)  # the plugin must not onboard the DMs made here
     users = await stack.users("owner", owners_n)
     bot = await stack.bot_device()
-    log(f"provisioning {owners_n} owners x (DM + Space + {chats} chats) ...")
+    small_n = max(1, owners_n // 10)
+    log(f"provisioning {small_n} owners x (DM + Space + {chats} chats), restarts there ...")
+    small_topo, small = await small_phase(stack, bot, users[:small_n], chats, reps, log)
+    log(f"provisioning {owners_n - small_n} more owners x (DM + Space + {chats} chats) ...")
     meter = CpuMeter(stack.pids()).start()
-    topo = await provision(bot, users, chats)
+    rest = await provision(bot, users[small_n:], chats)
     setup_cpu = meter.stop()
+    topo = Topology(
+        small_topo.owners + rest.owners, chats, small_topo.seconds + rest.seconds,
+        small_topo.requests + rest.requests,
+    )  # fmt: skip
     joined = topo.joined_rooms
     log(
         f"provisioned {topo.managed_rooms} managed rooms (+{owners_n} DMs) in {topo.seconds:.1f}s"
@@ -266,7 +453,9 @@ async def run(
         for _ in range(2):
             took, _ = await _timed(fetch_sliding_sync(bot, batch, BATCHES_AT_ONCE))
             floor[f"{tag}_warm"] = min(took, floor.get(f"{tag}_warm", took))
-        log(f"floor sliding sync: cold {floor[f'{tag}_cold']:.3f}s warm {floor[f'{tag}_warm']:.3f}s")
+        log(
+            f"floor sliding sync: cold {floor[f'{tag}_cold']:.3f}s warm {floor[f'{tag}_warm']:.3f}s"
+        )
 
     # The plugin stores where its catch-up resumes from (in its database and in the bot's
     # account data) once it has run a whole catch-up window; a bot that has been up for a
@@ -296,8 +485,11 @@ async def run(
     if profile_dir is not None:
         profiled = await plugin_reconcile(stack, wipe=True, profile_dir=profile_dir, tag="warm")
         log(f"plugin (warm, profiled): {profiled['seconds']:.3f}s")
-    second = await plugin_reconcile(stack, wipe=False)
-    log(f"second run: writes={second['writes']} {second['seconds']:.3f}s")
+    # Restarts with the database intact (each after a clean stop: a delta start).
+    big = await restarts(stack, reps, log, f"{topo.managed_rooms} rooms")
+    second = big["runs"][0]
+    second_verify_writes = second["verify"]["writes"] if second["verify"] else 0
+    log(f"second run: writes={second['writes']}+{second_verify_writes} {second['seconds']:.3f}s")
 
     wiped = await stack.plugin_tables()
     rows = await stack.sql("SELECT COUNT(*) AS n FROM chat_room")
@@ -305,6 +497,7 @@ async def run(
     if int(rows[0]["n"]) != owners_n * chats or int(users_rows[0]["n"]) != owners_n:
         mismatches.append(f"database holds {rows[0]['n']} chats / {users_rows[0]['n']} users")
 
+    background = await background_repair(stack, bot, topo, log)
     replay = await sync_replay(bot)
     invite_sync = min([await invites_sync(bot) for _ in range(3)])
     log(f"an invites-only /sync alone (warm): {invite_sync:.3f}s")
@@ -327,7 +520,8 @@ async def run(
         "overhead_vs_floor": round(wall / hs_floor, 2),
         "requests": middle["requests"],
         "naive_requests": naive_requests,
-        "second_run_writes": second["writes"],
+        "second_run_writes": second["writes"] + second_verify_writes,
+        **restart_keys(small, big, background),
         # more detail
         # the catch-up's /sync in the middle run: incremental (milliseconds) when it resumed
         # from the stored position, a walk over every room when it had none
@@ -355,6 +549,8 @@ async def run(
         "naive_seconds_cold": round(naive_cold, 3),
         "speedup_cold": round(naive_cold / cold["wall_seconds"], 2),
         "second_run_seconds": second["seconds"],
+        "second_run_delta_writes": second["writes"],
+        "second_run_verify_writes": second_verify_writes,
         "second_run_wall_seconds": second["wall_seconds"],
         "floor_candidates": {k: round(v, 3) for k, v in floor.items()},
         "sync_response_cache_replay_seconds": round(replay, 3),

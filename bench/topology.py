@@ -19,15 +19,20 @@ from lambda_plugin.roomstate import (
     clean_name,
     creators_privileged,
     new_platform_chat_id,
+    no_guests,
     space_child,
     space_parent,
+    topic,
 )
 from lambda_plugin.roomstate import power_levels as plugin_power_levels
+from lambda_plugin.spaces import chat_topic
+from lambda_plugin.texts import text
 
 # base-config.yaml's defaults, which the benchmark instance runs with
 SPACE_NAME = "Lambda — {displayname}"
 CHAT_NAME = "Chat {n}"
 DEFAULT_AGENT = "echo"
+LANGUAGE = "en"
 
 
 @dataclass
@@ -90,7 +95,11 @@ async def create_space(bot: MatrixUser, user_id: str, levels: dict) -> str:
         visibility="private",
         creation_content={"type": "m.space"},
         invite=[user_id],
-        initial_state=[Marker(kind=KIND_SPACE, owner=user_id).state_event()],
+        initial_state=[
+            Marker(kind=KIND_SPACE, owner=user_id).state_event(),
+            no_guests(),
+            topic(text(LANGUAGE, "space.topic")),
+        ],
         power_level_content_override=levels,
     )
 
@@ -117,6 +126,8 @@ async def create_chat(
             initial_state=[
                 marker.state_event(),
                 {"type": "m.space.parent", "state_key": space, "content": space_parent(server)},
+                no_guests(),
+                topic(chat_topic(LANGUAGE, DEFAULT_AGENT)),
             ],
             power_level_content_override=levels,
         )
