@@ -35,7 +35,7 @@ from .matrix import HomeserverError
 from .part import Part
 from .policy import Admission, admit
 from .reconcile import Reconciler, Report
-from .reconcile.delta import DELTA_MOST, delta_start
+from .reconcile.delta import DELTA_MOST, changes_since, reread_changed
 
 Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
@@ -76,14 +76,20 @@ class Startup(Part):
         self._caught_up = False
         self._lock = asyncio.Lock()  # one rebuild at a time (a start, a reset)
         self.verification: object = None  # the background verification after a delta start
+        self._missed: asyncio.Future | None = None  # the catch-up's read, begun at the start
 
     async def run(self) -> None:
         """The start: never raises, never gives up while the homeserver or database is down.
         After a start that read only the changed rooms, every room is verified in the
         background once users are answered again."""
         self.check_encryption()
-        report = await self._reconcile_until_done()
-        invites = await self._catch_up_retried()
+        self._missed = asyncio.ensure_future(self._read_missed())  # while the rooms are read
+        try:
+            report = await self._reconcile_until_done()
+            invites = await self._catch_up_retried()
+        finally:
+            await _dropped(self._missed)  # not taken (a stop): let go
+            self._missed = None
         report.invites = len(invites)
         self.log.info("Reconciled: %s", report.line())
         self.gate.open()
@@ -107,7 +113,6 @@ class Startup(Part):
         while True:
             try:
                 async with self._lock:
-                    await self.registry.load()
                     return await self._delta() or await self.reconciler.run()
             except Exception as e:  # homeserver or database down: never give up, never raise
                 self.log.warning("Reconciliation failed (%s); retrying in %.0fs", e, delay)
@@ -115,15 +120,28 @@ class Startup(Part):
                 delay = min(delay * 2, 60)
 
     async def _delta(self) -> Report | None:
-        """The rooms changed since the stop, read again, when the database kept its sync
-        position (None: every room is read)."""
+        """Loads the registry; then, when the database kept its sync position, the rooms
+        changed since the stop, read again (None: every room is to be read). The changes are
+        asked for while the registry loads: a restart waits for the slower of the two."""
         since = await self.store.get_value(DELTA_TOKEN_KEY) if self.settings().delta_start else None
-        if not since or not self.registry.users or not self.registry.rooms:
-            return None  # a database without its rows (wiped by hand): rebuilt in full
-        reconciler = self.reconciler
+        reconciler, started, asked = self.reconciler, time.monotonic(), None
+        if since:
+            requests = reconciler.mx.requests
+            asked = asyncio.ensure_future(changes_since(reconciler.mx, since, self.log))
+        try:
+            await self.registry.load()
+        except BaseException:
+            await _dropped(asked)
+            raise
+        if asked is None or not self.registry.users or not self.registry.rooms:
+            await _dropped(asked)
+            return None  # no position, or a database without its rows: rebuilt in full
+        changed = await asked
         most = self.settings().read_batch or DELTA_MOST
-        report = await delta_start(reconciler.mx, since, reconciler.reread, self.log, most)
+        report = await reread_changed(changed, reconciler.reread, self.log, most) if changed is not None else None
         if report is not None:
+            report.requests = reconciler.mx.requests - requests
+            report.seconds = time.monotonic() - started
             reconciler.last_report = report
         return report
 
@@ -185,8 +203,8 @@ class Startup(Part):
         """Queues what was missed (before anything that arrived during the start), merged
         with maubot's first sync and the ledger's unfinished events; returns the pending
         invites the same /sync shows."""
-        window_ms = int((time.time() - self.settings().catch_up_s) * 1000)
-        sync = await self.catch_up.read(await self.stored_position(), window_ms)
+        missed, self._missed = self._missed, None  # the first try's, read during the start
+        sync = await (missed if missed is not None else self._read_missed())
         timelines = timelines_of(sync)
         await self.catch_up.mx.crypto.open_all(timelines)
         unfinished = await self.ledger.unfinished()
@@ -213,6 +231,12 @@ class Startup(Part):
         self.hand_over(late)
         self._retry_sealed(everything, since_ms, states)
         return parse_invites(sync, self.catch_up.mx.user_id)
+
+    async def _read_missed(self) -> dict[str, Any]:
+        """The catch-up's /sync from the stored position (a window back, cut timelines paged
+        back through it): what users sent while the plugin was away."""
+        window_ms = int((time.time() - self.settings().catch_up_s) * 1000)
+        return await self.catch_up.read(await self.stored_position(), window_ms)
 
     def _not_answered(self, incoming: Incoming) -> bool:
         """A chat room's event from someone it does not answer (policy, as live)."""
@@ -370,6 +394,13 @@ class Startup(Part):
             return None
         since = (data or {}).get("since")
         return since if isinstance(since, str) and since else None
+
+
+async def _dropped(task: asyncio.Future | None) -> None:
+    """A read no longer wanted: cancelled, and its end (an error too) awaited, unseen."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _event_ids(events: list[dict]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,14 +77,9 @@ def _has_events(data: Any) -> bool:
     return False
 
 
-async def delta_start(
-    mx: Matrix, since: str, reread: Callable[[str], Awaitable[None]], log: Any,
-    most: int = DELTA_MOST,
-) -> Report | None:  # fmt: skip
-    """Reads the rooms changed since ``since`` again; their report, or None when the full
-    read is needed (the position refused, more than ``most`` rooms changed, one that can't
-    be read now). An outage is raised: the start tries again."""
-    started, requests_before = time.monotonic(), mx.requests
+async def changes_since(mx: Matrix, since: str, log: Any) -> list[str] | None:
+    """The rooms whose state changed since ``since`` (None: the homeserver refused the
+    position, every room is to be read). An outage is raised: the start tries again."""
     query = {"filter": delta_filter(), "since": since, "timeout": "0"}
     try:
         sync = await mx.sync(query)
@@ -94,7 +88,15 @@ async def delta_start(
             raise
         log.info("The stored sync position was refused (%s): every room is read", e)
         return None
-    changed = changed_rooms(sync)
+    return changed_rooms(sync)
+
+
+async def reread_changed(
+    changed: list[str], reread: Callable[[str], Awaitable[None]], log: Any,
+    most: int = DELTA_MOST,
+) -> Report | None:  # fmt: skip
+    """Reads the changed rooms again; the report, or None when the full read is needed
+    (more than ``most`` rooms changed, one that can't be read now)."""
     if len(changed) > most:
         log.info("%d rooms changed since the stop: every room is read", len(changed))
         return None
@@ -111,7 +113,5 @@ async def delta_start(
 
     if not all(await asyncio.gather(*(read(room_id) for room_id in changed))):
         return None
-    report = Report(delta=True, changed_rooms=len(changed))
-    report.requests = mx.requests - requests_before
-    report.seconds = time.monotonic() - started
-    return report
+    return Report(delta=True, changed_rooms=len(changed))
+

@@ -16,7 +16,7 @@ from lambda_plugin.catchup import DELTA_TOKEN_KEY
 from lambda_plugin.gate import StartGate
 from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import Report
-from lambda_plugin.reconcile.delta import changed_rooms, delta_filter, delta_start
+from lambda_plugin.reconcile.delta import changed_rooms, changes_since, delta_filter, reread_changed
 from lambda_plugin.roomstate import STATE_TYPES
 from lambda_plugin.startup import Startup
 from tests.unit.test_config import settings as make_settings
@@ -51,6 +51,12 @@ def test_the_filter_asks_for_state_changes_only() -> None:
     assert delta_filter() != delta_filter()  # never a cached answer of the last start
 
 
+async def delta_start(mx: Any, since: str, reread: Any, log: Any, most: int = 200) -> Report | None:
+    """The delta's two steps, as a start runs them."""
+    changed = await changes_since(mx, since, log)
+    return await reread_changed(changed, reread, log, most) if changed is not None else None
+
+
 class DeltaMatrix:
     def __init__(self, answer: dict | HomeserverError) -> None:
         self.answer = answer
@@ -76,7 +82,7 @@ async def test_only_the_changed_rooms_are_read_again() -> None:
 
     report = await delta_start(mx, "s-stop", reread, LOG)  # type: ignore[arg-type]
     assert read == ["!a:x", "!b:x"] and mx.queries[0]["since"] == "s-stop"
-    assert report is not None and (report.delta, report.changed_rooms, report.requests) == (True, 2, 1)
+    assert report is not None and (report.delta, report.changed_rooms, mx.requests) == (True, 2, 1)
 
 
 @pytest.mark.parametrize(
@@ -245,3 +251,26 @@ async def test_a_reset_during_the_verification_keeps_answering_until_it_can_star
         assert startup.gate.is_open and not cleared.is_set()
     await asyncio.wait_for(rebuild, TIMEOUT)
     assert cleared.is_set() and startup.gate.is_open
+
+
+class Overlapping(Reconciling):
+    """Its registry loads only once the delta's /sync was asked: a start that asked in turn
+    would never finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+
+    async def _load(self) -> None:
+        await self.asked.wait()
+
+    async def sync(self, query: dict[str, str], timeout_s: float = 120) -> dict:
+        self.asked.set()
+        return self.answer
+
+
+async def test_the_changes_are_asked_for_while_the_registry_loads() -> None:
+    reconciler = Overlapping()
+    startup = startup_of(reconciler, Values(**{DELTA_TOKEN_KEY: "s-stop"}))
+    await asyncio.wait_for(startup.run(), TIMEOUT)
+    assert reconciler.reread_rooms == ["!a:x", "!b:x"]

@@ -521,6 +521,8 @@ async def test_a_start_longer_than_the_window_stores_no_position_before_its_catc
     startup.sync_done(sync("s-first", {}))  # maubot syncs as soon as it starts
     run = asyncio.ensure_future(startup.run())
     await asyncio.wait_for(long.reconciling.wait(), TIMEOUT)
+    while not long.read_from:  # the catch-up's read goes on while the rooms are read
+        await asyncio.sleep(0.01)
     # A window later, the start still reconciling: the minutely save (and a stop's) runs.
     startup.positions.seen = type(startup.positions.seen)(
         (at - WINDOW_S - 1, token) for at, token in startup.positions.seen
