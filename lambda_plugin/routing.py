@@ -40,6 +40,9 @@ class Router(Part):
     notices: Notices
     command_names: Collection[str]
     _told_full: set[str] = field(default_factory=set)  # rooms told their queue is full
+    # Receipts: one request a room at a time, for the newest waiting message (a receipt
+    # covers what came before it): a burst costs a few, not one each.
+    _receipt_due: dict[str, str] = field(default_factory=dict)  # room -> newest not sent
 
     @property
     def mx(self) -> Matrix:
@@ -55,13 +58,28 @@ class Router(Part):
         the queue has no place for a notice, once while the queue is full."""
         queued = self.enqueue(incoming)
         if queued is Queued.WAITS and self.gate.is_open:
-            await self.mx.receipt(incoming.room_id, incoming.event_id)
+            await self._receipt(incoming.room_id, incoming.event_id)
         elif queued is Queued.FULL and incoming.room_id not in self._told_full:
             self._told_full.add(incoming.room_id)
             limit = self.settings().max_queue_per_room
             await self.notices.say(
                 incoming.room_id, "queue.full", max=limit, reply_to=incoming.event_id
             )
+
+    async def _receipt(self, room_id: str, event_id: str) -> None:
+        """Sends the room's read receipt up to ``event_id``, unless one is on its way: then
+        that sender sends this one next (the newest only)."""
+        sending = room_id in self._receipt_due
+        self._receipt_due[room_id] = event_id
+        if sending:
+            return
+        try:
+            while (due := self._receipt_due.get(room_id)) is not None:
+                await self.mx.receipt(room_id, due)
+                if self._receipt_due.get(room_id) == due:
+                    break
+        finally:
+            self._receipt_due.pop(room_id, None)
 
     def enqueue(self, incoming: Incoming, replay: bool = False) -> Queued:
         """Puts a message or a command no handler of maubot's gets (an unknown one, or with

@@ -328,6 +328,22 @@ async def test_a_waiting_message_gets_a_receipt_when_the_gate_is_open(env: Env) 
     assert env.mx.receipts == [(ROOM, "$second")]
 
 
+async def test_a_burst_costs_a_receipt_for_the_newest_not_one_each(limited: Settings) -> None:
+    """Messages arriving while a receipt is on its way: the next receipt is the newest's
+    (a receipt covers what came before it); another room has its own."""
+    gate = StartGate()
+    gate.open()
+    env = build(replace(limited, max_queue_per_room=10), gate)
+    env.stage.blocked("$first")
+    await route(env, msg("$first"))
+    burst = [msg(f"$w{n}") for n in range(1, 6)] + [msg("$o1", OTHER_ROOM), msg("$o2", OTHER_ROOM)]
+    await asyncio.wait_for(asyncio.gather(*(env.router.route(m) for m in burst)), TIMEOUT)
+    assert env.mx.receipts == [(ROOM, "$w1"), (OTHER_ROOM, "$o2"), (ROOM, "$w5")]
+    await route(env, msg("$w6"))  # none on its way: sent at once
+    assert env.mx.receipts[-1] == (ROOM, "$w6")
+    await asyncio.wait_for(env.queues.stop(), TIMEOUT)
+
+
 async def test_no_receipt_while_the_gate_is_closed(closed_env: Env) -> None:
     env = closed_env
     await route(env, msg("$first"), msg("$second"))
