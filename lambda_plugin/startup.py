@@ -41,6 +41,7 @@ Sealed = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, None]]
 SYNC_POSITION_EVERY_S = 60
 PRUNE_EVERY_S = 3600
 VERIFY_RETRY_S = 30.0  # the first wait after a failed verification (doubling, to 10 min)
+VERIFY_TRIES = 6  # about half an hour of outage; a failure that stays is logged, given up
 Invite = Callable[[str, str], Awaitable[None]]
 Enqueue = Callable[[Incoming, bool], object]
 
@@ -145,18 +146,22 @@ class Startup(Part):
             reconciler.last_report = report
         return report
 
-    async def verify(self) -> Report:
+    async def verify(self) -> Report | None:
         """Every room read and reconciled, gently, after a delta start: what the delta
         missed (a change no live handler applies, made while the plugin ran or was down) is
-        repaired, and said. Tried again while the homeserver or database fails; a stop
-        cancels it, and the next start's verification reads everything again."""
+        repaired, and said. Tried again while the homeserver or database fails (a few
+        times: None when it never ran); a stop cancels it, and the next start's verification
+        reads everything again."""
         delay = VERIFY_RETRY_S
-        while True:
+        for tries_left in range(VERIFY_TRIES - 1, -1, -1):
             try:
                 async with self._lock:
                     report = await self.reconciler.run(gentle=True)
                 break
             except Exception as e:
+                if not tries_left:  # not an outage that passes: the next start's verifies
+                    self.log.error("Verifying every room failed %d times: %s", VERIFY_TRIES, e)
+                    return None
                 self.log.warning("Verifying every room failed (%s); again in %.0fs", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 600)

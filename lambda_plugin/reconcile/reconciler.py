@@ -175,9 +175,11 @@ class Reconciler:
 
     async def _apply(self, result: Plan, known_rooms: dict[str, ChatRoomRow]) -> None:
         registry = self.registry
+        # Every room known before or now, not only those the plan rewrites: a chat archived
+        # meanwhile whose read row matched is in no plan row, yet its Space link is planned.
         changed = {
             room_id
-            for room_id in result.rooms
+            for room_id in known_rooms.keys() | registry.rooms.keys() | result.rooms.keys()
             if registry.rooms.get(room_id) is not known_rooms.get(room_id)
         }
         await self.store.upsert_users(list(result.users.values()))

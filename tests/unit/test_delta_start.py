@@ -18,7 +18,7 @@ from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import Report
 from lambda_plugin.reconcile.delta import changed_rooms, changes_since, delta_filter, reread_changed
 from lambda_plugin.roomstate import STATE_TYPES
-from lambda_plugin.startup import Startup
+from lambda_plugin.startup import VERIFY_TRIES, Startup
 from tests.unit.test_config import settings as make_settings
 from tests.unit.test_startup_handover import LongStart
 
@@ -274,3 +274,19 @@ async def test_the_changes_are_asked_for_while_the_registry_loads() -> None:
     startup = startup_of(reconciler, Values(**{DELTA_TOKEN_KEY: "s-stop"}))
     await asyncio.wait_for(startup.run(), TIMEOUT)
     assert reconciler.reread_rooms == ["!a:x", "!b:x"]
+
+
+class BrokenReconciling(Reconciling):
+    async def run(self, dry_run: bool = False, gentle: bool = False) -> Report:  # type: ignore[override]
+        self.runs.append(gentle)
+        raise ValueError("a failure that stays")
+
+
+async def test_a_verification_that_keeps_failing_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every room read again and again (holding the lock a reset waits for): a few tries."""
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr("lambda_plugin.startup.asyncio.sleep", lambda s: real_sleep(0))
+    reconciler = BrokenReconciling()
+    startup = startup_of(reconciler, Values(**{DELTA_TOKEN_KEY: "s-stop"}))
+    assert await asyncio.wait_for(startup.verify(), TIMEOUT) is None
+    assert reconciler.runs == [True] * VERIFY_TRIES

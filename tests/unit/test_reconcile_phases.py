@@ -524,7 +524,7 @@ async def test_nothing_is_written_into_or_naming_a_room_changed_during_the_run()
     other = replace(before, room_id="!y", chat_id="C2", platform_chat_id="p2")
     reconciler.registry.rooms = {"!x": replace(before, archived=True), "!y": other}
     link = {"via": ["hs"]}
-    result = Plan(rooms={"!x": before, "!y": other}, state_writes=[
+    result = Plan(rooms={"!y": other}, state_writes=[  # !x's read row matched: not rewritten
         ("!space", "m.space.child", "!x", link), ("!x", "m.room.power_levels", "", {}),
         ("!space", "m.space.child", "!y", link),
     ])  # fmt: skip
