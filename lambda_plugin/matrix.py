@@ -417,8 +417,11 @@ class Matrix:
         return await self._retrying("POST", path, once, idempotent=True)
 
 
-def one_off_sync_filter(timeline: dict[str, Any]) -> str:
-    """A /sync filter for a one-off read: the given timeline, no state, nothing else.
+def one_off_sync_filter(
+    timeline: dict[str, Any], state_types: list[str] | None = None, include_leave: bool = False
+) -> str:
+    """A /sync filter for a one-off read: the given timeline, the state of ``state_types``
+    (none by default), the rooms left when ``include_leave``, nothing else.
 
     Synapse caches a sync answer per request (two minutes by default), and a read after a
     restart must not get the last run's answer: naming a room that cannot exist makes each
@@ -428,10 +431,10 @@ def one_off_sync_filter(timeline: dict[str, Any]) -> str:
             "room": {
                 "not_rooms": [f"!lambda-{uuid.uuid4().hex}:invalid"],
                 "timeline": timeline,
-                "state": {"types": []},
+                "state": {"types": state_types or []},
                 "ephemeral": {"not_types": ["*"]},
                 "account_data": {"not_types": ["*"]},
-                "include_leave": False,
+                "include_leave": include_leave,
             },
             "presence": {"not_types": ["*"]},
             "account_data": {"not_types": ["*"]},

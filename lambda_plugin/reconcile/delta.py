@@ -14,12 +14,10 @@ as without a position.
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..matrix import HomeserverError, Matrix
+from ..matrix import HomeserverError, Matrix, one_off_sync_filter
 from ..roomstate import STATE_TYPES
 from .report import Report
 
@@ -32,21 +30,9 @@ DELTA_MOST = 200
 def delta_filter() -> str:
     """State changes of the types reconciliation reads, per room, and the rooms left; no
     messages, members, receipts or account data (a room with none of those changes is not
-    in the answer). A room that cannot exist makes each request unique (Synapse caches
-    sync answers)."""
-    return json.dumps(
-        {
-            "room": {
-                "not_rooms": [f"!lambda-{uuid.uuid4().hex}:invalid"],
-                "timeline": {"types": STATE_TYPES, "limit": 1},
-                "state": {"types": STATE_TYPES},
-                "ephemeral": {"not_types": ["*"]},
-                "account_data": {"not_types": ["*"]},
-                "include_leave": True,
-            },
-            "presence": {"not_types": ["*"]},
-            "account_data": {"not_types": ["*"]},
-        }
+    in the answer); unique, as every one-off read."""
+    return one_off_sync_filter(
+        {"types": STATE_TYPES, "limit": 1}, state_types=STATE_TYPES, include_leave=True
     )
 
 
