@@ -26,13 +26,22 @@ class Row:
 
     @classmethod
     def from_row(cls: type[RowT], row: Record) -> RowT:
+        """The row of a ``SELECT {columns}``: its values in field order. By position, not by
+        name: a start builds thousands of rows, and lookups by name cost most of it."""
         # SQLite hands booleans back as 0/1: bool fields are made bool on both engines.
-        return cls(
-            **{
-                f.name: bool(row[f.name]) if f.type == "bool" else row[f.name]
-                for f in fields(cls)  # type: ignore[arg-type]
-            }
-        )
+        values = zip(row, _bool_flags(cls), strict=True)  # a row of other columns raises
+        return cls(*[bool(v) if flag else v for v, flag in values])
+
+
+_BOOL_FLAGS: dict[type, tuple[bool, ...]] = {}
+
+
+def _bool_flags(cls: type) -> tuple[bool, ...]:
+    """Whether each field of a row type, in order, is a bool: read once per type."""
+    flags = _BOOL_FLAGS.get(cls)
+    if flags is None:
+        flags = _BOOL_FLAGS[cls] = tuple(f.type == "bool" for f in fields(cls))
+    return flags
 
 
 @dataclass(frozen=True)

@@ -372,6 +372,18 @@ async def test_booleans_come_back_as_bool(store: Store) -> None:
         assert type(row.gone) is bool
 
 
+async def test_a_row_is_built_by_position_and_refuses_other_columns(store: Store) -> None:
+    """from_row reads a ``SELECT {columns}`` by position (fast at thousands of rows): the
+    same query with its columns in another order or count is refused, not misread."""
+    await store.ensure_user(ALICE)
+    await store.upsert_room(room(1))
+    (got,) = await store.all_rooms()
+    assert got == room(1)
+    wrong = await store.db.fetchrow("SELECT room_id, user_id FROM chat_room")
+    with pytest.raises(ValueError):
+        ChatRoomRow.from_row(wrong)
+
+
 async def test_upsert_room_updates_in_place(store: Store) -> None:
     await store.ensure_user(ALICE)
     await store.upsert_room(room(1, created_at=111))
