@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lambda_plugin.catchup import DELTA_TOKEN_KEY
+from lambda_plugin.catchup import DELTA_TOKEN_KEY, catch_up_filter
 from lambda_plugin.gate import StartGate
 from lambda_plugin.matrix import HomeserverError
 from lambda_plugin.reconcile import Report
@@ -49,6 +49,14 @@ def test_the_filter_asks_for_state_changes_only() -> None:
     assert room["timeline"]["types"] == STATE_TYPES == room["state"]["types"]
     assert room["include_leave"] is True and room["ephemeral"] == {"not_types": ["*"]}
     assert delta_filter() != delta_filter()  # never a cached answer of the last start
+
+
+@pytest.mark.parametrize("one_off", [delta_filter, catch_up_filter])
+def test_a_one_off_read_lazy_loads_members_and_asks_for_none(one_off: Any) -> None:
+    """Synapse skips its per-room partial-state lookup only on a lazy-loading sync."""
+    state = json.loads(one_off())["room"]["state"]
+    assert state["lazy_load_members"] is True
+    assert "m.room.member" not in state["types"]
 
 
 async def delta_start(mx: Any, since: str, reread: Any, log: Any, most: int = 200) -> Report | None:
