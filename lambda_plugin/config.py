@@ -67,6 +67,7 @@ class Config(BaseProxyConfig):
         helper.copy("reconcile.read_batch")
         helper.copy("reconcile.catch_up_max_events")
         helper.copy("reconcile.delta_start")
+        helper.copy("reconcile.delta_read_s")
         helper.copy("outages.homeserver_wait_s")
         helper.copy("outages.database_wait_s")
         helper.copy("transcription")
@@ -222,6 +223,7 @@ class Settings:
     space_avatar_url: str | None  # an mxc:// avatar for new Spaces
     catch_up_max_events: int  # events of one room a start reads back, a cut timeline paged
     delta_start: bool  # a restart reads the rooms changed since the stored position only
+    delta_read_s: float  # a restart's wait for one changed room; then it is verified later
 
     def token_limits_of(self, user_id: str) -> tuple[int, int]:
         """The user's (daily, monthly) token limits; 0 is no limit."""
@@ -305,6 +307,7 @@ def _timing(config: BaseProxyConfig) -> dict[str, Any]:
         "read_batch": _read_batch(config["reconcile.read_batch"]),
         "catch_up_max_events": _whole(config, "reconcile.catch_up_max_events"),
         "delta_start": _flag(config, "reconcile.delta_start"),
+        "delta_read_s": _number(config, "reconcile.delta_read_s"),
         "homeserver_wait_s": _number(config, "outages.homeserver_wait_s"),
         "database_wait_s": _number(config, "outages.database_wait_s"),
     }

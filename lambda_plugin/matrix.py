@@ -427,13 +427,20 @@ def one_off_sync_filter(
     restart must not get the last run's answer: naming a room that cannot exist makes each
     request unique. Members are lazy-loaded although none are asked for: on any other sync
     Synapse looks up every joined room for a partial state first (at 2,000 rooms most of an
-    incremental sync's time, and it grows with the rooms)."""
+    incremental sync's time, and it grows with the rooms). Redundant members are included: a
+    one-off read must not mark members as sent in the cache that maubot's sync (the same
+    device) relies on."""
     return json.dumps(
         {
             "room": {
                 "not_rooms": [f"!lambda-{uuid.uuid4().hex}:invalid"],
                 "timeline": timeline,
-                "state": {"types": state_types or [], "lazy_load_members": True},
+                "state": {
+                    "types": state_types or [],
+                    "lazy_load_members": True,
+                    # not the device's lazy-member cache, which maubot's own sync uses
+                    "include_redundant_members": True,
+                },
                 "ephemeral": {"not_types": ["*"]},
                 "account_data": {"not_types": ["*"]},
                 "include_leave": include_leave,

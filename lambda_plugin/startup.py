@@ -138,8 +138,12 @@ class Startup(Part):
             await _dropped(asked)
             return None  # no position, or a database without its rows: rebuilt in full
         changed = await asked
-        most = self.settings().read_batch or DELTA_MOST
-        report = await reread_changed(changed, reconciler.reread, self.log, most) if changed is not None else None
+        settings = self.settings()
+        most, read_s = settings.read_batch or DELTA_MOST, settings.delta_read_s
+        report = (
+            await reread_changed(changed, reconciler.reread, self.log, most, read_s)
+            if changed is not None else None
+        )  # fmt: skip
         if report is not None:
             report.requests = reconciler.mx.requests - requests
             report.seconds = time.monotonic() - started

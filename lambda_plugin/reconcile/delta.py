@@ -25,6 +25,7 @@ REREADS_AT_ONCE = 8  # changed rooms read again at once during a start
 # More changed rooms than one batched read holds (``reconcile.read_batch``; this when 0):
 # reading each alone costs more than reading every room, which the start does then.
 DELTA_MOST = 200
+DELTA_READ_S = 10.0  # reconcile.delta_read_s's default
 
 
 def delta_filter() -> str:
@@ -79,10 +80,13 @@ async def changes_since(mx: Matrix, since: str, log: Any) -> list[str] | None:
 
 async def reread_changed(
     changed: list[str], reread: Callable[[str], Awaitable[None]], log: Any,
-    most: int = DELTA_MOST,
+    most: int = DELTA_MOST, read_s: float = DELTA_READ_S,
 ) -> Report | None:  # fmt: skip
     """Reads the changed rooms again; the report, or None when the full read is needed
-    (more than ``most`` rooms changed, one that can't be read now)."""
+    (more than ``most`` rooms changed, one that can't be read now). A room whose read takes
+    longer than ``read_s`` is left to the verification after the gate: a room the homeserver
+    is still joining over federation answers /state only once it has its whole state,
+    minutes later, and the full read would wait for it too."""
     if len(changed) > most:
         log.info("%d rooms changed since the stop: every room is read", len(changed))
         return None
@@ -91,7 +95,10 @@ async def reread_changed(
     async def read(room_id: str) -> bool:
         async with limit:
             try:
-                await reread(room_id)
+                await asyncio.wait_for(reread(room_id), read_s)
+                return True
+            except asyncio.TimeoutError:
+                log.warning("Reading the changed room %s took over %.0fs: verified later", room_id, read_s)
                 return True
             except Exception as e:
                 log.warning("Reading the changed room %s failed (%s): every room is read", room_id, e)

@@ -110,6 +110,7 @@ CUSTOM: dict[str, Any] = {
     "reconcile.read_batch": 50,
     "reconcile.catch_up_max_events": 300,
     "reconcile.delta_start": False,
+    "reconcile.delta_read_s": 4,
     "spaces.room_version": "10",
     "spaces.avatar_url": "mxc://example.org/abcDEF123",
     "outages.homeserver_wait_s": 30,
@@ -230,6 +231,7 @@ def test_custom_config_gives_custom_settings() -> None:
     assert s.max_chats_per_user == 7
     assert s.shared_rooms is True
     assert s.delta_start is False
+    assert s.delta_read_s == 4.0
     assert s.space_name == "Space of {user_id}"
     assert s.chat_name == "Talk #{n}"
     assert s.encryption == "never"
@@ -333,6 +335,8 @@ INVALID: list[tuple[str, Any]] = [
     ("access.shared_rooms", "yes"),
     ("access.shared_rooms", 1),
     ("reconcile.delta_start", "no"),
+    ("reconcile.delta_read_s", 0),
+    ("reconcile.delta_read_s", "10"),
     ("replies.stream_edit_interval_s", -0.5),
     ("replies.stream_edit_interval_s", 0),
     ("files.max_size_mb", 0),

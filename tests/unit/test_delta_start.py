@@ -53,9 +53,11 @@ def test_the_filter_asks_for_state_changes_only() -> None:
 
 @pytest.mark.parametrize("one_off", [delta_filter, catch_up_filter])
 def test_a_one_off_read_lazy_loads_members_and_asks_for_none(one_off: Any) -> None:
-    """Synapse skips its per-room partial-state lookup only on a lazy-loading sync."""
+    """Synapse skips its per-room partial-state lookup only on a lazy-loading sync; the
+    device's lazy-member cache, which maubot's own sync uses, is left alone."""
     state = json.loads(one_off())["room"]["state"]
     assert state["lazy_load_members"] is True
+    assert state["include_redundant_members"] is True  # maubot's sync keeps its members
     assert "m.room.member" not in state["types"]
 
 
@@ -107,6 +109,24 @@ async def test_an_unusable_delta_means_every_room_is_read(answer: Any, fails: bo
             raise HomeserverError(403, "M_FORBIDDEN", "not now")
 
     assert await delta_start(DeltaMatrix(answer), "s", reread, LOG) is None  # type: ignore[arg-type]
+
+
+async def test_a_changed_room_that_answers_too_slowly_is_left_to_the_verification() -> None:
+    """A room still being joined over federation answers /state minutes later: the start
+    answers without it (the verification after the gate reads it), the others are read."""
+    read: list[str] = []
+    endless = asyncio.Event()
+
+    async def reread(room_id: str) -> None:
+        if room_id == "!slow:hs":
+            await endless.wait()  # never set
+        read.append(room_id)
+
+    started = asyncio.get_running_loop().time()
+    report = await reread_changed(["!fast:hs", "!slow:hs"], reread, LOG, read_s=0.2)
+    assert report is not None and report.delta and report.changed_rooms == 2
+    assert read == ["!fast:hs"]
+    assert asyncio.get_running_loop().time() - started < 5  # bounded, not the room's wait
 
 
 @pytest.mark.parametrize("status", [0, 502])

@@ -373,8 +373,9 @@ async def test_booleans_come_back_as_bool(store: Store) -> None:
 
 
 async def test_a_row_is_built_by_position_and_refuses_other_columns(store: Store) -> None:
-    """from_row reads a ``SELECT {columns}`` by position (fast at thousands of rows): the
-    same query with its columns in another order or count is refused, not misread."""
+    """from_row reads a ``SELECT {columns}`` by position (fast at thousands of rows): a
+    row of another column count is refused, not misread (every query selects ``columns``:
+    the same count in another order would be misread)."""
     await store.ensure_user(ALICE)
     await store.upsert_room(room(1))
     (got,) = await store.all_rooms()
